@@ -1,0 +1,26 @@
+"""Entry point of the ``triageseg`` console script."""
+
+from __future__ import annotations
+
+# Importing the command modules registers their commands on the groups.
+from triageseg.cli import (  # noqa: F401
+    cluster_cmd,
+    data_cmds,
+    demo_cmd,
+    evaluate_cmd,
+    segment_cmds,
+    train_all_cmd,
+    train_router_cmd,
+    train_segmenter_cmd,
+    tune_cmd,
+)
+from triageseg.cli.groups import cli
+
+
+def main() -> None:
+    """Run the command line."""
+    cli(prog_name="triageseg")
+
+
+if __name__ == "__main__":
+    main()

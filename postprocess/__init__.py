@@ -1,0 +1,1 @@
+"""Post-processing and scoring: 3-class targets, watershed, F1 evaluator (NumPy/SciPy/scikit-image only)."""

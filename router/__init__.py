@@ -1,0 +1,1 @@
+"""Modality triage: timm ViT classifier and modality discovery (scikit-learn)."""

@@ -1,0 +1,1 @@
+"""Modality specialists: smp Unet factory, training loop and tiled inference."""

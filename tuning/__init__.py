@@ -1,0 +1,1 @@
+"""Per-modality hyperparameter search with Ray Tune."""
