@@ -12,7 +12,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --upgrade "pip>=23.1" setuptools wheel
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
