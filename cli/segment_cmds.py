@@ -1,1 +1,169 @@
-"""Commands registered on the groups of triageseg.cli.groups (filled in by the issue that owns it)."""
+"""``triageseg segment`` and ``triageseg route``: the commands users run on their images."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import click
+
+from triageseg.cli.groups import cli
+from triageseg.datasets.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path], list[str]]:
+    """Files, folders and globs -> (image files, output names).
+
+    Files from a folder keep their path below that folder in the output name
+    (``sub/a.png`` -> ``sub__a``) so two files with the same stem do not collide.
+    """
+    files: list[Path] = []
+    names: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found = sorted(
+                p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+            if not found:
+                raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                                + ("" if recursive else "; use --recursive for subfolders"))
+            for p in found:
+                rel = p.relative_to(path).with_suffix("")
+                files.append(p)
+                names.append("__".join(rel.parts))
+        elif path.is_file():
+            files.append(path)
+            names.append(path.stem)
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item, recursive=recursive) if Path(p).is_file())
+            if not found:
+                raise DataError(item, "the pattern matches no file")
+            files.extend(found)
+            names.extend(p.stem for p in found)
+        else:
+            raise DataError(path, "no such file or folder")
+    return files, names
+
+
+def _common_options(func):
+    for option in reversed(
+        [
+            click.option("--bundle", "bundle_path", required=True, type=click.Path(exists=True, file_okay=False),
+                         help="Model bundle (from `triageseg train all`)."),
+            click.option("--recursive", is_flag=True, help="Descend into subfolders of folder inputs."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+            click.option("--channel", type=int, default=None, help="Channel to use for 2- or >3-channel images."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@cli.command("segment")
+@click.argument("inputs", nargs=-1, required=True)
+@_common_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--modality", default=None, help="Force this specialist and skip the router.")
+@click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the model's).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Processes for watershed and writing (0: in the main process).")
+@click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")
+@click.option("--overwrite", is_flag=True, help="Redo inputs whose label file exists (default: skip them, i.e. resume).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="On a bad input: stop, or record it and go on.")
+@click.option("--overlays", is_flag=True, help="Also write <name>.overlay.png with outlines on the image.")
+@click.option("--rois", is_flag=True, help="Also write <name>.rois.zip, an ImageJ/Fiji ROI set.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,
+            overwrite, on_error, overlays, rois, quiet):
+    """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
+
+    Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
+    routing.csv (file, modality, confidence, model used, objects, seconds) in --out.
+    Inputs whose outputs exist are skipped unless --overwrite, so an interrupted run
+    resumes. Exit code 0 when every input was segmented or skipped; 1 when a bad
+    input stopped the run (--on-error fail) or was skipped (--on-error skip).
+    """
+    from tqdm import tqdm
+
+    from triageseg.pipeline import Pipeline
+
+    files, names = expand_inputs(inputs, recursive=recursive)
+    pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "segment_config.json").write_text(json.dumps({
+        "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
+        "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
+        "n_inputs": len(files),
+    }, indent=2) + "\n")
+    bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
+    try:
+        report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,
+                                    on_error=on_error, workers=workers, overlays=overlays, rois=rois,
+                                    channel=channel, progress=lambda _p: bar.update(1))
+    finally:
+        bar.close()
+    per_model = report.per_model()
+    click.echo(
+        f"segmented {len(report.written)} image(s), skipped {len(report.skipped)} already done, "
+        f"{len(report.failures)} failed, in {report.seconds:.1f} s -> {out}"
+    )
+    if per_model:
+        click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
+    for path, problem in report.failures:
+        click.echo(f"failed: {path}: {problem}", err=True)
+    if report.failures:
+        raise SystemExit(1)
+
+
+@cli.command("route")
+@click.argument("inputs", nargs=-1, required=True)
+@_common_options
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="On a bad input: stop, or record it and go on.")
+def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
+    """Triage only: print the modality, confidence and the model that would run for each INPUT."""
+    import csv
+    import io
+
+    from triageseg.datasets.atomic import write_text_atomic
+    from triageseg.datasets.io import read_image
+    from triageseg.pipeline import Pipeline
+
+    files, _ = expand_inputs(inputs, recursive=recursive)
+    pipe = Pipeline.from_bundle(bundle_path, device=device)
+    rows, failures = [], []
+    for path in files:
+        try:
+            pred = pipe.route([read_image(path, channel=channel)])[0]
+        except DataError as err:
+            if on_error == "fail":
+                raise
+            failures.append((path, str(err)))
+            continue
+        used, decision = pipe.choose(pred)
+        rows.append({"file": str(path), "modality": pred.modality, "confidence": f"{pred.confidence:.4f}",
+                     "used_model": used, "decision": decision})
+    width = max([len(r["file"]) for r in rows] + [4])
+    click.echo(f"{'file':<{width}}  {'modality':<14} {'conf':>6}  model")
+    for r in rows:
+        click.echo(f"{r['file']:<{width}}  {r['modality']:<14} {r['confidence']:>6}  {r['used_model']}")
+    if csv_out:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["file"])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(csv_out, buf.getvalue())
+    for path, problem in failures:
+        click.echo(f"failed: {problem}", err=True)
+    if failures:
+        raise SystemExit(1)

@@ -1,0 +1,285 @@
+"""Whole-system workflows: train a bundle, score it on a split, and the demo.
+
+These compose ``router/``, ``segmenters/`` and ``postprocess/`` the way
+``pipeline.py`` does for inference; the CLI commands ``train all``, ``evaluate
+--bundle`` and ``demo`` are thin wrappers around them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triageseg import bundle as _bundle
+from triageseg.datasets.atomic import write_json_atomic
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training ``train all`` and the demo spend. ``scale`` multiplies every step count.
+
+    The generalist gets the same total number of optimiser steps as all specialists
+    together, so routed-versus-generalist comparisons are at equal training budget.
+    """
+
+    scale: float = 1.0  # multiplier on the steps below (and the router's time)
+    specialist_steps: int = 72  # optimiser steps per specialist at scale 1
+    steps_per_epoch: int = 12  # steps between validations
+    batch_size: int = 8  # crops per step
+    crop_size: int = 128  # crop side in pixels
+    lr: float = 2e-3  # peak AdamW learning rate
+    router_epochs: int = 30  # router epochs at most (the time budget usually ends it first)
+    router_seconds: float = 45.0  # router training time at scale 1
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)  # Unet decoder widths (smaller = faster on CPU)
+
+    def epochs(self, steps: int) -> int:
+        return max(1, int(round(steps * self.scale / self.steps_per_epoch)))
+
+
+def train_bundle(
+    data_root: str | os.PathLike,
+    bundle_dir: str | os.PathLike,
+    *,
+    budget: Budget = Budget(),
+    device: str = "auto",
+    seed: int = 0,
+    generalist: bool = True,
+    modalities: list[str] | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train router, one specialist per modality and (optionally) the generalist into one bundle.
+
+    Returns:
+        A summary: seconds per model, router test accuracy, validation F1 per segmenter.
+    """
+    from triageseg.datasets.layout import Dataset
+    from triageseg.router.train import train_router
+    from triageseg.segmenters.train import TrainConfig, train_segmenter
+
+    data_root = Path(data_root).resolve()
+    bundle_dir = Path(bundle_dir)
+    ds = Dataset(data_root)
+    ds.check()
+    mods = modalities or ds.modalities
+    unknown = sorted(set(mods) - set(ds.modalities))
+    if unknown:
+        raise ValueError(f"{data_root}: no images of modality {unknown}; the dataset has {ds.modalities}")
+    summary: dict[str, Any] = {"seconds": {}, "val_mean_f1": {}}
+
+    t0 = time.perf_counter()
+    if len(mods) > 1:
+        log(f"[router] training on {len(mods)} modalities for up to {budget.router_seconds * budget.scale:.0f} s")
+        r = train_router(
+            data_root, _bundle.router_dir(bundle_dir), epochs=budget.router_epochs, seed=seed, device=device,
+            time_budget_s=budget.router_seconds * budget.scale, progress=progress, bundle=bundle_dir,
+        )
+        summary["router_val_accuracy"] = r.val_accuracy
+        summary["router_test_accuracy"] = r.test_accuracy
+        summary["seconds"]["router"] = round(time.perf_counter() - t0, 1)
+        log(f"[router] val accuracy {r.val_accuracy}, test accuracy {r.test_accuracy} ({summary['seconds']['router']} s)")
+
+    base = TrainConfig(
+        modality=None,
+        epochs=budget.epochs(budget.specialist_steps),
+        steps_per_epoch=budget.steps_per_epoch,
+        batch_size=budget.batch_size,
+        crop_size=budget.crop_size,
+        lr=budget.lr,
+        seed=seed,
+        decoder_channels=tuple(budget.decoder_channels),
+    )
+    jobs = [(m, base.replace(modality=m)) for m in mods]
+    if generalist:
+        jobs.append((_bundle.GENERALIST, base.replace(epochs=budget.epochs(budget.specialist_steps * len(mods)))))
+    for name, cfg in jobs:
+        t0 = time.perf_counter()
+        log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, crop {cfg.crop_size})")
+        res = train_segmenter(cfg, data_root, _bundle.segmenter_dir(bundle_dir, name), device=device, progress=progress)
+        summary["seconds"][name] = round(time.perf_counter() - t0, 1)
+        summary["val_mean_f1"][name] = res.best_f1
+        log(f"[{name}] best val mean F1 {res.best_f1:.3f} ({summary['seconds'][name]} s)")
+    _bundle.update_manifest(
+        bundle_dir,
+        modalities=[m for m in mods],
+        provenance=_bundle.provenance(data=str(data_root), ids_sha256=ds.ids_hash(ds.samples), seed=seed,
+                                      budget=dataclasses.asdict(budget)),
+    )
+    return summary
+
+
+@dataclass
+class BundleScores:
+    """Scores of a bundle on one split: routed pipeline vs the generalist, plus the router."""
+
+    protocol: str
+    routed: Any  # per-modality report (postprocess.metrics report) of the routed pipeline
+    generalist: Any | None  # same, every image through the generalist (None without one)
+    router_accuracy: float | None
+    confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # true -> predicted -> count
+    used_models: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate_bundle(
+    bundle_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    *,
+    split: str = "test",
+    protocol: str = "default",
+    device: str = "auto",
+    out_dir: str | os.PathLike | None = None,
+    compare_generalist: bool = True,
+    progress: bool = True,
+) -> BundleScores:
+    """Segment ``split`` of a dataset with the bundle and score it per modality and overall.
+
+    Args:
+        out_dir: when given, the routed predictions are written there (``<id>.tif``,
+            overlays) by the same code path as ``triageseg segment``.
+    """
+    from tqdm import tqdm
+
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline, write_overlay
+    from triageseg.postprocess.metrics import score_by_modality
+    from triageseg.postprocess.watershed import watershed
+
+    t0 = time.perf_counter()
+    ds = Dataset(data_root)
+    samples = ds.select(split=split)
+    if not samples:
+        raise ValueError(f"{data_root}: no samples in split {split!r}")
+    pipe = Pipeline.from_bundle(bundle_dir, device=device)
+    gen = compare_generalist and pipe.has_generalist
+    ids, mods, gts, routed_preds, gen_preds = [], [], [], [], []
+    confusion: dict[str, dict[str, int]] = {}
+    used: dict[str, int] = {}
+    correct = n_routed = 0
+    for sample in tqdm(samples, desc=f"evaluate {split}", unit="img", disable=not progress):
+        image, gt = ds.load(sample)
+        result = pipe.segment(image)
+        if result.confidence is not None and sample.modality is not None:
+            n_routed += 1
+            correct += result.modality == sample.modality
+            row = confusion.setdefault(sample.modality, {})
+            row[result.modality] = row.get(result.modality, 0) + 1
+        used[result.used_model] = used.get(result.used_model, 0) + 1
+        ids.append(sample.id)
+        mods.append(sample.modality or "unknown")
+        gts.append(gt)
+        routed_preds.append(result.labels)
+        if gen:
+            if result.used_model == _bundle.GENERALIST:
+                gen_preds.append(result.labels)
+            else:
+                probs = pipe.probabilities(image, _bundle.GENERALIST)
+                gen_preds.append(watershed(probs, pipe.params(_bundle.GENERALIST)))
+        if out_dir is not None:
+            from triageseg.datasets.io import write_labels
+
+            out = Path(out_dir)
+            write_labels(out / f"{sample.id}.tif", result.labels)
+            write_overlay(out / f"{sample.id}.overlay.png", image, result.labels)
+    routed = score_by_modality(gts, routed_preds, mods, ids=ids, protocol=protocol)
+    general = score_by_modality(gts, gen_preds, mods, ids=ids, protocol=protocol) if gen else None
+    return BundleScores(
+        protocol=protocol,
+        routed=routed,
+        generalist=general,
+        router_accuracy=(correct / n_routed) if n_routed else None,
+        confusion=confusion,
+        used_models=dict(sorted(used.items())),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def format_comparison(scores: BundleScores, *, classical: Any | None = None) -> str:
+    """The routed-vs-generalist table: mean F1 per modality and overall."""
+    columns = [("routed", scores.routed)]
+    if scores.generalist is not None:
+        columns.append(("generalist", scores.generalist))
+    if classical is not None:
+        columns.append(("classical", classical))
+    names = sorted(scores.routed.per_modality)
+    lines = [f"mean F1 ({scores.protocol} protocol, IoU 0.50:0.95)", ""]
+    header = f"{'modality':<16}{'images':>7}" + "".join(f"{name:>12}" for name, _ in columns)
+    lines.append(header)
+    lines.append("-" * len(header))
+    for m in names + ["overall"]:
+        rep = scores.routed.per_modality[m] if m != "overall" else scores.routed.overall
+        row = f"{m:<16}{rep.n_images:>7}"
+        for _, col in columns:
+            r = col.per_modality[m] if m != "overall" else col.overall
+            row += f"{r.mean_f1:>12.3f}"
+        lines.append(row)
+    if scores.router_accuracy is not None:
+        lines += ["", f"router accuracy: {scores.router_accuracy:.3f}", format_confusion(scores.confusion)]
+    lines.append("models used: " + ", ".join(f"{k}: {v}" for k, v in scores.used_models.items()))
+    return "\n".join(lines)
+
+
+def format_confusion(confusion: dict[str, dict[str, int]]) -> str:
+    """Router confusion matrix as text (rows: true modality, columns: predicted)."""
+    classes = sorted(set(confusion) | {p for row in confusion.values() for p in row})
+    if not classes:
+        return ""
+    w = max(12, *(len(c) + 2 for c in classes))
+    lines = ["confusion (rows: true, columns: routed to)", f"{'':<{w}}" + "".join(f"{c:>{w}}" for c in classes)]
+    for t in classes:
+        lines.append(f"{t:<{w}}" + "".join(f"{confusion.get(t, {}).get(p, 0):>{w}}" for p in classes))
+    return "\n".join(lines)
+
+
+def scores_to_dict(scores: BundleScores) -> dict[str, Any]:
+    """JSON-ready form of :class:`BundleScores`."""
+    return {
+        "protocol": scores.protocol,
+        "routed": scores.routed.to_dict(),
+        "generalist": None if scores.generalist is None else scores.generalist.to_dict(),
+        "router_accuracy": scores.router_accuracy,
+        "confusion": scores.confusion,
+        "used_models": scores.used_models,
+        "seconds": round(scores.seconds, 2),
+    }
+
+
+def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, device: str = "auto",
+             n: int = 84, size: int = 192, log: Log = print, progress: bool = True) -> dict[str, Any]:
+    """Synthetic data -> train the whole bundle -> segment the test split -> print the tables."""
+    from triageseg.datasets.synth import make_dataset
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    data = out / "data"
+    bundle_dir = out / "bundle"
+    log(f"[data] generating {n} synthetic images of {size}x{size} in {data}")
+    make_dataset(data, n=n, size=size, seed=seed)
+    summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed, progress=progress, log=log)
+    log("[evaluate] segmenting the held-out test split")
+    scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions", progress=progress)
+    table = format_comparison(scores)
+    wall = time.perf_counter() - t_start
+    report = {"train": summary, "scores": scores_to_dict(scores), "wall_seconds": round(wall, 1)}
+    write_json_atomic(out / "demo_results.json", report)
+    log("")
+    log(table)
+    log("")
+    log(f"outputs: bundle {bundle_dir}, predictions and overlays {out / 'predictions'}, "
+        f"scores {out / 'demo_results.json'}")
+    log(f"demo wall time: {wall:.0f} s")
+    return report
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
