@@ -81,7 +81,7 @@ class Pipeline:
         *,
         device: str = "auto",
         tile_size: int | None = None,
-        overlap: int = 64,
+        overlap: int | None = None,
         batch_size: int = 4,
         tta: bool = False,
     ):
@@ -173,7 +173,7 @@ class Pipeline:
             model,
             image,
             tile_size=self.tile_size or config.tile_size,
-            overlap=self.overlap,
+            overlap=config.overlap if self.overlap is None else self.overlap,
             batch_size=self.batch_size,
             tta=self.tta,
             device=self.device,

@@ -8,15 +8,12 @@ These compose ``router/``, ``segmenters/`` and ``postprocess/`` the way
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from triageseg import bundle as _bundle
 from triageseg.datasets.atomic import write_json_atomic
@@ -65,7 +62,7 @@ def train_bundle(
     """
     from triageseg.datasets.layout import Dataset
     from triageseg.router.train import train_router
-    from triageseg.segmenters.train import TrainConfig, train_segmenter
+    from triageseg.segmenters.train import TrainConfig, train_segmenter_into_bundle
 
     data_root = Path(data_root).resolve()
     bundle_dir = Path(bundle_dir)
@@ -105,10 +102,11 @@ def train_bundle(
     for name, cfg in jobs:
         t0 = time.perf_counter()
         log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, crop {cfg.crop_size})")
-        res = train_segmenter(cfg, data_root, _bundle.segmenter_dir(bundle_dir, name), device=device, progress=progress)
+        res = train_segmenter_into_bundle(cfg, data_root, bundle_dir, device=device, progress=progress)
         summary["seconds"][name] = round(time.perf_counter() - t0, 1)
-        summary["val_mean_f1"][name] = res.best_f1
-        log(f"[{name}] best val mean F1 {res.best_f1:.3f} ({summary['seconds'][name]} s)")
+        summary["val_mean_f1"][name] = round(res.val_mean_f1_tuned, 4)
+        log(f"[{name}] val mean F1 {res.val_mean_f1_tuned:.3f} with tuned watershed, best epoch {res.best_epoch} "
+            f"({summary['seconds'][name]} s)")
     _bundle.update_manifest(
         bundle_dir,
         modalities=[m for m in mods],
@@ -152,7 +150,7 @@ def evaluate_bundle(
 
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline, write_overlay
-    from triageseg.postprocess.metrics import score_by_modality
+    from triageseg.postprocess.metrics import match_image, report_from_results
     from triageseg.postprocess.watershed import watershed
 
     t0 = time.perf_counter()
@@ -162,7 +160,8 @@ def evaluate_bundle(
         raise ValueError(f"{data_root}: no samples in split {split!r}")
     pipe = Pipeline.from_bundle(bundle_dir, device=device)
     gen = compare_generalist and pipe.has_generalist
-    ids, mods, gts, routed_preds, gen_preds = [], [], [], [], []
+    modality_of: dict[str, str] = {}
+    routed_results, gen_results = [], []
     confusion: dict[str, dict[str, int]] = {}
     used: dict[str, int] = {}
     correct = n_routed = 0
@@ -175,24 +174,23 @@ def evaluate_bundle(
             row = confusion.setdefault(sample.modality, {})
             row[result.modality] = row.get(result.modality, 0) + 1
         used[result.used_model] = used.get(result.used_model, 0) + 1
-        ids.append(sample.id)
-        mods.append(sample.modality or "unknown")
-        gts.append(gt)
-        routed_preds.append(result.labels)
+        modality_of[sample.id] = sample.modality or "unknown"
+        routed_results.append(match_image(gt, result.labels, protocol=protocol, id=sample.id))
         if gen:
             if result.used_model == _bundle.GENERALIST:
-                gen_preds.append(result.labels)
+                gen_labels = result.labels
             else:
                 probs = pipe.probabilities(image, _bundle.GENERALIST)
-                gen_preds.append(watershed(probs, pipe.params(_bundle.GENERALIST)))
+                gen_labels = watershed(probs, pipe.params(_bundle.GENERALIST))
+            gen_results.append(match_image(gt, gen_labels, protocol=protocol, id=sample.id))
         if out_dir is not None:
             from triageseg.datasets.io import write_labels
 
             out = Path(out_dir)
             write_labels(out / f"{sample.id}.tif", result.labels)
             write_overlay(out / f"{sample.id}.overlay.png", image, result.labels)
-    routed = score_by_modality(gts, routed_preds, mods, ids=ids, protocol=protocol)
-    general = score_by_modality(gts, gen_preds, mods, ids=ids, protocol=protocol) if gen else None
+    routed = report_from_results(routed_results, modality_of, protocol=protocol)
+    general = report_from_results(gen_results, modality_of, protocol=protocol) if gen else None
     return BundleScores(
         protocol=protocol,
         routed=routed,
@@ -279,7 +277,3 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
         f"scores {out / 'demo_results.json'}")
     log(f"demo wall time: {wall:.0f} s")
     return report
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))

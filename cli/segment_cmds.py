@@ -12,7 +12,7 @@ import click
 from triageseg.cli.groups import cli
 from triageseg.datasets.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+from triageseg.datasets.io import IMAGE_SUFFIXES
 
 
 def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path], list[str]]:
