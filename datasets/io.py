@@ -404,6 +404,8 @@ def read_pixel_size(path: str | os.PathLike) -> tuple[float, float] | None:
             return None
     elif unit_tag == 3:  # centimetre
         factor = 1e4
+    elif unit_tag in (4, 5):  # millimetre, micrometre (tifffile's extensions of the TIFF units)
+        factor = 1e3 if unit_tag == 4 else 1.0
     elif unit_tag == 2:  # inch
         if any(abs(1.0 / per_pixel(r) - dpi) < 1e-6 for r in (xres, yres) for dpi in _SCREEN_DPI):
             return None
