@@ -1,0 +1,899 @@
+"""Instance-level F1 evaluator: three protocols, sparse IoU, typed results.
+
+Every protocol matches ground-truth (GT) and predicted objects by intersection over
+union (IoU) at a set of thresholds, all >= 0.5:
+
+=============  =========================  ==========  ===========================================
+protocol       thresholds                 match       aggregation
+=============  =========================  ==========  ===========================================
+``default``    0.50:0.95 step 0.05 (10)   IoU >= t    F1 per threshold from tp/fp/fn pooled over
+                                                      images, mean over thresholds; the mean over
+                                                      images of per-image F1 is also reported
+                                                      (stardist ``matching_dataset(by_image=False)``)
+``caicedo2019`` 0.50:0.90 step 0.05 (9)   IoU > t     predictions dilated by a 3x3 square first;
+                                                      F1 per image, mean over images, mean over
+                                                      thresholds; error analysis (Caicedo et al.
+                                                      2019, BBBC039)
+``dsb2018``    0.50:0.95 step 0.05 (10)   IoU > t     AP = TP / (TP + FP + FN) per image, mean over
+                                                      thresholds, mean over images (Kaggle DSB 2018)
+=============  =========================  ==========  ===========================================
+
+How IoU is computed: the pixels that are foreground in either image are coded as
+``gt * (max_pred + 1) + pred``, sorted and run-length counted. Runs whose two labels
+are non-zero are the overlaps of (GT, prediction) pairs; summing the runs of a label
+gives its area. Memory grows with the number of pixels and of overlapping pairs, never
+with ``n_gt x n_pred``; a 4096x4096 image with 7000 nuclei takes well under a second.
+Labels need not be consecutive (huge ids are ranked first).
+
+Why no assignment problem is solved: for thresholds above 0.5 an object can overlap at
+most one object of the other image with IoU > 0.5 (two such overlaps would each need
+more than half of it), so matches are unique and TP is a count. At exactly IoU = 0.5
+with ``>=`` two ties are possible (an object cut into two exact halves); the matched
+pairs then form disjoint stars of at most two edges, and a maximum matching has
+``n_gt_matched + n_pred_matched - n_pairs`` edges, which is what ``default`` counts at
+0.5 (the same as stardist's and cellpose's optimal assignment).
+
+Conventions (edge cases):
+
+* An image with no objects in either GT or prediction has tp = fp = fn = 0 and scores
+  precision = recall = F1 = AP = 1 at every threshold (nothing to find, nothing
+  found). It adds nothing to pooled counts; a pool whose tp + fp + fn is 0 also scores 1.
+* Otherwise a ratio with a zero denominator is 0: objects on one side only give
+  F1 = AP = 0 (precision 0 when nothing is predicted, recall 0 when nothing exists).
+* Identical label images score 1 (under ``caicedo2019`` the prediction is dilated
+  first, so there the perfect prediction is the GT shrunk by one pixel); renumbering
+  labels (any permutation, gaps, huge ids) changes nothing.
+
+Caicedo error analysis (``caicedo2019`` only, on the dilated predictions):
+
+* *missed*: GT objects with no prediction at IoU > 0.7, counted by GT area bin.
+* *extra*: predictions with no GT object at IoU > 0.7, counted by (dilated) predicted
+  area bin. Bins are 0-250, 250-625, 625-900 and >900 pixels (upper edge inclusive:
+  an object of exactly 250 pixels is in 0-250).
+* *merge*: a predicted object that overlaps two or more GT objects with IoU > 0.1 each;
+  ``merges`` counts such predicted objects.
+* *split*: a GT object overlapped by two or more predicted objects with IoU > 0.1 each;
+  ``splits`` counts such GT objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+PROTOCOLS = ("default", "caicedo2019", "dsb2018")
+
+_T10 = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5, 0.55, ..., 0.95
+_T9 = _T10[:9]  # 0.5, ..., 0.9
+
+AREA_BINS = ("0-250", "250-625", "625-900", ">900")
+_AREA_EDGES = np.array([250, 625, 900])
+ERROR_IOU = 0.7
+SPLIT_MERGE_IOU = 0.1
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one evaluation protocol matches and aggregates."""
+
+    name: str  # one of PROTOCOLS
+    thresholds: tuple[float, ...]  # IoU thresholds, all >= 0.5
+    strict: bool  # True: a match needs IoU > t; False: IoU >= t
+    dilate_pred: bool  # dilate predicted labels by a 3x3 square before matching
+    pooled: bool  # True: precision/recall/F1 from counts pooled over images; False: mean of per-image
+    description: str  # one line for tables and help
+
+
+_PROTOCOLS = {
+    "default": Protocol(
+        "default", _T10, False, False, True,
+        "IoU >= 0.50:0.95 (10 thresholds); F1 from tp/fp/fn pooled over images",
+    ),
+    "caicedo2019": Protocol(
+        "caicedo2019", _T9, True, True, False,
+        "IoU > 0.50:0.90 (9 thresholds) after 3x3 dilation of predictions; F1 per image, mean over images",
+    ),
+    "dsb2018": Protocol(
+        "dsb2018", _T10, True, False, False,
+        "IoU > 0.50:0.95 (10 thresholds); AP = TP/(TP+FP+FN) per image, mean over images",
+    ),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    """Return the :class:`Protocol` called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    try:
+        return _PROTOCOLS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _frozen(values, dtype) -> np.ndarray:
+    arr = np.array(values, dtype=dtype)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True)
+class CaicedoErrors:
+    """Error analysis of Caicedo et al. 2019 (see the module docstring for definitions)."""
+
+    missed: tuple[int, ...]  # GT objects unmatched at IoU > 0.7, per area bin of AREA_BINS
+    extra: tuple[int, ...]  # predictions unmatched at IoU > 0.7, per area bin of AREA_BINS
+    splits: int  # GT objects overlapped by >= 2 predictions with IoU > 0.1
+    merges: int  # predictions overlapping >= 2 GT objects with IoU > 0.1
+    area_bins: tuple[str, ...] = AREA_BINS  # bin names, pixels
+
+    def __add__(self, other: CaicedoErrors) -> CaicedoErrors:
+        return CaicedoErrors(
+            missed=tuple(a + b for a, b in zip(self.missed, other.missed)),
+            extra=tuple(a + b for a, b in zip(self.extra, other.extra)),
+            splits=self.splits + other.splits,
+            merges=self.merges + other.merges,
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {
+            "iou": ERROR_IOU,
+            "split_merge_iou": SPLIT_MERGE_IOU,
+            "area_bins": list(self.area_bins),
+            "missed": list(self.missed),
+            "extra": list(self.extra),
+            "splits": self.splits,
+            "merges": self.merges,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ImageResult:
+    """Scores of one image. Arrays are per threshold and read-only."""
+
+    id: str | None  # image id (file name without extension) when known
+    protocol: str  # protocol name
+    thresholds: tuple[float, ...]  # IoU thresholds
+    n_true: int  # objects in the ground truth
+    n_pred: int  # objects in the prediction
+    tp: np.ndarray  # int, matched pairs
+    fp: np.ndarray  # int, unmatched predictions
+    fn: np.ndarray  # int, unmatched GT objects
+    precision: np.ndarray  # tp / (tp + fp)
+    recall: np.ndarray  # tp / (tp + fn)
+    f1: np.ndarray  # 2 tp / (2 tp + fp + fn)
+    ap: np.ndarray  # tp / (tp + fp + fn) (the DSB 2018 "AP")
+    mean_f1: float  # mean of f1 over thresholds
+    mean_ap: float  # mean of ap over thresholds
+    errors: CaicedoErrors | None = None  # caicedo2019 only
+
+    def f1_at(self, threshold: float) -> float:
+        """F1 at one of ``thresholds`` (ValueError if it is not one of them)."""
+        return float(self.f1[_threshold_index(self.thresholds, threshold)])
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        out = {
+            "id": self.id,
+            "n_true": self.n_true,
+            "n_pred": self.n_pred,
+            "mean_f1": self.mean_f1,
+            "f1": self.f1.tolist(),
+            "precision": self.precision.tolist(),
+            "recall": self.recall.tolist(),
+            "tp": self.tp.tolist(),
+            "fp": self.fp.tolist(),
+            "fn": self.fn.tolist(),
+        }
+        if self.protocol == "dsb2018":
+            out["mean_ap"] = self.mean_ap
+            out["ap"] = self.ap.tolist()
+        if self.errors is not None:
+            out["errors"] = self.errors.to_dict()
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class EvalResult:
+    """Scores of a set of images under one protocol. Arrays are per threshold and read-only.
+
+    ``mean_f1`` is the headline number (mean over thresholds of ``f1``); how ``f1`` is
+    aggregated over images depends on the protocol (pooled counts for ``default``,
+    mean of per-image F1 otherwise). ``tp``/``fp``/``fn`` are always pooled sums.
+    """
+
+    protocol: str  # protocol name
+    thresholds: tuple[float, ...]  # IoU thresholds
+    n_images: int  # images scored
+    n_true: int  # GT objects, all images
+    n_pred: int  # predicted objects, all images
+    tp: np.ndarray  # int, summed over images
+    fp: np.ndarray  # int, summed over images
+    fn: np.ndarray  # int, summed over images
+    precision: np.ndarray  # per threshold, aggregated as the protocol says
+    recall: np.ndarray  # per threshold, aggregated as the protocol says
+    f1: np.ndarray  # per threshold, aggregated as the protocol says
+    mean_f1: float  # mean of f1 over thresholds: THE headline number
+    image_mean_f1: float  # mean over images of each image's mean F1
+    ap: np.ndarray | None  # dsb2018: mean over images of per-image AP, per threshold
+    mean_ap: float | None  # dsb2018: mean of ap over thresholds
+    per_image: tuple[ImageResult, ...]  # one entry per image, input order
+    caicedo: CaicedoErrors | None = None  # caicedo2019: errors summed over images
+
+    @property
+    def score(self) -> float:
+        """The protocol's own headline: ``mean_ap`` for dsb2018, else ``mean_f1``."""
+        return self.mean_ap if self.protocol == "dsb2018" else self.mean_f1
+
+    def f1_at(self, threshold: float) -> float:
+        """F1 at one of ``thresholds`` (ValueError if it is not one of them)."""
+        return float(self.f1[_threshold_index(self.thresholds, threshold)])
+
+    def summary(self) -> dict:
+        """The aggregate numbers only (no per-image list), JSON-ready."""
+        out = {
+            "mean_f1": self.mean_f1,
+            "f1": self.f1.tolist(),
+            "precision": self.precision.tolist(),
+            "recall": self.recall.tolist(),
+            "tp": self.tp.tolist(),
+            "fp": self.fp.tolist(),
+            "fn": self.fn.tolist(),
+            "n_images": self.n_images,
+        }
+        if self.protocol == "dsb2018":
+            out["mean_ap"] = self.mean_ap
+            out["ap"] = self.ap.tolist()
+        if self.caicedo is not None:
+            out["errors"] = self.caicedo.to_dict()
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: protocol, thresholds, the summary and per-image results."""
+        return {
+            "protocol": self.protocol,
+            "thresholds": list(self.thresholds),
+            **self.summary(),
+            "n_true": self.n_true,
+            "n_pred": self.n_pred,
+            "image_mean_f1": self.image_mean_f1,
+            "per_image": [r.to_dict() for r in self.per_image],
+        }
+
+
+def _threshold_index(thresholds: Sequence[float], threshold: float) -> int:
+    for i, t in enumerate(thresholds):
+        if abs(t - threshold) < 1e-9:
+            return i
+    raise ValueError(f"threshold {threshold} is not one of {list(thresholds)}")
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _check_labels(arr, name: str) -> tuple[np.ndarray, int]:
+    """Validate a label image; return it with its largest label (one pass over it)."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer label image, got dtype {arr.dtype}")
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must be a label image, got a scalar")
+    if arr.size == 0:
+        return arr, 0
+    if arr.dtype.kind == "i":
+        # Read as unsigned, a negative label is >= 2**(bits - 1): max() checks both at once.
+        top = int(arr.view(np.dtype(arr.dtype.str.replace("i", "u"))).max())
+        if top >= 2 ** (8 * arr.dtype.itemsize - 1):
+            raise ValueError(f"{name} has negative labels (minimum {arr.min()})")
+        return arr, top
+    return arr, int(arr.max())
+
+
+@dataclass(frozen=True, eq=False)
+class _Overlap:
+    true_area: np.ndarray  # area of each GT object (sorted by id)
+    pred_area: np.ndarray  # area of each predicted object (sorted by id)
+    pair_true: np.ndarray  # GT object index of each overlapping pair
+    pair_pred: np.ndarray  # predicted object index of each overlapping pair
+    iou: np.ndarray  # IoU of each overlapping pair
+
+
+def _overlaps(gt: np.ndarray, pred: np.ndarray, top_g: int, top_p: int) -> _Overlap:
+    """Sparse overlap table of two label images of the same shape.
+
+    One pass: the pixels that are foreground in either image are coded as
+    ``gt * (max_pred + 1) + pred``, sorted and run-length counted. Runs with both
+    labels non-zero are intersections; summing runs per label gives the areas.
+    """
+    g = gt.ravel()
+    p = pred.ravel()
+    empty = np.zeros(0, np.int64)
+    if g.size == 0 or (top_g == 0 and top_p == 0):
+        return _Overlap(empty, empty, empty, empty, np.zeros(0))
+    if (top_g + 1) * (top_p + 1) <= 2**32:  # common case: 32-bit codes over the whole image
+        span = top_p + 1
+        code = _as_uint32(g) * np.uint32(span)
+        code += _as_uint32(p)
+        code = code[code != 0]  # pixels that are foreground in either image
+    else:
+        union = g != 0
+        union |= p != 0
+        gv, pv = g[union].astype(np.int64), p[union].astype(np.int64)
+        del union
+        if (top_g + 1) * (top_p + 1) > 2**62:  # huge ids: pair their ranks instead
+            gv, pv = _ranks(gv), _ranks(pv)
+            top_g, top_p = int(gv.max()), int(pv.max())
+        span = top_p + 1
+        code = gv * span + pv
+        del gv, pv
+    code.sort()
+    start = np.flatnonzero(np.concatenate(([True], code[1:] != code[:-1])))
+    count = np.diff(np.append(start, code.size))
+    pairs = code[start].astype(np.int64)
+    gl, pl = pairs // span, pairs % span
+    # GT areas: runs are sorted by GT label, so group them directly.
+    has_g = gl != 0
+    g_ids, g_first = np.unique(gl[has_g], return_index=True)
+    true_area = np.add.reduceat(count[has_g], g_first) if g_ids.size else empty
+    has_p = pl != 0
+    p_ids, p_index = np.unique(pl[has_p], return_inverse=True)
+    pred_area = np.bincount(p_index.ravel(), weights=count[has_p], minlength=p_ids.size).astype(np.int64)
+    both = has_g & has_p
+    ti = np.searchsorted(g_ids, gl[both])
+    pi = np.searchsorted(p_ids, pl[both])
+    inter = count[both]
+    union_area = true_area[ti] + pred_area[pi] - inter
+    return _Overlap(true_area.astype(np.int64), pred_area, ti, pi, inter / union_area)
+
+
+def _as_uint32(labels: np.ndarray) -> np.ndarray:
+    """Non-negative labels as uint32 (a free view for 32-bit input)."""
+    if labels.dtype in (np.int32, np.uint32):
+        return labels.view(np.uint32)
+    return labels.astype(np.uint32)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Replace label ids by their rank among the non-zero ids (1, 2, ...); 0 stays 0."""
+    ids, inverse = np.unique(values, return_inverse=True)
+    inverse = inverse.ravel().astype(np.int64)
+    return inverse if ids[0] == 0 else inverse + 1
+
+
+def _count_matches(ov: _Overlap, thresholds: Sequence[float], strict: bool) -> np.ndarray:
+    """Matched pairs at each threshold (all thresholds >= 0.5)."""
+    iou = ov.iou
+    lowest = min(thresholds)
+    cand = iou > lowest if strict else iou >= lowest
+    iou_c = np.sort(iou[cand])
+    thr = np.asarray(thresholds, dtype=float)
+    side = "right" if strict else "left"
+    tp = iou_c.size - np.searchsorted(iou_c, thr, side=side)
+    if not strict and 0.5 in thresholds and iou_c.size and iou_c[0] == 0.5:
+        # Exact halves can tie at IoU 0.5 (iou_c is sorted): count a maximum matching.
+        sel = iou >= 0.5
+        n = int(sel.sum())
+        tp[list(thresholds).index(0.5)] = (
+            np.unique(ov.pair_true[sel]).size + np.unique(ov.pair_pred[sel]).size - n
+        )
+    return tp.astype(np.int64)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, nothing: np.ndarray) -> np.ndarray:
+    """num / den; where den is 0 the value is 1 if there was nothing at all, else 0."""
+    num = np.asarray(num, float)
+    den = np.asarray(den, float)
+    out = np.where(nothing, 1.0, 0.0)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _scores(tp, fp, fn):
+    tp, fp, fn = (np.asarray(x) for x in (tp, fp, fn))
+    nothing = (tp + fp + fn) == 0
+    precision = _ratio(tp, tp + fp, nothing)
+    recall = _ratio(tp, tp + fn, nothing)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn, nothing)
+    ap = _ratio(tp, tp + fp + fn, nothing)
+    return precision, recall, f1, ap
+
+
+def _area_bins(areas: np.ndarray) -> tuple[int, ...]:
+    idx = np.searchsorted(_AREA_EDGES, areas, side="left")  # upper edges inclusive
+    return tuple(int(c) for c in np.bincount(idx, minlength=len(AREA_BINS)))
+
+
+def _caicedo_errors(ov: _Overlap) -> CaicedoErrors:
+    good = ov.iou > ERROR_IOU
+    true_hit = np.zeros(ov.true_area.size, bool)
+    true_hit[ov.pair_true[good]] = True
+    pred_hit = np.zeros(ov.pred_area.size, bool)
+    pred_hit[ov.pair_pred[good]] = True
+    touch = ov.iou > SPLIT_MERGE_IOU
+    per_true = np.bincount(ov.pair_true[touch], minlength=ov.true_area.size)
+    per_pred = np.bincount(ov.pair_pred[touch], minlength=ov.pred_area.size)
+    return CaicedoErrors(
+        missed=_area_bins(ov.true_area[~true_hit]),
+        extra=_area_bins(ov.pred_area[~pred_hit]),
+        splits=int((per_true >= 2).sum()),
+        merges=int((per_pred >= 2).sum()),
+    )
+
+
+def dilate_labels(labels: np.ndarray) -> np.ndarray:
+    """Grow every object by one pixel (3x3 square) without overwriting any object.
+
+    Each background pixel with a labelled neighbour in its 3x3 (or 3x3x3) window takes
+    the *largest* neighbouring label; labelled pixels keep theirs. This is the
+    prediction dilation of the ``caicedo2019`` protocol; taking the largest label makes
+    contested background pixels deterministic.
+    """
+    labels = np.asarray(labels)
+    if not labels.size or not labels.any():
+        return labels.copy()
+    grown = ndi.maximum_filter(labels, size=3, mode="constant", cval=0)
+    return np.where(labels == 0, grown, labels)
+
+
+def match_image(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    *,
+    protocol: str = "default",
+    id: str | None = None,  # noqa: A002 - the image id, as everywhere else
+) -> ImageResult:
+    """Match the objects of one image and score them at every threshold of ``protocol``.
+
+    Args:
+        gt: ground-truth label image (any integer dtype, 0 = background; 2-D or N-D).
+        pred: predicted label image of the same shape.
+        protocol: one of :data:`PROTOCOLS`.
+        id: optional image id carried into the result.
+
+    Returns:
+        :class:`ImageResult`.
+
+    Raises:
+        ValueError: unknown protocol, shapes differ, non-integer or negative labels.
+
+    Example:
+        >>> gt = np.zeros((8, 8), np.uint16); gt[1:5, 1:5] = 7
+        >>> match_image(gt, gt).mean_f1
+        1.0
+    """
+    proto = get_protocol(protocol)
+    gt, top_g = _check_labels(gt, "ground truth")
+    pred, top_p = _check_labels(pred, "prediction")
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth shape {gt.shape} differs from prediction shape {pred.shape}")
+    if proto.dilate_pred:
+        pred = dilate_labels(pred)
+    ov = _overlaps(gt, pred, top_g, top_p)
+    n_true, n_pred = int(ov.true_area.size), int(ov.pred_area.size)
+    tp = _count_matches(ov, proto.thresholds, proto.strict)
+    fp = n_pred - tp
+    fn = n_true - tp
+    precision, recall, f1, ap = _scores(tp, fp, fn)
+    return ImageResult(
+        id=id,
+        protocol=proto.name,
+        thresholds=proto.thresholds,
+        n_true=n_true,
+        n_pred=n_pred,
+        tp=_frozen(tp, np.int64),
+        fp=_frozen(fp, np.int64),
+        fn=_frozen(fn, np.int64),
+        precision=_frozen(precision, float),
+        recall=_frozen(recall, float),
+        f1=_frozen(f1, float),
+        ap=_frozen(ap, float),
+        mean_f1=float(np.mean(f1)),
+        mean_ap=float(np.mean(ap)),
+        errors=_caicedo_errors(ov) if proto.name == "caicedo2019" else None,
+    )
+
+
+def aggregate(per_image: Sequence[ImageResult], *, protocol: str = "default") -> EvalResult:
+    """Combine per-image results (all of ``protocol``) into an :class:`EvalResult`.
+
+    Useful to score images one at a time (no need to hold them all in memory) and to
+    re-aggregate subsets, e.g. per modality.
+
+    Raises:
+        ValueError: no images, or a result of another protocol.
+    """
+    proto = get_protocol(protocol)
+    per_image = tuple(per_image)
+    if not per_image:
+        raise ValueError("no images to evaluate")
+    for r in per_image:
+        if r.protocol != proto.name:
+            raise ValueError(f"image {r.id!r} was scored with protocol {r.protocol!r}, not {proto.name!r}")
+    tp = np.sum([r.tp for r in per_image], axis=0)
+    fp = np.sum([r.fp for r in per_image], axis=0)
+    fn = np.sum([r.fn for r in per_image], axis=0)
+    if proto.pooled:
+        precision, recall, f1, _ = _scores(tp, fp, fn)
+    else:
+        precision = np.mean([r.precision for r in per_image], axis=0)
+        recall = np.mean([r.recall for r in per_image], axis=0)
+        f1 = np.mean([r.f1 for r in per_image], axis=0)
+    ap = mean_ap = None
+    if proto.name == "dsb2018":
+        ap = _frozen(np.mean([r.ap for r in per_image], axis=0), float)
+        mean_ap = float(np.mean(ap))
+    caicedo = None
+    if proto.name == "caicedo2019":
+        caicedo = per_image[0].errors
+        for r in per_image[1:]:
+            caicedo = caicedo + r.errors
+    return EvalResult(
+        protocol=proto.name,
+        thresholds=proto.thresholds,
+        n_images=len(per_image),
+        n_true=sum(r.n_true for r in per_image),
+        n_pred=sum(r.n_pred for r in per_image),
+        tp=_frozen(tp, np.int64),
+        fp=_frozen(fp, np.int64),
+        fn=_frozen(fn, np.int64),
+        precision=_frozen(precision, float),
+        recall=_frozen(recall, float),
+        f1=_frozen(f1, float),
+        mean_f1=float(np.mean(f1)),
+        image_mean_f1=float(np.mean([r.mean_f1 for r in per_image])),
+        ap=ap,
+        mean_ap=mean_ap,
+        per_image=per_image,
+        caicedo=caicedo,
+    )
+
+
+def evaluate(
+    gts: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    *,
+    protocol: str = "default",
+    ids: Sequence[str] | None = None,
+) -> EvalResult:
+    """Score predicted label images against ground truth under one protocol.
+
+    Args:
+        gts: ground-truth label images (a list, or a stacked array whose first axis
+            indexes images).
+        preds: predicted label images, same number and shapes, same order.
+        protocol: ``"default"``, ``"caicedo2019"`` or ``"dsb2018"`` (module docstring).
+        ids: optional image ids, carried into ``per_image``.
+
+    Returns:
+        :class:`EvalResult`; ``mean_f1`` is the headline number.
+
+    Raises:
+        ValueError: unknown protocol, different counts, no images, shape mismatch,
+            non-integer or negative labels (naming the image).
+
+    Example:
+        >>> gt = np.zeros((16, 16), np.uint16); gt[2:8, 2:8] = 1; gt[9:14, 9:14] = 2
+        >>> r = evaluate([gt], [np.roll(gt, 1, axis=1)])  # IoU 30/42 and 20/30
+        >>> r.tp.tolist()
+        [2, 2, 2, 2, 1, 0, 0, 0, 0, 0]
+        >>> round(r.mean_f1, 3)
+        0.45
+    """
+    get_protocol(protocol)
+    gts = list(gts)
+    preds = list(preds)
+    if len(gts) != len(preds):
+        raise ValueError(f"{len(gts)} ground-truth images but {len(preds)} predictions")
+    if ids is not None:
+        ids = [str(i) for i in ids]
+        if len(ids) != len(gts):
+            raise ValueError(f"{len(ids)} ids for {len(gts)} images")
+    results = []
+    for k, (gt, pred) in enumerate(zip(gts, preds)):
+        name = ids[k] if ids is not None else None
+        try:
+            results.append(match_image(gt, pred, protocol=protocol, id=name))
+        except ValueError as err:
+            raise ValueError(f"image {name if name is not None else k}: {err}") from None
+    return aggregate(results, protocol=protocol)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@dataclass(frozen=True, eq=False)
+class FolderReport:
+    """Scores of a folder of predictions against a folder of ground truth."""
+
+    protocol: str  # protocol name
+    overall: EvalResult  # all images
+    per_modality: dict[str, EvalResult]  # modality -> its images (empty without modalities)
+    modality_of: dict[str, str | None] = field(default_factory=dict)  # image id -> modality
+    missing_pred: tuple[str, ...] = ()  # GT ids without prediction (scored as empty)
+    missing_gt: tuple[str, ...] = ()  # prediction ids without GT (ignored)
+
+    def to_dict(self) -> dict:
+        """The ``triageseg evaluate --json`` layout."""
+        missing = set(self.missing_pred)
+        per_image = []
+        for r in self.overall.per_image:
+            entry = {"id": r.id, "modality": self.modality_of.get(r.id), **_drop_id(r.to_dict())}
+            if r.id in missing:
+                entry["missing_prediction"] = True
+            per_image.append(entry)
+        return {
+            "protocol": self.protocol,
+            "thresholds": list(self.overall.thresholds),
+            "overall": self.overall.summary(),
+            "per_modality": {name: res.summary() for name, res in self.per_modality.items()},
+            "per_image": per_image,
+        }
+
+
+    def to_csv(self) -> str:
+        """One row per image: id, modality, object counts, mean F1 (and mean AP for
+        dsb2018), F1 at every threshold, TP/FP/FN at IoU 0.5."""
+        import io
+
+        thresholds = self.overall.thresholds
+        dsb = self.protocol == "dsb2018"
+        head = ["id", "modality", "n_true", "n_pred", "mean_f1"] + (["mean_ap"] if dsb else [])
+        head += [f"f1@{t:.2f}" for t in thresholds] + ["tp@0.50", "fp@0.50", "fn@0.50"]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(head)
+        for r in self.overall.per_image:
+            row = [r.id, self.modality_of.get(r.id) or "", r.n_true, r.n_pred, f"{r.mean_f1:.6f}"]
+            row += [f"{r.mean_ap:.6f}"] if dsb else []
+            row += [f"{v:.6f}" for v in r.f1] + [int(r.tp[0]), int(r.fp[0]), int(r.fn[0])]
+            writer.writerow(row)
+        return buf.getvalue()
+
+
+def _drop_id(d: dict) -> dict:
+    d.pop("id", None)
+    return d
+
+
+def read_modalities(path: str | os.PathLike) -> dict[str, str]:
+    """Read an ``id,modality`` CSV (the dataset's ``modalities.csv``) into a dict.
+
+    Raises:
+        DataError: unreadable file, missing columns, empty fields or conflicting rows.
+    """
+    from triageseg.datasets.errors import DataError
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            if "id" not in fields or "modality" not in fields:
+                raise DataError(path, f"needs the columns id,modality; found {','.join(fields) or 'none'}")
+            out: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                key, mod = (row.get("id") or "").strip(), (row.get("modality") or "").strip()
+                if not key or not mod:
+                    raise DataError(path, f"line {line}: empty id or modality")
+                if out.get(key, mod) != mod:
+                    raise DataError(path, f"line {line}: id {key!r} listed as {out[key]!r} and {mod!r}")
+                out[key] = mod
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        if isinstance(err, FileNotFoundError):
+            raise DataError(path, "file not found") from None
+        raise DataError(path, f"cannot read: {err}") from None
+    return out
+
+
+LABEL_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    from triageseg.datasets.errors import DataError
+    from triageseg.datasets.io import image_id
+
+    if not folder.exists():
+        raise DataError(folder, "folder not found")
+    if not folder.is_dir():
+        raise DataError(folder, "not a folder")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in LABEL_SUFFIXES:
+            continue
+        key = image_id(path)
+        if key in files:
+            raise DataError(folder, f"two files with id {key!r}: {files[key].name} and {path.name}")
+        files[key] = path
+    return files
+
+
+def _id_list(ids: Sequence[str], limit: int = 10) -> str:
+    ids = sorted(ids)
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    *,
+    modalities: str | os.PathLike | Mapping[str, str] | None = None,
+    protocol: str = "default",
+    allow_missing: bool = False,
+    progress=None,
+) -> FolderReport:
+    """Pair prediction and ground-truth label files by id and score them.
+
+    Files are paired by id (file name without extension). ``gt_dir`` may be a folder of
+    label images or a dataset root holding ``labels/`` (then its ``modalities.csv`` is
+    used when ``modalities`` is not given).
+
+    Args:
+        pred_dir: folder of predicted label images.
+        gt_dir: folder of ground-truth label images, or a dataset root.
+        modalities: ``id,modality`` CSV path or a dict; enables per-modality results.
+            Every scored id must have a modality.
+        protocol: one of :data:`PROTOCOLS`.
+        allow_missing: score a GT image without prediction as an empty prediction and
+            ignore predictions without GT, instead of failing.
+        progress: optional callable wrapping the list of ids (e.g. ``tqdm``).
+
+    Returns:
+        :class:`FolderReport`.
+
+    Raises:
+        DataError: missing folder, unpaired ids (unless ``allow_missing``), no pairs,
+            a label file that cannot be read, shapes that differ, ids without modality.
+    """
+    from triageseg.datasets.errors import DataError
+    from triageseg.datasets.io import read_labels
+
+    get_protocol(protocol)
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if (gt_dir / "labels").is_dir() and not _label_files(gt_dir):  # a dataset root
+        if modalities is None and (gt_dir / "modalities.csv").is_file():
+            modalities = gt_dir / "modalities.csv"
+        gt_dir = gt_dir / "labels"
+    preds = _label_files(pred_dir)
+    gts = _label_files(gt_dir)
+    missing_pred = tuple(sorted(set(gts) - set(preds)))
+    missing_gt = tuple(sorted(set(preds) - set(gts)))
+    if not allow_missing and (missing_pred or missing_gt):
+        parts = []
+        if missing_pred:
+            parts.append(f"no prediction for ground-truth ids: {_id_list(missing_pred)}")
+        if missing_gt:
+            parts.append(f"no ground truth (in {gt_dir}) for predicted ids: {_id_list(missing_gt)}")
+        raise DataError(pred_dir, "; ".join(parts) + " (--allow-missing scores missing predictions as "
+                                                    "empty and ignores predictions without ground truth)")
+    ids = sorted(gts)
+    if not ids:
+        raise DataError(gt_dir, "no label images found")
+    modality_of: dict[str, str | None] = {key: None for key in ids}
+    if modalities is not None:
+        source = modalities if isinstance(modalities, Mapping) else read_modalities(modalities)
+        unknown = [key for key in ids if key not in source]
+        if unknown:
+            where = modalities if not isinstance(modalities, Mapping) else None
+            raise DataError(where, f"no modality for ids: {_id_list(unknown)}")
+        modality_of = {key: str(source[key]) for key in ids}
+    results = []
+    for key in progress(ids) if progress else ids:
+        gt = read_labels(gts[key])
+        if key in preds:
+            pred = read_labels(preds[key])
+            if pred.shape != gt.shape:
+                raise DataError(preds[key], f"shape {pred.shape} differs from ground truth "
+                                            f"{gts[key]} shape {gt.shape}")
+        else:
+            pred = np.zeros_like(gt)
+        results.append(match_image(gt, pred, protocol=protocol, id=key))
+    return report_from_results(
+        results,
+        modality_of,
+        protocol=protocol,
+        missing_pred=missing_pred if allow_missing else (),
+        missing_gt=missing_gt if allow_missing else (),
+    )
+
+
+def report_from_results(
+    per_image: Sequence[ImageResult],
+    modality_of: Mapping[str, str | None] | None = None,
+    *,
+    protocol: str = "default",
+    missing_pred: Sequence[str] = (),
+    missing_gt: Sequence[str] = (),
+) -> FolderReport:
+    """Group per-image results (from :func:`match_image` with ``id=``) into a report.
+
+    Args:
+        per_image: results of one protocol, each with its image ``id``.
+        modality_of: image id -> modality. Results are also aggregated per modality
+            when at least one id has one (ids without one go to ``"unknown"``).
+        protocol: the protocol the results were scored with.
+        missing_pred: GT ids that had no prediction (already scored as empty).
+        missing_gt: prediction ids that had no GT (not scored).
+
+    Returns:
+        :class:`FolderReport` (``format_table`` prints it, ``to_dict`` is the
+        ``evaluate --json`` layout).
+
+    Raises:
+        ValueError: no results, or results of another protocol.
+    """
+    per_image = tuple(per_image)
+    modality_of = dict(modality_of or {})
+    modality_of = {r.id: modality_of.get(r.id) for r in per_image}
+    per_modality: dict[str, EvalResult] = {}
+    if any(m is not None for m in modality_of.values()):
+        modality_of = {key: ("unknown" if m is None else str(m)) for key, m in modality_of.items()}
+        for name in sorted(set(modality_of.values())):
+            subset = [r for r in per_image if modality_of[r.id] == name]
+            per_modality[name] = aggregate(subset, protocol=protocol)
+    return FolderReport(
+        protocol=get_protocol(protocol).name,
+        overall=aggregate(per_image, protocol=protocol),
+        per_modality=per_modality,
+        modality_of=modality_of,
+        missing_pred=tuple(missing_pred),
+        missing_gt=tuple(missing_gt),
+    )
+
+
+def format_table(report: FolderReport | EvalResult, *, title: str | None = None) -> str:
+    """A plain-text table: one row per modality (if any) and one for all images.
+
+    Columns: images, GT/predicted objects, mean F1 (mean AP too for dsb2018), F1 at
+    IoU 0.5 / 0.75 / 0.9, and TP/FP/FN at IoU 0.5.
+    """
+    if isinstance(report, EvalResult):
+        rows = [("overall", report)]
+        proto_name = report.protocol
+    else:
+        rows = list(report.per_modality.items()) + [("overall", report.overall)]
+        proto_name = report.protocol
+    proto = get_protocol(proto_name)
+    dsb = proto.name == "dsb2018"
+    head = ["", "images", "objects gt/pred", "mean F1"] + (["mean AP"] if dsb else [])
+    head += ["F1@0.5", "F1@0.75", "F1@0.9", "TP@0.5", "FP@0.5", "FN@0.5"]
+    table = [head]
+    for name, res in rows:
+        row = [name, str(res.n_images), f"{res.n_true}/{res.n_pred}", f"{res.mean_f1:.4f}"]
+        if dsb:
+            row.append(f"{res.mean_ap:.4f}")
+        row += [f"{res.f1_at(t):.4f}" for t in (0.5, 0.75, 0.9)]
+        row += [str(int(res.tp[0])), str(int(res.fp[0])), str(int(res.fn[0]))]
+        table.append(row)
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = [title] if title else []
+    lines.append(f"protocol {proto.name}: {proto.description}")
+    for k, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    overall = report if isinstance(report, EvalResult) else report.overall
+    if overall.caicedo is not None:
+        err = overall.caicedo
+        bins = ", ".join(f"{b}: {m}/{e}" for b, m, e in zip(err.area_bins, err.missed, err.extra))
+        lines.append(f"errors at IoU > {ERROR_IOU} (missed/extra by area bin, px) {bins}; "
+                     f"splits {err.splits}, merges {err.merges} (IoU > {SPLIT_MERGE_IOU})")
+    if isinstance(report, FolderReport) and (report.missing_pred or report.missing_gt):
+        lines.append(f"missing predictions (scored empty): {len(report.missing_pred)}; "
+                     f"predictions without ground truth (ignored): {len(report.missing_gt)}")
+    return "\n".join(lines)
+
