@@ -14,8 +14,8 @@ _PROTOCOLS = ("default", "caicedo2019", "dsb2018")
 
 
 @cli.command("evaluate")
-@click.argument("pred", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("gt", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("pred", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.argument("gt", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option(
     "--modalities",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -39,14 +39,27 @@ _PROTOCOLS = ("default", "caicedo2019", "dsb2018")
     is_flag=True,
     help="Score ground truth without a prediction as empty and ignore predictions without ground truth.",
 )
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Segment --data's --split with this bundle and score it (instead of PRED GT).")
+@click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Dataset root for --bundle.")
+@click.option("--split", default="test", show_default=True, help="Split of --data to score with --bundle.")
+@click.option("--device", default="auto", show_default=True, help="Device for --bundle: auto, cpu, cuda, cuda:N, mps.")
+@click.option("--save-predictions", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --bundle: also write the routed label images and overlays here.")
 def evaluate_command(
-    pred: Path,
-    gt: Path,
+    pred: Path | None,
+    gt: Path | None,
     modalities: Path | None,
     protocol: str,
     json_out: Path | None,
     csv_out: Path | None,
     allow_missing: bool,
+    bundle_dir: Path | None,
+    data_root: Path | None,
+    split: str,
+    device: str,
+    save_predictions: Path | None,
 ) -> None:
     """Score the label images in PRED against those in GT, paired by id.
 
@@ -57,9 +70,22 @@ def evaluate_command(
     object counts. An id present on one side only is an error unless --allow-missing.
 
     \b
+    With --bundle B --data DIR [--split test], segments that split with the bundle
+    and prints the same tables for the routed pipeline and for the generalist alone,
+    plus the router's accuracy and confusion matrix.
+
+    \b
     Example:
       triageseg evaluate out/ data/labels --modalities data/modalities.csv --json scores.json
+      triageseg evaluate --bundle bundle/ --data data/ --split test
     """
+    if bundle_dir is not None or data_root is not None:
+        if bundle_dir is None or data_root is None or pred is not None or gt is not None:
+            raise click.UsageError("use either PRED GT, or --bundle B --data DIR [--split S]")
+        _evaluate_bundle(bundle_dir, data_root, split, protocol, device, json_out, csv_out, save_predictions)
+        return
+    if pred is None or gt is None:
+        raise click.UsageError("PRED and GT are required (or --bundle B --data DIR)")
     from tqdm import tqdm
 
     from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
@@ -77,4 +103,25 @@ def evaluate_command(
         click.echo(f"wrote {json_out}")
     if csv_out is not None:
         write_text_atomic(csv_out, report.to_csv())
+        click.echo(f"wrote {csv_out}")
+
+
+def _evaluate_bundle(bundle_dir, data_root, split, protocol, device, json_out, csv_out, save_predictions) -> None:
+    from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
+    from triageseg.postprocess.metrics import format_table
+    from triageseg.workflow import evaluate_bundle, format_comparison, scores_to_dict
+
+    scores = evaluate_bundle(bundle_dir, data_root, split=split, protocol=protocol, device=device,
+                             out_dir=save_predictions)
+    click.echo(format_table(scores.routed, title=f"routed pipeline, split {split}"))
+    if scores.generalist is not None:
+        click.echo("")
+        click.echo(format_table(scores.generalist, title=f"generalist alone, split {split}"))
+    click.echo("")
+    click.echo(format_comparison(scores))
+    if json_out is not None:
+        write_json_atomic(json_out, scores_to_dict(scores))
+        click.echo(f"wrote {json_out}")
+    if csv_out is not None:
+        write_text_atomic(csv_out, scores.routed.to_csv())
         click.echo(f"wrote {csv_out}")

@@ -163,7 +163,7 @@ def _drop_small(labels: np.ndarray, min_count: int, where: np.ndarray) -> np.nda
     if min_count <= 1:
         return labels
     values = labels[where]
-    counts = np.bincount(values)
+    counts = np.bincount(values, minlength=1)
     small = counts < min_count
     small[0] = False
     if small.any():
@@ -252,7 +252,7 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
     out = np.zeros(labels.shape, np.uint32)
     if values.size == 0:
         return out
-    counts = np.bincount(values)
+    counts = np.bincount(values, minlength=1)
     keep = counts >= max(min_size, 1)
     keep[0] = False
     lut = (np.cumsum(keep) * keep).astype(np.uint32)

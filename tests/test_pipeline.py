@@ -217,7 +217,7 @@ def test_segment_4000_square_image(tiny_bundle, tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "big.tif"
     tifffile.imwrite(path, (rng.random((4000, 4000)) * 4000).astype(np.uint16))
-    pipe = Pipeline.from_bundle(tiny_bundle, device="cpu", batch_size=2)
+    pipe = Pipeline.from_bundle(tiny_bundle, device="cpu", tile_size=512, overlap=64, batch_size=2)
     report = pipe.segment_files([path], tmp_path / "out", workers=0)
     assert len(report.written) == 1
     assert read_labels(tmp_path / "out" / "big.tif").shape == (4000, 4000)

@@ -280,3 +280,13 @@ def test_classical_segment_edge_cases():
         classical_segment(np.zeros((8, 8, 3), np.float32), channel="dapi")
     _, img = disks_image()
     assert classical_segment((img * 255).astype(np.uint8)).max() == 4  # integer images are scaled
+
+
+def test_all_background_and_tiny_specks_give_empty_labels():
+    """No foreground, or foreground below every size limit, is an empty label image, not an error."""
+    probs = np.zeros((3, 40, 30), np.float32)
+    probs[0] = 1.0
+    out = watershed(probs)
+    assert out.shape == (40, 30) and out.dtype == np.uint32 and not out.any()
+    probs[:, 5, 5] = (0.0, 1.0, 0.0)  # a single-pixel nucleus, below min_size
+    assert not watershed(probs).any()

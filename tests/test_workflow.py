@@ -1,0 +1,72 @@
+"""train all -> evaluate --bundle -> demo, end to end on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from triageseg import bundle as B
+
+TINY = dict(scale=1.0, specialist_steps=2, steps_per_epoch=2, batch_size=2, crop_size=64, router_epochs=2,
+            router_seconds=4.0, decoder_channels=(16, 16, 16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    from triageseg.workflow import Budget, train_bundle
+
+    out = tmp_path_factory.mktemp("wf") / "bundle"
+    summary = train_bundle(synth_data, out, budget=Budget(**TINY), device="cpu", progress=False, log=lambda _m: None)
+    return out, summary
+
+
+def test_train_bundle_writes_every_model(trained):
+    out, summary = trained
+    manifest = B.read_manifest(out)
+    assert manifest["segmenters"] == ["_generalist", "brightfield", "fluorescence", "he"]
+    assert manifest["has_router"] and manifest["has_generalist"]
+    assert manifest["provenance"]["seed"] == 0 and len(manifest["provenance"]["ids_sha256"]) == 64
+    assert set(summary["val_mean_f1"]) == {"_generalist", "brightfield", "fluorescence", "he"}
+    # same total budget: the generalist ran as many optimiser steps as the specialists together
+    hist = {name: json.loads((B.segmenter_dir(out, name) / "history.json").read_text()) for name in manifest["segmenters"]}
+    epochs = {name: len(h["epochs"] if isinstance(h, dict) else h) for name, h in hist.items()}
+    assert epochs["_generalist"] == sum(epochs[m] for m in ("brightfield", "fluorescence", "he"))
+
+
+def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_path):
+    from triageseg.datasets.layout import Dataset
+    from triageseg.workflow import evaluate_bundle, format_comparison, scores_to_dict
+
+    out, _ = trained
+    scores = evaluate_bundle(out, synth_data, split="test", device="cpu", out_dir=tmp_path / "pred", progress=False)
+    test = Dataset(synth_data).select(split="test")
+    assert scores.routed.overall.n_images == len(test) == scores.generalist.overall.n_images
+    assert sum(scores.used_models.values()) == len(test)
+    assert sum(sum(row.values()) for row in scores.confusion.values()) == len(test)
+    assert 0.0 <= scores.router_accuracy <= 1.0
+    assert sorted(p.stem for p in (tmp_path / "pred").glob("*.tif")) == sorted(s.id for s in test)
+    table = format_comparison(scores)
+    assert "routed" in table and "generalist" in table and "overall" in table and "router accuracy" in table
+    json.dumps(scores_to_dict(scores))
+
+
+def test_evaluate_cli_with_bundle(trained, synth_data, tmp_path):
+    from triageseg.cli.main import cli
+
+    out, _ = trained
+    res = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out), "--data", str(synth_data), "--split", "test",
+                                   "--device", "cpu", "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    assert "router accuracy" in res.output
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["routed"]["overall"]["n_images"] == saved["generalist"]["overall"]["n_images"] > 0
+
+
+def test_train_all_refuses_unknown_modality(synth_data, tmp_path):
+    from triageseg.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["train", "all", "--data", str(synth_data), "--out", str(tmp_path / "b"),
+                                   "--modalities", "phase", "--quiet"])
+    assert res.exit_code == 1 and "phase" in res.output and "fluorescence" in res.output
