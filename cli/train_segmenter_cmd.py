@@ -1,1 +1,115 @@
-"""Commands registered on the groups of triageseg.cli.groups (filled in by the issue that owns it)."""
+"""``triageseg train segmenter`` and ``triageseg train generalist``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from triageseg.cli.groups import train
+
+# CLI flag -> TrainConfig field; a flag given on the command line overrides --config.
+_OVERRIDES = {
+    "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "batch_size": "batch_size",
+    "crop_size": "crop_size",
+    "lr": "lr",
+    "seed": "seed",
+    "encoder": "encoder",
+    "encoder_weights": "encoder_weights",
+    "time_budget": "time_budget_s",
+    "max_val_images": "max_val_images",
+    "boundary_weight": "boundary_weight",
+    "aug_strength": "aug_strength",
+}
+
+
+def _train_options(func):
+    """Options shared by ``train segmenter`` and ``train generalist``."""
+    options = [
+        click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Dataset folder (images/, labels/, modalities.csv, splits.csv)."),
+        click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Bundle folder to write into (created if missing)."),
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TrainConfig JSON (e.g. a tuning sweep's best_config.json); flags override it."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs."),
+        click.option("--steps-per-epoch", type=click.IntRange(min=1), help="Optimiser steps per epoch."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Crops per step."),
+        click.option("--crop-size", type=click.IntRange(min=32), help="Training crop side (multiple of 32)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+        click.option("--seed", type=int, help="Random seed."),
+        click.option("--encoder", help="smp encoder name (default efficientnet-b3)."),
+        click.option("--encoder-weights", type=click.Path(dir_okay=False),
+                     help="Local file (safetensors or torch state dict) to initialise the encoder from."),
+        click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
+                     help="Stop training after this many seconds, then tune and save."),
+        click.option("--max-val-images", type=click.IntRange(min=1), help="Validation images per epoch."),
+        click.option("--boundary-weight", type=click.FloatRange(min=0, min_open=True),
+                     help="Cross-entropy weight of the boundary class."),
+        click.option("--aug-strength", type=click.FloatRange(min=0), help="Augmentation strength (0 = crops only)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (default: 0 on CPU)."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | None, device: str,
+         workers: int | None, resume: bool, quiet: bool, **flags: Any) -> None:
+    from triageseg.bundle import segmenter_dir
+    from triageseg.datasets.atomic import write_json_atomic
+    from triageseg.segmenters.train import TrainConfig, train_segmenter_into_bundle
+
+    changes = {field: flags[flag] for flag, field in _OVERRIDES.items() if flags.get(flag) is not None}
+    if config_path is not None:
+        config = TrainConfig.from_json(config_path, modality=modality, **changes)
+    else:
+        config = TrainConfig(modality=modality).replace(**changes)
+    if config.encoder_weights is not None:
+        config = config.replace(encoder_weights=str(Path(config.encoder_weights).resolve()))
+    run_dir = segmenter_dir(out, config.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "train_config.json", config.to_dict())
+    result = train_segmenter_into_bundle(
+        config, data, out, device=device, resume=resume, progress=not quiet, num_workers=workers
+    )
+    budget = " (stopped by the time budget)" if result.stopped_by_budget else ""
+    click.echo(
+        f"{config.run_name}: {result.epochs_completed} epochs{budget}, best epoch {result.best_epoch}, "
+        f"val mean F1 {result.best_val_mean_f1:.4f} (tuned watershed {result.val_mean_f1_tuned:.4f}) "
+        f"-> {result.run_dir}"
+    )
+
+
+@train.command("segmenter")
+@click.option("--modality", required=True, help="Modality to specialise in (as in the dataset's modalities.csv).")
+@_train_options
+def segmenter_cmd(modality: str, **kwargs: Any) -> None:
+    """Train one modality specialist (smp Unet) into BUNDLE/segmenters/<modality>.
+
+    Validates each epoch by tiled prediction + watershed + mean F1, keeps the best
+    epoch, tunes the watershed parameters on the validation split and writes
+    config.json, model.safetensors, postprocess.json, history.csv/json.
+
+    Example: triageseg train segmenter --data data/synth --modality he --out bundle
+    """
+    _run(modality, **kwargs)
+
+
+@train.command("generalist")
+@_train_options
+def generalist_cmd(**kwargs: Any) -> None:
+    """Train one model on all modalities into BUNDLE/segmenters/_generalist.
+
+    The baseline the routed specialists must beat, and the fallback for images the
+    router is unsure about. Same options as ``train segmenter``.
+
+    Example: triageseg train generalist --data data/synth --out bundle --epochs 10
+    """
+    _run(None, **kwargs)

@@ -60,7 +60,7 @@ def tune_command(data, modality, num_samples, search, scheduler, cpus_per_trial,
     reports the validation mean F1 after every epoch, and at the end the F1 after tuning
     the watershed on its validation predictions. Per modality it writes
     OUT/MODALITY/best_config.json (for `triageseg train segmenter --config`), trials.csv,
-    f1_per_trial.png and sweep.json. Cluster set-up: tuning/CLUSTER.md.
+    f1_per_trial.png and sweep.json. Cluster set-up: README.md, "Tuning on a GPU cluster".
 
     \b
     Examples:
