@@ -1,0 +1,238 @@
+"""Tiled inference: an image of any size -> softmax class probabilities 3xHxW.
+
+The image is padded (reflect) to a multiple of 32; an image that fits one tile is
+run whole, a larger one in overlapping tiles, batched, and blended with a smooth
+window whose ramps lie only where a tile has a neighbour, so the image borders are
+not down-weighted. Probabilities are accumulated into one float32 3xHxW array and
+one HxW weight array, so memory grows with the image, not with the tile count.
+
+Example:
+    >>> model, cfg, params = load_segmenter("bundle/segmenters/he")       # doctest: +SKIP
+    >>> probs = predict(model, image, tile_size=cfg.tile_size)            # doctest: +SKIP
+    >>> labels = watershed(probs, params)                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DEVICE_SPECS = "auto, cpu, cuda, cuda:N, mps"
+# Smallest blending weight: keeps every pixel's weight sum positive and tile edges usable.
+WINDOW_FLOOR = 1e-3
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` (or a torch.device) into an available torch.device.
+
+    ``auto`` (or ``None``) picks CUDA, then MPS, then CPU.
+
+    Raises:
+        ValueError: unknown spec, or a device this machine does not have.
+    """
+    import torch
+
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' requested but MPS is not available on this machine")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
+        if spec == "cuda":
+            return torch.device("cuda")
+        index = spec.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"bad device {spec!r}; valid: {DEVICE_SPECS}")
+        if int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device(spec)
+    raise ValueError(f"unknown device {spec!r}; valid: {DEVICE_SPECS}")
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA where supported (else fp16); a no-op elsewhere."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at most ``stride`` between them."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp_1d(size: int, ramp: int, left: bool, right: bool) -> np.ndarray:
+    """1-D weights: 1 in the middle, a sin^2 ramp of ``ramp`` pixels on sides that have a neighbour."""
+    w = np.ones(size, dtype=np.float32)
+    ramp = min(ramp, size // 2)
+    if ramp > 0:
+        r = np.sin(0.5 * np.pi * (np.arange(ramp, dtype=np.float64) + 0.5) / ramp) ** 2
+        r = np.maximum(r, WINDOW_FLOOR).astype(np.float32)
+        if left:
+            w[:ramp] = r
+        if right:
+            w[size - ramp :] = r[::-1]
+    return w
+
+
+def _d4(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    import torch
+
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _d4_inverse(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    import torch
+
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return x
+
+
+def _input_channels(model: torch.nn.Module) -> int | None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def predict(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    tile_size: int = 512,
+    overlap: int = 64,
+    batch_size: int = 4,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """Softmax class probabilities of ``model`` for an image of any size.
+
+    Args:
+        model: a segmentation network returning ``(B, classes, h, w)`` logits for inputs
+            whose sides are multiples of 32 (any memory format).
+        image: float HxWxC image in [0, 1] (``datasets.io.read_image``).
+        tile_size: tile side in pixels (multiple of 32). An image whose padded size fits
+            is run whole.
+        overlap: overlap between neighbouring tiles in pixels (< tile_size / 2).
+        batch_size: tiles per forward pass.
+        tta: average over the 8 flips/rotations of the dihedral group D4 (8x slower).
+        device: where to run; ``None`` keeps the model where it is, otherwise the model
+            is moved there (``auto|cpu|cuda|cuda:N|mps``).
+        amp: mixed precision on CUDA (bf16 where supported, else fp16).
+
+    Returns:
+        float32 array ``(classes, H, W)``; the classes sum to 1 at every pixel.
+
+    Raises:
+        ValueError: an image that is not HxWxC float, or bad tiling options.
+    """
+    import torch
+
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
+    expected_c = _input_channels(model)
+    if image.ndim != 3 or (expected_c is not None and image.shape[2] != expected_c):
+        raise ValueError(f"image must be HxWx{expected_c or 'C'}, got shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(
+            f"image must be float in [0, 1] (datasets.io.normalize_image), got dtype {image.dtype}"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if tile_size < 32 or tile_size % 32:
+        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
+    if not 0 <= overlap < tile_size // 2:
+        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    if device is None:
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+        model.to(dev)
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
+
+    h, w = image.shape[:2]
+    hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
+    padded = np.pad(np.asarray(image, dtype=np.float32), ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
+    th, tw = min(tile_size, hp), min(tile_size, wp)
+    stride = tile_size - overlap
+    ys, xs = tile_starts(hp, th, stride), tile_starts(wp, tw, stride)
+    tiles = [(y, x) for y in ys for x in xs]
+
+    acc: np.ndarray | None = None
+    wsum = np.zeros((hp, wp), dtype=np.float32)
+    transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(dev, amp):
+            for batch in _batches(tiles, batch_size):
+                arr = np.stack([padded[y : y + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
+                xb = torch.from_numpy(arr).to(dev, non_blocking=True)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                probs = None
+                for k, flip in transforms:
+                    logits = model(_d4(xb, k, flip) if (k or flip) else xb)
+                    p = torch.softmax(logits.float(), dim=1)
+                    p = _d4_inverse(p, k, flip) if (k or flip) else p
+                    probs = p if probs is None else probs + p
+                probs = (probs / len(transforms)).cpu().numpy()
+                if acc is None:
+                    acc = np.zeros((probs.shape[1], hp, wp), dtype=np.float32)
+                for (y, x), p in zip(batch, probs):
+                    win = np.outer(
+                        _ramp_1d(th, overlap, y > 0, y + th < hp), _ramp_1d(tw, overlap, x > 0, x + tw < wp)
+                    )
+                    acc[:, y : y + th, x : x + tw] += p * win
+                    wsum[y : y + th, x : x + tw] += win
+    finally:
+        model.train(was_training)
+    assert acc is not None  # at least one tile always exists
+    out = acc[:, :h, :w]
+    out /= wsum[None, :h, :w]
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -1,0 +1,165 @@
+"""Tiled inference: shapes, probabilities, whole-vs-tiled agreement, TTA, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from triageseg.segmenters.model import SegmenterConfig, create_segmenter
+from triageseg.segmenters.predict import _ramp_1d, predict, resolve_device, tile_starts
+
+SMALL = (32, 16, 16, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return create_segmenter(SegmenterConfig(decoder_channels=SMALL)).eval()
+
+
+def _pointwise_model() -> torch.nn.Module:
+    """A 1x1 convolution: every pixel's output depends on that pixel only (and it is D4-equivariant)."""
+    torch.manual_seed(3)
+    return torch.nn.Conv2d(3, 3, kernel_size=1).eval()
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(70, 45), (1, 1), (33, 97), (64, 64)])
+def test_odd_sizes_give_probabilities_of_the_same_size(unet, shape):
+    probs = predict(unet, _image(*shape))
+    assert probs.shape == (3, *shape)
+    assert probs.dtype == np.float32
+    assert np.all(probs >= 0)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_one_tile_matches_a_whole_image_forward_pass(unet):
+    image = _image(200, 190)
+    probs = predict(unet, image, tile_size=256, overlap=32)
+    padded = np.pad(image, ((0, 24), (0, 2), (0, 0)), mode="reflect")  # to 224 x 192
+    with torch.inference_mode():
+        logits = unet(torch.from_numpy(padded.transpose(2, 0, 1).copy())[None])
+    whole = torch.softmax(logits, 1)[0, :, :200, :190].numpy()
+    assert np.abs(probs - whole).max() < 1e-3
+    # A larger tile budget does not change a prediction that already fits one tile.
+    assert np.abs(predict(unet, image, tile_size=512) - probs).max() < 1e-6
+
+
+def test_tiles_blend_to_the_whole_image_result_for_a_pointwise_model():
+    model = _pointwise_model()
+    image = _image(300, 230, seed=1)
+    whole = predict(model, image, tile_size=512)
+    tiled = predict(model, image, tile_size=64, overlap=16, batch_size=3)
+    assert np.abs(tiled - whole).max() < 1e-5
+
+
+def test_tiled_unet_close_to_whole_image_away_from_tile_borders(unet):
+    image = _image(192, 192, seed=2)
+    whole = predict(unet, image, tile_size=256)
+    tiled = predict(unet, image, tile_size=128, overlap=48)
+    assert tiled.shape == whole.shape
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-5)
+    # Convolutions see different context near tile borders, so only the mean is close.
+    assert np.abs(tiled - whole).mean() < 0.05
+
+
+def test_tta_of_an_equivariant_model_changes_nothing():
+    model = _pointwise_model()
+    image = _image(96, 64, seed=4)
+    plain = predict(model, image, tile_size=64, overlap=16)
+    tta = predict(model, image, tile_size=64, overlap=16, tta=True)
+    assert np.abs(plain - tta).max() < 1e-5
+
+
+def test_tta_on_unet_gives_probabilities(unet):
+    probs = predict(unet, _image(50, 70), tta=True)
+    assert probs.shape == (3, 50, 70)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_channels_last_model_gives_the_same_result(unet):
+    image = _image(64, 96, seed=5)
+    ref = predict(unet, image)
+    model = create_segmenter(SegmenterConfig(decoder_channels=SMALL))
+    model.load_state_dict(unet.state_dict())
+    model = model.to(memory_format=torch.channels_last).eval()
+    assert np.abs(predict(model, image) - ref).max() < 1e-4
+
+
+def test_predict_restores_training_mode(unet):
+    unet.train()
+    predict(unet, _image(32, 32))
+    assert unet.training
+    unet.eval()
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "match"),
+    [
+        (np.zeros((32, 32), np.float32), {}, r"HxWx3.*\(32, 32\)"),
+        (np.zeros((32, 32, 4), np.float32), {}, "HxWx3"),
+        (np.zeros((32, 32, 3), np.uint8), {}, "uint8"),
+        (np.zeros((32, 32, 3), np.float32), {"tile_size": 100}, "multiple of 32"),
+        (np.zeros((32, 32, 3), np.float32), {"overlap": 64, "tile_size": 128}, "overlap"),
+        (np.zeros((32, 32, 3), np.float32), {"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_input_is_refused(unet, image, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predict(unet, image, **kwargs)
+
+
+def test_tile_starts_cover_the_image():
+    assert tile_starts(100, 128, 96) == [0]
+    assert tile_starts(128, 128, 96) == [0]
+    assert tile_starts(320, 128, 96) == [0, 96, 192]
+    assert tile_starts(300, 128, 96) == [0, 96, 172]
+
+
+def test_window_ramps_only_towards_neighbours():
+    inner = _ramp_1d(64, 16, True, True)
+    assert inner[0] < 0.01 and inner[-1] < 0.01 and inner[32] == 1.0
+    edge = _ramp_1d(64, 16, False, True)
+    assert edge[0] == 1.0 and edge[-1] < 0.01
+    # Complementary ramps: two neighbours overlapping by the ramp length sum to 1.
+    np.testing.assert_allclose(inner[:16] + edge[-16:], 1.0, atol=2e-3)
+    assert (inner > 0).all()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert resolve_device("auto").type == "cuda"
+    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        assert resolve_device("auto") == torch.device("cpu")
+        assert resolve_device(None) == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ValueError, match="valid: auto, cpu, cuda, cuda:N, mps|not available"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.slow
+def test_4000x4000_image_on_cpu_without_running_out_of_memory():
+    import resource
+    import time
+
+    torch.manual_seed(0)
+    model = create_segmenter(SegmenterConfig()).eval()
+    image = np.random.default_rng(0).random((4000, 4000, 3), dtype=np.float32)
+    t0 = time.perf_counter()
+    probs = predict(model, image, tile_size=512, overlap=64, batch_size=4, device="cpu")
+    seconds = time.perf_counter() - t0
+    assert probs.shape == (3, 4000, 4000)
+    np.testing.assert_allclose(probs[:, ::97, ::89].sum(0), 1.0, atol=1e-4)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"4000x4000: {seconds:.1f}s, peak RSS {peak_gib:.2f} GiB")
+    assert peak_gib < 12
