@@ -88,9 +88,10 @@ def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | Non
 
 
 @train.command("segmenter")
-@click.option("--modality", required=True, help="Modality to specialise in (as in the dataset's modalities.csv).")
+@click.option("--modality", default=None,
+              help="Modality to specialise in (as in the dataset's modalities.csv); default: the --config's.")
 @_train_options
-def segmenter_cmd(modality: str, **kwargs: Any) -> None:
+def segmenter_cmd(modality: str | None, **kwargs: Any) -> None:
     """Train one modality specialist (smp Unet) into BUNDLE/segmenters/<modality>.
 
     Validates each epoch by tiled prediction + watershed + mean F1, keeps the best
@@ -98,7 +99,17 @@ def segmenter_cmd(modality: str, **kwargs: Any) -> None:
     config.json, model.safetensors, postprocess.json, history.csv/json.
 
     Example: triageseg train segmenter --data data/synth --modality he --out bundle
+             triageseg train segmenter --data data/synth --out bundle --config tune_out/he/best_config.json
     """
+    if modality is None:
+        from triageseg.bundle import read_json
+
+        if kwargs.get("config_path") is None:
+            raise click.UsageError("--modality is required unless --config names one")
+        modality = read_json(kwargs["config_path"]).get("modality")
+        if not modality:
+            raise click.UsageError(f"{kwargs['config_path']} names no modality; pass --modality "
+                                   "(or use `train generalist`)")
     _run(modality, **kwargs)
 
 

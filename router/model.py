@@ -33,6 +33,7 @@ import numpy as np
 from triageseg.bundle import CONFIG, GENERALIST, WEIGHTS, load_into, read_json, save_weights
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import BundleError, DataError
+from triageseg.devices import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -344,18 +345,6 @@ def normalise(x: torch.Tensor, config: RouterConfig) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- save / load
-
-
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when available else CPU; otherwise ``torch.device(spec)``."""
-    import torch
-
-    if spec is None or spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    return device
 
 
 def save_router(run_dir: str | os.PathLike, model: torch.nn.Module, config: RouterConfig) -> Path:

@@ -483,7 +483,7 @@ def test_local_sweep_writes_best_config_trials_plot_and_bundle(local_ray, tiny_d
     assert again.exit_code == 1 and "a sweep already exists" in again.output and "--resume" in again.output
 
     # best_config.json trains a model through `triageseg train segmenter --config`.
-    trained = _invoke(["train", "segmenter", "--data", str(tiny_data), "--modality", MODALITY,
+    trained = _invoke(["train", "segmenter", "--data", str(tiny_data),
                        "--out", str(tmp_path / "retrained"),
                        "--config", str(out / MODALITY / "best_config.json"), "--epochs", "1", "--device", "cpu",
                        "--quiet"])
