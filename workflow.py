@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,24 +26,37 @@ Log = Callable[[str], None]
 class Budget:
     """How much training ``train all`` and the demo spend. ``scale`` multiplies every step count.
 
-    The generalist gets the same total number of optimiser steps as all specialists
-    together, so routed-versus-generalist comparisons are at equal training budget.
+    Routed and generalist models get the same number of optimiser steps, from a shared start:
+
+    1. a *base* model trains on all modalities for ``base_fraction`` of the total;
+    2. the generalist continues from the base on all modalities for the rest;
+    3. the specialists each continue from the base on their own modality, the rest of the
+       total split between them in proportion to their training images, so each modality
+       gets as many steps of its own images as it gets inside the generalist's mix.
+
+    Routed-versus-generalist comparisons are therefore at equal training budget and equal
+    exposure to every modality: what differs is only that a specialist spends its steps
+    (and its BatchNorm statistics) on one modality.
     """
 
-    scale: float = 1.0  # multiplier on the steps below (and the router's time)
-    specialist_steps: int = 200  # optimiser steps per specialist at scale 1
-    steps_per_epoch: int = 25  # steps between validations
+    scale: float = 1.0  # multiplier on the step count (and the router's time)
+    total_steps: int = 480  # optimiser steps of the generalist = base + all specialists, at scale 1
+    base_fraction: float = 0.5  # share of total_steps spent on the shared base model
+    steps_per_epoch: int = 24  # steps between validations (shorter runs are split into at least 2 epochs)
     batch_size: int = 4  # crops per step (small batches, more steps: better on CPU budgets)
     crop_size: int = 128  # crop side in pixels
     lr: float = 3e-3  # peak AdamW learning rate
     aug_strength: float = 0.5  # augmentation magnitude (short runs learn faster with milder augmentation)
     max_val_images: int = 6  # validation images per epoch and for tuning the watershed (balanced over modalities)
     router_epochs: int = 30  # router epochs at most (the time budget usually ends it first)
-    router_seconds: float = 45.0  # router training time at scale 1
+    router_seconds: float = 30.0  # router training time at scale 1
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)  # Unet decoder widths (smaller = faster on CPU)
 
-    def epochs(self, steps: int) -> int:
-        return max(1, int(round(steps * self.scale / self.steps_per_epoch)))
+    def schedule(self, steps: float) -> tuple[int, int]:
+        """(epochs, steps per epoch) for about ``steps`` optimiser steps: at least 2 epochs of 1 step."""
+        steps = max(2, int(round(steps)))
+        epochs = max(2, int(round(steps / self.steps_per_epoch)))
+        return epochs, max(1, int(round(steps / epochs)))
 
 
 def train_bundle(
@@ -64,7 +78,7 @@ def train_bundle(
     """
     from triageseg.datasets.layout import Dataset
     from triageseg.router.train import train_router
-    from triageseg.segmenters.train import TrainConfig, train_segmenter_into_bundle
+    from triageseg.segmenters.train import TrainConfig, train_segmenter, train_segmenter_into_bundle
 
     data_root = Path(data_root).resolve()
     bundle_dir = Path(bundle_dir)
@@ -88,10 +102,11 @@ def train_bundle(
         summary["seconds"]["router"] = round(time.perf_counter() - t0, 1)
         log(f"[router] val accuracy {r.val_accuracy}, test accuracy {r.test_accuracy} ({summary['seconds']['router']} s)")
 
-    base = TrainConfig(
+    total = budget.total_steps * budget.scale
+    base_steps = total * budget.base_fraction if budget.base_fraction > 0 else 0
+    rest = total - base_steps
+    common = TrainConfig(
         modality=None,
-        epochs=budget.epochs(budget.specialist_steps),
-        steps_per_epoch=budget.steps_per_epoch,
         batch_size=budget.batch_size,
         crop_size=budget.crop_size,
         lr=budget.lr,
@@ -100,17 +115,42 @@ def train_bundle(
         seed=seed,
         decoder_channels=tuple(budget.decoder_channels),
     )
-    jobs = [(m, base.replace(modality=m)) for m in mods]
+
+    def with_steps(cfg: TrainConfig, steps: float) -> TrainConfig:
+        epochs, per_epoch = budget.schedule(steps)
+        return cfg.replace(epochs=epochs, steps_per_epoch=per_epoch)
+
+    work = bundle_dir / "_work"
+    jobs: list[tuple[str, TrainConfig, Path | None]] = []
+    init = None
+    if base_steps:
+        init = work / "base"
+        jobs.append(("base", with_steps(common, base_steps), init))
+    counts = {m: len(ds.select(split="train", modality=m)) for m in mods}
+    n_train = sum(counts.values())
+    for m in mods:
+        jobs.append((m, with_steps(common.replace(modality=m), rest * counts[m] / n_train), None))
     if generalist:
-        jobs.append((_bundle.GENERALIST, base.replace(epochs=budget.epochs(budget.specialist_steps * len(mods)))))
-    for name, cfg in jobs:
+        jobs.append((_bundle.GENERALIST, with_steps(common, rest), None))
+    summary["steps"] = {}
+    for name, cfg, run_dir in jobs:
+        if name != "base" and init is not None:
+            cfg = cfg.replace(init_from=str(init.resolve()))
         t0 = time.perf_counter()
-        log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, crop {cfg.crop_size})")
-        res = train_segmenter_into_bundle(cfg, data_root, bundle_dir, device=device, progress=progress)
+        log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, "
+            f"crop {cfg.crop_size})" + (" from the shared base" if cfg.init_from else ""))
+        if run_dir is not None:
+            res = train_segmenter(cfg.replace(tune_postprocess=False), data_root, run_dir, device=device,
+                                  progress=progress)
+        else:
+            res = train_segmenter_into_bundle(cfg, data_root, bundle_dir, device=device, progress=progress)
         summary["seconds"][name] = round(time.perf_counter() - t0, 1)
+        summary["steps"][name] = cfg.epochs * cfg.steps_per_epoch
         summary["val_mean_f1"][name] = round(res.val_mean_f1_tuned, 4)
-        log(f"[{name}] val mean F1 {res.val_mean_f1_tuned:.3f} with tuned watershed, best epoch {res.best_epoch} "
+        log(f"[{name}] val mean F1 {res.val_mean_f1_tuned:.3f}, best epoch {res.best_epoch} "
             f"({summary['seconds'][name]} s)")
+    if work.exists():
+        shutil.rmtree(work)
     _bundle.update_manifest(
         bundle_dir,
         modalities=[m for m in mods],

@@ -19,6 +19,7 @@ _OVERRIDES = {
     "seed": "seed",
     "encoder": "encoder",
     "encoder_weights": "encoder_weights",
+    "init_from": "init_from",
     "time_budget": "time_budget_s",
     "max_val_images": "max_val_images",
     "boundary_weight": "boundary_weight",
@@ -44,6 +45,8 @@ def _train_options(func):
         click.option("--encoder", help="smp encoder name (default efficientnet-b3)."),
         click.option("--encoder-weights", type=click.Path(dir_okay=False),
                      help="Local file (safetensors or torch state dict) to initialise the encoder from."),
+        click.option("--init-from", type=click.Path(exists=True),
+                     help="Run folder or model.safetensors of the same architecture to fine-tune from."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
                      help="Stop training after this many seconds, then tune and save."),
         click.option("--max-val-images", type=click.IntRange(min=1), help="Validation images per epoch."),
@@ -73,6 +76,8 @@ def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | Non
         config = TrainConfig(modality=modality).replace(**changes)
     if config.encoder_weights is not None:
         config = config.replace(encoder_weights=str(Path(config.encoder_weights).resolve()))
+    if config.init_from is not None:
+        config = config.replace(init_from=str(Path(config.init_from).resolve()))
     run_dir = segmenter_dir(out, config.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "train_config.json", config.to_dict())

@@ -72,6 +72,7 @@ class TrainConfig:
     modality: str | None = None  # modality to train on; None = all modalities (the generalist)
     encoder: str = "efficientnet-b3"  # smp encoder name (see segmenters.model.valid_encoders)
     encoder_weights: str | None = None  # local file to initialise the encoder from; None = scratch
+    init_from: str | None = None  # run folder or model.safetensors to start the whole Unet from (fine-tuning)
     decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS  # Unet decoder widths (5)
     epochs: int = 20  # number of epochs (validation + checkpoint after each)
     steps_per_epoch: int = 50  # optimiser steps per epoch
@@ -517,6 +518,10 @@ def train_segmenter(
     if config.encoder_weights is not None:
         counts = load_encoder_weights(model, config.encoder_weights)
         log(f"encoder initialised from {config.encoder_weights} ({counts['loaded']} tensors)")
+    if config.init_from is not None:
+        source = Path(config.init_from)
+        bundle.load_into(model, source / bundle.WEIGHTS if source.is_dir() else source)
+        log(f"model initialised from {source}")
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = config.bn_momentum

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from triageseg import bundle as B
 
-TINY = dict(scale=1.0, specialist_steps=2, steps_per_epoch=2, batch_size=2, crop_size=64, router_epochs=2,
+TINY = dict(scale=1.0, total_steps=24, steps_per_epoch=4, batch_size=2, crop_size=64, router_epochs=2,
             router_seconds=4.0, decoder_channels=(16, 16, 16, 16, 16))
 
 
@@ -28,11 +28,15 @@ def test_train_bundle_writes_every_model(trained):
     assert manifest["segmenters"] == ["_generalist", "brightfield", "fluorescence", "he"]
     assert manifest["has_router"] and manifest["has_generalist"]
     assert manifest["provenance"]["seed"] == 0 and len(manifest["provenance"]["ids_sha256"]) == 64
-    assert set(summary["val_mean_f1"]) == {"_generalist", "brightfield", "fluorescence", "he"}
-    # same total budget: the generalist ran as many optimiser steps as the specialists together
-    hist = {name: json.loads((B.segmenter_dir(out, name) / "history.json").read_text()) for name in manifest["segmenters"]}
-    epochs = {name: len(h["epochs"] if isinstance(h, dict) else h) for name, h in hist.items()}
-    assert epochs["_generalist"] == sum(epochs[m] for m in ("brightfield", "fluorescence", "he"))
+    assert set(summary["val_mean_f1"]) == {"base", "_generalist", "brightfield", "fluorescence", "he"}
+    # same total budget: base + generalist = base + all specialists = total_steps
+    steps = summary["steps"]
+    assert steps["base"] + steps["_generalist"] == 24
+    assert steps["fluorescence"] + steps["brightfield"] + steps["he"] == steps["_generalist"]
+    assert steps["fluorescence"] > steps["brightfield"]  # split by training images: fluorescence is the majority
+    assert not (out / "_work").exists()  # the shared base is removed once everything continued from it
+    cfg = json.loads((B.segmenter_dir(out, "he") / "config.json").read_text())
+    assert cfg["train"]["init_from"].endswith("base")
 
 
 def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_path):
