@@ -29,7 +29,8 @@ class Budget:
     Routed and generalist models get the same number of optimiser steps, from a shared start:
 
     1. a *base* model trains on all modalities for ``base_fraction`` of the total;
-    2. the generalist continues from the base on all modalities for the rest;
+    2. the generalist continues from the base on all modalities for the rest (fine-tuning:
+       a lower learning rate and a short warm-up);
     3. the specialists each continue from the base on their own modality, the rest of the
        total split between them in proportion to their training images, so each modality
        gets as many steps of its own images as it gets inside the generalist's mix.
@@ -41,7 +42,9 @@ class Budget:
 
     scale: float = 1.0  # multiplier on the step count (and the router's time)
     total_steps: int = 480  # optimiser steps of the generalist = base + all specialists, at scale 1
-    base_fraction: float = 0.5  # share of total_steps spent on the shared base model
+    base_fraction: float = 0.75  # share of total_steps spent on the shared base model
+    finetune_lr_scale: float = 0.3  # continuations from the base run at this fraction of lr
+    finetune_warmup_epochs: float = 0.25  # and warm up for this many epochs only
     steps_per_epoch: int = 24  # steps between validations (shorter runs are split into at least 2 epochs)
     batch_size: int = 4  # crops per step (small batches, more steps: better on CPU budgets)
     crop_size: int = 128  # crop side in pixels
@@ -52,11 +55,27 @@ class Budget:
     router_seconds: float = 30.0  # router training time at scale 1
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)  # Unet decoder widths (smaller = faster on CPU)
 
-    def schedule(self, steps: float) -> tuple[int, int]:
-        """(epochs, steps per epoch) for about ``steps`` optimiser steps: at least 2 epochs of 1 step."""
-        steps = max(2, int(round(steps)))
-        epochs = max(2, int(round(steps / self.steps_per_epoch)))
-        return epochs, max(1, int(round(steps / epochs)))
+    def schedule(self, steps: int) -> tuple[int, int]:
+        """(epochs, steps per epoch) with exactly ``steps`` (>= 2) steps, epochs near steps / steps_per_epoch."""
+        steps = max(2, int(steps))
+        target = max(2, round(steps / self.steps_per_epoch))
+        epochs = min((d for d in range(2, steps + 1) if steps % d == 0), key=lambda d: (abs(d - target), d))
+        return epochs, steps // epochs
+
+    def split(self, counts: dict[str, int]) -> tuple[int, int, dict[str, int]]:
+        """(base steps, generalist steps, steps per specialist) at this scale.
+
+        The specialists' steps add up to the generalist's (largest remainders, at least 2 each).
+        """
+        total = max(4, int(round(self.total_steps * self.scale)))
+        base = int(round(total * self.base_fraction))
+        rest = total - base
+        n = sum(counts.values())
+        exact = {m: rest * c / n for m, c in counts.items()}
+        steps = {m: int(v) for m, v in exact.items()}
+        for m in sorted(exact, key=lambda m: exact[m] - steps[m], reverse=True)[: rest - sum(steps.values())]:
+            steps[m] += 1
+        return base, rest, {m: max(2, v) for m, v in steps.items()}
 
 
 def train_bundle(
@@ -102,9 +121,8 @@ def train_bundle(
         summary["seconds"]["router"] = round(time.perf_counter() - t0, 1)
         log(f"[router] val accuracy {r.val_accuracy}, test accuracy {r.test_accuracy} ({summary['seconds']['router']} s)")
 
-    total = budget.total_steps * budget.scale
-    base_steps = total * budget.base_fraction if budget.base_fraction > 0 else 0
-    rest = total - base_steps
+    counts = {m: len(ds.select(split="train", modality=m)) for m in mods}
+    base_steps, rest, per_specialist = budget.split(counts)
     common = TrainConfig(
         modality=None,
         batch_size=budget.batch_size,
@@ -116,7 +134,7 @@ def train_bundle(
         decoder_channels=tuple(budget.decoder_channels),
     )
 
-    def with_steps(cfg: TrainConfig, steps: float) -> TrainConfig:
+    def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
         epochs, per_epoch = budget.schedule(steps)
         return cfg.replace(epochs=epochs, steps_per_epoch=per_epoch)
 
@@ -126,16 +144,15 @@ def train_bundle(
     if base_steps:
         init = work / "base"
         jobs.append(("base", with_steps(common, base_steps), init))
-    counts = {m: len(ds.select(split="train", modality=m)) for m in mods}
-    n_train = sum(counts.values())
     for m in mods:
-        jobs.append((m, with_steps(common.replace(modality=m), rest * counts[m] / n_train), None))
+        jobs.append((m, with_steps(common.replace(modality=m), per_specialist[m]), None))
     if generalist:
         jobs.append((_bundle.GENERALIST, with_steps(common, rest), None))
     summary["steps"] = {}
     for name, cfg, run_dir in jobs:
         if name != "base" and init is not None:
-            cfg = cfg.replace(init_from=str(init.resolve()))
+            cfg = cfg.replace(init_from=str(init.resolve()), lr=budget.lr * budget.finetune_lr_scale,
+                              warmup_epochs=budget.finetune_warmup_epochs)
         t0 = time.perf_counter()
         log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"crop {cfg.crop_size})" + (" from the shared base" if cfg.init_from else ""))
