@@ -59,8 +59,12 @@ def main() -> None:
     classical = report_from_results(results, modality_of)
     t_classic = time.perf_counter() - t_classic
 
-    print(f"synthetic data: {args.n} images of {args.size}x{args.size}, seed {args.seed}; "
-          f"budget x{args.budget}; data + training {t_train:.0f} s")
+    ds_all = Dataset(data)
+    shape = ds_all.load(ds_all.samples[0])[1].shape
+    print(f"synthetic data: {len(ds_all.samples)} images of {shape[0]}x{shape[1]} "
+          f"({', '.join(f'{m}: {len(ds_all.select(modality=m))}' for m in ds_all.modalities)}); "
+          f"test split {len(ds_all.select(split='test'))} images; "
+          + ("reused data and bundle" if args.reuse else f"budget x{args.budget}; data + training {t_train:.0f} s"))
     print(format_comparison(scores, classical=classical))
     counts = {m: r.n_images for m, r in scores.routed.per_modality.items()}
     majority = max(counts, key=counts.get)
