@@ -70,10 +70,15 @@ def _decode_png_jpeg(path: Path) -> np.ndarray:
     data = path.read_bytes()
     if not data:
         raise DataError(path, "empty file (0 bytes)")
+    # Decode with the codec the extension names: imagecodecs.imread would otherwise try
+    # every codec it has and report a page of unrelated failures.
+    codec = "png" if path.suffix.lower() == ".png" else "jpeg8"
     try:
-        return np.asarray(imagecodecs.imread(data))
+        return np.asarray(imagecodecs.imread(data, codec=codec))
     except Exception as err:  # imagecodecs raises codec-specific errors
-        raise DataError(path, f"cannot decode image (truncated or corrupt?): {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(path, f"cannot decode {path.suffix.lower()[1:].upper()} image (truncated or corrupt?): "
+                              f"{first}") from None
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, str, bool]:

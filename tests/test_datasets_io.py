@@ -217,3 +217,15 @@ def test_read_labels_refuses_float_and_negative(tmp_path):
     with pytest.raises(DataError, match="integer dtype"):
         write_labels(tmp_path / "x.tif", np.zeros((3, 3), np.float64))
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_corrupt_png_error_is_one_line_naming_the_file(tmp_path):
+    """A bad PNG gives one short line (the PNG decoder's complaint), not every codec's."""
+    from triageseg.datasets.io import read_image
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DataError) as info:
+        read_image(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: cannot decode PNG image") and "\n" not in message
