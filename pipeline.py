@@ -233,7 +233,8 @@ class Pipeline:
             overwrite: redo inputs whose label file already exists.
             on_error: ``"fail"`` stops at the first bad input; ``"skip"`` records it and goes on.
             workers: processes for watershed + writing (0: in this process).
-            overlays: also write ``<name>.overlay.png`` with outlines on the image.
+            overlays: also write ``overlays/<name>.png`` with outlines on the image (a subfolder,
+                so ``out_dir`` stays a folder of label images that ``evaluate`` can read).
             rois: also write ``<name>.rois.zip`` (ImageJ/Fiji ROI set).
             channel: channel to use for images with 2 or more than 3 channels.
             names: output names (without extension), one per input; default the input stems.
@@ -397,7 +398,7 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays,
     labels = watershed(probs, params)
     out_dir = Path(out_dir)
     if overlays:
-        write_overlay(out_dir / f"{name}.overlay.png", image, labels)
+        write_overlay(out_dir / "overlays" / f"{name}.png", image, labels)
     if rois:
         write_rois(out_dir / f"{name}.rois.zip", labels)
     # the label file last: its presence marks the input as done for a resumed run

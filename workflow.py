@@ -249,7 +249,7 @@ def evaluate_bundle(
 
             out = Path(out_dir)
             write_labels(out / f"{sample.id}.tif", result.labels)
-            write_overlay(out / f"{sample.id}.overlay.png", image, result.labels)
+            write_overlay(out / "overlays" / f"{sample.id}.png", image, result.labels)
     routed = report_from_results(routed_results, modality_of, protocol=protocol)
     general = report_from_results(gen_results, modality_of, protocol=protocol) if gen else None
     return BundleScores(

@@ -78,7 +78,7 @@ def _common_options(func):
 @click.option("--overwrite", is_flag=True, help="Redo inputs whose label file exists (default: skip them, i.e. resume).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
-@click.option("--overlays", is_flag=True, help="Also write <name>.overlay.png with outlines on the image.")
+@click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")
 @click.option("--rois", is_flag=True, help="Also write <name>.rois.zip, an ImageJ/Fiji ROI set.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,

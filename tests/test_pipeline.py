@@ -143,7 +143,8 @@ def test_segment_files_skip_resume_and_metadata(tiny_bundle, inputs, tmp_path):
     from triageseg.datasets.io import read_pixel_size
 
     assert read_pixel_size(out / "deep.tif") == pytest.approx((0.5, 0.5), rel=1e-3)
-    assert (out / "rgb.overlay.png").is_file()
+    assert (out / "overlays" / "rgb.png").is_file()
+    assert sorted(p.name for p in out.glob("*.png")) == []  # label folder holds label images only
     with zipfile.ZipFile(out / "rgb.rois.zip") as zf:
         assert all(n.endswith(".roi") for n in zf.namelist())
     rows = list(csv.DictReader((out / "routing.csv").open()))
