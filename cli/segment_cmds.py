@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 
@@ -93,17 +92,18 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     """
     from tqdm import tqdm
 
+    from triageseg.datasets.atomic import write_json_atomic
     from triageseg.pipeline import Pipeline
 
     files, names = expand_inputs(inputs, recursive=recursive)
     pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "segment_config.json").write_text(json.dumps({
+    write_json_atomic(out / "segment_config.json", {
         "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
         "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
         "n_inputs": len(files),
-    }, indent=2) + "\n")
+    })
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
         report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,

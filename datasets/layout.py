@@ -70,7 +70,8 @@ def _read_csv_column(path: Path, column: str) -> dict[str, str]:
     return out
 
 
-def _list_files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+def list_files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+    """Files of ``folder`` with one of ``suffixes``, keyed by id; two files with one id are a DataError."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
@@ -79,7 +80,8 @@ def _list_files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, P
             continue
         key = image_id(path)
         if key in found:
-            raise DataError(path, f"two {what} files share the id {key!r} (also {found[key].name})")
+            raise DataError(path, f"two files with id {key!r}: {found[key].name} and {path.name} "
+                                  f"({what} files share the id {key!r})")
         found[key] = path
     return found
 
@@ -102,10 +104,10 @@ class Dataset:
             raise DataError(
                 self.root, "not a dataset: no images/ folder (expected images/, labels/, modalities.csv, splits.csv)"
             )
-        images = _list_files(images_dir, IMAGE_SUFFIXES, "image")
+        images = list_files(images_dir, IMAGE_SUFFIXES, "image")
         if not images:
             raise DataError(images_dir, f"no images ({', '.join(IMAGE_SUFFIXES)})")
-        labels = _list_files(self.root / "labels", LABEL_SUFFIXES, "label")
+        labels = list_files(self.root / "labels", LABEL_SUFFIXES, "label")
         modalities = self._index(MODALITIES_CSV, "modality", images)
         splits = self._index(SPLITS_CSV, "split", images)
         bad = sorted({s for s in splits.values() if s not in SPLITS})

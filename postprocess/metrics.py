@@ -698,26 +698,15 @@ def read_modalities(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-LABEL_SUFFIXES = (".png", ".tif", ".tiff")
-
-
 def _label_files(folder: Path) -> dict[str, Path]:
     from triageseg.datasets.errors import DataError
-    from triageseg.datasets.io import image_id
+    from triageseg.datasets.layout import LABEL_SUFFIXES, list_files
 
     if not folder.exists():
         raise DataError(folder, "folder not found")
     if not folder.is_dir():
         raise DataError(folder, "not a folder")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in LABEL_SUFFIXES:
-            continue
-        key = image_id(path)
-        if key in files:
-            raise DataError(folder, f"two files with id {key!r}: {files[key].name} and {path.name}")
-        files[key] = path
-    return files
+    return list_files(folder, LABEL_SUFFIXES, "label")
 
 
 def _id_list(ids: Sequence[str], limit: int = 10) -> str:
