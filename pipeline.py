@@ -177,6 +177,7 @@ class Pipeline:
             batch_size=self.batch_size,
             tta=self.tta,
             device=self.device,
+            scale=config.scale,
         )
 
     def params(self, used_model: str) -> WatershedParams:

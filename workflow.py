@@ -21,6 +21,8 @@ from triageseg.datasets.atomic import write_json_atomic
 
 Log = Callable[[str], None]
 
+SPECIALIST_SPLITS = ("equal", "images")
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -29,22 +31,29 @@ class Budget:
     Routed and generalist models get the same number of optimiser steps, from a shared start:
 
     1. a *base* model trains on all modalities for ``base_fraction`` of the total;
-    2. the generalist continues from the base on all modalities for the rest (fine-tuning:
-       a lower learning rate and a short warm-up);
+    2. the generalist continues from the base on all modalities for the rest, sampling
+       images as they come (the majority modality dominates its batches);
     3. the specialists each continue from the base on their own modality, the rest of the
-       total split between them in proportion to their training images, so each modality
-       gets as many steps of its own images as it gets inside the generalist's mix.
+       total split between them: ``specialist_split="equal"`` (the default) gives every
+       modality the same number of steps, ``"images"`` splits in proportion to the training
+       images (then each modality gets as many steps of its own images as inside the
+       generalist's mix).
 
-    Routed-versus-generalist comparisons are therefore at equal training budget and equal
-    exposure to every modality: what differs is only that a specialist spends its steps
-    (and its BatchNorm statistics) on one modality.
+    Continuations are fine-tuning: a lower learning rate, a short warm-up and, with
+    ``freeze_bn``, the base's BatchNorm statistics kept fixed. Both systems use the same
+    recipe, so what differs is only where the last steps go: a specialist spends them all
+    on its modality, the generalist on the data's mix. The routed system spends the same
+    compute as the generalist; what routing buys is the choice of how to share it.
     """
 
     scale: float = 1.0  # multiplier on the step count (and the router's time)
     total_steps: int = 480  # optimiser steps of the generalist = base + all specialists, at scale 1
     base_fraction: float = 0.75  # share of total_steps spent on the shared base model
     finetune_lr_scale: float = 0.3  # continuations from the base run at this fraction of lr
-    finetune_warmup_epochs: float = 0.25  # and warm up for this many epochs only
+    finetune_warmup_steps: int = 16  # and warm up over this many steps (at most half the run): fresh AdamW
+    # moments with frozen BatchNorm statistics make a shorter warm-up spike the loss on one modality's batches
+    freeze_bn: bool = True  # continuations keep the base's BatchNorm statistics (one modality's batches shift them)
+    specialist_split: str = "equal"  # "equal": same steps per specialist; "images": in proportion to training images
     steps_per_epoch: int = 24  # steps between validations (shorter runs are split into at least 2 epochs)
     batch_size: int = 4  # crops per step (small batches, more steps: better on CPU budgets)
     crop_size: int = 128  # crop side in pixels
@@ -65,15 +74,19 @@ class Budget:
     def split(self, counts: dict[str, int]) -> tuple[int, int, dict[str, int]]:
         """(base steps, generalist steps, steps per specialist) at this scale.
 
-        The specialists' steps add up to the generalist's (largest remainders, at least 2 each).
+        The specialists' steps add up to the generalist's (largest remainders, at least 2 each),
+        shared equally or by training images (``specialist_split``).
         """
+        if self.specialist_split not in SPECIALIST_SPLITS:
+            raise ValueError(f"specialist_split must be one of {SPECIALIST_SPLITS}, got {self.specialist_split!r}")
         total = max(4, int(round(self.total_steps * self.scale)))
         base = int(round(total * self.base_fraction))
         rest = total - base
-        n = sum(counts.values())
-        exact = {m: rest * c / n for m, c in counts.items()}
+        weights = {m: (1 if self.specialist_split == "equal" else c) for m, c in counts.items()}
+        n = sum(weights.values())
+        exact = {m: rest * w / n for m, w in weights.items()}
         steps = {m: int(v) for m, v in exact.items()}
-        for m in sorted(exact, key=lambda m: exact[m] - steps[m], reverse=True)[: rest - sum(steps.values())]:
+        for m in sorted(exact, key=lambda m: (exact[m] - steps[m], m), reverse=True)[: rest - sum(steps.values())]:
             steps[m] += 1
         return base, rest, {m: max(2, v) for m, v in steps.items()}
 
@@ -151,8 +164,10 @@ def train_bundle(
     summary["steps"] = {}
     for name, cfg, run_dir in jobs:
         if name != "base" and init is not None:
+            steps = cfg.epochs * cfg.steps_per_epoch
+            warmup = min(budget.finetune_warmup_steps, steps // 2) / cfg.steps_per_epoch
             cfg = cfg.replace(init_from=str(init.resolve()), lr=budget.lr * budget.finetune_lr_scale,
-                              warmup_epochs=budget.finetune_warmup_epochs)
+                              warmup_epochs=warmup, freeze_bn=budget.freeze_bn)
         t0 = time.perf_counter()
         log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"crop {cfg.crop_size})" + (" from the shared base" if cfg.init_from else ""))
@@ -313,8 +328,13 @@ def scores_to_dict(scores: BundleScores) -> dict[str, Any]:
     }
 
 
+# The demo's splits: 70 training and 15 validation images of its 130, and a test split of
+# 45 (27 fluorescence, 9 brightfield, 9 H&E) so that per-modality scores are not three images.
+DEMO_SPLITS = (0.54, 0.115, 0.345)
+
+
 def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, device: str = "auto",
-             n: int = 100, size: int = 256, log: Log = print, progress: bool = True) -> dict[str, Any]:
+             n: int = 130, size: int = 256, log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Synthetic data -> train the whole bundle -> segment the test split -> print the tables."""
     from triageseg.datasets.synth import make_dataset
 
@@ -323,7 +343,7 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
     data = out / "data"
     bundle_dir = out / "bundle"
     log(f"[data] generating {n} synthetic images of {size}x{size} in {data}")
-    make_dataset(data, n=n, size=size, seed=seed)
+    make_dataset(data, n=n, size=size, seed=seed, splits=DEMO_SPLITS)
     summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed, progress=progress, log=log)
     log("[evaluate] segmenting the held-out test split")
     scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions", progress=progress)

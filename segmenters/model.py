@@ -60,6 +60,7 @@ class SegmenterConfig:
     boundary_width: int = 2  # boundary width of the training targets (postprocess.targets)
     boundary_mode: str = "touching"  # boundary mode of the training targets (postprocess.targets)
     encoder_init: str | None = None  # local file the encoder was initialised from (None = scratch)
+    scale: float = 1.0  # images are resized by this factor before the network (segmenters.scale)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
@@ -76,6 +77,9 @@ class SegmenterConfig:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; valid: 'percentile'")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles}")
+        from triageseg.segmenters.scale import check_scale
+
+        object.__setattr__(self, "scale", check_scale(self.scale))
         if self.encoder_init is not None and str(self.encoder_init).lower() == "imagenet":
             raise ValueError("encoder_init must be a local file path, never 'imagenet' (no hub downloads)")
 

@@ -8,7 +8,7 @@ one HxW weight array, so memory grows with the image, not with the tile count.
 
 Example:
     >>> model, cfg, params = load_segmenter("bundle/segmenters/he")       # doctest: +SKIP
-    >>> probs = predict(model, image, tile_size=cfg.tile_size)            # doctest: +SKIP
+    >>> probs = predict(model, image, tile_size=cfg.tile_size, scale=cfg.scale)  # doctest: +SKIP
     >>> labels = watershed(probs, params)                                 # doctest: +SKIP
 """
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from triageseg.devices import DEVICE_SPECS, resolve_device  # noqa: F401 - re-exported
+from triageseg.segmenters.scale import check_scale, resize_image, resize_probabilities, scaled_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -104,6 +105,7 @@ def predict(
     tta: bool = False,
     device: str | torch.device | None = None,
     amp: bool = True,
+    scale: float = 1.0,
 ) -> np.ndarray:
     """Softmax class probabilities of ``model`` for an image of any size.
 
@@ -119,9 +121,13 @@ def predict(
         device: where to run; ``None`` keeps the model where it is, otherwise the model
             is moved there (``auto|cpu|cuda|cuda:N|mps``).
         amp: mixed precision on CUDA (bf16 where supported, else fp16).
+        scale: resize the image by this factor before the network and the probabilities
+            back afterwards (the segmenter's ``SegmenterConfig.scale``; see
+            :mod:`triageseg.segmenters.scale`). Tiles are in the resized image.
 
     Returns:
-        float32 array ``(classes, H, W)``; the classes sum to 1 at every pixel.
+        float32 array ``(classes, H, W)`` at the image's own size; the classes sum to 1
+        at every pixel.
 
     Raises:
         ValueError: an image that is not HxWxC float, or bad tiling options.
@@ -145,6 +151,12 @@ def predict(
         raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scale = check_scale(scale)
+    if scale != 1.0:
+        resized = resize_image(np.asarray(image, dtype=np.float32), scaled_shape(image.shape, scale))
+        probs = predict(model, resized, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
+                        device=device, amp=amp)
+        return resize_probabilities(probs, image.shape[:2])
 
     if device is None:
         param = next(model.parameters(), None)

@@ -89,6 +89,8 @@ class TrainConfig:
     aug_strength: float = 1.0  # multiplies every augmentation magnitude; 0 = crops only
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum while training (EfficientNet's own 0.01 lags short runs)
+    scale: float = 1.0  # resize images (and labels) by this factor for the network; saved in the model config
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
     seed: int = 0  # seeds weights init, crop sampling and augmentation
     tile_size: int = 512  # inference tile size (validation and the saved model)
     overlap: int = 64  # inference tile overlap in pixels
@@ -183,6 +185,7 @@ class TrainConfig:
             boundary_width=self.boundary_width,
             boundary_mode=self.boundary_mode,
             encoder_init=None if self.encoder_weights is None else str(self.encoder_weights),
+            scale=self.scale,
         )
 
     @property
@@ -219,6 +222,12 @@ class _CropDataset:
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: TrainConfig, length: int):
         from triageseg.segmenters.augment import build_augmentation
 
+        from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
+
+        if config.scale != 1.0:  # the network's pixel grid: resize once, crop from the resized images
+            shapes = [scaled_shape(img.shape, config.scale) for img in images]
+            images = [resize_image(img, shp) for img, shp in zip(images, shapes, strict=True)]
+            labels = [resize_labels(lab, shp) for lab, shp in zip(labels, shapes, strict=True)]
         self.images = list(images)
         self.labels = list(labels)
         self.config = config
@@ -347,6 +356,15 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: normalise with the running statistics, leave them unchanged."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _seed_everything(seed: int) -> None:
     import torch
 
@@ -396,7 +414,7 @@ def validate(
 
     probs = [
         predict(model, img, tile_size=config.tile_size, overlap=config.overlap, batch_size=config.val_batch_size,
-                amp=config.amp)
+                amp=config.amp, scale=config.scale)
         for img in images
     ]
     preds = [watershed(p, params) for p in probs]
@@ -581,6 +599,8 @@ def train_segmenter(
     for epoch in range(start_epoch, config.epochs):
         t_epoch = time.perf_counter()
         model.train()
+        if config.freeze_bn:
+            _freeze_batchnorm(model)
         confusion = torch.zeros(3, 3, dtype=torch.int64)
         loss_sum, steps = 0.0, 0
         lr = lr_at(config, global_step)

@@ -163,3 +163,23 @@ def test_4000x4000_image_on_cpu_without_running_out_of_memory():
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"4000x4000: {seconds:.1f}s, peak RSS {peak_gib:.2f} GiB")
     assert peak_gib < 12
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.37, 2.0])
+def test_scaled_prediction_comes_back_at_the_image_size(scale):
+    model = _pointwise_model()
+    image = _image(70, 45, seed=2)
+    probs = predict(model, image, scale=scale)
+    assert probs.shape == (3, 70, 45) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    # A pointwise model on a smooth image: resizing before and after changes little.
+    yy, xx = np.mgrid[0:70, 0:45] / 70.0
+    smooth = np.stack([yy, xx, (yy + xx) / 2], -1).astype(np.float32)
+    assert np.abs(predict(model, smooth, scale=scale) - predict(model, smooth)).max() < 0.02
+
+
+def test_scale_out_of_range_is_refused(unet):
+    with pytest.raises(ValueError, match="scale must be in"):
+        predict(unet, _image(32, 32), scale=8.0)
+    with pytest.raises(ValueError, match="scale must be in"):
+        SegmenterConfig(scale=0.1)

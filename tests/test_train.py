@@ -188,6 +188,28 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(synth_data, tmp_
     assert (part / "postprocess.json").read_text() == (tmp_path / "full" / "postprocess.json").read_text()
 
 
+def test_freeze_bn_fine_tunes_weights_but_keeps_the_base_normalisation(synth_data, tmp_path):
+    base = tmp_path / "base"
+    train_segmenter(TINY.replace(modality=None, tune_postprocess=False), synth_data, base, device="cpu",
+                    progress=False)
+    before = bundle.load_weights(base / "model.safetensors")
+    runs = {}
+    for frozen in (True, False):
+        cfg = TINY.replace(modality="he", init_from=str(base), freeze_bn=frozen, tune_postprocess=False)
+        train_segmenter(cfg, synth_data, tmp_path / f"he_{frozen}", device="cpu", progress=False)
+        runs[frozen] = bundle.load_weights(tmp_path / f"he_{frozen}" / "model.safetensors")
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    affine = [k.replace("running_mean", "weight") for k in stats if k.endswith("running_mean")]
+    convs = [k for k in before if k.endswith("weight") and before[k].ndim == 4]
+    assert stats and affine and convs
+    # Frozen: the statistics stay the base's, while the BN scales and the convolutions still learn.
+    assert all(torch.equal(runs[True][k], before[k]) for k in stats)
+    assert any(not torch.equal(runs[True][k], before[k]) for k in affine)
+    assert any(not torch.equal(runs[True][k], before[k]) for k in convs)
+    # Not frozen: the statistics move towards the new modality.
+    assert any(not torch.equal(runs[False][k], before[k]) for k in stats)
+
+
 def test_resume_with_another_config_is_refused(synth_data, tmp_path):
     def stop(epoch, metrics, run_dir):
         raise Stop

@@ -33,10 +33,31 @@ def test_train_bundle_writes_every_model(trained):
     steps = summary["steps"]
     assert steps["base"] + steps["_generalist"] == 40 and steps["base"] == 30
     assert steps["fluorescence"] + steps["brightfield"] + steps["he"] == steps["_generalist"]
-    assert steps["fluorescence"] > steps["brightfield"]  # split by training images: fluorescence is the majority
+    spec = [steps[m] for m in ("brightfield", "fluorescence", "he")]
+    assert max(spec) - min(spec) <= 1  # the default split is equal, whatever the modality counts
     assert not (out / "_work").exists()  # the shared base is removed once everything continued from it
     cfg = json.loads((B.segmenter_dir(out, "he") / "config.json").read_text())
     assert cfg["train"]["init_from"].endswith("base")
+    gen = json.loads((B.segmenter_dir(out, "_generalist") / "config.json").read_text())["train"]
+    # both systems fine-tune from the base the same way
+    assert cfg["train"]["freeze_bn"] and gen["freeze_bn"] and gen["init_from"].endswith("base")
+    assert cfg["train"]["lr"] == gen["lr"] and cfg["train"]["warmup_epochs"] == gen["warmup_epochs"]
+
+
+def test_budget_split_equal_or_by_images():
+    from triageseg.workflow import Budget
+
+    counts = {"brightfield": 14, "fluorescence": 42, "he": 14}
+    base, rest, per = Budget().split(counts)
+    assert (base, rest) == (360, 120) and per == {"brightfield": 40, "fluorescence": 40, "he": 40}
+    base, rest, per = Budget(specialist_split="images").split(counts)
+    assert per == {"brightfield": 24, "fluorescence": 72, "he": 24}
+    _, rest, per = Budget(scale=0.5, specialist_split="equal").split({"a": 1, "b": 5, "c": 9})
+    assert rest == 60 and sorted(per.values()) == [20, 20, 20]
+    _, rest, per = Budget(total_steps=41, base_fraction=0.0).split({"a": 1, "b": 1, "c": 1})
+    assert sum(per.values()) == rest == 41 and sorted(per.values()) == [13, 14, 14]
+    with pytest.raises(ValueError, match="specialist_split"):
+        Budget(specialist_split="sqrt").split(counts)
 
 
 def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_path):

@@ -1,0 +1,80 @@
+"""Per-modality input scale: diameters, scale factors, resizing of images, labels and probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from triageseg.segmenters.scale import (
+    modality_scales,
+    nucleus_diameters,
+    resize_image,
+    resize_labels,
+    resize_probabilities,
+    scaled_shape,
+)
+
+
+def _disks(radius: int, n: int = 4, size: int = 96) -> np.ndarray:
+    lab = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        cy, cx = 20 + (i // 2) * 50, 20 + (i % 2) * 50
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i + 1
+    return lab
+
+
+def test_diameters_are_equivalent_circle_diameters():
+    d = nucleus_diameters([_disks(8), _disks(5, n=2)])
+    assert len(d) == 6
+    np.testing.assert_allclose(d[:4], 2 * math.sqrt((_disks(8) == 1).sum() / math.pi))
+    assert abs(d[0] - 16) < 1 and abs(d[-1] - 10) < 1
+
+
+def test_modality_scales_bring_each_median_to_the_pooled_median():
+    diam = {"small": np.full(50, 10.0), "mid": np.full(100, 15.0), "big": np.full(50, 20.0)}
+    s = modality_scales(diam)
+    assert s == {"small": 1.5, "mid": 1.0, "big": 0.75}
+    assert modality_scales({"a": np.full(5, 14.0), "b": np.full(5, 15.0)}) == {"a": 1.0, "b": 1.0}  # within 10 %
+    assert modality_scales({"a": np.zeros(0), "b": np.full(3, 9.0)}) == {"a": 1.0, "b": 1.0}
+    assert modality_scales({"tiny": np.full(10, 1.0), "huge": np.full(11, 100.0)})["tiny"] == 4.0  # clipped
+
+
+def test_resize_labels_keeps_ids_and_scales_areas():
+    lab = _disks(8)
+    up = resize_labels(lab, scaled_shape(lab.shape, 1.5))
+    assert up.shape == (144, 144) and up.dtype == lab.dtype
+    assert set(np.unique(up)) == set(np.unique(lab))
+    ratio = (up == 1).sum() / (lab == 1).sum()
+    assert 2.0 < ratio < 2.5  # area grows with the square of the scale
+    back = resize_labels(up, lab.shape)
+    assert (back == lab).mean() > 0.99
+
+
+def test_resize_image_and_probabilities():
+    img = np.random.default_rng(0).random((40, 30, 3), dtype=np.float32)
+    assert resize_image(img, (80, 60)).shape == (80, 60, 3)
+    assert resize_image(img, (20, 15)).shape == (20, 15, 3)
+    assert resize_image(img[..., :1], (20, 15)).shape == (20, 15, 1)
+    assert resize_image(img, (40, 30)) is img
+    p = np.random.default_rng(1).random((3, 40, 30)).astype(np.float32)
+    p /= p.sum(0)
+    q = resize_probabilities(p, (57, 41))
+    assert q.shape == (3, 57, 41) and q.dtype == np.float32
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5])
+def test_training_with_a_scale_saves_it_and_validates_at_the_image_size(synth_data, tmp_path, scale):
+    from triageseg.segmenters.model import load_segmenter
+    from triageseg.segmenters.train import TrainConfig, train_segmenter
+
+    cfg = TrainConfig(modality="he", epochs=1, steps_per_epoch=2, batch_size=2, crop_size=64,
+                      decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32, max_val_images=2,
+                      scale=scale, tune_postprocess=False)
+    result = train_segmenter(cfg, synth_data, tmp_path / "run", device="cpu", progress=False)
+    assert 0.0 <= result.best_val_mean_f1 <= 1.0
+    _, config, _ = load_segmenter(tmp_path / "run")
+    assert config.scale == scale
