@@ -59,7 +59,7 @@ class Budget:
     crop_size: int = 128  # crop side in pixels
     lr: float = 3e-3  # peak AdamW learning rate
     aug_strength: float = 0.5  # augmentation magnitude (short runs learn faster with milder augmentation)
-    max_val_images: int = 6  # validation images per epoch and for tuning the watershed (balanced over modalities)
+    max_val_images: int = 16  # validation images per epoch and for tuning the watershed (balanced over modalities)
     router_epochs: int = 30  # router epochs at most (the time budget usually ends it first)
     router_seconds: float = 30.0  # router training time at scale 1
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)  # Unet decoder widths (smaller = faster on CPU)

@@ -67,14 +67,31 @@ def test_resize_image_and_probabilities():
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.5])
-def test_training_with_a_scale_saves_it_and_validates_at_the_image_size(synth_data, tmp_path, scale):
+def test_training_with_a_scale_saves_it_and_the_pipeline_applies_it(synth_data, tmp_path, scale, monkeypatch):
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline
+    from triageseg.segmenters import predict as predict_module
     from triageseg.segmenters.model import load_segmenter
-    from triageseg.segmenters.train import TrainConfig, train_segmenter
+    from triageseg.segmenters.train import TrainConfig, train_segmenter_into_bundle
 
     cfg = TrainConfig(modality="he", epochs=1, steps_per_epoch=2, batch_size=2, crop_size=64,
                       decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32, max_val_images=2,
                       scale=scale, tune_postprocess=False)
-    result = train_segmenter(cfg, synth_data, tmp_path / "run", device="cpu", progress=False)
+    result = train_segmenter_into_bundle(cfg, synth_data, tmp_path / "b", device="cpu", progress=False)
     assert 0.0 <= result.best_val_mean_f1 <= 1.0
-    _, config, _ = load_segmenter(tmp_path / "run")
+    _, config, _ = load_segmenter(result.run_dir)
     assert config.scale == scale
+
+    seen = []
+    original = predict_module.predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("scale"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict", spy)
+    ds = Dataset(synth_data)
+    image, _ = ds.load(ds.select(split="test", modality="he")[0])
+    out = Pipeline.from_bundle(tmp_path / "b", device="cpu").segment(image, modality="he")
+    assert seen[0] == scale  # (predict then calls itself on the resized image)
+    assert out.labels.shape == image.shape[:2]

@@ -95,3 +95,12 @@ def test_train_all_refuses_unknown_modality(synth_data, tmp_path):
     res = CliRunner().invoke(cli, ["train", "all", "--data", str(synth_data), "--out", str(tmp_path / "b"),
                                    "--modalities", "phase", "--quiet"])
     assert res.exit_code == 1 and "phase" in res.output and "fluorescence" in res.output
+
+
+def test_train_all_refuses_an_unknown_specialist_split(synth_data, tmp_path):
+    from triageseg.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["train", "all", "--data", str(synth_data), "--out", str(tmp_path / "b"),
+                                   "--specialist-split", "sqrt", "--quiet"])
+    assert res.exit_code == 2 and "equal" in res.output and "images" in res.output
+    assert not (tmp_path / "b").exists()

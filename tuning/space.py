@@ -49,6 +49,7 @@ TUNABLE = (
     "batch_size",
     "aug_strength",
     "epochs",
+    "scale",
 )
 
 # Distribution types and the keys each spec needs.
@@ -73,6 +74,9 @@ DEFAULT_SPACE: dict[str, Any] = {
     "batch_size": {"type": "choice", "values": [4, 8]},
     "aug_strength": {"type": "uniform", "low": 0.0, "high": 0.6},
     "epochs": {"type": "choice", "values": [20, 40]},
+    # Input resize for the network (segmenters.scale): nuclei much smaller or larger than
+    # the rest of the data may segment better at another size.
+    "scale": {"type": "choice", "values": [0.75, 1.0, 1.5]},
 }
 
 # Per-modality departures from DEFAULT_SPACE.
