@@ -43,7 +43,7 @@ class Budget:
     ``freeze_bn``, the base's BatchNorm statistics kept fixed. Both systems use the same
     recipe, so what differs is only where the last steps go: a specialist spends them all
     on its modality, the generalist on the data's mix. The routed system spends the same
-    compute as the generalist; what routing buys is the choice of how to share it.
+    compute as the generalist and chooses how to share it between the modalities.
     """
 
     scale: float = 1.0  # multiplier on the step count (and the router's time)
