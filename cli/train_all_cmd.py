@@ -25,6 +25,7 @@ def train_all(data_root, bundle_dir, budget, modalities, no_generalist, speciali
     from triageseg.workflow import Budget, train_bundle
 
     mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
-    summary = train_bundle(data_root, bundle_dir, budget=Budget(scale=budget, specialist_split=specialist_split), device=device, seed=seed,
-                           generalist=not no_generalist, modalities=mods, progress=not quiet, log=click.echo)
+    summary = train_bundle(data_root, bundle_dir, budget=Budget(scale=budget, specialist_split=specialist_split),
+                           device=device, seed=seed, generalist=not no_generalist, modalities=mods,
+                           progress=not quiet, log=click.echo)
     click.echo(f"bundle written to {bundle_dir}: " + ", ".join(f"{k} {v} s" for k, v in summary["seconds"].items()))

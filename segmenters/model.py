@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from triageseg import bundle
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import BundleError, DataError
+from triageseg.segmenters.scale import check_scale
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -77,8 +78,6 @@ class SegmenterConfig:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; valid: 'percentile'")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles}")
-        from triageseg.segmenters.scale import check_scale
-
         object.__setattr__(self, "scale", check_scale(self.scale))
         if self.encoder_init is not None and str(self.encoder_init).lower() == "imagenet":
             raise ValueError("encoder_init must be a local file path, never 'imagenet' (no hub downloads)")

@@ -221,7 +221,6 @@ class _CropDataset:
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: TrainConfig, length: int):
         from triageseg.segmenters.augment import build_augmentation
-
         from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
 
         if config.scale != 1.0:  # the network's pixel grid: resize once, crop from the resized images
