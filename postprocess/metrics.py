@@ -184,24 +184,8 @@ class ImageResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        out = {
-            "id": self.id,
-            "n_true": self.n_true,
-            "n_pred": self.n_pred,
-            "mean_f1": self.mean_f1,
-            "f1": self.f1.tolist(),
-            "precision": self.precision.tolist(),
-            "recall": self.recall.tolist(),
-            "tp": self.tp.tolist(),
-            "fp": self.fp.tolist(),
-            "fn": self.fn.tolist(),
-        }
-        if self.protocol == "dsb2018":
-            out["mean_ap"] = self.mean_ap
-            out["ap"] = self.ap.tolist()
-        if self.errors is not None:
-            out["errors"] = self.errors.to_dict()
-        return out
+        head = {"id": self.id, "n_true": self.n_true, "n_pred": self.n_pred}
+        return {**head, **_scores_dict(self, self.errors)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,21 +226,8 @@ class EvalResult:
 
     def summary(self) -> dict:
         """The aggregate numbers only (no per-image list), JSON-ready."""
-        out = {
-            "mean_f1": self.mean_f1,
-            "f1": self.f1.tolist(),
-            "precision": self.precision.tolist(),
-            "recall": self.recall.tolist(),
-            "tp": self.tp.tolist(),
-            "fp": self.fp.tolist(),
-            "fn": self.fn.tolist(),
-            "n_images": self.n_images,
-        }
-        if self.protocol == "dsb2018":
-            out["mean_ap"] = self.mean_ap
-            out["ap"] = self.ap.tolist()
-        if self.caicedo is not None:
-            out["errors"] = self.caicedo.to_dict()
+        out = _scores_dict(self, self.caicedo)
+        out["n_images"] = self.n_images
         return out
 
     def to_dict(self) -> dict:
@@ -270,6 +241,19 @@ class EvalResult:
             "image_mean_f1": self.image_mean_f1,
             "per_image": [r.to_dict() for r in self.per_image],
         }
+
+
+def _scores_dict(result: ImageResult | EvalResult, errors: CaicedoErrors | None) -> dict:
+    """JSON-ready scores per threshold shared by image and aggregate results (AP for dsb2018, errors if any)."""
+    out = {"mean_f1": result.mean_f1}
+    for name in ("f1", "precision", "recall", "tp", "fp", "fn"):
+        out[name] = getattr(result, name).tolist()
+    if result.protocol == "dsb2018":
+        out["mean_ap"] = result.mean_ap
+        out["ap"] = result.ap.tolist()
+    if errors is not None:
+        out["errors"] = errors.to_dict()
+    return out
 
 
 def _threshold_index(thresholds: Sequence[float], threshold: float) -> int:
