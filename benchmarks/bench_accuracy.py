@@ -7,7 +7,8 @@ pipeline, the generalist alone and the classical baseline (Otsu threshold +
 distance-transform watershed, no learning), and the router's accuracy.
 
 With ``--seeds 0,1,2`` it repeats everything (data, router, models) per seed and prints
-each seed's table, then the mean over seeds and how many seeds each goal held in: one
+each seed's table, then the mean over seeds, how many seeds each goal held in, and the
+mean routed-minus-generalist difference with its standard error (paired by seed): one
 seed's minority-modality scores rest on 9 test images and move by a few hundredths from
 seed to seed.
 
@@ -37,9 +38,14 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
 
     data, bundle_dir = out / "data", out / "bundle"
     t0 = time.perf_counter()
-    if not (args.reuse and (data / "splits.csv").is_file()):
+    reused = []
+    if args.reuse and (data / "splits.csv").is_file():
+        reused.append("data")
+    else:
         make_dataset(data, n=args.n, size=args.size, seed=seed, splits=DEMO_SPLITS, overwrite=True)
-    if not (args.reuse and (bundle_dir / "bundle.json").is_file()):
+    if args.reuse and (bundle_dir / "bundle.json").is_file():
+        reused.append("bundle")
+    else:
         train_bundle(data, bundle_dir, budget=Budget(scale=args.budget), device=args.device, seed=seed,
                      progress=False, log=lambda _m: None)
     t_train = time.perf_counter() - t0
@@ -56,7 +62,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     counts = {m: len(ds.select(modality=m)) for m in ds.modalities}
     print(f"\n== seed {seed}: {len(ds.samples)} images of {args.size}x{args.size} "
           f"({', '.join(f'{m}: {c}' for m, c in counts.items())}); test split {len(modality_of)} images; "
-          + ("reused data and bundle" if args.reuse else f"budget x{args.budget}; data + training {t_train:.0f} s"))
+          + (f"reused {' and '.join(reused)}" if len(reused) == 2
+             else f"budget x{args.budget}; data + training {t_train:.0f} s"))
     print(format_comparison(scores, classical=classical))
     systems = {"routed": scores.routed, "generalist": scores.generalist, "classical": classical}
     table = {
@@ -64,10 +71,27 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         for name, rep in systems.items() if rep is not None
     }
     result = {"seed": seed, "f1": table, "test_images": {m: r.n_images for m, r in scores.routed.per_modality.items()},
-              "router_accuracy": scores.router_accuracy, "train_seconds": round(t_train, 1),
+              "router_accuracy": scores.router_accuracy,
+              "train_seconds": None if "bundle" in reused else round(t_train, 1),
               "scores": scores_to_dict(scores), "classical": classical.to_dict()}
     (out / "bench_accuracy.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a[i] - b[i]`` over seeds and its standard error (0 for one seed).
+
+    The seeds pair the two systems (same data, same shared base), so the spread of the
+    per-seed differences, not of the scores, says whether a difference is more than noise.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty lists; got {len(a)} and {len(b)} values")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, (var / len(diffs)) ** 0.5
 
 
 def main() -> None:
@@ -102,8 +126,10 @@ def main() -> None:
         for m in ["overall"] + [m for m in mods if m != majority]:
             wins = sum(r["f1"]["routed"][m] > r["f1"]["generalist"][m] for r in runs)
             diffs = ", ".join(f"{r['f1']['routed'][m] - r['f1']['generalist'][m]:+.3f}" for r in runs)
+            mean, se = paired_difference([r["f1"]["routed"][m] for r in runs], [r["f1"]["generalist"][m] for r in runs])
             label = "overall" if m == "overall" else f"minority {m}"
-            print(f"  routed > generalist, {label}: {wins}/{len(runs)} (differences {diffs})")
+            print(f"  routed > generalist, {label}: {wins}/{len(runs)} (differences {diffs}; "
+                  f"mean {mean:+.3f} +- {se:.3f} s.e.)")
     for s in ("routed", "generalist"):
         if s in systems:
             gap = sum(r["f1"][s]["overall"] - r["f1"]["classical"]["overall"] for r in runs) / len(runs)
