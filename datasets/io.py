@@ -74,11 +74,76 @@ def _decode_png_jpeg(path: Path) -> np.ndarray:
     # every codec it has and report a page of unrelated failures.
     codec = "png" if path.suffix.lower() == ".png" else "jpeg8"
     try:
-        return np.asarray(imagecodecs.imread(data, codec=codec))
+        array = np.asarray(imagecodecs.imread(data, codec=codec))
     except Exception as err:  # imagecodecs raises codec-specific errors
+        kind = path.suffix.lower()[1:].upper()
+        problem = _container_problem(data, codec)
+        if problem is not None:
+            raise DataError(path, f"cannot decode {kind} image: {problem}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(path, f"cannot decode {path.suffix.lower()[1:].upper()} image (truncated or corrupt?): "
-                              f"{first}") from None
+        raise DataError(path, f"cannot decode {kind} image (truncated or corrupt?): {first}") from None
+    # libjpeg fills a cut-off scan with grey and only warns: check that the file reaches its end marker.
+    if codec == "jpeg8" and not _jpeg_reaches_end(data):
+        raise DataError(path, f"cannot decode JPEG image: truncated JPEG ({len(data)} bytes, the data stops "
+                              "before its end marker)")
+    return array
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _jpeg_reaches_end(data: bytes) -> bool:
+    """Whether the JPEG marker structure, followed from the start, reaches an end-of-image marker.
+
+    Segments carry their length; entropy-coded scan data is skipped up to the next marker
+    (inside it 0xFF is always followed by 0x00 or a restart marker). Bytes after the end
+    marker (some cameras append data) do not matter.
+    """
+    pos, n = 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False  # not at a marker: corrupt
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return True
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if pos + 3 >= n:
+            return False
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+        if marker == 0xDA:  # start of scan: skip the entropy-coded data to the next real marker
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return False
+                follower = data[pos + 1]
+                if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                    pos += 2
+                    continue
+                if follower == 0xFF:
+                    pos += 1
+                    continue
+                break
+    return False
+
+
+def _container_problem(data: bytes, codec: str) -> str | None:
+    """Why a PNG/JPEG byte string that failed to decode is broken, when its structure shows it."""
+    if codec == "png":
+        if not data.startswith(_PNG_SIGNATURE):
+            return "not a PNG file (no PNG signature at the start)"
+        if b"IEND" not in data[-64:]:
+            return f"truncated PNG ({len(data)} bytes, no IEND chunk at the end)"
+    elif codec == "jpeg8":
+        if not data.startswith(b"\xff\xd8"):
+            return "not a JPEG file (no start-of-image marker)"
+        if b"\xff\xd9" not in data[-64:]:
+            return f"truncated JPEG ({len(data)} bytes, no end-of-image marker)"
+    return None
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, str, bool]:

@@ -229,3 +229,35 @@ def test_corrupt_png_error_is_one_line_naming_the_file(tmp_path):
         read_image(bad)
     message = str(info.value)
     assert message.startswith(f"{bad}: cannot decode PNG image") and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("cut.png", None, "truncated PNG"),
+        ("fake.png", b"GIF89a" + b"\0" * 40, "not a PNG file"),
+        ("cut.jpg", None, "truncated JPEG"),
+        ("fake.jpg", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a JPEG file"),
+    ],
+)
+def test_broken_png_jpeg_say_what_is_wrong(tmp_path, name, data, expected):
+    import imagecodecs
+
+    if data is None:  # a real file cut in half, as an interrupted copy leaves it
+        image = _ramp((64, 64), np.uint8, 255)
+        full = imagecodecs.png_encode(image) if name.endswith(".png") else imagecodecs.jpeg8_encode(image)
+        data = bytes(full[: len(full) // 2])
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot decode") and expected in message and "\n" not in message
+
+
+def test_a_jpeg_with_bytes_after_its_end_marker_still_reads(tmp_path):
+    import imagecodecs
+
+    path = tmp_path / "padded.jpg"
+    path.write_bytes(bytes(imagecodecs.jpeg8_encode(_ramp((32, 32), np.uint8, 255))) + b"\0" * 16)
+    assert read_image(path).shape == (32, 32, 3)
