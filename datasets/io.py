@@ -84,8 +84,7 @@ def _decode_png_jpeg(path: Path) -> np.ndarray:
         raise DataError(path, f"cannot decode {kind} image (truncated or corrupt?): {first}") from None
     # libjpeg fills a cut-off scan with grey and only warns: check that the file reaches its end marker.
     if codec == "jpeg8" and not _jpeg_reaches_end(data):
-        raise DataError(path, f"cannot decode JPEG image: truncated JPEG ({len(data)} bytes, the data stops "
-                              "before its end marker)")
+        raise DataError(path, f"cannot decode JPEG image: {_truncated_jpeg(data)}")
     return array
 
 
@@ -141,9 +140,13 @@ def _container_problem(data: bytes, codec: str) -> str | None:
     elif codec == "jpeg8":
         if not data.startswith(b"\xff\xd8"):
             return "not a JPEG file (no start-of-image marker)"
-        if b"\xff\xd9" not in data[-64:]:
-            return f"truncated JPEG ({len(data)} bytes, no end-of-image marker)"
+        if not _jpeg_reaches_end(data):
+            return _truncated_jpeg(data)
     return None
+
+
+def _truncated_jpeg(data: bytes) -> str:
+    return f"truncated JPEG ({len(data)} bytes, the data stops before its end-of-image marker)"
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, str, bool]:
