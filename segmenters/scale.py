@@ -7,13 +7,14 @@ network and resize the probabilities back afterwards: every specialist then sees
 of about the same size, the size the shared base model learned on. The generalist does
 not know the modality and runs at scale 1. Cellpose does the same with its ``diameter``.
 
-Sizes are *equivalent diameters*, ``2 * sqrt(area / pi)``, in pixels.
+The scale is set per segmenter (``train segmenter --scale``, or the tuning space);
+``train all`` leaves it at 1, as 1.21 and 1.5 gained nothing on the synthetic H&E
+(``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -43,8 +44,6 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     shrinking = h * w < image.shape[0] * image.shape[1]
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     src = np.ascontiguousarray(image, dtype=np.float32)
-    if src.ndim == 3 and src.shape[2] > 4:  # cv2 resizes at most 4 channels at once in some builds
-        return np.stack([cv2.resize(src[..., c], (w, h), interpolation=interp) for c in range(src.shape[2])], -1)
     out = cv2.resize(src, (w, h), interpolation=interp)
     if src.ndim == 3 and out.ndim == 2:  # cv2 drops a single channel axis
         out = out[..., None]
@@ -69,37 +68,3 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.int64), labels.shape[0] - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.int64), labels.shape[1] - 1)
     return labels[rows[:, None], cols[None, :]]
-
-
-def nucleus_diameters(labels: Iterable[np.ndarray]) -> np.ndarray:
-    """Equivalent diameters of every nucleus in ``labels`` (one value per object)."""
-    out = []
-    for lab in labels:
-        counts = np.bincount(np.asarray(lab).ravel().astype(np.int64))[1:]
-        counts = counts[counts > 0]
-        out.append(2.0 * np.sqrt(counts / math.pi))
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def modality_scales(
-    diameters: Mapping[str, np.ndarray], *, tolerance: float = 0.1, ndigits: int = 2
-) -> dict[str, float]:
-    """Scale per modality that brings its median nucleus to the median over all modalities.
-
-    The target is the median of the pooled diameters: the size the shared base model and
-    the generalist see most. Factors within ``tolerance`` (relative) of 1 are left at 1;
-    the rest are rounded to ``ndigits`` and clipped to ``[MIN_SCALE, MAX_SCALE]``.
-    A modality without nuclei keeps scale 1.
-    """
-    pooled = np.concatenate([np.asarray(d, dtype=float) for d in diameters.values()] or [np.zeros(0)])
-    if pooled.size == 0:
-        return {m: 1.0 for m in diameters}
-    target = float(np.median(pooled))
-    scales = {}
-    for m, d in diameters.items():
-        if len(d) == 0:
-            scales[m] = 1.0
-            continue
-        s = target / float(np.median(d))
-        scales[m] = 1.0 if abs(s - 1.0) <= tolerance else round(min(MAX_SCALE, max(MIN_SCALE, s)), ndigits)
-    return scales

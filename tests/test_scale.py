@@ -1,15 +1,11 @@
-"""Per-modality input scale: diameters, scale factors, resizing of images, labels and probabilities."""
+"""Per-modality input scale: resizing of images, labels and probabilities."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
 from triageseg.segmenters.scale import (
-    modality_scales,
-    nucleus_diameters,
     resize_image,
     resize_labels,
     resize_probabilities,
@@ -24,22 +20,6 @@ def _disks(radius: int, n: int = 4, size: int = 96) -> np.ndarray:
         cy, cx = 20 + (i // 2) * 50, 20 + (i % 2) * 50
         lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i + 1
     return lab
-
-
-def test_diameters_are_equivalent_circle_diameters():
-    d = nucleus_diameters([_disks(8), _disks(5, n=2)])
-    assert len(d) == 6
-    np.testing.assert_allclose(d[:4], 2 * math.sqrt((_disks(8) == 1).sum() / math.pi))
-    assert abs(d[0] - 16) < 1 and abs(d[-1] - 10) < 1
-
-
-def test_modality_scales_bring_each_median_to_the_pooled_median():
-    diam = {"small": np.full(50, 10.0), "mid": np.full(100, 15.0), "big": np.full(50, 20.0)}
-    s = modality_scales(diam)
-    assert s == {"small": 1.5, "mid": 1.0, "big": 0.75}
-    assert modality_scales({"a": np.full(5, 14.0), "b": np.full(5, 15.0)}) == {"a": 1.0, "b": 1.0}  # within 10 %
-    assert modality_scales({"a": np.zeros(0), "b": np.full(3, 9.0)}) == {"a": 1.0, "b": 1.0}
-    assert modality_scales({"tiny": np.full(10, 1.0), "huge": np.full(11, 100.0)})["tiny"] == 4.0  # clipped
 
 
 def test_resize_labels_keeps_ids_and_scales_areas():
