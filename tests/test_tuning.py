@@ -29,7 +29,8 @@ from click.testing import CliRunner
 
 from triageseg.datasets.errors import DataError
 from triageseg.tuning import space as spaces
-from triageseg.tuning.sweep import check_storage, make_scheduler, make_searcher, resolve_storage
+from triageseg.ray_cluster import check_storage, resolve_storage
+from triageseg.tuning.sweep import make_scheduler, make_searcher
 from triageseg.tuning.trainable import build_train_config, export_model, parse_inject_failures
 
 VENV_BIN = Path(sys.executable).parent

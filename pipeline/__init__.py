@@ -1,0 +1,21 @@
+"""The routed pipeline: image -> router -> specialist -> watershed -> labels.
+
+- :mod:`~triageseg.pipeline.single`: one in-memory image (:class:`Pipeline`, :class:`Result`).
+- :mod:`~triageseg.pipeline.batch`: many files on this machine (``routing.csv``, resume).
+- :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
+"""
+
+from triageseg.pipeline.batch import ROUTING_COLUMNS, BatchReport, segment_files
+from triageseg.pipeline.outputs import write_overlay, write_rois
+from triageseg.pipeline.single import Pipeline, Result, load_pipeline
+
+__all__ = [
+    "ROUTING_COLUMNS",
+    "BatchReport",
+    "Pipeline",
+    "Result",
+    "load_pipeline",
+    "segment_files",
+    "write_overlay",
+    "write_rois",
+]

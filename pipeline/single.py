@@ -1,0 +1,191 @@
+"""One in-memory image through the routed pipeline: router -> specialist -> watershed -> labels.
+
+Each step is callable on its own (arrays -> probabilities -> labels), so a user can swap
+one: :meth:`Pipeline.route` triages, :meth:`Pipeline.probabilities` runs a segmenter,
+:func:`triageseg.postprocess.watershed.watershed` decodes. Folders of files go through
+:mod:`triageseg.pipeline.batch` (:meth:`Pipeline.segment_files`).
+
+Example:
+    >>> from triageseg import load_pipeline                 # doctest: +SKIP
+    >>> pipe = load_pipeline("bundle/")                       # doctest: +SKIP
+    >>> result = pipe.segment(image)                          # doctest: +SKIP
+    >>> result.labels.max(), result.modality, result.used_model   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from triageseg import bundle as _bundle
+from triageseg.datasets.errors import BundleError, DataError
+from triageseg.postprocess.watershed import WatershedParams, watershed
+
+@dataclass(frozen=True)
+class Result:
+    """What segmenting one image gives.
+
+    Attributes:
+        labels: HxW uint32 instance labels, 0 = background.
+        modality: the router's top-1 modality (or the forced one).
+        confidence: the router's calibrated confidence in ``modality`` (None when forced).
+        used_model: the segmenter that ran (a modality name or ``_generalist``).
+        decision: why that segmenter ran ("routed", "forced", "low confidence -> generalist", ...).
+    """
+
+    labels: np.ndarray
+    modality: str
+    confidence: float | None
+    used_model: str
+    decision: str
+
+
+class Pipeline:
+    """A loaded bundle: the router, the specialists (loaded on first use) and their watershed parameters."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        tta: bool = False,
+    ):
+        from triageseg.segmenters.predict import resolve_device
+
+        self.path = Path(path)
+        self.manifest = _bundle.read_manifest(self.path)
+        self.device = resolve_device(device)
+        self.tile_size = tile_size
+        self.overlap = overlap
+        self.batch_size = batch_size
+        self.tta = tta
+        self.available: list[str] = list(self.manifest.get("segmenters", []))
+        if not self.available:
+            raise BundleError(self.path / _bundle.MANIFEST, "the bundle holds no segmenter")
+        for name in self.available:
+            if not (_bundle.segmenter_dir(self.path, name) / _bundle.WEIGHTS).is_file():
+                raise BundleError(_bundle.segmenter_dir(self.path, name) / _bundle.WEIGHTS, "missing weights file")
+        fallback = self.manifest.get("fallback", {})
+        self.confidence_threshold = float(fallback.get("confidence_threshold", 0.6))
+        self.has_generalist = _bundle.GENERALIST in self.available
+        self._router = None
+        self._segmenters: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, **kwargs) -> Pipeline:
+        """Open the bundle at ``path`` (see :class:`Pipeline` for the keyword options)."""
+        return cls(path, **kwargs)
+
+    # ----------------------------------------------------------------- models
+    @property
+    def specialists(self) -> list[str]:
+        """Modalities that have a specialist in this bundle."""
+        return [m for m in self.available if m != _bundle.GENERALIST]
+
+    def _load_router(self):
+        if self._router is None:
+            from triageseg.router.model import load_router
+
+            if not self.manifest.get("has_router"):
+                raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
+            self._router = load_router(_bundle.router_dir(self.path), device=self.device)
+        return self._router
+
+    def segmenter(self, name: str):
+        """The (model, config, watershed params) of segmenter ``name``, loaded once."""
+        if name not in self.available:
+            raise DataError(
+                self.path, f"no segmenter {name!r} in this bundle; it has: {', '.join(self.available)}"
+            )
+        with self._lock:
+            if name not in self._segmenters:
+                from triageseg.segmenters.model import load_segmenter
+
+                self._segmenters[name] = load_segmenter(_bundle.segmenter_dir(self.path, name), device=self.device)
+        return self._segmenters[name]
+
+    # ------------------------------------------------------------------ steps
+    def route(self, images: Sequence[np.ndarray]):
+        """Triage images: one router prediction (modality, confidence, probs) each."""
+        from triageseg.router.model import classify
+
+        model, config = self._load_router()
+        return classify(model, config, list(images), device=self.device)
+
+    def choose(self, prediction) -> tuple[str, str]:
+        """Which segmenter runs for a router prediction, and why (the bundle's fallback policy)."""
+        from triageseg.router.model import decide
+
+        return decide(
+            prediction, threshold=self.confidence_threshold, available=self.available, has_generalist=self.has_generalist
+        )
+
+    def check_modality(self, modality: str) -> None:
+        """Refuse a forced modality that has no segmenter in this bundle, listing those it has."""
+        if modality not in self.available:
+            raise DataError(
+                self.path,
+                f"unknown modality {modality!r}; this bundle has segmenters for: {', '.join(self.available)}",
+            )
+
+    def probabilities(self, image: np.ndarray, used_model: str) -> np.ndarray:
+        """3xHxW class probabilities of segmenter ``used_model`` for a normalised HxWx3 image."""
+        from triageseg.segmenters.predict import predict
+
+        model, config, _ = self.segmenter(used_model)
+        return predict(
+            model,
+            image,
+            tile_size=self.tile_size or config.tile_size,
+            overlap=config.overlap if self.overlap is None else self.overlap,
+            batch_size=self.batch_size,
+            tta=self.tta,
+            device=self.device,
+            scale=config.scale,
+        )
+
+    def params(self, used_model: str) -> WatershedParams:
+        """Tuned watershed parameters of segmenter ``used_model``."""
+        return self.segmenter(used_model)[2]
+
+    def segment(self, image: np.ndarray, *, modality: str | None = None) -> Result:
+        """Segment one normalised float32 HxWx3 image (see :func:`triageseg.datasets.io.read_image`).
+
+        Args:
+            image: HxWx3 float32 in [0, 1].
+            modality: force this specialist and skip the router.
+        """
+        modality, confidence, used, decision = self.decide(image, modality)
+        probs = self.probabilities(image, used)
+        labels = watershed(probs, self.params(used))
+        return Result(labels, modality, confidence, used, decision)
+
+    def decide(self, image: np.ndarray, modality: str | None = None) -> tuple[str, float | None, str, str]:
+        """(modality, confidence, segmenter to run, decision) for one image; ``modality`` forces a specialist."""
+        if modality is not None:
+            self.check_modality(modality)
+            return modality, None, modality, "forced"
+        pred = self.route([image])[0]
+        used, decision = self.choose(pred)
+        return pred.modality, float(pred.confidence), used, decision
+
+    # ----------------------------------------------------------------- files
+    def segment_files(self, inputs, out_dir, **options):
+        """Segment image files into ``out_dir`` (see :func:`triageseg.pipeline.batch.segment_files`)."""
+        from triageseg.pipeline.batch import segment_files
+
+        return segment_files(self, inputs, out_dir, **options)
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs) -> Pipeline:
+    """Open a bundle as a :class:`Pipeline` (keyword options as for the class)."""
+    return Pipeline.from_bundle(path, **kwargs)
