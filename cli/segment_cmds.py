@@ -13,6 +13,10 @@ from triageseg.datasets.errors import DataError
 
 from triageseg.datasets.io import IMAGE_SUFFIXES
 
+# The block path's defaults (pipeline.blocks / pipeline.large), repeated here so that loading
+# the CLI does not import the pipeline; tests/test_blocks.py checks that they agree.
+DEFAULT_BLOCK_SIZE, DEFAULT_MARGIN, DEFAULT_THRESHOLD_MP = 2048, 64, 16.8
+
 
 def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path], list[str]]:
     """Files, folders and globs -> (image files, output names).
@@ -79,22 +83,40 @@ def _common_options(func):
               help="On a bad input: stop, or record it and go on.")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")
 @click.option("--rois", is_flag=True, help="Also write <name>.rois.zip, an ImageJ/Fiji ROI set.")
+@click.option("--level", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Pyramid level of TIFF/SVS inputs (0 = full resolution); > 0 reads block-wise.")
+@click.option("--blocks-above", "blocks_above", type=click.FloatRange(min=0), default=DEFAULT_THRESHOLD_MP,
+              show_default=True, help="Images above this many megapixels are segmented block-wise "
+              "(0: every image, inf: none).")
+@click.option("--block-size", type=click.IntRange(min=64), default=DEFAULT_BLOCK_SIZE, show_default=True,
+              help="Side of a block core in pixels, for block-wise images.")
+@click.option("--block-margin", type=click.IntRange(min=0), default=DEFAULT_MARGIN, show_default=True,
+              help="Context around each block in pixels (at least twice the largest nucleus diameter).")
+@click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,
-            overwrite, on_error, overlays, rois, quiet):
+            overwrite, on_error, overlays, rois, level, blocks_above, block_size, block_margin, geojson, quiet):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
     routing.csv (file, modality, confidence, model used, objects, seconds) in --out.
     Inputs whose outputs exist are skipped unless --overwrite, so an interrupted run
-    resumes. Exit code 0 when every input was segmented or skipped; 1 when a bad
-    input stopped the run (--on-error fail) or was skipped (--on-error skip).
+    resumes. Images above --blocks-above megapixels (and every --level > 0 or SVS input)
+    are read lazily and segmented block by block into a tiled pyramidal TIFF, resumable
+    from their finished blocks. Exit code 0 when every input was segmented or skipped; 1
+    when a bad input stopped the run (--on-error fail) or was skipped (--on-error skip).
     """
     from tqdm import tqdm
 
     from triageseg.datasets.atomic import write_json_atomic
     from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.large import BlockOptions
 
+    try:
+        blocks = BlockOptions(block_size=block_size, margin=block_margin, threshold_mp=blocks_above, level=level,
+                              geojson=geojson, progress=not quiet)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--block-margin") from None
     files, names = expand_inputs(inputs, recursive=recursive)
     pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
     out = Path(out_dir)
@@ -102,13 +124,14 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     write_json_atomic(out / "segment_config.json", {
         "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
         "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
-        "n_inputs": len(files),
+        "level": level, "blocks_above_mp": blocks_above, "block_size": block_size, "block_margin": block_margin,
+        "geojson": geojson, "n_inputs": len(files),
     })
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
         report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,
                                     on_error=on_error, workers=workers, overlays=overlays, rois=rois,
-                                    channel=channel, progress=lambda _p: bar.update(1))
+                                    channel=channel, progress=lambda _p: bar.update(1), blocks=blocks)
     finally:
         bar.close()
     per_model = report.per_model()

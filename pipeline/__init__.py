@@ -2,6 +2,8 @@
 
 - :mod:`~triageseg.pipeline.single`: one in-memory image (:class:`Pipeline`, :class:`Result`).
 - :mod:`~triageseg.pipeline.batch`: many files on this machine (``routing.csv``, resume).
+- :mod:`~triageseg.pipeline.blocks`, :mod:`~triageseg.pipeline.stitch`,
+  :mod:`~triageseg.pipeline.large`: huge images block by block, stitched, streamed to disk.
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
 """
 

@@ -24,10 +24,13 @@ import numpy as np
 
 from triageseg.datasets.atomic import write_text_atomic
 from triageseg.datasets.errors import DataError
+from triageseg.pipeline.large import BlockOptions, segment_large_file, use_blocks
 from triageseg.pipeline.outputs import write_overlay, write_rois
 from triageseg.postprocess.watershed import watershed
 
-ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "used_model", "decision", "objects", "seconds")
+ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "used_model", "decision", "objects", "seconds", "mode")
+# Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
+_BLOCKWISE = object()
 
 
 @dataclass
@@ -62,6 +65,7 @@ def segment_files(
     channel: int | None = None,
     names: Sequence[str] | None = None,
     progress: Callable[[Path], None] | None = None,
+    blocks: BlockOptions | None = None,
 ) -> BatchReport:
     """Segment files with ``pipe`` (a :class:`~triageseg.pipeline.single.Pipeline`) into ``out_dir``: ``<name>.tif`` labels plus ``routing.csv``.
 
@@ -83,7 +87,10 @@ def segment_files(
         channel: channel to use for images with 2 or more than 3 channels.
         names: output names (without extension), one per input; default the input stems.
         progress: called with each input path when it is done.
+        blocks: :class:`~triageseg.pipeline.large.BlockOptions`: when an image is large enough
+            to go block-wise (``mode`` = ``blocks`` in routing.csv) and how.
     """
+    blocks = BlockOptions() if blocks is None else blocks
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     out_dir = Path(out_dir)
@@ -139,12 +146,26 @@ def segment_files(
         # runs in the reader thread: reading and routing overlap with the segmenter
         from triageseg.datasets.io import read_image, read_pixel_size
 
+        if use_blocks(path, blocks):
+            return _BLOCKWISE
         image = read_image(path, channel=channel)
         return image, read_pixel_size(path), pipe.decide(image, modality)
 
     try:
         for path, name, loaded in _prefetch(todo, prepare):
             t0 = time.perf_counter()
+            if loaded is _BLOCKWISE:
+                try:
+                    row = segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel,
+                                             options=blocks)
+                except Exception as err:  # noqa: BLE001
+                    _fail(report, path, err, on_error)
+                    if progress:
+                        progress(path)
+                    continue
+                row["_t0"] = t0
+                finish((path, name, row, None, row.pop("objects")))
+                continue
             try:
                 if isinstance(loaded, BaseException):
                     raise loaded
@@ -162,6 +183,7 @@ def segment_files(
                 "confidence": "" if conf is None else f"{conf:.4f}",
                 "used_model": used,
                 "decision": decision,
+                "mode": "memory",
                 "_t0": t0,
             }
             job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None, overlays, rois)

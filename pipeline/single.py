@@ -171,12 +171,39 @@ class Pipeline:
 
     def decide(self, image: np.ndarray, modality: str | None = None) -> tuple[str, float | None, str, str]:
         """(modality, confidence, segmenter to run, decision) for one image; ``modality`` forces a specialist."""
+        return self._decision(modality, lambda: self.route([image])[0])
+
+    def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
+        """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.
+
+        See :func:`triageseg.router.model.overview_views`; ``read_crop(top, left, height, width)``
+        returns a normalised region of the full-size image of ``shape``.
+        """
+        from triageseg.router.model import classify_views, overview_views
+
+        model, config = self._load_router()
+        views = overview_views(overview, shape, read_crop, config)
+        return classify_views(model, config, [views], device=self.device)[0]
+
+    def decide_overview(
+        self, overview: np.ndarray, shape: tuple[int, int], read_crop, modality: str | None = None
+    ) -> tuple[str, float | None, str, str]:
+        """:meth:`decide` for an image known by an overview and a crop reader (:meth:`route_overview`)."""
+        return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop))
+
+    def _decision(self, modality: str | None, predict) -> tuple[str, float | None, str, str]:
         if modality is not None:
             self.check_modality(modality)
             return modality, None, modality, "forced"
-        pred = self.route([image])[0]
+        pred = predict()
         used, decision = self.choose(pred)
         return pred.modality, float(pred.confidence), used, decision
+
+    def tiling(self, used_model: str) -> tuple[int, int, float]:
+        """(tile size, overlap, scale) that :meth:`probabilities` uses for segmenter ``used_model``."""
+        config = self.segmenter(used_model)[1]
+        return (self.tile_size or config.tile_size, config.overlap if self.overlap is None else self.overlap,
+                float(config.scale))
 
     # ----------------------------------------------------------------- files
     def segment_files(self, inputs, out_dir, **options):

@@ -3,8 +3,9 @@
 Layers, each callable on its own:
 
 ``make_thumbnail`` (NumPy: image -> padded square thumbnail in [0, 1])
--> ``image_views`` (the thumbnail, plus crops at a fixed pixel scale for large images)
--> ``classify`` (normalise, ViT, temperature-scaled softmax, views combined)
+-> ``image_views`` (the thumbnail, plus crops at a fixed pixel scale for large images;
+   ``overview_views`` builds the same from a downsampled overview and lazily read crops)
+-> ``classify`` / ``classify_views`` (normalise, ViT, temperature-scaled softmax, views combined)
 -> ``decide`` (prediction + what the bundle holds -> which segmenter to run, and why).
 
 Why crops for large images: the synthetic and typical training images are a few
@@ -320,10 +321,23 @@ def image_views(image: np.ndarray, config: RouterConfig) -> np.ndarray:
     padded with the whole image's background colour.
     """
     image = _check_image(image)
-    colour = background_colour(image)
-    views = [make_thumbnail(image, config.image_size, fill=colour)]
-    for top, left, ch, cw in crop_boxes(image.shape[:2], config):
-        views.append(make_thumbnail(image[top : top + ch, left : left + cw], config.image_size, fill=colour))
+    return overview_views(image, image.shape[:2], lambda t, l, h, w: image[t : t + h, l : l + w], config)
+
+
+def overview_views(overview: np.ndarray, shape: tuple[int, int], read_crop, config: RouterConfig) -> np.ndarray:
+    """The views of :func:`image_views` for an image too large to hold: ``V x S x S x 3``.
+
+    The whole-image view and the background colour come from ``overview`` (the image, or
+    a downsampled copy of it); the crops of :func:`crop_boxes` for the full ``shape`` are
+    read at full resolution with ``read_crop(top, left, height, width)`` (a normalised
+    float ``height x width x 3`` region), so only the crops are ever read.
+    """
+    overview = _check_image(overview, name="overview")
+    colour = background_colour(overview)
+    views = [make_thumbnail(overview, config.image_size, fill=colour)]
+    for top, left, ch, cw in crop_boxes(shape, config):
+        crop = _check_image(read_crop(top, left, ch, cw), name="crop")
+        views.append(make_thumbnail(crop, config.image_size, fill=colour))
     return np.stack(views)
 
 
@@ -421,16 +435,26 @@ def classify(
         One :class:`Prediction` per image: top-1 modality, its temperature-scaled
         probability, and all class probabilities.
     """
+    views = [image_views(_check_image(image, name=f"images[{i}]"), config) for i, image in enumerate(images)]
+    return classify_views(model, config, views, device=device, batch_size=batch_size)
+
+
+def classify_views(
+    model: torch.nn.Module,
+    config: RouterConfig,
+    views: Sequence[np.ndarray],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Name the modality of each image from its views (``V x S x S x 3``, :func:`image_views` /
+    :func:`overview_views`), combining the votes of its views (:func:`combine_views`)."""
     import torch
 
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
-    views, owner = [], []
-    for i, image in enumerate(images):
-        v = image_views(_check_image(image, name=f"images[{i}]"), config)
-        views.append(v)
-        owner += [i] * len(v)
+    owner = [i for i, v in enumerate(views) for _ in range(len(v))]
     if not views:
         return []
     thumbs = np.concatenate(views)
@@ -514,6 +538,7 @@ __all__ = [
     "RouterConfig",
     "background_colour",
     "classify",
+    "classify_views",
     "combine_views",
     "create_router",
     "crop_boxes",
@@ -522,6 +547,7 @@ __all__ = [
     "load_router",
     "make_thumbnail",
     "normalise",
+    "overview_views",
     "resolve_device",
     "save_router",
     "to_tensor",

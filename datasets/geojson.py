@@ -1,0 +1,121 @@
+"""Nucleus outlines as a GeoJSON FeatureCollection, the format QuPath imports.
+
+One feature per nucleus: a polygon in pixel coordinates (x right, y down, pixel ``(r, c)``
+spans ``[c, c+1) x [r, r+1)`` as in QuPath), with the properties QuPath reads
+(``objectType: detection``, ``classification.name`` = the modality, ``measurements``)
+plus ``label`` (the id in the label image), ``area_px`` and, when the pixel size is known,
+``area_um2``. Features are written one at a time, so a whole slide's nuclei never sit in
+memory together; the file appears under its name only when complete.
+
+Example:
+    >>> with GeoJSONWriter("slide.geojson", modality="he") as out:   # doctest: +SKIP
+    ...     out.add(7, mask, (top, left))                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from triageseg.datasets.atomic import atomic_path
+
+# QuPath draws classified objects in their class colour; one fixed colour per modality name.
+_PALETTE = ((0, 200, 255), (255, 160, 0), (200, 0, 200), (0, 200, 0), (255, 60, 60))
+
+
+def mask_polygon(mask: np.ndarray, top: int = 0, left: int = 0, *, tolerance: float = 0.5) -> list[list[float]] | None:
+    """Closed outline ``[[x, y], ...]`` of the largest piece of a boolean mask, in image pixel coordinates.
+
+    Args:
+        mask: 2-D boolean crop of one object.
+        top, left: where the crop lies in the image.
+        tolerance: polygon simplification in pixels (Douglas-Peucker; 0 keeps every vertex).
+
+    Returns:
+        The ring (first vertex repeated at the end), or None for an empty mask.
+    """
+    from skimage.measure import approximate_polygon, find_contours
+
+    if not mask.any():
+        return None
+    padded = np.pad(mask, 1).astype(np.uint8)
+    contours = find_contours(padded, 0.5)
+    if not contours:
+        return None
+    ring = max(contours, key=len)
+    if tolerance > 0:
+        ring = approximate_polygon(ring, tolerance)
+    # contour (row, col) in the padded crop runs between pixel centres; QuPath puts pixel (r, c)'s
+    # centre at (c + 0.5, r + 0.5)
+    xy = [[round(float(c) - 1 + left + 0.5, 2), round(float(r) - 1 + top + 0.5, 2)] for r, c in ring]
+    if xy[0] != xy[-1]:
+        xy.append(list(xy[0]))
+    return xy
+
+
+class GeoJSONWriter:
+    """Write nucleus features one by one into a FeatureCollection file (atomic on close)."""
+
+    def __init__(self, path: str | os.PathLike, *, modality: str, pixel_size: tuple[float, float] | None = None,
+                 image: str | None = None):
+        self.path = Path(path)
+        self.modality = modality
+        self.pixel_size = pixel_size
+        self.count = 0
+        self._image = image or self.path.stem
+        self._colour = list(_PALETTE[sum(modality.encode()) % len(_PALETTE)])
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._fh = self._stack.enter_context(open(tmp, "w", encoding="utf-8"))  # noqa: SIM115 - closed by the stack
+        self._fh.write('{"type": "FeatureCollection", "features": [\n')
+
+    def add(self, label: int, mask: np.ndarray, top_left: tuple[int, int], area: int | None = None) -> bool:
+        """Add one nucleus from its boolean mask crop; returns False when it has no outline."""
+        ring = mask_polygon(mask, *top_left)
+        if ring is None:
+            return False
+        area = int(mask.sum()) if area is None else int(area)
+        measurements: dict = {"label": int(label), "area_px": area}
+        if self.pixel_size is not None:
+            measurements["area_um2"] = round(area * self.pixel_size[0] * self.pixel_size[1], 4)
+        feature = {
+            "type": "Feature",
+            # QuPath keeps object ids as UUIDs; derived from the image and label, so reruns agree
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"triageseg:{self._image}:{int(label)}")),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "name": f"nucleus {int(label)}",
+                "classification": {"name": self.modality, "color": self._colour},
+                "label": int(label),
+                "area_px": area,
+                "modality": self.modality,
+                "measurements": measurements,
+            },
+        }
+        self._fh.write((",\n" if self.count else "") + json.dumps(feature, separators=(",", ":")))
+        self.count += 1
+        return True
+
+    def close(self) -> None:
+        """Finish the collection and move the file into place."""
+        self._fh.write("\n]}\n")
+        self._stack.close()
+
+    def abort(self) -> None:
+        """Drop the partial file (the destination is left as it was)."""
+        with contextlib.suppress(Exception):
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,333 @@
+"""Huge images end to end: lazy file -> overview routing -> blocks -> stitched labels on disk.
+
+:func:`segment_blocks` is the block path for any array-like image (array in, label file
+out): it runs :func:`~triageseg.pipeline.blocks.segment_block` over the grid, keeping each
+finished block in a :class:`Journal` beside the output, stitches
+(:mod:`triageseg.pipeline.stitch`), and streams the labels to a tiled pyramidal TIFF
+(and optionally a GeoJSON of outlines) that appear under their names only when complete.
+An interrupted run resumes from the finished blocks; the journal is removed on success.
+
+:func:`segment_large_file` adds what a file needs: a lazy reader (TIFF / BigTIFF /
+OME-TIFF / SVS at a pyramid level), one pass for the normalisation statistics and the
+overview, routing from the overview plus full-resolution crops, and the ``routing.csv``
+row. :meth:`Pipeline.segment_files <triageseg.pipeline.single.Pipeline.segment_files>`
+sends images above :attr:`BlockOptions.threshold_mp` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from triageseg.datasets.atomic import write_json_atomic
+from triageseg.datasets.errors import DataError
+from triageseg.pipeline.blocks import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MARGIN,
+    BlockGrid,
+    BlockResult,
+    NormStats,
+    plan_blocks,
+    scan_image,
+    segment_block,
+)
+from triageseg.pipeline.stitch import BlockCache, kept_objects, render_core, stitch
+from triageseg.postprocess.watershed import WatershedParams
+
+# 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
+DEFAULT_THRESHOLD_MP = 16.8
+JOURNAL_FORMAT = 1
+_OUTPUT_TILE = 512
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """When and how an image goes block-wise (``segment --block-size --block-margin --blocks-above --level --geojson``)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE  # target side of a block core in pixels
+    margin: int = DEFAULT_MARGIN  # context around each core, >= 2x the largest nucleus diameter
+    threshold_mp: float = DEFAULT_THRESHOLD_MP  # images above this many megapixels go block-wise (0: all, inf: none)
+    level: int = 0  # pyramid level of TIFF inputs; > 0 always reads block-wise
+    geojson: bool = False  # also write <name>.geojson (QuPath outlines) for block-wise images
+    progress: bool = False  # a progress bar over the blocks of each image
+
+    def __post_init__(self) -> None:
+        if self.block_size < 64:
+            raise ValueError(f"block_size must be >= 64, got {self.block_size}")
+        if self.margin < 0 or self.margin * 2 >= self.block_size:
+            raise ValueError(f"margin must be in [0, block_size / 2), got {self.margin} for block size {self.block_size}")
+        if not self.threshold_mp >= 0:
+            raise ValueError(f"threshold_mp must be >= 0, got {self.threshold_mp}")
+        if self.level < 0:
+            raise ValueError(f"level must be >= 0, got {self.level}")
+
+
+def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
+    """Whether ``path`` goes the block path: a pyramid level was asked for, a slide format, or a large image."""
+    from triageseg.datasets.io import IMAGE_SUFFIXES
+    from triageseg.datasets.lazy import image_size, is_tiff
+
+    path = Path(path)
+    if options.level > 0 or (is_tiff(path) and path.suffix.lower() not in IMAGE_SUFFIXES):
+        return True
+    size = image_size(path)
+    return size is not None and size[0] * size[1] > options.threshold_mp * 1e6
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """Finished blocks of one huge image, kept beside its output until the output is complete.
+
+    ``journal.json`` holds a key (what the blocks were computed from: input file, settings)
+    and a state (routing decision, normalisation). A journal with another key is discarded,
+    so a changed input or setting never mixes old and new blocks.
+    """
+
+    def __init__(self, folder: str | os.PathLike, key: dict):
+        self.folder = Path(folder)
+        self.key = json.loads(json.dumps(key))
+        self.state: dict | None = None
+        manifest = self.folder / "journal.json"
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = {}
+            if data.get("format") == JOURNAL_FORMAT and data.get("key") == self.key:
+                self.state = data.get("state")
+                return
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self._write()
+
+    def _write(self) -> None:
+        write_json_atomic(self.folder / "journal.json", {"format": JOURNAL_FORMAT, "key": self.key, "state": self.state})
+
+    def set_state(self, state: dict) -> None:
+        """Record the state (JSON-ready) that every later block of this run must agree with."""
+        self.state = json.loads(json.dumps(state))
+        self._write()
+
+    def block_path(self, index: int) -> Path:
+        """Where block ``index``'s result lives."""
+        return self.folder / f"block_{index:05d}.npz"
+
+    def done(self) -> set[int]:
+        """Indices of the finished blocks."""
+        return {int(p.stem.split("_")[1]) for p in self.folder.glob("block_*.npz")}
+
+    def save(self, result: BlockResult) -> None:
+        """Record a finished block (atomically: a block file is complete or absent)."""
+        result.save(self.block_path(result.index))
+
+    def load(self, index: int) -> BlockResult:
+        """A finished block's result."""
+        try:
+            return BlockResult.load(self.block_path(index))
+        except Exception as err:  # noqa: BLE001 - a damaged journal file: say which, the rerun redoes it
+            self.block_path(index).unlink(missing_ok=True)
+            raise DataError(self.block_path(index), f"damaged journal entry ({err}); rerun to recompute it") from None
+
+    def remove(self) -> None:
+        """Delete the journal (after the outputs are in place)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- stitched labels on disk
+
+
+def _save_cores(grid: BlockGrid, stitching, load, folder: Path, tile: int) -> None:
+    """Each block's final core labels, stored as strips of ``tile`` image rows (the writer reads one strip at a time)."""
+    for block in grid.blocks:
+        core = render_core(grid, stitching, load, block.index)
+        y0, y1 = block.core[0], block.core[1]
+        strips = {f"r{k}": core[max(y0, k * tile) - y0 : min(y1, (k + 1) * tile) - y0]
+                  for k in range(y0 // tile, math.ceil(y1 / tile))}
+        np.savez_compressed(folder / f"core_{block.index:05d}.npz", **strips)
+
+
+def _row_reader(grid: BlockGrid, folder: Path, tile: int) -> Callable[[int, int, int], np.ndarray]:
+    h, w = grid.shape
+
+    def strip(k: int) -> np.ndarray:
+        out = np.zeros((min(h, (k + 1) * tile) - k * tile, w), np.uint32)
+        for block in grid.blocks:
+            y0, y1, x0, x1 = block.core
+            if y1 <= k * tile or y0 >= (k + 1) * tile:
+                continue
+            with np.load(folder / f"core_{block.index:05d}.npz") as z:
+                part = z[f"r{k}"]
+            top = max(y0, k * tile) - k * tile
+            out[top : top + part.shape[0], x0:x1] = part
+        return out
+
+    def read_rows(y0: int, y1: int, step: int) -> np.ndarray:
+        out = np.zeros((math.ceil((y1 - y0) / step), math.ceil(w / step)), np.uint32)
+        for k in range(y0 // tile, math.ceil(y1 / tile)):
+            lo, hi = max(y0, k * tile), min(y1, (k + 1) * tile)
+            first = lo + (-(lo - y0)) % step  # first wanted row in this strip
+            if first >= hi:
+                continue
+            rows = strip(k)[first - k * tile : hi - k * tile : step, ::step]
+            start = (first - y0) // step
+            out[start : start + rows.shape[0]] = rows
+        return out
+
+    return read_rows
+
+
+def segment_blocks(
+    source,
+    out_path: str | os.PathLike,
+    *,
+    probabilities: Callable[[np.ndarray], np.ndarray],
+    params: WatershedParams,
+    grid: BlockGrid,
+    norm: NormStats,
+    journal: Journal,
+    geojson: str | os.PathLike | None = None,
+    modality: str = "",
+    pixel_size: tuple[float, float] | None = None,
+    progress: bool = False,
+    name: str = "<array>",
+) -> dict:
+    """The block path for an array-like image: every block, stitched, streamed to ``out_path``.
+
+    Args:
+        source: array-like image (HxW or HxWxC, ``source[y0:y1, x0:x1]``), e.g. a
+            :class:`~triageseg.datasets.lazy.LazyImage`.
+        out_path: the label TIFF to write (tiled pyramidal OME-TIFF, uint16 or uint32).
+        probabilities: normalised block image -> 3xhxw probabilities.
+        params: watershed parameters.
+        grid: the blocks (:func:`~triageseg.pipeline.blocks.plan_blocks`).
+        norm: global normalisation (:func:`~triageseg.pipeline.blocks.scan_image`).
+        journal: where finished blocks are kept; blocks already in it are not recomputed.
+            It is removed once the outputs are in place.
+        geojson: also write the outlines here (GeoJSON FeatureCollection).
+        modality: the modality named in the GeoJSON.
+        pixel_size: microns per pixel (y, x), stored in the TIFF and used for areas.
+        progress: show a progress bar over the blocks.
+        name: the image's name in messages and metadata.
+
+    Returns:
+        A summary: ``objects``, ``blocks``, ``computed`` (blocks run now), ``candidates``,
+        ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
+    """
+    from tqdm import tqdm
+    from triageseg.datasets.geojson import GeoJSONWriter
+    from triageseg.datasets.pyramid import write_pyramid
+
+    done = journal.done()
+    todo = [b for b in grid.blocks if b.index not in done]
+    with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
+              disable=not progress) as bar:
+        for block in todo:
+            journal.save(segment_block(source, block, probabilities=probabilities, params=params, norm=norm,
+                                       margin=grid.margin, name=name))
+            bar.update(1)
+    load = BlockCache(journal.load, size=min(len(grid.cols) + 4, 16))
+    stitching = stitch(grid, load)
+    _save_cores(grid, stitching, load, journal.folder, _OUTPUT_TILE)
+    if geojson is not None:
+        with GeoJSONWriter(geojson, modality=modality, pixel_size=pixel_size, image=Path(out_path).stem) as out:
+            for label, mask, top_left, area in kept_objects(grid, stitching, load):
+                out.add(label, mask, top_left, area)
+    # the label file last: its presence marks the input as done for a resumed batch
+    write_pyramid(out_path, grid.shape, stitching.dtype(), _row_reader(grid, journal.folder, _OUTPUT_TILE),
+                  tile=_OUTPUT_TILE, pixel_size=pixel_size, name=Path(out_path).stem)
+    journal.remove()
+    return {"objects": stitching.n_objects, "blocks": len(grid), "computed": len(todo),
+            "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut}
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def open_source(path: str | os.PathLike, *, level: int = 0) -> Iterator[tuple[object, tuple[float, float] | None]]:
+    """``(array-like image, pixel size)`` of a file: lazy for TIFFs, in memory (raw pixels) otherwise."""
+    from triageseg.datasets.lazy import LazyImage, is_tiff
+
+    path = Path(path)
+    if is_tiff(path):
+        with LazyImage(path, level=level) as image:
+            yield image, image.pixel_size
+        return
+    if level:
+        raise DataError(path, f"pyramid level {level} requested, but only TIFF files have pyramid levels")
+    from triageseg.datasets.io import read_image_raw
+
+    yield read_image_raw(path), None
+
+
+def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, channel) -> dict:
+    stat = path.stat()
+    return {
+        "input": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "level": options.level,
+        "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
+        "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
+        "overlap": pipe.overlap, "tta": pipe.tta,
+    }
+
+
+def segment_large_file(
+    pipe,
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    modality: str | None = None,
+    channel: int | None = None,
+    options: BlockOptions = BlockOptions(),
+) -> dict:
+    """Segment one huge image file block-wise into ``out_dir/<name>.tif`` (and ``<name>.geojson``).
+
+    Routing uses an overview of the whole image and full-resolution crops; the router,
+    segmenter and fallback policy are ``pipe``'s, as for small images. The journal
+    ``out_dir/.<name>.blocks/`` keeps finished blocks until the outputs are complete.
+
+    Returns:
+        The ``routing.csv`` row (without ``seconds``), with ``objects`` and ``mode = blocks``.
+
+    Raises:
+        DataError: unreadable, truncated or non-tiled input (naming the file), bad channels.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    with open_source(path, level=options.level) as (source, pixel_size):
+        shape = (int(source.shape[0]), int(source.shape[1]))
+        journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
+        if journal.state is None:
+            norm, overview = scan_image(source, channel=channel, name=str(path))
+
+            def read_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
+                return norm.apply(source[top : top + height, left : left + width], name=str(path))
+
+            mod, conf, used, decision = pipe.decide_overview(overview, shape, read_crop, modality)
+            journal.set_state({"norm": norm.to_dict(), "modality": mod, "confidence": conf, "used_model": used,
+                               "decision": decision})
+        state = journal.state
+        used = state["used_model"]
+        tile, overlap, scale = pipe.tiling(used)
+        grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin,
+                           align=(tile / scale, (tile - overlap) / scale))
+        summary = segment_blocks(
+            source, out_dir / f"{name}.tif", probabilities=functools.partial(pipe.probabilities, used_model=used),
+            params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
+            geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
+            pixel_size=pixel_size, progress=options.progress, name=str(path),
+        )
+    conf = state["confidence"]
+    return {"file": str(path), "output": f"{name}.tif", "modality": state["modality"],
+            "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used, "decision": state["decision"],
+            "objects": summary["objects"], "mode": "blocks"}
