@@ -124,7 +124,7 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     write_json_atomic(out / "segment_config.json", {
         "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
         "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
-        "level": level, "blocks_above_mp": blocks_above, "block_size": block_size, "block_margin": block_margin,
+        "level": level, "blocks_above_mp": blocks_above if blocks_above != float("inf") else None, "block_size": block_size, "block_margin": block_margin,
         "geojson": geojson, "n_inputs": len(files),
     })
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")

@@ -3,8 +3,9 @@
 The image is never held whole: :func:`write_pyramid` asks a reader for one strip of
 rows at a time (``tile`` rows, full width) and hands tifffile one tile at a time. Level 0
 is the full resolution; each further level halves both sides by taking every other pixel
-(nearest neighbour, so label ids stay ids) and is stored as a SubIFD of level 0, the
-OME-TIFF pyramid layout that Bio-Formats (Fiji, QuPath) and tifffile (napari) read.
+of the level above (nearest neighbour, so label ids stay ids; kept on disk in between)
+and is stored as a SubIFD of level 0, the OME-TIFF pyramid layout that Bio-Formats
+(Fiji, QuPath) and tifffile (napari) read.
 A file over 2 GiB of pixels is written as BigTIFF. The file is written under a temporary
 name and renamed when complete.
 
@@ -14,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +30,7 @@ DEFAULT_TILE = 512
 # Levels are added until the longer side fits in this many pixels.
 _SMALLEST = 1024
 
-RowReader = Callable[[int, int, int], np.ndarray]  # (y0, y1, step) -> rows y0:y1:step, columns ::step
+RowReader = Callable[[int, int], np.ndarray]  # (y0, y1) -> rows y0:y1 of the full-resolution image
 
 
 def pyramid_shapes(shape: tuple[int, int], *, smallest: int = _SMALLEST) -> list[tuple[int, int]]:
@@ -39,16 +42,52 @@ def pyramid_shapes(shape: tuple[int, int], *, smallest: int = _SMALLEST) -> list
     return shapes
 
 
-def _tiles(read_rows: RowReader, shape: tuple[int, int], level_shape: tuple[int, int], step: int, tile: int,
-           dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Tiles of one level in row-major order (what tifffile expects), one strip of rows in memory."""
-    h, w = level_shape
-    for ty in range(0, h, tile):
-        strip = read_rows(ty * step, min(shape[0], (ty + tile) * step), step)
+class _Scratch:
+    """Strips of the next pyramid level, kept on disk (zstd) until that level is written."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def save(self, level: int, k: int, strip: np.ndarray) -> None:
+        import imagecodecs
+
+        buf = io.BytesIO()
+        np.save(buf, strip)
+        (self.folder / f"{level}_{k}.npy.zst").write_bytes(imagecodecs.zstd_encode(buf.getvalue(), level=1))
+
+    def load(self, level: int, k: int) -> np.ndarray | None:
+        import imagecodecs
+
+        path = self.folder / f"{level}_{k}.npy.zst"
+        if not path.is_file():
+            return None
+        data = imagecodecs.zstd_decode(path.read_bytes())
+        path.unlink()
+        return np.load(io.BytesIO(data))
+
+
+def _strips(read_rows: RowReader, scratch: _Scratch, level: int, shape: tuple[int, int], tile: int) -> Iterator[np.ndarray]:
+    """Strips of ``tile`` rows of one level: read for level 0, else two halved strips of the level above."""
+    h, w = shape
+    for k, ty in enumerate(range(0, h, tile)):
+        if level == 0:
+            strip = np.asarray(read_rows(ty, min(h, ty + tile)))
+        else:
+            parts = [p for p in (scratch.load(level, 2 * k), scratch.load(level, 2 * k + 1)) if p is not None]
+            strip = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if strip.shape != (min(tile, h - ty), w):
-            raise ValueError(f"row reader returned shape {strip.shape}, expected {(min(tile, h - ty), w)}")
+            raise ValueError(f"level {level} strip {k}: got shape {strip.shape}, expected {(min(tile, h - ty), w)}")
+        yield strip
+
+
+def _tiles(strips: Iterator[np.ndarray], scratch: _Scratch, level: int, more: bool, tile: int,
+           dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Tiles in row-major order (what tifffile expects); each strip, halved, is kept for the next level."""
+    for k, strip in enumerate(strips):
         strip = strip.astype(dtype, copy=False)
-        for tx in range(0, w, tile):
+        if more:
+            scratch.save(level + 1, k, strip[::2, ::2])
+        for tx in range(0, strip.shape[1], tile):
             yield np.ascontiguousarray(strip[:, tx : tx + tile])
 
 
@@ -68,8 +107,9 @@ def write_pyramid(
         path: destination (.tif / .ome.tif).
         shape: (H, W) of the full-resolution image.
         dtype: uint16 or uint32 (what the ids need).
-        read_rows: ``(y0, y1, step) -> array`` of rows ``y0:y1:step`` and columns ``::step``
-            of the full-resolution image (called once per strip of every level).
+        read_rows: ``(y0, y1) -> array`` of rows ``y0:y1`` of the full-resolution image,
+            called once per strip of ``tile`` rows, top to bottom. Each further level is
+            made from the one above it (kept on disk beside ``path`` while writing).
         tile: tile side (multiple of 16).
         pixel_size: microns per pixel at full resolution, one number or (y, x).
         name: image name stored in the OME metadata.
@@ -95,7 +135,11 @@ def write_pyramid(
     # a fixed UUID for fixed content parameters: a rerun (or a resumed run) writes the same bytes
     metadata["UUID"] = "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"triageseg:{name}:{shape}:{dtype}:{pair}"))
     bigtiff = shape[0] * shape[1] * dtype.itemsize > 2**31
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tw:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.levels.") as td, \
+            tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tw:
+        scratch = _Scratch(Path(td))
         for level, level_shape in enumerate(shapes):
             step = 2**level
             kwargs = dict(common)
@@ -105,5 +149,6 @@ def write_pyramid(
                 kwargs.update(subifds=len(shapes) - 1, metadata=metadata)
             else:
                 kwargs.update(subfiletype=1, metadata=None)
-            tw.write(_tiles(read_rows, shape, level_shape, step, tile, dtype), shape=level_shape, **kwargs)
-    return Path(path)
+            strips = _strips(read_rows, scratch, level, level_shape, tile)
+            tw.write(_tiles(strips, scratch, level, level + 1 < len(shapes), tile, dtype), shape=level_shape, **kwargs)
+    return path

@@ -147,41 +147,50 @@ class Journal:
 # --------------------------------------------------------------------------- stitched labels on disk
 
 
+def _save_array(path: Path, array: np.ndarray) -> None:
+    import io
+
+    import imagecodecs
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    path.write_bytes(imagecodecs.zstd_encode(buf.getvalue(), level=1))
+
+
+def _load_array(path: Path) -> np.ndarray:
+    import io
+
+    import imagecodecs
+
+    return np.load(io.BytesIO(imagecodecs.zstd_decode(path.read_bytes())))
+
+
 def _save_cores(grid: BlockGrid, stitching, load, folder: Path, tile: int) -> None:
-    """Each block's final core labels, stored as strips of ``tile`` image rows (the writer reads one strip at a time)."""
+    """Each block's final core labels, in pieces of ``tile`` image rows (the writer reads one strip of rows at a time)."""
     for block in grid.blocks:
-        core = render_core(grid, stitching, load, block.index)
+        core = render_core(grid, stitching, load, block.index).astype(stitching.dtype(), copy=False)
         y0, y1 = block.core[0], block.core[1]
-        strips = {f"r{k}": core[max(y0, k * tile) - y0 : min(y1, (k + 1) * tile) - y0]
-                  for k in range(y0 // tile, math.ceil(y1 / tile))}
-        np.savez_compressed(folder / f"core_{block.index:05d}.npz", **strips)
-
-
-def _row_reader(grid: BlockGrid, folder: Path, tile: int) -> Callable[[int, int, int], np.ndarray]:
-    h, w = grid.shape
-
-    def strip(k: int) -> np.ndarray:
-        out = np.zeros((min(h, (k + 1) * tile) - k * tile, w), np.uint32)
-        for block in grid.blocks:
-            y0, y1, x0, x1 = block.core
-            if y1 <= k * tile or y0 >= (k + 1) * tile:
-                continue
-            with np.load(folder / f"core_{block.index:05d}.npz") as z:
-                part = z[f"r{k}"]
-            top = max(y0, k * tile) - k * tile
-            out[top : top + part.shape[0], x0:x1] = part
-        return out
-
-    def read_rows(y0: int, y1: int, step: int) -> np.ndarray:
-        out = np.zeros((math.ceil((y1 - y0) / step), math.ceil(w / step)), np.uint32)
         for k in range(y0 // tile, math.ceil(y1 / tile)):
-            lo, hi = max(y0, k * tile), min(y1, (k + 1) * tile)
-            first = lo + (-(lo - y0)) % step  # first wanted row in this strip
-            if first >= hi:
+            part = core[max(y0, k * tile) - y0 : min(y1, (k + 1) * tile) - y0]
+            _save_array(folder / f"core_{block.index:05d}_{k:05d}.npy.zst", part)
+
+
+def _row_reader(grid: BlockGrid, folder: Path, tile: int, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
+    """``(y0, y1) -> rows`` of the stitched labels, for strips of ``tile`` rows starting at multiples of ``tile``."""
+    w = grid.shape[1]
+
+    def read_rows(y0: int, y1: int) -> np.ndarray:
+        if y0 % tile or y1 - y0 > tile:
+            raise ValueError(f"rows {y0}:{y1} are not one strip of {tile}")
+        k = y0 // tile
+        out = np.zeros((y1 - y0, w), dtype)
+        for block in grid.blocks:
+            by0, by1, bx0, bx1 = block.core
+            if by1 <= y0 or by0 >= y1:
                 continue
-            rows = strip(k)[first - k * tile : hi - k * tile : step, ::step]
-            start = (first - y0) // step
-            out[start : start + rows.shape[0]] = rows
+            part = _load_array(folder / f"core_{block.index:05d}_{k:05d}.npy.zst")
+            top = max(by0, y0) - y0
+            out[top : top + part.shape[0], bx0:bx1] = part
         return out
 
     return read_rows
@@ -225,7 +234,7 @@ def segment_blocks(
         ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
     """
     from tqdm import tqdm
-    from triageseg.datasets.geojson import GeoJSONWriter
+    from triageseg.pipeline.geojson import GeoJSONWriter
     from triageseg.datasets.pyramid import write_pyramid
 
     done = journal.done()
@@ -244,8 +253,9 @@ def segment_blocks(
             for label, mask, top_left, area in kept_objects(grid, stitching, load):
                 out.add(label, mask, top_left, area)
     # the label file last: its presence marks the input as done for a resumed batch
-    write_pyramid(out_path, grid.shape, stitching.dtype(), _row_reader(grid, journal.folder, _OUTPUT_TILE),
-                  tile=_OUTPUT_TILE, pixel_size=pixel_size, name=Path(out_path).stem)
+    write_pyramid(out_path, grid.shape, stitching.dtype(),
+                  _row_reader(grid, journal.folder, _OUTPUT_TILE, stitching.dtype()), tile=_OUTPUT_TILE,
+                  pixel_size=pixel_size, name=Path(out_path).stem)
     journal.remove()
     return {"objects": stitching.n_objects, "blocks": len(grid), "computed": len(todo),
             "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut}
@@ -272,10 +282,13 @@ def open_source(path: str | os.PathLike, *, level: int = 0) -> Iterator[tuple[ob
 
 
 def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, channel) -> dict:
+    """What a journal's blocks depend on: the input file, the bundle (retrained in place: new key), the settings."""
     stat = path.stat()
+    manifest = (Path(pipe.path) / "bundle.json").stat()
     return {
         "input": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "level": options.level,
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
+        "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
         "overlap": pipe.overlap, "tta": pipe.tta,
     }

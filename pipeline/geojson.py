@@ -1,7 +1,7 @@
 """Nucleus outlines as a GeoJSON FeatureCollection, the format QuPath imports.
 
 One feature per nucleus: a polygon in pixel coordinates (x right, y down, pixel ``(r, c)``
-spans ``[c, c+1) x [r, r+1)`` as in QuPath), with the properties QuPath reads
+spans ``[c, c+1) x [r, r+1)`` as in QuPath; traced with OpenCV), with the properties QuPath reads
 (``objectType: detection``, ``classification.name`` = the modality, ``measurements``)
 plus ``label`` (the id in the label image), ``area_px`` and, when the pixel size is known,
 ``area_um2``. Features are written one at a time, so a whole slide's nuclei never sit in
@@ -23,38 +23,39 @@ from pathlib import Path
 import numpy as np
 from triageseg.datasets.atomic import atomic_path
 
+# Tracing resolution (see mask_polygon).
+_UP = 3
 # QuPath draws classified objects in their class colour; one fixed colour per modality name.
 _PALETTE = ((0, 200, 255), (255, 160, 0), (200, 0, 200), (0, 200, 0), (255, 60, 60))
 
 
-def mask_polygon(mask: np.ndarray, top: int = 0, left: int = 0, *, tolerance: float = 0.5) -> list[list[float]] | None:
+def mask_polygon(mask: np.ndarray, top: int = 0, left: int = 0) -> list[list[float]] | None:
     """Closed outline ``[[x, y], ...]`` of the largest piece of a boolean mask, in image pixel coordinates.
+
+    The mask is traced at 3x resolution (OpenCV, straight runs merged), so the outline runs
+    1/6 px inside the pixel edges: its area is within a few percent of the pixel count.
 
     Args:
         mask: 2-D boolean crop of one object.
         top, left: where the crop lies in the image.
-        tolerance: polygon simplification in pixels (Douglas-Peucker; 0 keeps every vertex).
 
     Returns:
         The ring (first vertex repeated at the end), or None for an empty mask.
     """
-    from skimage.measure import approximate_polygon, find_contours
+    import cv2
 
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if not mask.any():
         return None
-    padded = np.pad(mask, 1).astype(np.uint8)
-    contours = find_contours(padded, 0.5)
-    if not contours:
-        return None
-    ring = max(contours, key=len)
-    if tolerance > 0:
-        ring = approximate_polygon(ring, tolerance)
-    # contour (row, col) in the padded crop runs between pixel centres; QuPath puts pixel (r, c)'s
-    # centre at (c + 0.5, r + 0.5)
-    xy = [[round(float(c) - 1 + left + 0.5, 2), round(float(r) - 1 + top + 0.5, 2)] for r, c in ring]
-    if xy[0] != xy[-1]:
-        xy.append(list(xy[0]))
-    return xy
+    padded = cv2.copyMakeBorder(np.ascontiguousarray(mask, dtype=np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    fine = cv2.resize(padded, None, fx=_UP, fy=_UP, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(fine, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    ring = max(contours, key=len)[:, 0, :].astype(np.float64)
+    # centre of a fine pixel, back in image pixels (pixel (r, c) spans [c, c+1) x [r, r+1))
+    xy = (ring + 0.5) / _UP - 1.0 + np.array([left, top], np.float64)
+    points = np.round(xy, 3).tolist()
+    return points + [points[0]]
 
 
 class GeoJSONWriter:
