@@ -49,7 +49,10 @@ class TriagesegWidget(QWidget):
     """
 
     def __init__(self, napari_viewer):
+        from triageseg.napari_plugin.llvm_guard import keep_triton_out
+
         super().__init__()
+        keep_triton_out()  # before any job imports torch
         self.viewer = napari_viewer
         self.bundle: str | None = None
         self.worker = None

@@ -154,7 +154,8 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
     def result_file(token: str, name: str):
         found = workspace.lookup(token, name)
         if found is None:
-            return _error(404, f"no result file {name!r} for id {token!r} (the newest {workspace.keep} results are kept)")
+            return _error(404, f"no result file {name!r} for id {token!r} "
+                               f"(the newest {workspace.keep} results are kept)")
         path, download = found
         if RESULT_FILES[name][1]:
             return FileResponse(path, filename=download)
