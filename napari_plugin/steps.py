@@ -66,13 +66,19 @@ class Failure:
     message: str
 
 
-def layer_pixels(data, *, rgb: bool, name: str) -> np.ndarray:
+def layer_pixels(data, *, rgb: bool, name: str, multiscale: bool = False) -> np.ndarray:
     """The 2-D pixels of an image layer: HxW gray or HxWx3/4 colour, any integer or float dtype.
+
+    Args:
+        data: the layer's data (for a multiscale layer, its levels; the full resolution is used).
+        rgb: whether the layer's last axis is colour.
+        name: the layer's name, for messages.
+        multiscale: whether ``data`` holds pyramid levels.
 
     Raises:
         DataError: a stack (more than 2 spatial dimensions) or a channel count that is not colour.
     """
-    array = np.asarray(data[0] if isinstance(data, (list, tuple)) else data)  # multiscale: full resolution
+    array = np.asarray(data[0] if multiscale else data)
     spatial = array.ndim - (1 if rgb else 0)
     if spatial != 2 or (rgb and array.shape[-1] not in (3, 4)):
         raise DataError(name, f"the layer holds a {spatial}-D image of shape {array.shape}; "

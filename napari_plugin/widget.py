@@ -185,7 +185,7 @@ class TriagesegWidget(QWidget):
             self.status.setText("choose a bundle and an image layer first")
             return
         try:
-            pixels = layer_pixels(layer.data, rgb=layer.rgb, name=layer.name)
+            pixels = layer_pixels(layer.data, rgb=layer.rgb, name=layer.name, multiscale=layer.multiscale)
         except DataError as err:
             self.status.setText(f"error: {err}")
             return

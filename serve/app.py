@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
         try:
             result = analyse_file(pipe, path, out, filename=name, modality=modality)
         except BaseException:
-            import shutil
-
             shutil.rmtree(out, ignore_errors=True)
             raise
         finally:

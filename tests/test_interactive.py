@@ -157,3 +157,17 @@ def test_llvm_guard_reads_the_process_maps():
     mesa = "7f0a-7f0b r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n"
     plain = "7f0a-7f0b r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libGL.so.1\n"
     assert llvm_loaded(plain + mesa) and not llvm_loaded(plain)
+
+
+def test_layer_pixels_takes_2d_gray_rgb_and_the_full_resolution_of_a_pyramid():
+    from triageseg.napari_plugin.steps import layer_pixels
+
+    gray = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    assert np.array_equal(layer_pixels(gray, rgb=False, name="g"), gray)
+    assert layer_pixels(np.zeros((3, 4, 3), np.uint8), rgb=True, name="c").shape == (3, 4, 3)
+    pyramid = [np.ones((8, 8), np.float32), np.ones((4, 4), np.float32)]
+    assert layer_pixels(pyramid, rgb=False, name="p", multiscale=True).shape == (8, 8)
+    with pytest.raises(DataError, match=r"^z: the layer holds a 3-D image of shape \(2, 3, 4\)"):
+        layer_pixels(np.zeros((2, 3, 4)), rgb=False, name="z")
+    with pytest.raises(DataError, match="a 2-D image of shape"):
+        layer_pixels(np.zeros((3, 4, 5)), rgb=True, name="five")
