@@ -68,6 +68,29 @@ def _too_large(name: str, size: int, config: ServeConfig) -> str:
             f"({_size(size)} sent); start the server with a larger --max-upload-mb")
 
 
+def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modality: str | None,
+            queued_at: float) -> dict:
+    """One upload on the device thread: analyse it into its result folder, then remove the upload."""
+    started = time.time()
+    out = workspace.result_dir(token)
+    try:
+        result = analyse_file(pipe, path, out, filename=name, modality=modality)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        workspace.discard_upload(token)
+    workspace.keep_result(token, Path(name).stem)
+    result.update(
+        id=token,
+        files={key: f"/api/results/{token}/{key}" for key in RESULT_FILES},
+        queued_seconds=round(started - queued_at, 3),
+        started_at=started,
+        finished_at=time.time(),
+    )
+    return result
+
+
 def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: DeviceQueue) -> FastAPI:
     """The FastAPI application serving ``pipe`` (a loaded :class:`~triageseg.pipeline.single.Pipeline`).
 
@@ -80,26 +103,6 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
     # the interactive API docs load their script from a CDN; this server works offline
     app = FastAPI(title="triageseg", version=__version__, docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
-
-    def job(token: str, path: Path, name: str, modality: str | None, queued_at: float) -> dict:
-        started = time.time()
-        out = workspace.result_dir(token)
-        try:
-            result = analyse_file(pipe, path, out, filename=name, modality=modality)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-        finally:
-            workspace.discard_upload(token)
-        workspace.keep_result(token, Path(name).stem)
-        result.update(
-            id=token,
-            files={key: f"/api/results/{token}/{key}" for key in RESULT_FILES},
-            queued_seconds=round(started - queued_at, 3),
-            started_at=started,
-            finished_at=time.time(),
-        )
-        return result
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -133,7 +136,7 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
                 return _error(413, _too_large(name, size, config))
             if forced is not None:
                 pipe.check_modality(forced)  # before the image is queued and decoded
-            future = queue.submit(job, token, path, name, forced, time.time())
+            future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
             submitted = True
             return await asyncio.wrap_future(future)
         except BundleError as err:  # a broken model file: the message names it
