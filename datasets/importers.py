@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from triageseg.datasets.atomic import current_umask
 from triageseg.datasets.errors import DataError
 
 # (foreground, background) colours of DSB 2018 classes.csv -> modality.
@@ -66,6 +67,8 @@ def _staging(dst: Path, *, overwrite: bool) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.importing-"))
     try:
         yield stage
+        # mkdtemp makes the folder private (0700): the dataset gets the usual umask permissions.
+        os.chmod(stage, 0o777 & ~current_umask())
         if dst.is_dir():
             shutil.rmtree(dst)
         os.replace(stage, dst)
