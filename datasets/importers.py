@@ -265,6 +265,7 @@ def import_dsb2018(
     modality_of: dict[str, str] = {}
     unmapped: dict[tuple[str, str], int] = {}
     overlap_total = 0
+    no_masks: list[str] = []
     with _staging(dst, overwrite=overwrite) as stage:
         for key in ids:
             folder = src / key
@@ -290,6 +291,7 @@ def import_dsb2018(
                 overlap_total += overlap
             else:
                 labels = np.zeros(shape, np.uint32)
+                no_masks.append(key)
             _copy_file(image_path, stage / "images" / f"{key}.png")
             write_labels(stage / "labels" / f"{key}.tif", labels)
             pair = classes.get(key) or classes.get(image_id(image_path.name))
@@ -307,6 +309,9 @@ def import_dsb2018(
                 notes.append(f"{count} image(s) with classes {fg}/{bg} not in the modality map: 'unknown'")
         if overlap_total:
             notes.append(f"{overlap_total} pixel(s) claimed by several masks went to the smaller mask")
+        if no_masks:
+            shown = ", ".join(no_masks[:10]) + (f" and {len(no_masks) - 10} more" if len(no_masks) > 10 else "")
+            notes.append(f"{len(no_masks)} image(s) with an empty masks/ folder imported with no nuclei: {shown}")
         notes.append(
             "stage1_train has no validation split: drew a stratified "
             f"{1 - val_fraction:.0%}/{val_fraction:.0%} train/val split (seed {seed})"
