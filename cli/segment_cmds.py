@@ -49,6 +49,22 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     return files, names
 
 
+def input_folders(inputs: tuple[str, ...]) -> list[Path]:
+    """The folders INPUTS read from: folder inputs, and the fixed folder each glob starts in."""
+    folders = []
+    for item in inputs:
+        if Path(item).is_dir():
+            folders.append(Path(item))
+        elif glob.has_magic(item):
+            fixed = []
+            for part in Path(item).parts:
+                if glob.has_magic(part):
+                    break
+                fixed.append(part)
+            folders.append(Path(*fixed) if fixed else Path("."))
+    return folders
+
+
 def _common_options(func):
     for option in reversed(
         [
@@ -109,9 +125,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
 
     files, names = expand_inputs(inputs, recursive=recursive)
     out = Path(out_dir)
-    folders = [item for item in inputs if Path(item).is_dir()]
     try:
-        check_outputs_apart(files, names, out, folders=folders, recursive=recursive)
+        check_outputs_apart(files, names, out, folders=input_folders(inputs), recursive=recursive)
     except OutputConflict as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from None
     pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import imagecodecs
@@ -49,11 +50,12 @@ def test_a_bad_modalities_header_is_shown_as_it_is(tmp_path):
 @pytest.fixture
 def manifest_of(tiny_bundle, tmp_path):
     root = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, root)
+    shutil.copytree(tiny_bundle, root, copy_function=os.link)  # hard links: only bundle.json is rewritten
 
     def edit(**fields):
         manifest = json.loads((root / B.MANIFEST).read_text())
         manifest.update(fields)
+        (root / B.MANIFEST).unlink()  # a new file, not the hard-linked one
         (root / B.MANIFEST).write_text(json.dumps(manifest))
         return root
 
@@ -84,7 +86,7 @@ def test_segmenter_entries_must_be_folder_names_inside_the_bundle(manifest_of, t
 
     root = manifest_of(segmenters=["he", entry])
     if entry == "../../outside":  # a real model there must not be reachable
-        shutil.copytree(B.segmenter_dir(root, "he"), B.segmenter_dir(root, entry).resolve())
+        shutil.copytree(B.segmenter_dir(root, "he"), B.segmenter_dir(root, entry).resolve(), copy_function=os.link)
     with pytest.raises(BundleError) as info:
         Pipeline.from_bundle(root, device="cpu")
     assert "bundle.json" in str(info.value) and repr(entry) in str(info.value)

@@ -76,6 +76,10 @@ def test_out_inside_a_folder_read_recursively_is_refused(tiny_bundle, tmp_path):
     assert res.exit_code == 2, res.output
     assert "--recursive" in res.output and str(folder) in res.output
     assert not out.exists()
+    res = CliRunner().invoke(_cli(), ["segment", str(folder / "**" / "*.tif"), "--recursive", "--bundle",
+                                      str(tiny_bundle), "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "--recursive" in res.output  # a glob reads from its fixed folder
+    assert not out.exists()
 
 
 def test_segment_files_refuses_to_overwrite_or_shadow_an_input(tiny_bundle, tmp_path):
@@ -267,7 +271,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_sigterm_stops_workers_and_the_resource_tracker(tiny_bundle, tmp_path):
-    files = _tiffs(tmp_path / "d", 60)
+    files = _tiffs(tmp_path / "d", 40)
     out = tmp_path / "out"
     script = Path(sys.executable).with_name("triageseg")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "triageseg"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -61,16 +61,6 @@ def test_interrupted_run_keeps_the_old_model_and_a_rerun_without_resume_is_refus
     assert not (run / CHECKPOINT_DIR).exists()
 
 
-def test_overwrite_starts_afresh_over_an_interrupted_run(synth_data, tmp_path):
-    run = tmp_path / "run"
-    with pytest.raises(Stop):
-        train_segmenter(TINY, synth_data, run, device="cpu", progress=False, report=_stop_after_first)
-    epochs = []
-    train_segmenter(TINY, synth_data, run, device="cpu", progress=False, overwrite=True,
-                    report=lambda e, m, d: epochs.append(e))
-    assert epochs == [1, 2]  # from the first epoch, not resumed
-
-
 def test_cli_refuses_a_rerun_and_the_interrupt_message_gives_the_resume_command(synth_data, tmp_path,
                                                                                   monkeypatch):
     from triageseg.cli import train_segmenter_cmd  # noqa: F401  (registers the commands)
@@ -94,16 +84,26 @@ def test_cli_refuses_a_rerun_and_the_interrupt_message_gives_the_resume_command(
     res = runner.invoke(cli, args)
     assert res.exit_code == 130, res.output
     assert "to resume, run: " + shlex.join(["triageseg", *args, "--resume"]) in res.output
-    assert {name: (run / name).read_bytes() for name in OLD_FILES} == old
+    assert {name: (run / name).read_bytes() for name in OLD_FILES} == old  # train_config.json too
     monkeypatch.setattr(train_module, "train_segmenter", real)
 
     res = runner.invoke(cli, args)
     assert res.exit_code == 1 and "--resume" in res.output and "--overwrite" in res.output
     assert (run / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
-    res = runner.invoke(cli, [*args, "--resume"])
+    assert runner.invoke(cli, [*args, "--resume", "--overwrite"]).exit_code == 2
+
+    epochs = []
+
+    def recorded(*a, **kw):
+        return real(*a, **kw, report=lambda e, m, d: epochs.append(e))
+
+    monkeypatch.setattr(train_module, "train_segmenter", recorded)
+    res = runner.invoke(cli, [*args, "--overwrite"])
     assert res.exit_code == 0, res.output
+    assert epochs == [1, 2]  # afresh from the first epoch, not resumed
     assert "fluorescence: 2 epochs" in res.output
     assert TrainConfig.from_json(run / "train_config.json") == TINY
+    assert not (run / CHECKPOINT_DIR).exists()
 
 
 def _interrupt_after_first(epoch, metrics, run_dir):
