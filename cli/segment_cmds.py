@@ -100,7 +100,8 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes for watershed and writing (0: in the main process).")
 @click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")
-@click.option("--overwrite", is_flag=True, help="Redo inputs whose label file exists (default: skip them, i.e. resume).")
+@click.option("--overwrite", is_flag=True,
+              help="Redo inputs whose label file exists, whatever settings made it (default: skip them, i.e. resume).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")

@@ -255,7 +255,8 @@ def _pick_page(path: Path, array: np.ndarray, axes: str, page: int) -> tuple[np.
     if not planes:
         if page == 0:
             return array, axes  # the only plane
-        raise DataError(path, f"page {page} requested but the file holds one plane (page 0; shape {tuple(array.shape)})")
+        raise DataError(path, f"page {page} requested but the file holds one plane (page 0; shape "
+                              f"{tuple(array.shape)})")
     if len(planes) > 1:
         raise DataError(
             path, f"page {page} is ambiguous: the planes run along {len(planes)} axes (axes {axes!r}, shape "

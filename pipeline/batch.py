@@ -201,7 +201,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
         rows[name] = row
         if write:
             _write_routing(routing_path, rows)
-        journal.done(name)
+            journal.done(name)
 
     def finish_first() -> None:
         path, name, row, fut = pending[0]
@@ -264,18 +264,20 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             if pending:  # interrupted: keep the rows of the jobs the workers finished
-                _keep_finished(pending, record, routing_path, rows)
+                _keep_finished(pending, record, routing_path, rows, journal)
 
 
-def _keep_finished(pending, record, routing_path: Path, rows: dict[str, dict]) -> None:
-    kept = 0
+def _keep_finished(pending, record, routing_path: Path, rows: dict[str, dict], journal: RoutingJournal) -> None:
+    kept = []
     for _path, name, row, fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             record(name, row, fut.result(), write=False)
-            kept += 1
+            kept.append(name)
     if kept:
-        with contextlib.suppress(OSError):  # the journal still holds them
+        with contextlib.suppress(OSError):  # if routing.csv cannot be written, the journal still holds them
             _write_routing(routing_path, rows)
+            for name in kept:
+                journal.done(name)
 
 
 @contextlib.contextmanager
@@ -421,7 +423,7 @@ def check_outputs_apart(
                                           "choose one outside it")
     resolved = {Path(p).resolve(): Path(p) for p in inputs}
     fixed = [out / ROUTING_CSV, out / SEGMENT_CONFIG, out / FAILURES_CSV]
-    for path, name in zip(inputs, names):
+    for path, name in zip(inputs, names, strict=True):
         for target in (out / f"{name}.tif", out / f"{name}.rois.zip", out / "overlays" / f"{name}.png", *fixed):
             if target in resolved:
                 raise OutputConflict(resolved[target], f"the output {target} would overwrite the input "
@@ -493,7 +495,8 @@ def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str |
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             found = (int(page.imagelength), int(page.imagewidth))
-            end = max((int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            extents = zip(page.dataoffsets, page.databytecounts, strict=True)
+            end = max((int(o) + int(n) for o, n in extents), default=0)
     except Exception as err:  # noqa: BLE001 - tifffile raises many types for broken files
         return f"not a readable TIFF ({err})"
     if end > size:

@@ -35,7 +35,7 @@ def test_cluster_reads_known_modalities_from_excel_or_spaced_csv(tmp_path, text)
         imagecodecs.imwrite(tmp_path / f"{name}.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "modalities.csv").write_bytes(text.encode("utf-8"))
     ids, _, known = _list_images(tmp_path)
-    assert dict(zip(ids, known)) == {"img0": "he", "img1": "fluorescence"}
+    assert dict(zip(ids, known, strict=True)) == {"img0": "he", "img1": "fluorescence"}
 
 
 def test_a_bad_modalities_header_is_shown_as_it_is(tmp_path):
