@@ -28,6 +28,28 @@ def synth_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle of untrained models: router, three specialists (fluorescence, brightfield, he) and a generalist."""
+    import torch
+
+    from triageseg import bundle as B
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
+
+    mods = ("fluorescence", "brightfield", "he")
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle") / "bundle"
+    rcfg = RouterConfig(class_names=mods, image_size=32)
+    save_router(B.router_dir(root), create_router(rcfg), rcfg)
+    for name in (*mods, B.GENERALIST):
+        cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32,
+                              modality=None if name == B.GENERALIST else name)
+        save_segmenter(B.segmenter_dir(root, name), create_segmenter(cfg), cfg, params=None)
+    B.update_manifest(root, modalities=list(mods))
+    return root
+
+
+@pytest.fixture(scope="session")
 def constant_bundle(tmp_path_factory):
     """A bundle whose results are known exactly: an untrained router, segmenters with constant output.
 

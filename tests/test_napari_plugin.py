@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -146,11 +147,20 @@ def test_widget_shows_errors_and_goes_on(make_napari_viewer, qtbot, constant_bun
         "error: stack: the layer holds a 3-D image of shape (5, 32, 32); select a 2-D gray or RGB image "
         "layer (for a stack, one plane as its own layer)")
 
-    # an error inside the worker (a tile too small for the model's overlap) lands in the widget
+    # an error inside the worker (a model file broken after the bundle was chosen) lands in the widget
+    broken = tmp_path / "broken_bundle"
+    shutil.copytree(constant_bundle, broken)
+    widget.bundle_edit.clear()
+    qtbot.keyClicks(widget.bundle_edit, str(broken))
+    qtbot.keyClick(widget.bundle_edit, Qt.Key.Key_Return)
+    assert widget.bundle == str(broken)
+    weights = broken / "segmenters" / "he" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     viewer.add_image(np.zeros((40, 40), np.uint8), name="flat")
-    widget.tile_spin.setValue(64)
+    widget.modality_combo.setCurrentText("he")
     _click_and_wait(qtbot, widget, widget.segment_button)
-    assert widget.status.text() == "error: overlap must be in [0, tile_size/2), got 32 for tile 64"
+    assert widget.status.text().startswith(f"error: {weights}: ")
+    assert widget.progress.value() == 0
     assert "flat labels" not in [layer.name for layer in viewer.layers]
 
 
