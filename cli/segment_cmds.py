@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 import click
@@ -54,6 +53,22 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     return files, names
 
 
+def input_folders(inputs: tuple[str, ...]) -> list[Path]:
+    """The folders INPUTS read from: folder inputs, and the fixed folder each glob starts in."""
+    folders = []
+    for item in inputs:
+        if Path(item).is_dir():
+            folders.append(Path(item))
+        elif glob.has_magic(item):
+            fixed = []
+            for part in Path(item).parts:
+                if glob.has_magic(part):
+                    break
+                fixed.append(part)
+            folders.append(Path(*fixed) if fixed else Path("."))
+    return folders
+
+
 def _common_options(func):
     for option in reversed(
         [
@@ -61,11 +76,20 @@ def _common_options(func):
                          help="Model bundle (from `triageseg train all`)."),
             click.option("--recursive", is_flag=True, help="Descend into subfolders of folder inputs."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-            click.option("--channel", type=int, default=None, help="Channel to use for 2- or >3-channel images."),
+            click.option("--channel", type=click.IntRange(min=0), default=None,
+                         help="Channel to use for 2- or >3-channel images (or of the pages of a 2-4 page TIFF)."),
+            click.option("--page", type=click.IntRange(min=0), default=None,
+                         help="Plane to read from multi-page TIFFs (a stack, or 2-4 pages without axis metadata)."),
         ]
     ):
         func = option(func)
     return func
+
+
+def _tile_size(ctx, param, value: int | None) -> int | None:
+    if value is not None and (value < 32 or value % 32):
+        raise click.BadParameter(f"{value} is not a positive multiple of 32 (e.g. 256, 512)", ctx=ctx, param=param)
+    return value
 
 
 @cli.command("segment")
@@ -73,12 +97,15 @@ def _common_options(func):
 @_common_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--modality", default=None, help="Force this specialist and skip the router.")
-@click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the model's).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per forward pass.")
-@click.option("--workers", type=int, default=0, show_default=True,
+@click.option("--tile-size", type=int, default=None, callback=_tile_size,
+              help="Tile side in pixels, a multiple of 32 (default: the model's). A tile too small for the "
+                   "model's overlap gets an overlap of a quarter tile.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes for watershed and writing (0: in the main process).")
 @click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")
-@click.option("--overwrite", is_flag=True, help="Redo inputs whose label file exists (default: skip them, i.e. resume).")
+@click.option("--overwrite", is_flag=True,
+              help="Redo inputs whose label file exists, whatever settings made it (default: skip them, i.e. resume).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")
@@ -94,22 +121,24 @@ def _common_options(func):
               help="Context around each block in pixels (at least twice the largest nucleus diameter).")
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,
-            overwrite, on_error, overlays, rois, level, blocks_above, block_size, block_margin, geojson, quiet):
+def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, tile_size, batch_size, workers,
+            tta, overwrite, on_error, overlays, rois, level, blocks_above, block_size, block_margin, geojson, quiet):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
     routing.csv (file, modality, confidence, model used, objects, seconds) in --out.
-    Inputs whose outputs exist are skipped unless --overwrite, so an interrupted run
-    resumes. Images above --blocks-above megapixels (and every --level > 0 or SVS input)
-    are read lazily and segmented block by block into a tiled pyramidal TIFF, resumable
-    from their finished blocks. Exit code 0 when every input was segmented or skipped; 1
-    when a bad input stopped the run (--on-error fail) or was skipped (--on-error skip).
+    Inputs whose outputs exist and verify are skipped unless --overwrite, so an
+    interrupted run resumes (with the settings recorded in segment_config.json).
+    --out may not overwrite or shadow an input. Images above --blocks-above megapixels
+    (and every --level > 0 or SVS input) are read lazily and segmented block by block
+    into a tiled pyramidal TIFF, resumable from their finished blocks. Exit code 0 when
+    every input was segmented or skipped; 1 when a bad input stopped the run (--on-error
+    fail) or was skipped (--on-error skip, listed in failures.csv); 2 for a usage error.
     """
     from tqdm import tqdm
 
-    from triageseg.datasets.atomic import write_json_atomic
     from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.batch import OutputConflict, check_outputs_apart
     from triageseg.pipeline.large import BlockOptions
 
     try:
@@ -118,22 +147,23 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--block-margin") from None
     files, names = expand_inputs(inputs, recursive=recursive)
-    pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "segment_config.json", {
-        "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
-        "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
-        "level": level, "blocks_above_mp": blocks_above if blocks_above != float("inf") else None, "block_size": block_size, "block_margin": block_margin,
-        "geojson": geojson, "n_inputs": len(files),
-    })
+    try:
+        check_outputs_apart(files, names, out, folders=input_folders(inputs), recursive=recursive)
+    except OutputConflict as err:
+        raise click.BadParameter(str(err), param_hint="'--out'") from None
+    pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
         report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,
                                     on_error=on_error, workers=workers, overlays=overlays, rois=rois,
-                                    channel=channel, progress=lambda _p: bar.update(1), blocks=blocks)
+                                    channel=channel, page=page, progress=lambda _p: bar.update(1), blocks=blocks)
+    except OutputConflict as err:
+        raise click.UsageError(str(err)) from None
     finally:
         bar.close()
+    for target, problem in report.incomplete:
+        click.echo(f"note: {target} was incomplete ({problem}); segmented its input again", err=True)
     per_model = report.per_model()
     click.echo(
         f"segmented {len(report.written)} image(s), skipped {len(report.skipped)} already done, "
@@ -144,7 +174,11 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     for path, problem in report.failures:
         click.echo(f"failed: {path}: {problem}", err=True)
     if report.failures:
+        click.echo(f"failures listed in {out / 'failures.csv'}", err=True)
         raise SystemExit(1)
+
+
+segment.resumes_by_rerun = True  # the interrupt message names the command to run again
 
 
 @cli.command("route")
@@ -153,7 +187,7 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
-def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
+def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_error):
     """Triage only: print the modality, confidence and the model that would run for each INPUT."""
     import csv
     import io
@@ -167,7 +201,7 @@ def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
     rows, failures = [], []
     for path in files:
         try:
-            pred = pipe.route([read_image(path, channel=channel)])[0]
+            pred = pipe.route([read_image(path, channel=channel, page=page)])[0]
         except DataError as err:
             if on_error == "fail":
                 raise

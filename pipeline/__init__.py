@@ -5,6 +5,7 @@
 - :mod:`~triageseg.pipeline.blocks`, :mod:`~triageseg.pipeline.stitch`,
   :mod:`~triageseg.pipeline.large`: huge images block by block, stitched, streamed to disk.
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
+- :mod:`~triageseg.pipeline.interactive`: one image as the web page and napari show it (every probability).
 """
 
 from triageseg.pipeline.batch import ROUTING_COLUMNS, BatchReport, segment_files

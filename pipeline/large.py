@@ -69,6 +69,12 @@ class BlockOptions:
         if self.level < 0:
             raise ValueError(f"level must be >= 0, got {self.level}")
 
+    def to_config(self) -> dict:
+        """The settings as recorded in segment_config.json (JSON-ready: no threshold is ``None``)."""
+        return {"level": self.level, "block_size": self.block_size, "block_margin": self.margin,
+                "blocks_above_mp": self.threshold_mp if math.isfinite(self.threshold_mp) else None,
+                "geojson": self.geojson}
+
 
 def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
     """Whether ``path`` goes the block path: a pyramid level was asked for, a slide format, or a large image."""

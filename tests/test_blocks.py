@@ -16,7 +16,6 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 from skimage.draw import disk
-from test_pipeline import tiny_bundle  # noqa: F401 - the shared session fixture
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import normalize_image, read_labels, read_pixel_size
 from triageseg.pipeline.blocks import NormStats, plan_blocks, scan_image, segment_block
@@ -264,7 +263,7 @@ def test_lazy_image_reads_regions_levels_and_pixel_size(tmp_path):
         assert np.array_equal(image[5:9, 600:700], rgb[5:9, 600:700, 0])
 
 
-def test_truncated_or_non_tiled_giant_tiff_is_a_clear_error(tmp_path, tiny_bundle, monkeypatch):  # noqa: F811
+def test_truncated_or_non_tiled_giant_tiff_is_a_clear_error(tmp_path, tiny_bundle, monkeypatch):
     from triageseg.datasets import lazy
     from triageseg.pipeline import Pipeline
     from triageseg.pipeline.large import BlockOptions
@@ -385,7 +384,7 @@ def _mosaic(tmp_path):
     return path
 
 
-def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, tiny_bundle, monkeypatch):  # noqa: F811
+def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, tiny_bundle, monkeypatch):
     from triageseg.pipeline import Pipeline
     from triageseg.pipeline.large import BlockOptions
 
@@ -423,7 +422,7 @@ def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, ti
     assert not (tmp_path / "resumed" / ".mosaic.blocks").exists()
 
 
-def test_segment_cli_block_options(tmp_path, tiny_bundle):  # noqa: F811
+def test_segment_cli_block_options(tmp_path, tiny_bundle):
     from triageseg.cli.main import cli
 
     path = _mosaic(tmp_path)
