@@ -240,8 +240,8 @@ def segment_blocks(
         ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
     """
     from tqdm import tqdm
-    from triageseg.pipeline.geojson import GeoJSONWriter
     from triageseg.datasets.pyramid import write_pyramid
+    from triageseg.pipeline.geojson import GeoJSONWriter
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
