@@ -243,7 +243,8 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     if page is not None:
                         raise DataError(path, "page selection is not available for images segmented block-wise")
                     row = segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel,
-                                             options=blocks)
+                                             options=blocks, before_write=lambda r, n=name: journal.start(
+                                                 n, r, out_dir / f"{n}.tif"))
                 except Exception as err:  # noqa: BLE001
                     _fail(report, path, err, on_error)
                 else:

@@ -216,6 +216,7 @@ def segment_blocks(
     pixel_size: tuple[float, float] | None = None,
     progress: bool = False,
     name: str = "<array>",
+    before_write: Callable[[], None] | None = None,
 ) -> dict:
     """The block path for an array-like image: every block, stitched, streamed to ``out_path``.
 
@@ -234,6 +235,8 @@ def segment_blocks(
         pixel_size: microns per pixel (y, x), stored in the TIFF and used for areas.
         progress: show a progress bar over the blocks.
         name: the image's name in messages and metadata.
+        before_write: called just before the label file is written (e.g. to log its
+            routing row, so a crash right after the write loses nothing).
 
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks run now), ``candidates``,
@@ -259,6 +262,8 @@ def segment_blocks(
             for label, mask, top_left, area in kept_objects(grid, stitching, load):
                 out.add(label, mask, top_left, area)
     # the label file last: its presence marks the input as done for a resumed batch
+    if before_write is not None:
+        before_write()
     write_pyramid(out_path, grid.shape, stitching.dtype(),
                   _row_reader(grid, journal.folder, _OUTPUT_TILE, stitching.dtype()), tile=_OUTPUT_TILE,
                   pixel_size=pixel_size, name=Path(out_path).stem)
@@ -309,12 +314,16 @@ def segment_large_file(
     modality: str | None = None,
     channel: int | None = None,
     options: BlockOptions = BlockOptions(),
+    before_write: Callable[[dict], None] | None = None,
 ) -> dict:
     """Segment one huge image file block-wise into ``out_dir/<name>.tif`` (and ``<name>.geojson``).
 
     Routing uses an overview of the whole image and full-resolution crops; the router,
     segmenter and fallback policy are ``pipe``'s, as for small images. The journal
     ``out_dir/.<name>.blocks/`` keeps finished blocks until the outputs are complete.
+
+    ``before_write`` is called with the ``routing.csv`` row (without ``objects``) just
+    before the label file is written.
 
     Returns:
         The ``routing.csv`` row (without ``seconds``), with ``objects`` and ``mode = blocks``.
@@ -337,6 +346,10 @@ def segment_large_file(
                                "decision": decision})
         state = journal.state
         used = state["used_model"]
+        conf = state["confidence"]
+        row = {"file": str(path), "output": f"{name}.tif", "modality": state["modality"],
+               "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used, "decision": state["decision"],
+               "mode": "blocks"}
         tile, overlap, scale = pipe.tiling(used)
         grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin,
                            align=(tile / scale, (tile - overlap) / scale))
@@ -345,8 +358,6 @@ def segment_large_file(
             params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
+            before_write=None if before_write is None else lambda: before_write(dict(row)),
         )
-    conf = state["confidence"]
-    return {"file": str(path), "output": f"{name}.tif", "modality": state["modality"],
-            "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used, "decision": state["decision"],
-            "objects": summary["objects"], "mode": "blocks"}
+    return {**row, "objects": summary["objects"]}
