@@ -31,6 +31,7 @@ Usage:
     python benchmarks/bench_large.py --size 8000                      # smaller
     python benchmarks/bench_large.py --steps mosaic                   # memory, seams, speed only
     python benchmarks/bench_large.py --steps tiles                    # then the tiles, scored against it
+    python benchmarks/bench_large.py --size 8000 --rescore            # score an earlier run again
 """
 
 from __future__ import annotations
@@ -211,11 +212,16 @@ def tile_scores(pred_region, gt_path: Path, n: int, tile: int):
     return aggregate(results)
 
 
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Ids made consecutive (0 stays 0), so per-object tables stay small."""
+def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids made consecutive (0 stays 0), so per-object tables stay small; and the original id of each."""
     ids, inverse = np.unique(labels, return_inverse=True)
-    out = inverse.reshape(labels.shape).astype(np.int64)
-    return out if ids[0] == 0 else out + 1
+    if ids[0] != 0:
+        ids = np.concatenate([[0], ids])
+        inverse = inverse + 1
+    return inverse.reshape(labels.shape).astype(np.int64), ids
+
+
+_EIGHT = np.ones((3, 3), bool)
 
 
 def _band_defects(gt: np.ndarray, pred: np.ndarray, line: int) -> dict:
@@ -224,16 +230,17 @@ def _band_defects(gt: np.ndarray, pred: np.ndarray, line: int) -> dict:
     ``crossing``: GT nuclei with at least 20% of their area on each side (and not touching
     the band's ends). ``split``: such a nucleus overlapped (>= 10% of it each) by a predicted
     object lying >= 95% above the line and another >= 95% below. ``cut``: its best-matching
-    prediction lies >= 95% on one side and covers none of its other side. ``pieces``:
-    predicted objects touching the line whose pixels near it form two or more components.
+    prediction (>= 20% of it) lies >= 95% on one side and covers none of its other side.
+    ``pieces``: predicted objects touching the line whose pixels near it are not one
+    8-connected piece (the watershed's connectivity). Split and cut are sets of GT ids.
     """
     from scipy import ndimage as ndi
 
-    g, p = _relabel(gt), _relabel(pred)
+    (g, g_ids), (p, _) = _relabel(gt), _relabel(pred)
     g_area, g_up = np.bincount(g.ravel()), np.bincount(g[:line].ravel(), minlength=g.max() + 1)
     p_area, p_up = np.bincount(p.ravel()), np.bincount(p[:line].ravel(), minlength=p.max() + 1)
     p_side = np.where(p_up >= 0.95 * p_area, 1, np.where(p_up <= 0.05 * p_area, -1, 0))
-    out = {"crossing": 0, "split": 0, "cut": 0, "pieces": 0}
+    out = {"crossing": 0, "split": set(), "cut": set(), "pieces": 0}
     crossing = np.intersect1d(np.unique(g[line - 1]), np.unique(g[line]))
     crossing = crossing[(crossing > 0) & ~np.isin(crossing, np.concatenate([g[0], g[-1]]))]
     boxes = ndi.find_objects(g)
@@ -251,17 +258,17 @@ def _band_defects(gt: np.ndarray, pred: np.ndarray, line: int) -> dict:
             continue
         sides = {int(p_side[i]) for i, c in zip(ids, counts) if c >= 0.1 * g_area[k]}
         if {1, -1} <= sides:
-            out["split"] += 1
+            out["split"].add(int(g_ids[k]))
         best = int(ids[np.argmax(counts)])
         if p_side[best] != 0 and counts.max() >= 0.2 * g_area[k]:  # a real match, not a stray pixel
             other = mask & (~rows_up if p_side[best] == 1 else rows_up)
             if not (p[box][other] == best).any():
-                out["cut"] += 1
+                out["cut"].add(int(g_ids[k]))
     near = p[max(0, line - 40) : line + 40]
     touching = np.intersect1d(np.unique(p[line - 1]), np.unique(p[line]))
     pboxes = ndi.find_objects(near)
     for k in touching[touching > 0].tolist():
-        if ndi.label(near[pboxes[k - 1]] == k)[1] > 1:
+        if ndi.label(near[pboxes[k - 1]] == k, structure=_EIGHT)[1] > 1:
             out["pieces"] += 1
     return out
 
@@ -270,7 +277,7 @@ def seam_defects(gt_path: Path, pred_band, grid, reach: int = 64) -> dict:
     """Sum of :func:`_band_defects` over every core boundary of ``grid`` (horizontal and vertical)."""
     from triageseg.datasets.lazy import LazyImage
 
-    total = {"crossing": 0, "split": 0, "cut": 0, "pieces": 0}
+    total = {"crossing": 0, "split": set(), "cut": set(), "pieces": 0}
     h, w = grid.shape
     with LazyImage(gt_path) as gt:
         for axis, spans, length in ((0, grid.rows, h), (1, grid.cols, w)):
@@ -282,7 +289,7 @@ def seam_defects(gt_path: Path, pred_band, grid, reach: int = 64) -> dict:
                 else:
                     g, p = gt[0:h, lo:hi].T, pred_band(0, h, lo, hi).T
                 for key, value in _band_defects(np.ascontiguousarray(g), np.ascontiguousarray(p), b - lo).items():
-                    total[key] += value
+                    total[key] = total[key] | value if isinstance(value, set) else total[key] + value
     return total
 
 
@@ -338,12 +345,23 @@ def run_mosaic(args, work: Path, bundle: Path, run: bool = True) -> dict:
             "n_ids": n_ids, "margin": DEFAULT_MARGIN}
 
 
-def run_tiles(args, work: Path, bundle: Path, used: str, grid) -> dict:
+def _measured(work: Path, name: str, run, rerun: bool):
+    """``run()`` (its result saved as ``<name>_run.json``), or the saved result of an earlier run."""
+    path = work / f"{name}_run.json"
+    if rerun:
+        result = run()
+        path.write_text(json.dumps(result))
+        return result
+    return json.loads(path.read_text())
+
+
+def run_tiles(args, work: Path, bundle: Path, used: str, grid, run: bool = True) -> dict:
     """The same tiles one by one with model ``used``; scores of tiles and mosaic per tile."""
     from triageseg.datasets.io import read_labels
 
     out = work / "out_tiles"
-    wall, rss = run_child(segment_cmd([work / "tiles"], bundle, out, "--modality", used), work / "tiles.log")
+    wall, rss = _measured(work, "tiles", lambda: run_child(segment_cmd([work / "tiles"], bundle, out, "--modality",
+                                                                       used), work / "tiles.log"), run)
     print(f"tiles one by one: {wall:.0f} s, peak RSS {rss:.2f} GiB", flush=True)
     tile, n = args.tile, args.size // args.tile
     pred = work / "out_mosaic" / "mosaic.tif"
@@ -367,7 +385,7 @@ def run_tiles(args, work: Path, bundle: Path, used: str, grid) -> dict:
     return {"wall": wall, "rss": rss, "mosaic": mosaic, "tiles": tiles, "seams": seams}
 
 
-def run_crop(args, work: Path, bundle: Path, used: str) -> dict:
+def run_crop(args, work: Path, bundle: Path, used: str, run: bool = True) -> dict:
     """A crop segmented whole and block-wise, alternating; agreement and speed."""
     from triageseg.datasets.io import read_labels
     from triageseg.postprocess.metrics import match_image
@@ -375,17 +393,22 @@ def run_crop(args, work: Path, bundle: Path, used: str) -> dict:
     crop = work / f"crop{args.whole}.tif"
     if not crop.is_file():
         write_crop(work / "mosaic.tif", crop, args.whole)
-    runs: dict[str, list[tuple[float, float, float]]] = {"whole": [], "blocks": []}
-    order = (["whole", "blocks", "blocks", "whole"] * args.repeats)[: 2 * args.repeats]
-    for k, mode in enumerate(order):
-        out = work / f"out_{mode}"
-        flag = ["--blocks-above", "inf"] if mode == "whole" else ["--blocks-above", "0", "--block-size",
-                                                                   str(args.block_size)]
-        wall, rss = run_child(segment_cmd([crop], bundle, out, "--modality", used, *flag), work / f"{mode}{k}.log")
-        row = routing_row(out)
-        runs[mode].append((wall, rss, float(row["seconds"])))
-        print(f"crop {args.whole}x{args.whole} {mode}: {wall:.0f} s (routing.csv {row['seconds']} s), "
-              f"peak RSS {rss:.2f} GiB, mode {row['mode']}", flush=True)
+
+    def timed() -> dict:
+        runs: dict[str, list[tuple[float, float, float]]] = {"whole": [], "blocks": []}
+        order = (["whole", "blocks", "blocks", "whole"] * args.repeats)[: 2 * args.repeats]
+        for k, mode in enumerate(order):
+            out = work / f"out_{mode}"
+            flag = ["--blocks-above", "inf"] if mode == "whole" else ["--blocks-above", "0", "--block-size",
+                                                                       str(args.block_size)]
+            wall, rss = run_child(segment_cmd([crop], bundle, out, "--modality", used, *flag), work / f"{mode}{k}.log")
+            row = routing_row(out)
+            runs[mode].append((wall, rss, float(row["seconds"])))
+            print(f"crop {args.whole}x{args.whole} {mode}: {wall:.0f} s (routing.csv {row['seconds']} s), "
+                  f"peak RSS {rss:.2f} GiB, mode {row['mode']}", flush=True)
+        return runs
+
+    runs = _measured(work, "crop", timed, run)
     whole = read_labels(work / "out_whole" / crop.name)
     blocks = read_labels(work / "out_blocks" / crop.name)
     gt = _read(work / "mosaic_gt.tif", 0, args.whole, 0, args.whole)
@@ -408,11 +431,14 @@ def report(args, m: dict | None, t: dict | None, c: dict | None, used: str) -> N
         print(f"mosaic peak RSS of the segment child     {m['rss']:.2f} GiB   goal <= 3 GiB: {_goal(m['rss'] <= 3.0)}")
         print(f"mosaic block-wise                        {m['wall'] / mp:.3f} s/MP ({m['wall']:.0f} s wall)")
         print(f"seams: GT nuclei across a core boundary  {s['crossing']}")
-        defects = s["split"] + s["cut"]
-        base = "" if t is None or t["seams"] is None else \
-            f"  (tiles one by one: {t['seams']['split']} / {t['seams']['cut']})"
-        print(f"  split at the boundary / cut there      {s['split']} / {s['cut']}{base}  seam defects {defects}: "
-              f"{_goal(defects == 0)}")
+        defects = s["split"] | s["cut"]
+        print(f"  split at the boundary / cut there      {len(s['split'])} / {len(s['cut'])}: seam defects {len(defects)}"
+              f"  goal 0: {_goal(not defects)}")
+        if t is not None and t["seams"] is not None:
+            ts = t["seams"]
+            own = defects - (ts["split"] | ts["cut"])
+            print(f"  the same nuclei, tiles one by one      split {len(ts['split'])} / cut {len(ts['cut'])} (the model's "
+                  f"own errors); defects of the block path only: {len(own)}")
         print(f"  predicted ids in two pieces across it  {s['pieces']};  ids 1..{m['n_ids']} consecutive: "
               f"{m['consecutive']};  no duplicates: {_goal(s['pieces'] == 0 and m['consecutive'])}")
     if t is not None:
@@ -447,6 +473,8 @@ def main() -> None:
     parser.add_argument("--steps", default="mosaic,tiles,crop", help="which parts to run (comma-separated)")
     parser.add_argument("--work", default=str(ROOT / ".bench" / "large"), help="scratch folder (several GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rescore", action="store_true",
+                        help="run nothing: score the outputs of an earlier run in --work (its times and RSS as saved)")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
     if not steps <= {"mosaic", "tiles", "crop"}:
@@ -462,10 +490,11 @@ def main() -> None:
     n = args.size // args.tile
     print(f"mosaic {args.size}x{args.size} from {n * n} tiles of {args.tile}: ready ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    m = run_mosaic(args, work, bundle, run="mosaic" in steps) if steps & {"mosaic", "tiles"} else None
+    go = not args.rescore
+    m = run_mosaic(args, work, bundle, run=go and "mosaic" in steps) if steps & {"mosaic", "tiles"} else None
     used = m["row"]["used_model"] if m else "fluorescence"
-    t = run_tiles(args, work, bundle, used, m["grid"]) if "tiles" in steps else None
-    c = run_crop(args, work, bundle, used) if "crop" in steps else None
+    t = run_tiles(args, work, bundle, used, m["grid"], run=go) if "tiles" in steps else None
+    c = run_crop(args, work, bundle, used, run=go) if "crop" in steps else None
     report(args, m, t, c, used)
 
 
