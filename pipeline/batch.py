@@ -46,12 +46,12 @@ FAILURES_CSV = "failures.csv"
 JOURNAL = ".routing-journal.jsonl"
 # Settings that decide what the label images are: a resumed run must use the same ones.
 OUTPUT_SETTINGS = ("bundle", "modality", "tile_size", "tta", "channel", "page", "level")
+# Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
+_BLOCKWISE = object()
 
 
 class OutputConflict(DataError):
     """An output folder that would overwrite or shadow an input, or holds outputs made with other settings."""
-# Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
-_BLOCKWISE = object()
 
 
 @dataclass
