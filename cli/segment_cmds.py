@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
@@ -12,10 +13,11 @@ from triageseg.cli.groups import cli
 from triageseg.datasets.errors import DataError
 
 from triageseg.datasets.io import IMAGE_SUFFIXES
+from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S, is_uri
 
 
-def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path], list[str]]:
-    """Files, folders and globs -> (image files, output names).
+def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path | str], list[str]]:
+    """Files, folders and globs -> (image files, output names); URIs (s3://...) stay strings.
 
     Files from a folder keep their path below that folder in the output name
     (``sub/a.png`` -> ``sub__a``) so two files with the same stem do not collide.
@@ -23,6 +25,13 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     files: list[Path] = []
     names: list[str] = []
     for item in inputs:
+        if is_uri(item):
+            from triageseg.pipeline.storage import expand_uri
+
+            found_uris, found_names = expand_uri(item, IMAGE_SUFFIXES, recursive=recursive)
+            files.extend(found_uris)
+            names.extend(found_names)
+            continue
         path = Path(item)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
@@ -64,6 +73,28 @@ def _common_options(func):
     return func
 
 
+def _ray_options(func):
+    for option in reversed(
+        [
+            click.option("--address", default=None,
+                         help="Run on this Ray cluster: 'auto' (this machine is a node) or HOST:PORT."),
+            click.option("--ray", "use_ray", is_flag=True, help="Run on a Ray started on this machine for the run."),
+            click.option("--actors", default="auto", show_default=True,
+                         help="Actors per model on Ray: N, or MIN:MAX to autoscale; auto = 1 up to what fits."),
+            click.option("--cpus-per-actor", default=1.0, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True),
+                         help="CPUs per actor on Ray (also its torch threads)."),
+            click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                         help="GPUs per actor on Ray; fractions share a GPU (0.25 = four actors per GPU)."),
+            click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True),
+                         help="Seconds to wait for the cluster at --address before giving up."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
 @cli.command("segment")
 @click.argument("inputs", nargs=-1, required=True)
 @_common_options
@@ -80,8 +111,10 @@ def _common_options(func):
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")
 @click.option("--rois", is_flag=True, help="Also write <name>.rois.zip, an ImageJ/Fiji ROI set.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,
-            overwrite, on_error, overlays, rois, quiet):
+            overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor, gpus_per_actor,
+            connect_timeout):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -89,14 +122,32 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     Inputs whose outputs exist are skipped unless --overwrite, so an interrupted run
     resumes. Exit code 0 when every input was segmented or skipped; 1 when a bad
     input stopped the run (--on-error fail) or was skipped (--on-error skip).
+
+    With --address (or --ray) the run goes to a Ray cluster (README: "Segmenting a large
+    collection on a cluster"); inputs and --out may then be URIs (s3://...).
     """
     from tqdm import tqdm
 
     from triageseg.datasets.atomic import write_json_atomic
     from triageseg.pipeline import Pipeline
 
+    on_ray = address is not None or use_ray
+    cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
+                                       gpus_per_actor) if on_ray else None
     files, names = expand_inputs(inputs, recursive=recursive)
-    pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
+    if not on_ray and (is_uri(out_dir) or any(isinstance(f, str) for f in files)):
+        raise click.UsageError("URI inputs or --out need a Ray run: add --ray or --address")
+    pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
+                                batch_size=batch_size, tta=tta)
+    if on_ray:
+        report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
+                                 connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
+                                 on_error=on_error, overlays=overlays, rois=rois, channel=channel,
+                                 config={"bundle": os.path.abspath(bundle_path), "modality": modality,
+                                         "tile_size": tile_size, "batch_size": batch_size, "tta": tta,
+                                         "channel": channel, "n_inputs": len(files)})
+        _summary(report, out_dir)
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "segment_config.json", {
@@ -111,10 +162,16 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
                                     channel=channel, progress=lambda _p: bar.update(1))
     finally:
         bar.close()
+    _summary(report, out)
+
+
+def _summary(report, out) -> None:
+    """The closing lines of `segment`, local or on Ray; exit code 1 when any input failed."""
     per_model = report.per_model()
+    rate = f" ({len(report.written) / report.seconds:.2f} images/s)" if report.written and report.seconds > 0 else ""
     click.echo(
         f"segmented {len(report.written)} image(s), skipped {len(report.skipped)} already done, "
-        f"{len(report.failures)} failed, in {report.seconds:.1f} s -> {out}"
+        f"{len(report.failures)} failed, in {report.seconds:.1f} s{rate} -> {out}"
     )
     if per_model:
         click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
@@ -167,3 +224,40 @@ def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
         click.echo(f"failed: {problem}", err=True)
     if failures:
         raise SystemExit(1)
+
+
+def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor):
+    """The Ray options of `segment`, checked before anything is loaded."""
+    from triageseg.pipeline.distributed import ClusterOptions, parse_actors
+
+    if workers:
+        raise click.UsageError("--workers is for local runs; on Ray, size the pools with --actors")
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and gpus_per_actor <= 0):
+        raise click.UsageError("on Ray the device follows --gpus-per-actor (> 0: cuda, else cpu); "
+                               f"--device {device} cannot be honoured")
+    try:
+        parse_actors(actors)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--actors") from None
+    return ClusterOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
+                          gpus_per_actor=gpus_per_actor, progress=not quiet)
+
+
+def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, config, **options):
+    """The Ray half of `segment`: connect (or start a local Ray), write segment_config.json, run."""
+    from triageseg.pipeline import storage
+    from triageseg.pipeline.distributed import segment_files_ray
+    from triageseg.ray_cluster import ray_connection
+
+    out = out_dir if is_uri(out_dir) else str(Path(out_dir).resolve())
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    with ray_connection(cluster_options.address, quiet=quiet, log=log, connect_timeout=connect_timeout):
+        if not is_uri(out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+        gpus = cluster_options.gpus_per_actor
+        storage.write_text(storage.join(out, "segment_config.json"), json.dumps({
+            **config, "device": "cuda" if gpus > 0 else "cpu", "address": cluster_options.address or "local",
+            "actors": cluster_options.actors, "cpus_per_actor": cluster_options.cpus_per_actor,
+            "gpus_per_actor": gpus,
+        }, indent=2) + "\n")
+        return segment_files_ray(pipe, files, out, names=names, cluster_options=cluster_options, log=log, **options)
