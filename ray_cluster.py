@@ -138,7 +138,9 @@ def check_storage(
 
 
 def _bootstrap_address(address: str) -> str | None:
-    """HOST:PORT that ``ray.init(address=...)`` would contact (RAY_ADDRESS, 'auto' resolved)."""
+    """HOST:PORT of the head for ``address``: as given, or resolved as ray.init does ('auto', RAY_ADDRESS)."""
+    if address != "auto" and not os.environ.get("RAY_ADDRESS"):
+        return address
     try:
         from ray._private.services import canonicalize_bootstrap_address
 

@@ -367,7 +367,9 @@ class _Run:
                 _fail(self.report, _as_input(item["file"]), DataError(where, err.problem), self.on_error)
                 continue
             yield item, row
-        self.report.passes.append((label, n, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.report.passes.append((label, n, seconds))
+        self.log(f"{label}: done in {seconds:.1f} s")
 
     def route(self) -> dict[str, list[dict]]:
         """The routing pass: the segmenter each input goes to, as ``Pipeline.decide`` chose it."""
