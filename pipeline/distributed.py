@@ -44,7 +44,8 @@ from triageseg.pipeline.ray_stages import BundleSource, RouteActor, SegmentActor
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 
 Log = Callable[[str], None]
-STAGES = ("read", "route", "segment", "write")
+# Task seconds the report sums: loading models (once per actor) apart from the per-image stages.
+STAGES = ("read", "load", "route", "segment", "write")
 
 
 def _echo(message: str) -> None:
@@ -243,8 +244,9 @@ def _configure_ray_data(progress: bool) -> None:
     ctx = rd.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
-    # Ray Data's INFO lines (execution plans, log folders) would bury the progress bars.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's INFO lines (execution plans, log folders) would bury the progress bars,
+    # and without bars its one warning is that they are off.
+    logging.getLogger("ray.data").setLevel(logging.WARNING if progress else logging.ERROR)
 
 
 def _stage_times(report: DistributedReport, row: dict) -> None:
