@@ -125,7 +125,31 @@ def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(
             bundle / MANIFEST, f"unknown bundle format version {fmt!r} (this triageseg reads {BUNDLE_FORMAT})"
         )
+    _check_manifest(bundle / MANIFEST, manifest)
     return manifest
+
+
+def is_run_name(name: object) -> bool:
+    """Whether ``name`` is a plain folder name (a run folder inside the bundle, never a path out of it)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name))
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse values a loader would misread: they come from a file anyone may have edited."""
+    segmenters = manifest.get("segmenters", [])
+    if not isinstance(segmenters, list):
+        raise BundleError(path, f"segmenters must be a list of folder names, got {segmenters!r}")
+    for name in segmenters:
+        if not is_run_name(name):
+            raise BundleError(path, f"segmenters entry {name!r} is not a folder name inside segmenters/ "
+                                    "(no path separators, '.', '..' or absolute paths)")
+    fallback = manifest.get("fallback", {})
+    if not isinstance(fallback, dict):
+        raise BundleError(path, f"fallback must be an object, got {fallback!r}")
+    threshold = fallback.get("confidence_threshold", 0.6)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise BundleError(path, f"fallback.confidence_threshold must be a number in [0, 1], got {threshold!r}")
 
 
 def update_manifest(bundle: str | os.PathLike, **fields: Any) -> dict[str, Any]:

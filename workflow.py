@@ -172,10 +172,12 @@ def train_bundle(
         log(f"[{name}] training {cfg.epochs} epochs x {cfg.steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"crop {cfg.crop_size})" + (" from the shared base" if cfg.init_from else ""))
         if run_dir is not None:
+            # `train all` does not resume: a checkpoint left by an interrupted run is replaced (with a note)
             res = train_segmenter(cfg.replace(tune_postprocess=False), data_root, run_dir, device=device,
-                                  progress=progress)
+                                  progress=progress, overwrite=True)
         else:
-            res = train_segmenter_into_bundle(cfg, data_root, bundle_dir, device=device, progress=progress)
+            res = train_segmenter_into_bundle(cfg, data_root, bundle_dir, device=device, progress=progress,
+                                              overwrite=True)
         summary["seconds"][name] = round(time.perf_counter() - t0, 1)
         summary["steps"][name] = cfg.epochs * cfg.steps_per_epoch
         summary["val_mean_f1"][name] = round(res.val_mean_f1_tuned, 4)

@@ -12,6 +12,7 @@ from triageseg.cli.groups import data
 # Kept here (not imported from datasets.synth) so `--help` stays import-light; a test
 # checks they agree.
 _MODALITIES = ("fluorescence", "brightfield", "he")
+_MAX_SIZE = 8192  # datasets.synth.MAX_SIZE
 
 
 def _summary(root: Path, seconds: float) -> str:
@@ -51,7 +52,8 @@ def _parse_weights(ctx, param, value: str | None):
     "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output dataset folder."
 )
 @click.option("--n", "n", default=100, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=16), help="Image side in pixels.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(16, _MAX_SIZE),
+              help=f"Image side in pixels (at most {_MAX_SIZE}).")
 @click.option(
     "--modalities",
     callback=_parse_modalities,

@@ -8,6 +8,7 @@ message naming the file and the problem. ``triageseg --debug ...`` (or
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import click
@@ -25,8 +26,31 @@ def _debug_enabled() -> bool:
     return flag or os.environ.get("TRIAGESEG_DEBUG", "") not in ("", "0")
 
 
+def _interrupt_message(ctx: click.Context) -> str:
+    """What to tell a user who pressed Ctrl-C (or sent SIGTERM): the exact command that resumes, when one does.
+
+    Commands with a ``--resume`` flag resume with it; ``segment`` resumes by running it again.
+    """
+    argv = ctx.meta.get("triageseg.argv")
+    name = ctx.invoked_subcommand
+    command = ctx.command.get_command(ctx, name) if isinstance(ctx.command, click.Group) and name else None
+    if argv is None or command is None:
+        return "interrupted: outputs written so far are complete"
+    line = shlex.join(["triageseg", *argv])
+    if any(param.name == "resume" for param in command.params):
+        return "interrupted: to resume, run: " + (line if "--resume" in argv else line + " --resume")
+    if getattr(command, "resumes_by_rerun", False):
+        return "interrupted: outputs written so far are complete; to resume, rerun: " + line
+    return "interrupted: outputs written so far are complete"
+
+
 class ErrorHandlingGroup(click.Group):
     """A click group that turns data errors into one-line messages and exit code 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # the outermost group sees the whole command line: kept for the interrupt message
+        ctx.meta.setdefault("triageseg.argv", list(args))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,7 +58,7 @@ class ErrorHandlingGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted: outputs written so far are complete; rerun to resume", err=True)
+            click.echo(_interrupt_message(ctx), err=True)
             sys.exit(130)
         except (DataError, FileNotFoundError, IsADirectoryError, PermissionError, OSError, ValueError) as err:
             if _debug_enabled():

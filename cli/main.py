@@ -11,6 +11,7 @@ from triageseg.cli import (  # noqa: F401
     demo_cmd,
     evaluate_cmd,
     segment_cmds,
+    serve_cmd,
     train_all_cmd,
     train_router_cmd,
     train_segmenter_cmd,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
-import os
 from pathlib import Path
 
 import click
@@ -59,6 +57,24 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     return files, names
 
 
+def input_folders(inputs: tuple[str, ...]) -> list[Path]:
+    """The folders INPUTS read from: folder inputs, and the fixed folder each glob starts in."""
+    folders = []
+    for item in inputs:
+        if is_uri(item):
+            continue
+        if Path(item).is_dir():
+            folders.append(Path(item))
+        elif glob.has_magic(item):
+            fixed = []
+            for part in Path(item).parts:
+                if glob.has_magic(part):
+                    break
+                fixed.append(part)
+            folders.append(Path(*fixed) if fixed else Path("."))
+    return folders
+
+
 def _common_options(func):
     for option in reversed(
         [
@@ -66,7 +82,10 @@ def _common_options(func):
                          help="Model bundle (from `triageseg train all`)."),
             click.option("--recursive", is_flag=True, help="Descend into subfolders of folder inputs."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-            click.option("--channel", type=int, default=None, help="Channel to use for 2- or >3-channel images."),
+            click.option("--channel", type=click.IntRange(min=0), default=None,
+                         help="Channel to use for 2- or >3-channel images (or of the pages of a 2-4 page TIFF)."),
+            click.option("--page", type=click.IntRange(min=0), default=None,
+                         help="Plane to read from multi-page TIFFs (a stack, or 2-4 pages without axis metadata)."),
         ]
     ):
         func = option(func)
@@ -95,41 +114,52 @@ def _ray_options(func):
     return func
 
 
+def _tile_size(ctx, param, value: int | None) -> int | None:
+    if value is not None and (value < 32 or value % 32):
+        raise click.BadParameter(f"{value} is not a positive multiple of 32 (e.g. 256, 512)", ctx=ctx, param=param)
+    return value
+
+
 @cli.command("segment")
 @click.argument("inputs", nargs=-1, required=True)
 @_common_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--modality", default=None, help="Force this specialist and skip the router.")
-@click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the model's).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per forward pass.")
-@click.option("--workers", type=int, default=0, show_default=True,
+@click.option("--tile-size", type=int, default=None, callback=_tile_size,
+              help="Tile side in pixels, a multiple of 32 (default: the model's). A tile too small for the "
+                   "model's overlap gets an overlap of a quarter tile.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes for watershed and writing (0: in the main process).")
 @click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")
-@click.option("--overwrite", is_flag=True, help="Redo inputs whose label file exists (default: skip them, i.e. resume).")
+@click.option("--overwrite", is_flag=True,
+              help="Redo inputs whose label file exists, whatever settings made it (default: skip them, i.e. resume).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.png with outlines on the image.")
 @click.option("--rois", is_flag=True, help="Also write <name>.rois.zip, an ImageJ/Fiji ROI set.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_ray_options
-def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, tile_size, batch_size, workers, tta,
-            overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor, gpus_per_actor,
+def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, tile_size, batch_size, workers,
+            tta, overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor, gpus_per_actor,
             connect_timeout):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
     routing.csv (file, modality, confidence, model used, objects, seconds) in --out.
-    Inputs whose outputs exist are skipped unless --overwrite, so an interrupted run
-    resumes. Exit code 0 when every input was segmented or skipped; 1 when a bad
-    input stopped the run (--on-error fail) or was skipped (--on-error skip).
+    Inputs whose outputs exist and verify are skipped unless --overwrite, so an
+    interrupted run resumes (with the settings recorded in segment_config.json).
+    --out may not overwrite or shadow an input. Exit code 0 when every input was
+    segmented or skipped; 1 when a bad input stopped the run (--on-error fail) or was
+    skipped (--on-error skip, listed in failures.csv); 2 for a usage error.
 
     With --address (or --ray) the run goes to a Ray cluster (README: "Segmenting a large
     collection on a cluster"); inputs and --out may then be URIs (s3://...).
     """
     from tqdm import tqdm
 
-    from triageseg.datasets.atomic import write_json_atomic
     from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.batch import OutputConflict, check_outputs_apart
 
     on_ray = address is not None or use_ray
     cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
@@ -137,29 +167,32 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
     files, names = expand_inputs(inputs, recursive=recursive)
     if not on_ray and (is_uri(out_dir) or any(isinstance(f, str) for f in files)):
         raise click.UsageError("URI inputs or --out need a Ray run: add --ray or --address")
+    out = out_dir if is_uri(out_dir) else Path(out_dir)
+    try:
+        if not is_uri(out_dir):
+            local = [(f, n) for f, n in zip(files, names) if not isinstance(f, str)]
+            check_outputs_apart([f for f, _ in local], [n for _, n in local], out, folders=input_folders(inputs),
+                                recursive=recursive)
+    except OutputConflict as err:
+        raise click.BadParameter(str(err), param_hint="'--out'") from None
     pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
                                 batch_size=batch_size, tta=tta)
     if on_ray:
-        report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
-                                 connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
-                                 on_error=on_error, overlays=overlays, rois=rois, channel=channel,
-                                 config={"bundle": os.path.abspath(bundle_path), "modality": modality,
-                                         "tile_size": tile_size, "batch_size": batch_size, "tta": tta,
-                                         "channel": channel, "n_inputs": len(files)})
-        _summary(report, out_dir)
+        try:
+            report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
+                                     connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
+                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page)
+        except OutputConflict as err:
+            raise click.UsageError(str(err)) from None
+        _summary(report, out)
         return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "segment_config.json", {
-        "bundle": os.path.abspath(bundle_path), "device": str(pipe.device), "modality": modality,
-        "tile_size": tile_size, "batch_size": batch_size, "workers": workers, "tta": tta, "channel": channel,
-        "n_inputs": len(files),
-    })
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
         report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,
                                     on_error=on_error, workers=workers, overlays=overlays, rois=rois,
-                                    channel=channel, progress=lambda _p: bar.update(1))
+                                    channel=channel, page=page, progress=lambda _p: bar.update(1))
+    except OutputConflict as err:
+        raise click.UsageError(str(err)) from None
     finally:
         bar.close()
     _summary(report, out)
@@ -167,6 +200,8 @@ def segment(inputs, bundle_path, recursive, device, channel, out_dir, modality, 
 
 def _summary(report, out) -> None:
     """The closing lines of `segment`, local or on Ray; exit code 1 when any input failed."""
+    for target, problem in report.incomplete:
+        click.echo(f"note: {target} was incomplete ({problem}); segmented its input again", err=True)
     per_model = report.per_model()
     rate = f" ({len(report.written) / report.seconds:.2f} images/s)" if report.written and report.seconds > 0 else ""
     click.echo(
@@ -178,7 +213,12 @@ def _summary(report, out) -> None:
     for path, problem in report.failures:
         click.echo(f"failed: {path}: {problem}", err=True)
     if report.failures:
+        listed = f"{out}/failures.csv" if is_uri(str(out)) else Path(out) / "failures.csv"
+        click.echo(f"failures listed in {listed}", err=True)
         raise SystemExit(1)
+
+
+segment.resumes_by_rerun = True  # the interrupt message names the command to run again
 
 
 @cli.command("route")
@@ -187,7 +227,7 @@ def _summary(report, out) -> None:
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On a bad input: stop, or record it and go on.")
-def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
+def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_error):
     """Triage only: print the modality, confidence and the model that would run for each INPUT."""
     import csv
     import io
@@ -201,7 +241,7 @@ def route(inputs, bundle_path, recursive, device, channel, csv_out, on_error):
     rows, failures = [], []
     for path in files:
         try:
-            pred = pipe.route([read_image(path, channel=channel)])[0]
+            pred = pipe.route([read_image(path, channel=channel, page=page)])[0]
         except DataError as err:
             if on_error == "fail":
                 raise
@@ -243,21 +283,12 @@ def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gp
                           gpus_per_actor=gpus_per_actor, progress=not quiet)
 
 
-def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, config, **options):
-    """The Ray half of `segment`: connect (or start a local Ray), write segment_config.json, run."""
-    from triageseg.pipeline import storage
+def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, **options):
+    """The Ray half of `segment`: connect (or start a local Ray for the run) and run the passes."""
     from triageseg.pipeline.distributed import segment_files_ray
     from triageseg.ray_cluster import ray_connection
 
-    out = out_dir if is_uri(out_dir) else str(Path(out_dir).resolve())
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     with ray_connection(cluster_options.address, quiet=quiet, log=log, connect_timeout=connect_timeout):
-        if not is_uri(out):
-            Path(out).mkdir(parents=True, exist_ok=True)
-        gpus = cluster_options.gpus_per_actor
-        storage.write_text(storage.join(out, "segment_config.json"), json.dumps({
-            **config, "device": "cuda" if gpus > 0 else "cpu", "address": cluster_options.address or "local",
-            "actors": cluster_options.actors, "cpus_per_actor": cluster_options.cpus_per_actor,
-            "gpus_per_actor": gpus,
-        }, indent=2) + "\n")
-        return segment_files_ray(pipe, files, out, names=names, cluster_options=cluster_options, log=log, **options)
+        return segment_files_ray(pipe, files, out_dir, names=names, cluster_options=cluster_options, log=log,
+                                 **options)

@@ -63,6 +63,9 @@ def _train_options(func):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (default: 0 on CPU)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
+        click.option("--overwrite", is_flag=True,
+                     help="Delete the checkpoint of an interrupted run and start afresh (without it, such a rerun "
+                          "is refused)."),
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
     ]
     for option in reversed(options):
@@ -71,7 +74,7 @@ def _train_options(func):
 
 
 def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | None, device: str,
-         workers: int | None, resume: bool, quiet: bool, **flags: Any) -> None:
+         workers: int | None, resume: bool, overwrite: bool, quiet: bool, **flags: Any) -> None:
     from triageseg.bundle import segmenter_dir
     from triageseg.datasets.atomic import write_json_atomic
     from triageseg.segmenters.train import TrainConfig, train_segmenter_into_bundle
@@ -85,12 +88,13 @@ def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | Non
         config = config.replace(encoder_weights=str(Path(config.encoder_weights).resolve()))
     if config.init_from is not None:
         config = config.replace(init_from=str(Path(config.init_from).resolve()))
-    run_dir = segmenter_dir(out, config.run_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "train_config.json", config.to_dict())
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
     result = train_segmenter_into_bundle(
-        config, data, out, device=device, resume=resume, progress=not quiet, num_workers=workers
+        config, data, out, device=device, resume=resume, overwrite=overwrite, progress=not quiet, num_workers=workers
     )
+    # written with the model, not before: an interrupted run leaves the old model's files as they were
+    write_json_atomic(segmenter_dir(out, config.run_name) / "train_config.json", config.to_dict())
     budget = " (stopped by the time budget)" if result.stopped_by_budget else ""
     click.echo(
         f"{config.run_name}: {result.epochs_completed} epochs{budget}, best epoch {result.best_epoch}, "

@@ -32,16 +32,32 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{ext}")
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp makes the file private (0600); give the final file the usual umask permissions
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600), and some writers (safetensors) replace the
+        # temporary file with their own: set the usual umask permissions on what was written.
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask.
+
+    Linux shows it in /proc; elsewhere reading it means setting it, so it is set straight
+    back (a file another thread creates in between would get the umask 0).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from triageseg.datasets.atomic import current_umask
 from triageseg.datasets.errors import DataError
 
 # (foreground, background) colours of DSB 2018 classes.csv -> modality.
@@ -66,6 +67,8 @@ def _staging(dst: Path, *, overwrite: bool) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.importing-"))
     try:
         yield stage
+        # mkdtemp makes the folder private (0700): the dataset gets the usual umask permissions.
+        os.chmod(stage, 0o777 & ~current_umask())
         if dst.is_dir():
             shutil.rmtree(dst)
         os.replace(stage, dst)
@@ -262,6 +265,7 @@ def import_dsb2018(
     modality_of: dict[str, str] = {}
     unmapped: dict[tuple[str, str], int] = {}
     overlap_total = 0
+    no_masks: list[str] = []
     with _staging(dst, overwrite=overwrite) as stage:
         for key in ids:
             folder = src / key
@@ -287,6 +291,7 @@ def import_dsb2018(
                 overlap_total += overlap
             else:
                 labels = np.zeros(shape, np.uint32)
+                no_masks.append(key)
             _copy_file(image_path, stage / "images" / f"{key}.png")
             write_labels(stage / "labels" / f"{key}.tif", labels)
             pair = classes.get(key) or classes.get(image_id(image_path.name))
@@ -304,6 +309,9 @@ def import_dsb2018(
                 notes.append(f"{count} image(s) with classes {fg}/{bg} not in the modality map: 'unknown'")
         if overlap_total:
             notes.append(f"{overlap_total} pixel(s) claimed by several masks went to the smaller mask")
+        if no_masks:
+            shown = ", ".join(no_masks[:10]) + (f" and {len(no_masks) - 10} more" if len(no_masks) > 10 else "")
+            notes.append(f"{len(no_masks)} image(s) with an empty masks/ folder imported with no nuclei: {shown}")
         notes.append(
             "stage1_train has no validation split: drew a stratified "
             f"{1 - val_fraction:.0%}/{val_fraction:.0%} train/val split (seed {seed})"

@@ -28,8 +28,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # Axes tifffile uses for colour samples and channels; every other axis of size > 1
 # (Z, T, I, Q, ...) makes the file a stack or a series, which we refuse.
 _CHANNEL_AXES = ("S", "C")
-# Generic axes (tifffile 'I' = pages, 'Q' = unknown) this small are read as channels:
-# a plain multi-page TIFF of 2-4 pages is far more often channels than a z-stack.
+# Generic axes (tifffile 'I' = pages, 'Q' = unknown): 2-4 of them could be channels as well as
+# planes of a stack, so they are never guessed; the caller chooses (``page`` or ``channel``).
 _MAX_GENERIC_CHANNELS = 4
 _MICRONS_PER_UNIT = {
     "um": 1.0,
@@ -171,29 +171,38 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str, bool]:
     return np.asarray(array), axes, is_rgb
 
 
-def read_image_raw(path: str | os.PathLike) -> np.ndarray:
+def read_image_raw(path: str | os.PathLike, *, page: int | None = None, pages_as_channels: bool = False) -> np.ndarray:
     """Read an image without normalisation, as HxW or HxWxC (channels last).
 
     Singleton axes are squeezed; a TIFF channel axis is moved last; RGBA alpha is kept
-    (``normalize_image`` drops it). 3-D stacks and time series are refused.
+    (``normalize_image`` drops it). 3-D stacks and time series are refused unless ``page``
+    picks one plane. 2-4 pages without axis metadata may be channels or planes: they are
+    refused unless ``page`` picks one or ``pages_as_channels`` says they are channels.
 
     Args:
         path: a PNG, JPEG or TIFF file.
+        page: plane of a multi-page TIFF (the one non-channel axis besides Y and X) to read.
+        pages_as_channels: read 2-4 pages without axis metadata as channels.
 
     Returns:
         The pixel array in its file dtype.
 
     Raises:
-        DataError: unreadable, truncated or empty file, unsupported extension, or a
-            stack / time series (the message names the axes found).
+        DataError: unreadable, truncated or empty file, unsupported extension, a stack /
+            time series (the message names the axes found), ambiguous pages, or a ``page``
+            the file does not have.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "no such file" if not path.exists() else "not a file")
+    if page is not None and (isinstance(page, bool) or not isinstance(page, (int, np.integer)) or page < 0):
+        raise DataError(path, f"page must be a non-negative integer, got {page!r}")
     suffix = path.suffix.lower()
     if suffix in _TIFF_SUFFIXES:
         array, axes, _ = _read_tiff(path)
-        return _channels_last(path, array, axes)
+        return _channels_last(path, array, axes, page=page, pages_as_channels=pages_as_channels)
+    if page:
+        raise DataError(path, f"page {page} requested but a {suffix[1:].upper()} file holds one plane (page 0)")
     if suffix in IMAGE_SUFFIXES:
         array = _decode_png_jpeg(path)
         if array.ndim not in (2, 3):
@@ -202,7 +211,9 @@ def read_image_raw(path: str | os.PathLike) -> np.ndarray:
     raise DataError(path, f"unsupported image extension {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}")
 
 
-def _channels_last(path: Path, array: np.ndarray, axes: str) -> np.ndarray:
+def _channels_last(
+    path: Path, array: np.ndarray, axes: str, *, page: int | None = None, pages_as_channels: bool = False
+) -> np.ndarray:
     if len(axes) != array.ndim:  # should not happen; fall back to shape-only reasoning
         axes = "Q" * (array.ndim - 2) + "YX"
         if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -210,21 +221,52 @@ def _channels_last(path: Path, array: np.ndarray, axes: str) -> np.ndarray:
     keep = [i for i, (ax, n) in enumerate(zip(axes, array.shape, strict=True)) if n > 1 or ax in "YX"]
     array = array.reshape([array.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
+    if page is not None:
+        array, axes = _pick_page(path, array, axes, page)
     other = [ax for ax in axes if ax not in "YX"]
     channel_like = [ax for ax in other if ax in _CHANNEL_AXES]
     generic = [ax for ax in other if ax in "IQ"]
     if len(other) == 1 and generic and array.shape[axes.index(generic[0])] <= _MAX_GENERIC_CHANNELS:
+        n = array.shape[axes.index(generic[0])]
+        if not pages_as_channels:
+            raise DataError(
+                path,
+                f"{n} pages without axis metadata (pages 0-{n - 1}, shape {tuple(array.shape)}): they may be "
+                f"channels or planes of a stack; read one plane with page=<0-{n - 1}> (CLI: --page) or use the "
+                "pages as channels with channel=<index> (CLI: --channel)",
+            )
         channel_like = generic
     if len(other) > 1 or (other and not channel_like):
         raise DataError(
             path,
             f"3-D stack or time series is not supported (axes {axes!r}, shape {tuple(array.shape)}); "
-            "save one 2-D plane (YX, optionally with colour/channel axis) per file",
+            "read one plane with page=<index> (CLI: --page) when one axis holds the planes, or save one "
+            "2-D plane (YX, optionally with colour/channel axis) per file",
         )
     if "Y" not in axes or "X" not in axes:
         raise DataError(path, f"image has no Y/X plane (axes {axes!r}, shape {tuple(array.shape)})")
     order = [axes.index("Y"), axes.index("X")] + ([axes.index(channel_like[0])] if channel_like else [])
     return np.transpose(array, order)
+
+
+def _pick_page(path: Path, array: np.ndarray, axes: str, page: int) -> tuple[np.ndarray, str]:
+    """Plane ``page`` along the one axis that is neither Y, X nor a channel axis."""
+    planes = [ax for ax in axes if ax not in "YX" and ax not in _CHANNEL_AXES]
+    if not planes:
+        if page == 0:
+            return array, axes  # the only plane
+        raise DataError(path, f"page {page} requested but the file holds one plane (page 0; shape "
+                              f"{tuple(array.shape)})")
+    if len(planes) > 1:
+        raise DataError(
+            path, f"page {page} is ambiguous: the planes run along {len(planes)} axes (axes {axes!r}, shape "
+                  f"{tuple(array.shape)}); save one 2-D plane per file",
+        )
+    axis = axes.index(planes[0])
+    n = array.shape[axis]
+    if page >= n:
+        raise DataError(path, f"page {page} out of range: the file has {n} pages (0-{n - 1})")
+    return np.take(array, page, axis=axis), axes.replace(planes[0], "")
 
 
 def _validate_dtype(array: np.ndarray, name: str) -> np.ndarray:
@@ -335,24 +377,29 @@ def read_image(
     path: str | os.PathLike,
     *,
     channel: ChannelSpec = None,
+    page: int | None = None,
     percentiles: tuple[float, float] | None = (1.0, 99.8),
 ) -> np.ndarray:
     """Read a PNG / JPEG / TIFF image as float32 HxWx3 in [0, 1].
 
     Handles 8/16-bit and float, gray, RGB, RGBA (alpha dropped) and multi-channel
     images (``channel`` required for 2 or more than 4 channels). 3-D stacks and time
-    series are refused with a message naming the axes found. The file is not modified.
+    series are refused with a message naming the axes found, unless ``page`` picks a
+    plane; 2-4 pages without axis metadata need ``page`` or ``channel`` (then the pages
+    are the channels). The file is not modified.
 
     Args:
         path: image file.
         channel: see ``normalize_image``.
+        page: plane of a multi-page TIFF to read (see ``read_image_raw``).
         percentiles: see ``normalize_image``.
 
     Raises:
         DataError: naming the file, for anything it cannot turn into a 2-D image.
     """
     path = Path(path)
-    return normalize_image(read_image_raw(path), channel=channel, percentiles=percentiles, name=str(path))
+    raw = read_image_raw(path, page=page, pages_as_channels=channel is not None)
+    return normalize_image(raw, channel=channel, percentiles=percentiles, name=str(path))
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:

@@ -47,15 +47,27 @@ class Sample:
     split: str | None  # train / val / test from splits.csv, None when not listed
 
 
-def _read_csv_column(path: Path, column: str) -> dict[str, str]:
+def read_index_csv(path: str | os.PathLike, column: str) -> dict[str, str]:
+    """An ``id,<column>`` CSV (``modalities.csv``, ``splits.csv``) as a dict, as spreadsheets write it.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8"), CRLF line ends and spaces around
+    names and values are accepted.
+
+    Raises:
+        DataError: unreadable file, no ``id`` / ``column`` header (shown as it is in the
+            file), an empty value, or an id listed twice with different values.
+    """
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise DataError(path, f"cannot read: {err.strerror or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(path, f"cannot read: {getattr(err, 'strerror', None) or err}") from None
     reader = csv.DictReader(io.StringIO(text))
     fields = [f.strip() for f in (reader.fieldnames or [])]
     if "id" not in fields or column not in fields:
-        raise DataError(path, f"expected a header 'id,{column}', found {','.join(fields) or 'nothing'}")
+        header = text.splitlines()[0] if text.strip() else ""
+        raise DataError(path, f"expected a header 'id,{column}', found {header!r}" if header else
+                        f"expected a header 'id,{column}', found nothing")
     out: dict[str, str] = {}
     for line, row in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -122,7 +134,7 @@ class Dataset:
         path = self.root / name
         if not path.is_file():
             return {}
-        table = _read_csv_column(path, column)
+        table = read_index_csv(path, column)
         unknown = sorted(set(table) - set(images))
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

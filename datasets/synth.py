@@ -39,6 +39,8 @@ import numpy as np
 from triageseg.datasets.errors import DataError
 
 MODALITIES = ("fluorescence", "brightfield", "he")
+# Largest image side: drawing one image takes ~80 bytes per pixel (~5 GB at 8192 x 8192).
+MIN_SIZE, MAX_SIZE = 16, 8192
 # Like the 2018 Data Science Bowl: fluorescence is the large majority.
 DEFAULT_WEIGHTS = {"fluorescence": 0.6, "brightfield": 0.2, "he": 0.2}
 SPLITS = ("train", "val", "test")
@@ -339,6 +341,11 @@ def _render_he(rng: np.random.Generator, labels: np.ndarray, nrad: np.ndarray) -
 _RENDERERS = {"fluorescence": _render_fluorescence, "brightfield": _render_brightfield, "he": _render_he}
 
 
+def _check_size(size: int) -> None:
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {size}")
+
+
 def synth_sample(modality: str, *, size: int = 256, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic image and its instance labels.
 
@@ -355,8 +362,7 @@ def synth_sample(modality: str, *, size: int = 256, rng: np.random.Generator) ->
         ValueError: unknown modality (the message lists the valid ones) or size < 16.
     """
     _check_modality(modality)
-    if int(size) < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    _check_size(size)
     labels, nrad = _place_nuclei(rng, int(size), STYLES[modality])
     return _RENDERERS[modality](rng, labels, nrad), labels
 
@@ -461,6 +467,7 @@ def make_dataset(
         raise ValueError(f"modalities repeated: {', '.join(modalities)}")
     if int(n) < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    _check_size(size)  # before any folder is made
     fractions = tuple(float(f) for f in splits)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, got {splits!r}")

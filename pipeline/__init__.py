@@ -3,6 +3,7 @@
 - :mod:`~triageseg.pipeline.single`: one in-memory image (:class:`Pipeline`, :class:`Result`).
 - :mod:`~triageseg.pipeline.batch`: many files on this machine (``routing.csv``, resume).
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
+- :mod:`~triageseg.pipeline.interactive`: one image as the web page and napari show it (every probability).
 """
 
 from triageseg.pipeline.batch import ROUTING_COLUMNS, BatchReport, segment_files

@@ -60,6 +60,7 @@ class Pipeline:
     ):
         from triageseg.segmenters.predict import resolve_device
 
+        _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
         self.path = Path(path)
         self.manifest = _bundle.read_manifest(self.path)
         self.device = resolve_device(device)
@@ -142,11 +143,15 @@ class Pipeline:
         from triageseg.segmenters.predict import predict
 
         model, config, _ = self.segmenter(used_model)
+        tile_size = self.tile_size or config.tile_size
+        overlap = config.overlap if self.overlap is None else self.overlap
+        if self.overlap is None and overlap >= tile_size // 2:
+            overlap = tile_size // 4  # the model's overlap does not fit the smaller tile asked for
         return predict(
             model,
             image,
-            tile_size=self.tile_size or config.tile_size,
-            overlap=config.overlap if self.overlap is None else self.overlap,
+            tile_size=tile_size,
+            overlap=overlap,
             batch_size=self.batch_size,
             tta=self.tta,
             device=self.device,
@@ -184,6 +189,22 @@ class Pipeline:
         from triageseg.pipeline.batch import segment_files
 
         return segment_files(self, inputs, out_dir, **options)
+
+
+def _check_sizes(*, tile_size: int | None, overlap: int | None, batch_size: int) -> None:
+    """Refuse bad sizes up front, not as a failure of every image."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if tile_size is not None and (not is_int(tile_size) or tile_size < 32 or tile_size % 32):
+        raise ValueError(f"tile_size must be a positive multiple of 32 (or None for the model's), got {tile_size!r}")
+    if overlap is not None and (not is_int(overlap) or overlap < 0):
+        raise ValueError(f"overlap must be a non-negative integer (or None for the model's), got {overlap!r}")
+    if tile_size is not None and overlap is not None and overlap >= tile_size // 2:
+        raise ValueError(f"overlap must be less than half the tile size, got {overlap} for tile {tile_size}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def load_pipeline(path: str | os.PathLike, **kwargs) -> Pipeline:

@@ -655,31 +655,19 @@ def _drop_id(d: dict) -> dict:
 def read_modalities(path: str | os.PathLike) -> dict[str, str]:
     """Read an ``id,modality`` CSV (the dataset's ``modalities.csv``) into a dict.
 
+    Read as :func:`triageseg.datasets.layout.read_index_csv` reads it: a spreadsheet's
+    byte-order mark and spaces around names are accepted.
+
     Raises:
         DataError: unreadable file, missing columns, empty fields or conflicting rows.
     """
     from triageseg.datasets.errors import DataError
+    from triageseg.datasets.layout import read_index_csv
 
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            if "id" not in fields or "modality" not in fields:
-                raise DataError(path, f"needs the columns id,modality; found {','.join(fields) or 'none'}")
-            out: dict[str, str] = {}
-            for line, row in enumerate(reader, start=2):
-                key, mod = (row.get("id") or "").strip(), (row.get("modality") or "").strip()
-                if not key or not mod:
-                    raise DataError(path, f"line {line}: empty id or modality")
-                if out.get(key, mod) != mod:
-                    raise DataError(path, f"line {line}: id {key!r} listed as {out[key]!r} and {mod!r}")
-                out[key] = mod
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        if isinstance(err, FileNotFoundError):
-            raise DataError(path, "file not found") from None
-        raise DataError(path, f"cannot read: {err}") from None
-    return out
+    if not path.is_file():
+        raise DataError(path, "file not found" if not path.exists() else "not a file")
+    return read_index_csv(path, "modality")
 
 
 def _label_files(folder: Path) -> dict[str, Path]:

@@ -337,10 +337,9 @@ def _list_images(root: Path) -> tuple[list[str], list[Path], list[str | None]]:
     known: dict[str, str] = {}
     csv_path = root / "modalities.csv"
     if csv_path.is_file():
-        with csv_path.open(encoding="utf-8-sig", newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("id") and row.get("modality"):
-                    known[row["id"].strip()] = row["modality"].strip()
+        from triageseg.datasets.layout import read_index_csv
+
+        known = read_index_csv(csv_path, "modality")
     return ids, paths, [known.get(i) for i in ids]
 
 

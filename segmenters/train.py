@@ -443,6 +443,29 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _refuse_or_discard(ckpt_path: Path, config: TrainConfig, *, overwrite: bool, log: Callable[[str], None]) -> None:
+    """An interrupted run's checkpoint without ``resume``: refused, or deleted with ``overwrite`` (said so)."""
+    try:
+        state = _load_checkpoint(ckpt_path)
+        where = f" (epoch {int(state['epoch'])} of {int(state['config']['epochs'])})"
+    except (DataError, KeyError, TypeError, ValueError):
+        where = ""
+    if not overwrite:
+        raise DataError(ckpt_path, f"checkpoint of an interrupted run{where}; continue it with resume=True "
+                                   "(CLI: --resume) or start afresh with overwrite=True (CLI: --overwrite), "
+                                   "which deletes it")
+    log(f"note: deleting the checkpoint of an interrupted run{where} in {ckpt_path.parent}; starting "
+        f"{config.run_name} afresh")
+    shutil.rmtree(ckpt_path.parent, ignore_errors=True)
+
+
+def _check_has_objects(root: Path, config: TrainConfig, labels: Sequence[np.ndarray]) -> None:
+    """Refuse training labels without a single object: the model would learn to find nothing."""
+    if not any(lab.any() for lab in labels):
+        raise DataError(root, f"no objects to learn from: all {len(labels)} training label images of modality "
+                              f"{config.modality or 'any'} are empty (all 0); check labels/ and splits.csv")
+
+
 def _config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
     now = config.to_dict()
     return [
@@ -466,8 +489,12 @@ def train_segmenter(
     progress: bool = True,
     num_workers: int | None = None,
     keep_checkpoint: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train one specialist (``config.modality``) or the generalist (``modality=None``).
+
+    Until the run ends, everything it writes stays in ``run_dir/checkpoint`` (the live
+    ``history.csv`` too), so a model already in ``run_dir`` is replaced only by a finished one.
 
     Args:
         config: hyperparameters.
@@ -482,14 +509,17 @@ def train_segmenter(
         progress: tqdm bar per epoch and one summary line per epoch (stderr).
         num_workers: DataLoader workers; ``None`` = 0 on CPU/MPS, up to 8 on CUDA.
         keep_checkpoint: keep ``run_dir/checkpoint`` after a successful run (default: removed).
+        overwrite: without ``resume``, delete the checkpoint of an interrupted run and start
+            afresh (otherwise such a checkpoint is refused, never deleted silently).
 
     Returns:
         :class:`TrainResult`; the run folder holds config.json, model.safetensors,
         postprocess.json, history.csv and history.json.
 
     Raises:
-        DataError: unknown modality (listing those present), no training images, a
-            checkpoint made with another config, unreadable data.
+        DataError: unknown modality (listing those present), no training images or no
+            objects in them, a checkpoint made with another config, the checkpoint of an
+            interrupted run without ``resume`` or ``overwrite``, unreadable data.
     """
     import torch
     from tqdm.auto import tqdm
@@ -508,12 +538,17 @@ def train_segmenter(
     data_root = Path(data_root)
     dev = resolve_device(device)
     name = config.run_name
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    ckpt_path = ckpt_dir / CHECKPOINT_FILE
+    if not resume and ckpt_path.is_file():
+        _refuse_or_discard(ckpt_path, config, overwrite=overwrite, log=log)
 
     # ---- data
     dataset = Dataset(data_root)
     train_samples, val_samples = _select_samples(dataset, config, log)
     val_samples = _balanced(val_samples, config.max_val_images)
     train_data = [dataset.load(s) for s in train_samples]
+    _check_has_objects(dataset.root, config, [lab for _, lab in train_data])
     val_data = [dataset.load(s) for s in val_samples]
     val_images = [img for img, _ in val_data]
     val_labels = [lab for _, lab in val_data]
@@ -550,8 +585,6 @@ def train_segmenter(
     class_weights = (1.0, 1.0, config.boundary_weight)
 
     # ---- state (fresh or resumed)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    ckpt_path = ckpt_dir / CHECKPOINT_FILE
     start_epoch, best_f1, best_epoch, best_file = 0, -1.0, 0, None
     history: list[dict[str, Any]] = []
     elapsed_before = 0.0
@@ -678,7 +711,7 @@ def train_segmenter(
         })
         if improved and old_best and old_best != best_file:
             (ckpt_dir / old_best).unlink(missing_ok=True)
-        _write_history(run_dir, history, None)
+        _write_history(ckpt_dir, history, None)  # the run folder keeps the old model's until the end
         log(
             f"{name} epoch {epochs_done}/{config.epochs}  loss {row['train_loss']:.4f}  IoU bg/int/bnd "
             + "/".join("nan" if v is None else f"{v:.3f}" for v in (row["iou_background"], row["iou_interior"],

@@ -10,6 +10,8 @@ import pytest
 # not slow down ~10x while Ray workers or data-loading threads share the two cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Qt widgets (the napari plugin's tests) render without a display.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,58 @@ def synth_data(tmp_path_factory):
     from triageseg.datasets.synth import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synth") / "data", n=24, size=96, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle of untrained models: router, three specialists (fluorescence, brightfield, he) and a generalist."""
+    import torch
+
+    from triageseg import bundle as B
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
+
+    mods = ("fluorescence", "brightfield", "he")
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle") / "bundle"
+    rcfg = RouterConfig(class_names=mods, image_size=32)
+    save_router(B.router_dir(root), create_router(rcfg), rcfg)
+    for name in (*mods, B.GENERALIST):
+        cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32,
+                              modality=None if name == B.GENERALIST else name)
+        save_segmenter(B.segmenter_dir(root, name), create_segmenter(cfg), cfg, params=None)
+    B.update_manifest(root, modalities=list(mods))
+    return root
+
+
+@pytest.fixture(scope="session")
+def constant_bundle(tmp_path_factory):
+    """A bundle whose results are known exactly: an untrained router, segmenters with constant output.
+
+    The confidence threshold is 1.0, so routing always falls back to the generalist.
+    ``_generalist``, ``fluorescence`` and ``brightfield`` call every pixel nucleus interior
+    (one nucleus covering the whole image); ``he`` calls every pixel background (no nucleus).
+    Read-only for tests.
+    """
+    import torch
+
+    from triageseg import bundle as B
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
+
+    torch.manual_seed(0)
+    modalities = ("fluorescence", "brightfield", "he")
+    root = tmp_path_factory.mktemp("constant_bundle") / "bundle"
+    rcfg = RouterConfig(class_names=modalities, image_size=32)
+    save_router(B.router_dir(root), create_router(rcfg), rcfg)
+    for name in (*modalities, B.GENERALIST):
+        cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32,
+                              modality=None if name == B.GENERALIST else name)
+        model = create_segmenter(cfg)
+        head = model.segmentation_head[0]  # logits = bias everywhere
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([8.0, 0.0, 0.0] if name == "he" else [0.0, 8.0, 0.0]))
+        save_segmenter(B.segmenter_dir(root, name), model, cfg, params=None)
+    B.update_manifest(root, modalities=list(modalities), fallback={"confidence_threshold": 1.0})
+    return root

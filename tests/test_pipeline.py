@@ -24,26 +24,6 @@ from triageseg.datasets.io import read_labels
 MODS = ("fluorescence", "brightfield", "he")
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory):
-    """A bundle of untrained models: router, three specialists and a generalist."""
-    import torch
-
-    from triageseg.router.model import RouterConfig, create_router, save_router
-    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bundle") / "bundle"
-    rcfg = RouterConfig(class_names=MODS, image_size=32)
-    save_router(B.router_dir(root), create_router(rcfg), rcfg)
-    for name in (*MODS, B.GENERALIST):
-        cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32,
-                              modality=None if name == B.GENERALIST else name)
-        save_segmenter(B.segmenter_dir(root, name), create_segmenter(cfg), cfg, params=None)
-    B.update_manifest(root, modalities=list(MODS))
-    return root
-
-
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path):
     dst = tmp_path / "bundle"

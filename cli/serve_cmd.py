@@ -1,0 +1,46 @@
+"""``triageseg serve``: the web page for trying a bundle on your own images."""
+
+from __future__ import annotations
+
+import click
+
+from triageseg.cli.groups import cli
+
+
+@cli.command("serve")
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model bundle (from `triageseg train all`), loaded once at start.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default serves this machine only. WARNING: --host 0.0.0.0 "
+                   "lets every machine that can reach this one upload images and use your models; "
+                   "the page has no login.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="TCP port.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
+              help="Largest image file accepted, in MB; larger uploads are refused with a message.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--tile-size", type=click.IntRange(min=32), default=None,
+              help="Segmenter tile side in pixels, a multiple of 32 (default: each model's own).")
+@click.option("--temp-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the server's temp folder for uploads and results is made (default: the "
+                   "system's); it is removed when the server stops.")
+def serve(bundle_path, host, port, max_upload_mb, device, tile_size, temp_dir):
+    """Serve a web page to try a bundle on your own images.
+
+    Drop images (PNG, JPEG, TIFF incl. 16-bit) on the page; for each it shows the routing
+    decision with every class probability, the nuclei overlaid (outlines or filled) and
+    counted, a per-nucleus table, and downloads of the label TIFF, the ROI zip and the CSV.
+    Uploads are analysed one at a time on the device, in arrival order. Each upload lives in
+    a temp folder only while it is analysed; results are kept for download until the server
+    stops. Stop it with Ctrl-C.
+    """
+    from triageseg.serve.config import ServeConfig
+    from triageseg.serve.server import serve as run
+
+    if tile_size is not None and tile_size % 32:
+        raise click.BadParameter(f"{tile_size} is not a multiple of 32", param_hint="--tile-size")
+    config = ServeConfig(bundle=bundle_path, host=host, port=port, max_upload_mb=max_upload_mb, device=device,
+                         tile_size=tile_size, temp_dir=temp_dir)
+    try:
+        run(config, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopped")

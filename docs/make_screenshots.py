@@ -1,0 +1,159 @@
+"""Make the README's screenshots of the web page and of the napari plugin, headless.
+
+    python docs/make_screenshots.py --bundle demo_out/bundle [--out docs/]
+
+Writes ``serve.png`` (the page of ``triageseg serve`` after two uploads) and ``napari.png``
+(a viewer with the dock widget after Segment). The images are drawn by the synthetic
+generator (seeded, not part of any training set): a fluorescence field saved as a 16-bit
+TIFF with a 0.65 um pixel size, and an H&E field saved as a PNG.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` for the page, and ``xvfb`` plus the Qt
+xcb libraries (``libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxcb-image0
+libxcb-render-util0 libxcb-xinerama0 libxcb-shape0 libxkbcommon-x11-0``) for napari, which
+runs in a child process on a private X server so the canvas is drawn by OpenGL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars")
+
+
+def example_images(folder: Path) -> tuple[Path, Path]:
+    """A 16-bit fluorescence TIFF (0.65 um pixels) and an RGB H&E PNG from the synthetic generator."""
+    import imagecodecs
+    import tifffile
+
+    from triageseg.datasets.synth import synth_sample
+
+    fluo, _ = synth_sample("fluorescence", size=256, rng=np.random.default_rng(2026))
+    he, _ = synth_sample("he", size=256, rng=np.random.default_rng(2027))
+    gray = np.asarray(fluo, np.float64)
+    gray = gray.mean(axis=2) if gray.ndim == 3 else gray
+    tif = folder / "fluorescence_16bit.tif"
+    tifffile.imwrite(tif, (gray * 257).round().astype(np.uint16), resolution=(1 / 0.65, 1 / 0.65),
+                     resolutionunit="MICROMETER")
+    png = folder / "he_field.png"
+    imagecodecs.imwrite(png, np.asarray(he, np.uint8))
+    return tif, png
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def web_screenshot(bundle: Path, images: list[Path], out_png: Path, workdir: Path) -> None:
+    """Start ``triageseg serve`` on 127.0.0.1, upload ``images`` in Chromium, save the page."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    log = (workdir / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "triageseg", "serve", "--bundle", str(bundle), "--port",
+                               str(port), "--temp-dir", str(workdir / "serve_tmp")], stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "api/info", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        os.environ["SE_OFFLINE"] = "true"
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}", "--window-size=1280,1320"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        try:
+            driver.get(url)
+            wait = WebDriverWait(driver, 300)
+            wait.until(lambda d: d.find_element(By.ID, "bundle-info").text.startswith("bundle"))
+            driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.result[data-state=done]"))
+                       == len(images))
+            wait.until(lambda d: d.execute_script(
+                "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"))
+            driver.save_screenshot(str(out_png))
+        finally:
+            driver.quit()
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+
+
+def napari_screenshot(bundle: Path, image: Path, out_png: Path) -> None:
+    """Open ``image`` in napari, Segment it with the dock widget, save the window (runs under Xvfb)."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from triageseg.datasets.io import read_image_raw, read_pixel_size
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 860)
+    pixel_size = read_pixel_size(image)
+    viewer.add_image(read_image_raw(image), name=image.stem, **({"scale": pixel_size} if pixel_size else {}))
+    _, widget = viewer.window.add_plugin_dock_widget("triageseg", "Nuclei segmentation")
+    widget.bundle_edit.setText(str(bundle))
+    widget.set_bundle(str(bundle))
+    widget.run(segment=True)
+    deadline = time.monotonic() + 600
+    name = f"{image.stem} labels"
+    while name not in [layer.name for layer in viewer.layers] or not widget.segment_button.isEnabled():
+        QApplication.processEvents()
+        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"segmenting {image} in napari took over 10 minutes: {widget.status.text()}")
+    viewer.layers[name].contour = 2
+    for _ in range(20):
+        QApplication.processEvents()
+        time.sleep(0.05)
+    viewer.screenshot(str(out_png), canvas_only=False, flash=False)
+    viewer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="a trained bundle (make demo: demo_out/bundle)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where the PNGs go")
+    parser.add_argument("--napari-child", type=Path, help=argparse.SUPPRESS)  # the image, inside Xvfb
+    args = parser.parse_args(argv)
+    if args.napari_child is not None:
+        napari_screenshot(args.bundle, args.napari_child, args.out / "napari.png")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="triageseg-screenshots-"))
+    try:
+        tif, png = example_images(workdir)
+        web_screenshot(args.bundle, [tif, png], args.out / "serve.png", workdir)
+        print(f"wrote {args.out / 'serve.png'}")
+        env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+        subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, __file__, "--bundle",
+                        str(args.bundle), "--out", str(args.out), "--napari-child", str(png)],
+                       check=True, env=env)
+        print(f"wrote {args.out / 'napari.png'}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

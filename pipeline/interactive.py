@@ -1,0 +1,84 @@
+"""One image as the interactive faces show it: the full routing decision, then labels and a table.
+
+The web page (:mod:`triageseg.serve`) and the napari plugin (:mod:`triageseg.napari_plugin`)
+show more of the routing decision than ``routing.csv`` keeps (every class probability,
+also when the user forced a modality), in separate steps so a face can report progress
+between them. Each step is a :class:`~triageseg.pipeline.single.Pipeline` call:
+:meth:`~Pipeline.route` and :meth:`~Pipeline.choose` decide, :meth:`~Pipeline.probabilities`
+runs the segmenter, the shared watershed decodes; nothing here re-implements them.
+
+Example:
+    >>> routing = route_image(pipe, image)                           # doctest: +SKIP
+    >>> labels = segment_image(pipe, image, routing.used_model)        # doctest: +SKIP
+    >>> table = measure_nuclei(labels, raw, pixel_size=0.65)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from triageseg.postprocess.watershed import watershed
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which segmenter runs for an image, and why.
+
+    Attributes:
+        modality: the router's top-1 modality, or the forced one.
+        confidence: the router's calibrated confidence in ``modality``; None when forced.
+        probabilities: the router's probability for every class (empty when the bundle
+            has no router and the modality was forced).
+        used_model: the segmenter that runs (a modality name or ``_generalist``).
+        decision: the reason in words ("routed to he (confidence 0.97)", "forced", a fallback).
+        forced: whether the user chose the modality.
+    """
+
+    modality: str
+    confidence: float | None
+    probabilities: dict[str, float]
+    used_model: str
+    decision: str
+    forced: bool
+
+    def to_dict(self) -> dict:
+        """The decision as a JSON-ready dict."""
+        return asdict(self)
+
+
+def route_image(pipe, image: np.ndarray, *, modality: str | None = None) -> Routing:
+    """Route one normalised HxWx3 image with ``pipe`` (a :class:`~triageseg.pipeline.single.Pipeline`).
+
+    A forced ``modality`` picks that segmenter, as ``Pipeline.decide`` does; the router
+    still runs when the bundle has one, so its view of the image is shown beside the
+    user's choice.
+
+    Args:
+        pipe: the loaded pipeline.
+        image: float32 HxWx3 in [0, 1] (:func:`triageseg.datasets.io.normalize_image`).
+        modality: force this segmenter (a modality of the bundle or ``_generalist``).
+
+    Raises:
+        DataError: a forced modality the bundle has no segmenter for (listing those it has).
+        BundleError: no forced modality and the bundle has no router.
+    """
+    if modality is not None:
+        pipe.check_modality(modality)
+        probs: dict[str, float] = {}
+        note = ""
+        if pipe.manifest.get("has_router"):
+            pred = pipe.route([image])[0]
+            probs = dict(pred.probs)
+            note = f"; the router's top-1 was {pred.modality} ({pred.confidence:.2f})"
+        return Routing(modality, None, probs, modality, "forced" + note, True)
+    pred = pipe.route([image])[0]
+    used, decision = pipe.choose(pred)
+    return Routing(pred.modality, float(pred.confidence), dict(pred.probs), used, decision, False)
+
+
+def segment_image(pipe, image: np.ndarray, used_model: str) -> np.ndarray:
+    """HxW uint32 instance labels of segmenter ``used_model`` for one normalised HxWx3 image."""
+    return watershed(pipe.probabilities(image, used_model), pipe.params(used_model))
+
