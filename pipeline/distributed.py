@@ -22,13 +22,20 @@ is applied per file; a task on a lost worker or node is retried by Ray (tasks
 ``max_retries``, actors ``max_restarts``), and rewriting an output under the same name
 leaves no duplicate. Temporary files of killed writers are removed at the end.
 
-Huge images: the seam is :func:`pass_dataset`'s read stage; an image too large for one
-task becomes block tasks there (the block function of ``pipeline/blocks.py``), the rest
-of the graph is unchanged.
+Huge images (block processing, ``pipeline/blocks.py``) plug in at one point,
+:func:`pass_dataset`'s read stage, the only stage that sees an image's size: there an
+image over the block threshold becomes one row per block (``flat_map`` of the block
+function's windows with their margins) instead of one row per image; the segment actors
+treat a block as they treat an image, and the write stage becomes the block function's
+stitching writer keyed by the image's name. The routing pass and the driver stay as
+they are (the router reads an overview).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 import os
@@ -39,7 +46,25 @@ from pathlib import Path
 
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline import storage
-from triageseg.pipeline.batch import BatchReport, _fail, _read_routing, _write_routing, output_names, routing_row
+from triageseg.pipeline.batch import (
+    FAILURES_CSV,
+    OUTPUT_SETTINGS,
+    ROUTING_CSV,
+    SEGMENT_CONFIG,
+    BatchReport,
+    OutputConflict,
+    RoutingJournal,
+    _fail,
+    _read_routing,
+    _write_routing,
+    check_outputs_apart,
+    check_settings,
+    output_names,
+    output_settings,
+    routing_row,
+    verify_output,
+    write_failures,
+)
 from triageseg.pipeline.ray_stages import BundleSource, RouteActor, SegmentActor, StageOptions, read_stage, row_error, write_stage
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 
@@ -147,33 +172,35 @@ def bundle_source(bundle: str | os.PathLike, options: ClusterOptions, n_hosts: i
 
 
 def _check_locations(out: str, files: Sequence[str], options: ClusterOptions, cluster, log: Log) -> None:
-    check_storage(out, address=options.address, n_nodes=int(cluster["nodes"]), n_hosts=int(cluster["hosts"]),
-                  log=log, option="--out", what="label files", example="s3://BUCKET/labels")
-    folders = sorted({str(Path(f).resolve().parent) for f in files if not is_uri(f)})
-    for folder in folders[:1] if folders else []:
-        check_storage(folder, address=options.address, n_nodes=int(cluster["nodes"]), n_hosts=int(cluster["hosts"]),
-                      log=log, option="INPUT", what="input images", example="s3://BUCKET/images/")
+    nodes, hosts = int(cluster["nodes"]), int(cluster["hosts"])
+    check_storage(out, address=options.address, n_nodes=nodes, n_hosts=hosts, log=log, option="--out",
+                  what="label files", example="s3://BUCKET/labels")
+    if hosts > 1:  # on one machine every node reads the inputs; no warning needed for them
+        for folder in sorted({str(Path(f).resolve().parent) for f in files if not is_uri(f)}):
+            check_storage(folder, address=options.address, n_nodes=nodes, n_hosts=hosts, log=log, option="INPUT",
+                          what="input images", example="s3://BUCKET/images/")
 
 
 class _Journal:
     """routing.csv rows by output name, rewritten atomically every few seconds and at the end."""
 
     def __init__(self, out: str, every: float):
-        self.location = storage.join(out, "routing.csv")
-        self.rows = self._read()
+        self.location = storage.join(out, ROUTING_CSV)
+        self.rows = self._read(out)
         self.every = every
         self.last = time.monotonic()
 
-    def _read(self) -> dict[str, dict]:
+    def _read(self, out: str) -> dict[str, dict]:
         if not is_uri(self.location):
-            return _read_routing(Path(self.location))
+            # rows that a killed local run (`segment` without Ray) logged for its label files
+            return RoutingJournal(out).recover(_read_routing(Path(self.location)))
         import tempfile
 
         text = storage.read_text(self.location)
         if text is None:
             return {}
         with tempfile.TemporaryDirectory(prefix="triageseg-") as tmp:
-            local = Path(tmp) / "routing.csv"
+            local = Path(tmp) / ROUTING_CSV
             local.write_text(text, encoding="utf-8")
             return _read_routing(local)
 
@@ -187,7 +214,7 @@ class _Journal:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="triageseg-") as tmp:
-                local = Path(tmp) / "routing.csv"
+                local = Path(tmp) / ROUTING_CSV
                 _write_routing(local, self.rows)
                 storage.upload(local, self.location)
         else:
@@ -199,12 +226,29 @@ def _as_input(file: str):
     return file if is_uri(file) else Path(file)
 
 
-def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overwrite: bool, report) -> list[dict]:
-    """Inputs still to do: no label file, no routing.csv row, or ``overwrite``."""
+def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overwrite: bool, page: int | None,
+          report) -> list[dict]:
+    """Inputs still to do: no label file, one that does not verify, no routing.csv row, or ``overwrite``.
+
+    A local label file is verified as the local command does (it opens, is whole and has
+    its input's height and width); a URI output counts when it exists and has its row.
+    """
+    from triageseg.datasets.shapes import image_shape
+
     existing = storage.names_in(out)
     todo = []
     for index, (file, name) in enumerate(zip(files, names)):
-        if not overwrite and f"{name}.tif" in existing and name in journal.rows:
+        done = not overwrite and f"{name}.tif" in existing and name in journal.rows
+        if done and not is_uri(out):
+            target = Path(out) / f"{name}.tif"
+            try:
+                problem = verify_output(target, None if is_uri(file) else image_shape(file, page=page))
+            except DataError:
+                problem = ""  # the input itself is bad: segmenting it again reports why
+            if problem:
+                report.incomplete.append((target, problem))
+            done = problem is None
+        if done:
             report.skipped.append(_as_input(file))
         else:
             journal.rows.pop(name, None)
@@ -212,9 +256,43 @@ def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overw
     return todo
 
 
+def _check_settings(out: str, settings: dict, overwrite: bool) -> None:
+    """Refuse to resume into ``out`` when its labels were made with other settings (as locally)."""
+    if not is_uri(out):
+        check_settings(out, settings, overwrite=overwrite)
+        return
+    text = storage.read_text(storage.join(out, SEGMENT_CONFIG))
+    if overwrite or text is None or not any(n.endswith(".tif") for n in storage.names_in(out)):
+        return
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        recorded = {}
+    diffs = [f"{key}: {recorded.get(key)!r} then, {settings[key]!r} now" for key in OUTPUT_SETTINGS
+             if isinstance(recorded, dict) and recorded.get(key) != settings[key]]
+    if diffs or not isinstance(recorded, dict):
+        raise OutputConflict(out, "holds outputs made with other settings (" + "; ".join(diffs) + "); rerun with "
+                                  "those settings to resume, pass --overwrite to redo every input with the new "
+                                  "ones, or choose another output folder (--out)")
+
+
+def _write_failures(out: str, failures) -> None:
+    if not is_uri(out):
+        write_failures(out, failures)
+    elif failures:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file", "problem"])
+        writer.writerows((str(p), problem) for p, problem in failures)
+        storage.write_text(storage.join(out, FAILURES_CSV), buf.getvalue())
+
+
 def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: ClusterOptions, sizes: tuple[int, int],
                  stage: StageOptions, *, write: bool):
-    """The Ray Data graph of one pass: read tasks -> an actor pool -> (write tasks)."""
+    """The Ray Data graph of one pass: read tasks -> an actor pool -> (write tasks).
+
+    The read map is where a huge image would fan out into block rows (module docstring).
+    """
     import ray.data as rd
 
     gpus = options.gpus_per_actor
@@ -267,6 +345,7 @@ def segment_files_ray(
     overlays: bool = False,
     rois: bool = False,
     channel: int | None = None,
+    page: int | None = None,
     names: Sequence[str] | None = None,
     cluster_options: ClusterOptions | None = None,
     log: Log = _echo,
@@ -280,11 +359,16 @@ def segment_files_ray(
     Args:
         inputs: image files: local paths every node reads (absolute or relative to here) or URIs.
         out_dir: output folder, a shared path or a URI (``s3://bucket/labels``).
-        modality, overwrite, on_error, overlays, rois, channel, names: as for the local path.
+        modality, overwrite, on_error, overlays, rois, channel, page, names: as for the local path
+            (:func:`~triageseg.pipeline.batch.segment_files`), with the same safety checks:
+            outputs apart from the inputs, settings recorded in ``segment_config.json`` and
+            checked on resume, failures listed in ``failures.csv``.
         cluster_options: actors, CPU/GPU shares, bundle shipping, progress.
         log: where one-line notes go (pass sizes, warnings).
 
     Raises:
+        OutputConflict: an output would overwrite or shadow an input, or ``out_dir`` holds
+            outputs made with other settings (and not ``overwrite``).
         DataError: a bad input with ``on_error="fail"`` (rows finished before it are kept).
         ValueError: bad options, or paths a multi-node cluster cannot share.
     """
@@ -298,28 +382,46 @@ def segment_files_ray(
     shown = [os.fspath(f) if is_uri(os.fspath(f)) else str(Path(f)) for f in inputs]
     names = output_names(shown, names)
     out = os.fspath(out_dir) if is_uri(os.fspath(out_dir)) else str(Path(out_dir).resolve())
+    if not is_uri(out):
+        local = [(f, n) for f, n in zip(shown, names) if not is_uri(f)]
+        check_outputs_apart([f for f, _ in local], [n for _, n in local], out)
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
+    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               channel=channel, page=page)
+    _check_settings(out, settings, overwrite)
     cluster = cluster_info()
     check_cluster(options, cluster, log=log)
     _check_locations(out, shown, options, cluster, log)
     if not is_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
+    storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
+        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu", "batch_size": pipe.batch_size,
+        "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
+        "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
 
     report = DistributedReport()
     journal = _Journal(out, options.flush_seconds)
-    todo = _plan(shown, names, out, journal, overwrite, report)
+    todo = _plan(shown, names, out, journal, overwrite, page, report)
     for item in todo:
         item["source"] = item["file"] if is_uri(item["file"]) else str(Path(item["file"]).resolve())
     start = time.perf_counter()
     if todo:
-        run = _Run(pipe, out, todo, options, cluster, modality, on_error, overlays, rois, channel, report, journal, log)
+        stage = StageOptions(
+            out=out, threads=max(1, int(options.cpus_per_actor)), channel=channel, page=page, modality=modality,
+            overlays=overlays, rois=rois,
+            # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
+            pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
+                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta},
+        )
+        run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)
         try:
             run.execute()
         finally:
             journal.flush()
             if not is_uri(out):
                 storage.remove_partial_files(out, [t["name"] for t in todo])
+    _write_failures(out, report.failures)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -327,17 +429,9 @@ def segment_files_ray(
 class _Run:
     """One call of :func:`segment_files_ray` with inputs to do: the routing pass, then a pass per model."""
 
-    def __init__(self, pipe, out, todo, options, cluster, modality, on_error, overlays, rois, channel, report,
-                 journal, log):
-        gpus = options.gpus_per_actor
-        device = "cuda" if gpus > 0 else "cpu"  # an actor sees only the GPUs Ray gave it
-        self.stage = StageOptions(
-            out=out, threads=max(1, int(options.cpus_per_actor)), channel=channel, modality=modality,
-            overlays=overlays, rois=rois,
-            pipeline={"device": device, "tile_size": pipe.tile_size, "overlap": pipe.overlap,
-                      "batch_size": pipe.batch_size, "tta": pipe.tta},
-        )
-        self.pipe, self.out, self.todo, self.options, self.modality = pipe, out, todo, options, modality
+    def __init__(self, pipe, todo: list[dict], options: ClusterOptions, cluster: dict, stage: StageOptions,
+                 on_error: str, report: DistributedReport, journal: _Journal, log: Log):
+        self.pipe, self.todo, self.options, self.stage = pipe, todo, options, stage
         self.on_error, self.report, self.journal, self.log = on_error, report, journal, log
         self.sizes = pool_size(options, cluster)
         self.n_hosts = int(cluster["hosts"])
@@ -346,9 +440,9 @@ class _Run:
     def execute(self) -> None:
         _configure_ray_data(self.options.progress)
         self.bundle = bundle_source(self.pipe.path, self.options, self.n_hosts, log=self.log)
-        if self.modality is not None:
+        if self.stage.modality is not None:
             blank = {"modality": "", "confidence": math.nan, "used_model": "", "decision": ""}
-            groups = {self.modality: [{**item, **blank} for item in self.todo]}
+            groups = {self.stage.modality: [{**item, **blank} for item in self.todo]}
         else:
             groups = self.route()
         for model in sorted(groups):
@@ -365,7 +459,8 @@ class _Run:
             err = row_error(row)
             if err is not None:
                 where = err.path if err.path not in (None, item["source"]) else item["file"]
-                self.journal.flush()  # keep what finished if the policy stops the run here
+                if self.on_error == "fail":
+                    self.journal.flush()  # keep the rows of what finished: the run stops here
                 _fail(self.report, _as_input(item["file"]), DataError(where, err.problem), self.on_error)
                 continue
             yield item, row
@@ -395,6 +490,6 @@ class _Run:
             entry["objects"] = int(row["objects"])
             entry["seconds"] = f"{float(row['t_segment']) + float(row['t_write']):.3f}"
             self.report.rows.append(entry)
-            target = storage.join(self.out, f"{item['name']}.tif")
+            target = storage.join(self.stage.out, f"{item['name']}.tif")
             self.report.written.append(target if is_uri(target) else Path(target))
             self.journal.add(item["name"], entry)

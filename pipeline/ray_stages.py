@@ -58,7 +58,8 @@ class StageOptions:
     out: str  # output folder or URI
     pipeline: dict = field(default_factory=dict)  # Pipeline keyword options (device, tile_size, batch_size, tta)
     threads: int = 1  # torch CPU threads per actor (its CPU share)
-    channel: int | None = None  # channel of 2- or >3-channel images
+    channel: int | None = None  # channel of 2- or >3-channel images (or of the pages of a 2-4 page TIFF)
+    page: int | None = None  # plane of multi-page TIFFs
     modality: str | None = None  # forced specialist (no routing pass)
     overlays: bool = False  # also write overlays/<name>.png
     rois: bool = False  # also write <name>.rois.zip
@@ -106,19 +107,16 @@ def read_stage(row: dict, *, options: StageOptions) -> dict:
     out = {**_carry(row), "error": row.get("error", ""), "error_path": row.get("error_path", "")}
     out.update(image=EMPTY_IMAGE, px_y=np.nan, px_x=np.nan)
     file = row.get("source") or row["file"]
+    local = None
     try:
         if is_uri(file):
             with tempfile.TemporaryDirectory(prefix="triageseg-in-") as tmp:
                 local = storage.fetch(file, tmp)
-                try:
-                    image, pixel = read_input(local, channel=options.channel)
-                except Exception as err:  # noqa: BLE001 - recorded per file, the driver decides
-                    out.update(error_fields(err, file, str(local)))
-                    image, pixel = EMPTY_IMAGE, None
+                image, pixel = read_input(local, channel=options.channel, page=options.page)
         else:
-            image, pixel = read_input(file, channel=options.channel)
-    except Exception as err:  # noqa: BLE001
-        out.update(error_fields(err, file))
+            image, pixel = read_input(file, channel=options.channel, page=options.page)
+    except Exception as err:  # noqa: BLE001 - recorded per file, the driver applies --on-error
+        out.update(error_fields(err, file, None if local is None else str(local)))
         image, pixel = EMPTY_IMAGE, None
     out["image"] = image
     if pixel is not None:

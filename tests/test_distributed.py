@@ -31,6 +31,7 @@ from click.testing import CliRunner
 
 from triageseg import bundle as B
 from triageseg.datasets.errors import DataError
+from triageseg.pipeline.batch import OutputConflict
 from triageseg.datasets.io import read_labels
 
 MODS = ("fluorescence", "brightfield", "he")
@@ -295,14 +296,17 @@ def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, ima
     try:
         report = segment_files_ray(pipe, good, f"local://{out}", modality="he", log=messages.append,
                                    cluster_options=ClusterOptions(actors="1:2", ship_bundle=True, progress=False))
+        with pytest.raises(OutputConflict, match="modality: 'he' then, 'fluorescence' now"):
+            segment_files_ray(pipe, good, f"local://{out}", modality="fluorescence",
+                              cluster_options=ClusterOptions(progress=False))  # refused before any pass
         with pytest.raises(DataError, match="zz_broken.png"):
             segment_files_ray(pipe, [*good[:2], images / "zz_broken.png"], tmp_path / "fail_out", modality="he",
                               log=messages.append, cluster_options=ClusterOptions(actors="1", progress=False))
     finally:
         ray.shutdown()
     assert any(m.startswith("bundle: shipping") for m in messages)
-    assert [m for m in messages if m.startswith("segment with") and "done in" not in m] == ["segment with he: 8 image(s), 1-2 actor(s)",
-                                                                     "segment with he: 3 image(s), 1 actor(s)"]
+    started = [m for m in messages if m.startswith("segment with") and "done in" not in m]
+    assert started == ["segment with he: 8 image(s), 1-2 actor(s)", "segment with he: 3 image(s), 1 actor(s)"]
     assert report.per_model() == {"he": 8} and not report.failures and len(report.written) == 8
     assert all(str(w).startswith("local://") for w in report.written)
     assert report.stage_seconds["load"] > 0 and report.stage_seconds["route"] == 0
@@ -340,8 +344,11 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local
     _assert_same_outputs(out, local_out)
     rows = list(csv.DictReader((out / "routing.csv").open()))
     assert len(rows) == len({r["output"] for r in rows}) == N_IMAGES
+    (out / "he_0001.tif").write_bytes((out / "he_0001.tif").read_bytes()[:100])  # as a cut-off copy would be
     again = _cli(*args)
-    assert "skipped 24 already done" in again.stdout, again.stdout
+    assert "segmented 1 image(s), skipped 23 already done" in again.stdout, again.stdout
+    assert "he_0001.tif was incomplete" in again.stderr
+    _assert_same_outputs(out, local_out)
 
 
 # --------------------------------------------------------------------------- connecting
@@ -514,7 +521,21 @@ def test_ray_options_are_checked_before_anything_runs(dist_bundle, images, tmp_p
     for extra, message in ((["--ray", "--workers", "2"], "--workers is for local runs"),
                            (["--ray", "--actors", "0"], "--actors must be"),
                            (["--ray", "--device", "cuda"], "the device follows --gpus-per-actor"),
-                           (["--out", "s3://bucket/labels"], "URI inputs or --out need a Ray run")):
+                           (["--out", "s3://bucket/labels"], "URI inputs or --out need a Ray run"),
+                           (["--ray", "--out", str(images)], "the output folder (--out) is the input folder")):
         run = CliRunner().invoke(cli, [*base, *extra])
         assert run.exit_code == 2 and message in run.output, run.output
     assert not (tmp_path / "o").exists()
+
+
+def test_errors_name_the_input_not_the_nodes_copy(tmp_path):
+    from triageseg.pipeline.ray_stages import error_fields, row_error
+
+    copy = tmp_path / "a.png"
+    fields = error_fields(DataError(copy, "truncated PNG"), "s3://bucket/a.png", str(copy))
+    assert fields == {"error": "truncated PNG", "error_path": "s3://bucket/a.png"}
+    assert error_fields(RuntimeError("CUDA out of memory"), "x.png") == {
+        "error": "RuntimeError: CUDA out of memory", "error_path": ""}
+    err = row_error({"file": "x.png", **error_fields(RuntimeError("boom"), "x.png")})
+    assert isinstance(err, DataError) and str(err) == "x.png: RuntimeError: boom"
+    assert row_error({"file": "x.png", "error": "", "error_path": ""}) is None
