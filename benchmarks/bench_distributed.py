@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Also write the figures here.")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of its own: no token file in ~/.ray
 
     from triageseg.datasets.synth import make_dataset
 
