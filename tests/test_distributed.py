@@ -103,7 +103,7 @@ def _ours() -> list[int]:
 
 def _kill_group(pgid: int) -> None:
     """SIGTERM then SIGKILL every process of a process group this module started."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
