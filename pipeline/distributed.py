@@ -33,8 +33,6 @@ they are (the router reads an overview).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -47,25 +45,28 @@ from pathlib import Path
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline import storage
 from triageseg.pipeline.batch import (
-    FAILURES_CSV,
-    OUTPUT_SETTINGS,
     ROUTING_CSV,
     SEGMENT_CONFIG,
     BatchReport,
-    OutputConflict,
     RoutingJournal,
     _fail,
     _read_routing,
     _write_routing,
     check_outputs_apart,
-    check_settings,
     output_names,
     output_settings,
     routing_row,
     verify_output,
-    write_failures,
 )
-from triageseg.pipeline.ray_stages import BundleSource, RouteActor, SegmentActor, StageOptions, read_stage, row_error, write_stage
+from triageseg.pipeline.ray_stages import (
+    BundleSource,
+    RouteActor,
+    SegmentActor,
+    StageOptions,
+    read_stage,
+    row_error,
+    write_stage,
+)
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 
 Log = Callable[[str], None]
@@ -158,7 +159,8 @@ def check_cluster(options: ClusterOptions, cluster: dict[str, float], *, log: Lo
         log(f"warning: {line}; the actors wait until the cluster grows")
 
 
-def bundle_source(bundle: str | os.PathLike, options: ClusterOptions, n_hosts: int, *, log: Log = _echo) -> BundleSource:
+def bundle_source(bundle: str | os.PathLike, options: ClusterOptions, n_hosts: int, *,
+                  log: Log = _echo) -> BundleSource:
     """The bundle's path when every node reads it, else one copy in the object store."""
     path = str(Path(bundle).resolve())
     ship = options.ship_bundle if options.ship_bundle is not None else not is_shared(path, n_hosts=n_hosts)
@@ -256,37 +258,6 @@ def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overw
     return todo
 
 
-def _check_settings(out: str, settings: dict, overwrite: bool) -> None:
-    """Refuse to resume into ``out`` when its labels were made with other settings (as locally)."""
-    if not is_uri(out):
-        check_settings(out, settings, overwrite=overwrite)
-        return
-    text = storage.read_text(storage.join(out, SEGMENT_CONFIG))
-    if overwrite or text is None or not any(n.endswith(".tif") for n in storage.names_in(out)):
-        return
-    try:
-        recorded = json.loads(text)
-    except ValueError:
-        recorded = {}
-    diffs = [f"{key}: {recorded.get(key)!r} then, {settings[key]!r} now" for key in OUTPUT_SETTINGS
-             if isinstance(recorded, dict) and recorded.get(key) != settings[key]]
-    if diffs or not isinstance(recorded, dict):
-        raise OutputConflict(out, "holds outputs made with other settings (" + "; ".join(diffs) + "); rerun with "
-                                  "those settings to resume, pass --overwrite to redo every input with the new "
-                                  "ones, or choose another output folder (--out)")
-
-
-def _write_failures(out: str, failures) -> None:
-    if not is_uri(out):
-        write_failures(out, failures)
-    elif failures:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["file", "problem"])
-        writer.writerows((str(p), problem) for p, problem in failures)
-        storage.write_text(storage.join(out, FAILURES_CSV), buf.getvalue())
-
-
 def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: ClusterOptions, sizes: tuple[int, int],
                  stage: StageOptions, *, write: bool):
     """The Ray Data graph of one pass: read tasks -> an actor pool -> (write tasks).
@@ -350,7 +321,7 @@ def segment_files_ray(
     cluster_options: ClusterOptions | None = None,
     log: Log = _echo,
 ) -> DistributedReport:
-    """Segment files on the connected Ray cluster into ``out_dir``, as :func:`~triageseg.pipeline.batch.segment_files` does locally.
+    """Segment files on the connected Ray cluster into ``out_dir``, as ``segment_files`` does on one machine.
 
     Ray must be initialised (:func:`triageseg.ray_cluster.ray_connection`). ``pipe`` (a
     :class:`~triageseg.pipeline.single.Pipeline`) is the bundle and its options; the
@@ -389,7 +360,7 @@ def segment_files_ray(
         pipe.check_modality(modality)  # fail fast, before any file is read
     settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
                                channel=channel, page=page)
-    _check_settings(out, settings, overwrite)
+    storage.check_settings_at(out, settings, overwrite=overwrite)
     cluster = cluster_info()
     check_cluster(options, cluster, log=log)
     _check_locations(out, shown, options, cluster, log)
@@ -421,7 +392,7 @@ def segment_files_ray(
             journal.flush()
             if not is_uri(out):
                 storage.remove_partial_files(out, [t["name"] for t in todo])
-    _write_failures(out, report.failures)
+    storage.write_failures_at(out, report.failures)
     report.seconds = time.perf_counter() - start
     return report
 

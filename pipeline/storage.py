@@ -13,9 +13,12 @@ driver, and :func:`materialize_bundle` writes one copy per node from the object 
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import glob
 import hashlib
+import io
+import json
 import os
 import posixpath
 import shutil
@@ -58,7 +61,7 @@ def basename(location: str) -> str:
 
 
 def names_in(folder: str) -> set[str]:
-    """Names of the files directly in ``folder`` (empty when it does not exist): one listing, not one look-up per file."""
+    """Names of the files directly in ``folder`` (empty when it does not exist), from one listing."""
     if not is_uri(folder):
         try:
             return {e.name for e in os.scandir(folder) if e.is_file()}
@@ -103,7 +106,8 @@ def expand_uri(item: str, suffixes: tuple[str, ...], *, recursive: bool) -> tupl
     fs, path = filesystem(item)
     if glob.has_magic(item):
         parent, pattern = item.rstrip("/").rsplit("/", 1)
-        found = [(u, n) for u, n in list_images(parent, suffixes, recursive=False) if fnmatch.fnmatch(basename(u), pattern)]
+        found = [(u, n) for u, n in list_images(parent, suffixes, recursive=False)
+                 if fnmatch.fnmatch(basename(u), pattern)]
         if not found:
             raise DataError(item, "the pattern matches no file")
         return [u for u, _ in found], [PurePosixPath(basename(u)).stem for u, _ in found]
@@ -184,6 +188,46 @@ def remove_partial_files(folder: str | os.PathLike, names) -> int:
                 stale.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def check_settings_at(out: str, settings: dict, *, overwrite: bool = False) -> None:
+    """``batch.check_settings`` for a local folder or a URI: refuse to resume into outputs made with other settings.
+
+    Raises:
+        OutputConflict: naming each differing setting, then and now.
+    """
+    from triageseg.pipeline.batch import OUTPUT_SETTINGS, SEGMENT_CONFIG, OutputConflict, check_settings
+
+    if not is_uri(out):
+        check_settings(out, settings, overwrite=overwrite)
+        return
+    text = read_text(join(out, SEGMENT_CONFIG))
+    if overwrite or text is None or not any(n.endswith(".tif") for n in names_in(out)):
+        return
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        recorded = {}
+    diffs = [f"{key}: {recorded.get(key)!r} then, {settings[key]!r} now" for key in OUTPUT_SETTINGS
+             if isinstance(recorded, dict) and recorded.get(key) != settings[key]]
+    if diffs or not isinstance(recorded, dict):
+        raise OutputConflict(out, "holds outputs made with other settings (" + "; ".join(diffs) + "); rerun with "
+                                  "those settings to resume, pass --overwrite to redo every input with the new "
+                                  "ones, or choose another output folder (--out)")
+
+
+def write_failures_at(out: str, failures) -> None:
+    """``batch.write_failures`` for a local folder or a URI (``failures.csv``: file, problem)."""
+    from triageseg.pipeline.batch import FAILURES_CSV, write_failures
+
+    if not is_uri(out):
+        write_failures(out, failures)
+    elif failures:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file", "problem"])
+        writer.writerows((str(p), problem) for p, problem in failures)
+        write_text(join(out, FAILURES_CSV), buf.getvalue())
 
 
 # ---------------------------------------------------------------------------- the bundle
