@@ -11,14 +11,15 @@ from triageseg.cli.groups import cli
 from triageseg.datasets.errors import DataError
 
 from triageseg.datasets.io import IMAGE_SUFFIXES
+from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S, is_uri
 
 # The block path's defaults (pipeline.blocks / pipeline.large), repeated here so that loading
 # the CLI does not import the pipeline; tests/test_blocks.py checks that they agree.
 DEFAULT_BLOCK_SIZE, DEFAULT_MARGIN, DEFAULT_THRESHOLD_MP = 2048, 64, 16.8
 
 
-def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path], list[str]]:
-    """Files, folders and globs -> (image files, output names).
+def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Path | str], list[str]]:
+    """Files, folders and globs -> (image files, output names); URIs (s3://...) stay strings.
 
     Files from a folder keep their path below that folder in the output name
     (``sub/a.png`` -> ``sub__a``) so two files with the same stem do not collide.
@@ -26,6 +27,13 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     files: list[Path] = []
     names: list[str] = []
     for item in inputs:
+        if is_uri(item):
+            from triageseg.pipeline.storage import expand_uri
+
+            found_uris, found_names = expand_uri(item, IMAGE_SUFFIXES, recursive=recursive)
+            files.extend(found_uris)
+            names.extend(found_names)
+            continue
         path = Path(item)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
@@ -57,6 +65,8 @@ def input_folders(inputs: tuple[str, ...]) -> list[Path]:
     """The folders INPUTS read from: folder inputs, and the fixed folder each glob starts in."""
     folders = []
     for item in inputs:
+        if is_uri(item):
+            continue
         if Path(item).is_dir():
             folders.append(Path(item))
         elif glob.has_magic(item):
@@ -80,6 +90,28 @@ def _common_options(func):
                          help="Channel to use for 2- or >3-channel images (or of the pages of a 2-4 page TIFF)."),
             click.option("--page", type=click.IntRange(min=0), default=None,
                          help="Plane to read from multi-page TIFFs (a stack, or 2-4 pages without axis metadata)."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _ray_options(func):
+    for option in reversed(
+        [
+            click.option("--address", default=None,
+                         help="Run on this Ray cluster: 'auto' (this machine is a node) or HOST:PORT."),
+            click.option("--ray", "use_ray", is_flag=True, help="Run on a Ray started on this machine for the run."),
+            click.option("--actors", default="auto", show_default=True,
+                         help="Actors per model on Ray: N, or MIN:MAX to autoscale; auto = 1 up to what fits."),
+            click.option("--cpus-per-actor", default=1.0, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True),
+                         help="CPUs per actor on Ray (also its torch threads)."),
+            click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                         help="GPUs per actor on Ray; fractions share a GPU (0.25 = four actors per GPU)."),
+            click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True),
+                         help="Seconds to wait for the cluster at --address before giving up."),
         ]
     ):
         func = option(func)
@@ -121,8 +153,10 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
               help="Context around each block in pixels (at least twice the largest nucleus diameter).")
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, tile_size, batch_size, workers,
-            tta, overwrite, on_error, overlays, rois, level, blocks_above, block_size, block_margin, geojson, quiet):
+            tta, overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor, gpus_per_actor,
+            connect_timeout, level, blocks_above, block_size, block_margin, geojson):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -134,6 +168,9 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     into a tiled pyramidal TIFF, resumable from their finished blocks. Exit code 0 when
     every input was segmented or skipped; 1 when a bad input stopped the run (--on-error
     fail) or was skipped (--on-error skip, listed in failures.csv); 2 for a usage error.
+
+    With --address (or --ray) the run goes to a Ray cluster (README: "Segmenting a large
+    collection on a cluster"); inputs and --out may then be URIs (s3://...).
     """
     from tqdm import tqdm
 
@@ -146,13 +183,31 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
                               geojson=geojson, progress=not quiet)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--block-margin") from None
+    on_ray = address is not None or use_ray
+    cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
+                                       gpus_per_actor) if on_ray else None
     files, names = expand_inputs(inputs, recursive=recursive)
-    out = Path(out_dir)
+    if not on_ray and (is_uri(out_dir) or any(isinstance(f, str) for f in files)):
+        raise click.UsageError("URI inputs or --out need a Ray run: add --ray or --address")
+    out = out_dir if is_uri(out_dir) else Path(out_dir)
     try:
-        check_outputs_apart(files, names, out, folders=input_folders(inputs), recursive=recursive)
+        if not is_uri(out_dir):
+            local = [(f, n) for f, n in zip(files, names) if not isinstance(f, str)]
+            check_outputs_apart([f for f, _ in local], [n for _, n in local], out, folders=input_folders(inputs),
+                                recursive=recursive)
     except OutputConflict as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from None
-    pipe = Pipeline.from_bundle(bundle_path, device=device, tile_size=tile_size, batch_size=batch_size, tta=tta)
+    pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
+                                batch_size=batch_size, tta=tta)
+    if on_ray:
+        try:
+            report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
+                                     connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
+                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page)
+        except OutputConflict as err:
+            raise click.UsageError(str(err)) from None
+        _summary(report, out)
+        return
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
         report = pipe.segment_files(files, out, names=names, modality=modality, overwrite=overwrite,
@@ -162,19 +217,26 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
         raise click.UsageError(str(err)) from None
     finally:
         bar.close()
+    _summary(report, out)
+
+
+def _summary(report, out) -> None:
+    """The closing lines of `segment`, local or on Ray; exit code 1 when any input failed."""
     for target, problem in report.incomplete:
         click.echo(f"note: {target} was incomplete ({problem}); segmented its input again", err=True)
     per_model = report.per_model()
+    rate = f" ({len(report.written) / report.seconds:.2f} images/s)" if report.written and report.seconds > 0 else ""
     click.echo(
         f"segmented {len(report.written)} image(s), skipped {len(report.skipped)} already done, "
-        f"{len(report.failures)} failed, in {report.seconds:.1f} s -> {out}"
+        f"{len(report.failures)} failed, in {report.seconds:.1f} s{rate} -> {out}"
     )
     if per_model:
         click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
     for path, problem in report.failures:
         click.echo(f"failed: {path}: {problem}", err=True)
     if report.failures:
-        click.echo(f"failures listed in {out / 'failures.csv'}", err=True)
+        listed = f"{out}/failures.csv" if is_uri(str(out)) else Path(out) / "failures.csv"
+        click.echo(f"failures listed in {listed}", err=True)
         raise SystemExit(1)
 
 
@@ -224,3 +286,31 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
         click.echo(f"failed: {problem}", err=True)
     if failures:
         raise SystemExit(1)
+
+
+def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor):
+    """The Ray options of `segment`, checked before anything is loaded."""
+    from triageseg.pipeline.distributed import ClusterOptions, parse_actors
+
+    if workers:
+        raise click.UsageError("--workers is for local runs; on Ray, size the pools with --actors")
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and gpus_per_actor <= 0):
+        raise click.UsageError("on Ray the device follows --gpus-per-actor (> 0: cuda, else cpu); "
+                               f"--device {device} cannot be honoured")
+    try:
+        parse_actors(actors)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--actors") from None
+    return ClusterOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
+                          gpus_per_actor=gpus_per_actor, progress=not quiet)
+
+
+def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, **options):
+    """The Ray half of `segment`: connect (or start a local Ray for the run) and run the passes."""
+    from triageseg.pipeline.distributed import segment_files_ray
+    from triageseg.ray_cluster import ray_connection
+
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    with ray_connection(cluster_options.address, quiet=quiet, log=log, connect_timeout=connect_timeout):
+        return segment_files_ray(pipe, files, out_dir, names=names, cluster_options=cluster_options, log=log,
+                                 **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from triageseg.cli.groups import CONTEXT, cli
+from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S
 
 
 @cli.command("tune", context_settings=CONTEXT)
@@ -27,6 +28,9 @@ from triageseg.cli.groups import CONTEXT, cli
 @click.option("--address", default=None,
               help="Join an existing Ray cluster: 'auto' (this machine is a node) or HOST:PORT. "
                    "Default: start a local Ray for this run.")
+@click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the cluster at --address before giving up.")
 @click.option("--storage", default=None,
               help="Where results and checkpoints go: a path or a URI (s3://BUCKET/prefix). "
                    "A cluster with several nodes needs shared storage (NFS path or s3://). "
@@ -52,7 +56,8 @@ from triageseg.cli.groups import CONTEXT, cli
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search and of training.")
 @click.option("--quiet", is_flag=True, help="No Ray Tune progress tables.")
 def tune_command(data, modality, num_samples, search, scheduler, cpus_per_trial, gpus_per_trial,
-                 max_concurrent, address, storage, name, resume, max_failures, space_file, epochs,
+                 max_concurrent, address, connect_timeout, storage, name, resume, max_failures, space_file,
+                 epochs,
                  steps_per_epoch, base_config, bundle, out, seed, quiet) -> None:
     """Search training hyperparameters per modality with Ray Tune.
 
@@ -74,7 +79,8 @@ def tune_command(data, modality, num_samples, search, scheduler, cpus_per_trial,
     cfg = SweepConfig(
         data=data, modality=modality, num_samples=num_samples, search=search, scheduler=scheduler,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
-        address=address, storage=storage, name=name, resume=resume, max_failures=max_failures,
+        address=address, connect_timeout=connect_timeout, storage=storage, name=name, resume=resume,
+        max_failures=max_failures,
         space_file=space_file, epochs=epochs, steps_per_epoch=steps_per_epoch, base_config=base_config,
         out=out, bundle=bundle, seed=seed, verbose=0 if quiet else 1,
     )

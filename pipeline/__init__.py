@@ -6,6 +6,9 @@
   :mod:`~triageseg.pipeline.large`: huge images block by block, stitched, streamed to disk.
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
 - :mod:`~triageseg.pipeline.interactive`: one image as the web page and napari show it (every probability).
+- :mod:`~triageseg.pipeline.distributed`: many files on a Ray cluster (Ray Data passes;
+  stages in :mod:`~triageseg.pipeline.ray_stages`, paths and URIs in
+  :mod:`~triageseg.pipeline.storage`). Imported on use, not here.
 """
 
 from triageseg.pipeline.batch import ROUTING_COLUMNS, BatchReport, segment_files

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -131,14 +131,7 @@ def segment_files(
         raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
     out_dir = Path(out_dir)
     paths = [Path(p) for p in inputs]
-    names = list(names) if names is not None else [p.stem for p in paths]
-    if len(names) != len(paths):
-        raise ValueError(f"{len(names)} names for {len(paths)} inputs")
-    seen: dict[str, Path] = {}
-    for p, n in zip(paths, names):
-        if n in seen:
-            raise DataError(p, f"output name {n!r} is also that of {seen[n]}; rename one of them")
-        seen[n] = p
+    names = output_names(paths, names)
     check_outputs_apart(paths, names, out_dir)
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
@@ -228,12 +221,10 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
 
     def prepare(path: Path):
         # runs in the reader thread: reading and routing overlap with the segmenter
-        from triageseg.datasets.io import read_image, read_pixel_size
-
         if use_blocks(path, blocks):
             return _BLOCKWISE
-        image = read_image(path, channel=channel, page=page)
-        return image, read_pixel_size(path), pipe.decide(image, modality)
+        image, pixel_size = read_input(path, channel=channel, page=page)
+        return image, pixel_size, pipe.decide(image, modality)
 
     try:
         for path, name, loaded in _prefetch(todo, prepare):
@@ -263,9 +254,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                 if progress:
                     progress(path)
                 continue
-            row = {"file": str(path), "output": f"{name}.tif", "modality": mod,
-                   "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used,
-                   "decision": decision, "mode": "memory", "_t0": t0}
+            row = {**routing_row(path, name, mod, conf, used, decision), "_t0": t0}
             job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None,
                    overlays, rois)
             journal.start(name, row, out_dir / f"{name}.tif")
@@ -332,6 +321,45 @@ def _worker_init() -> None:
     # Ctrl-C reaches the whole process group: the main process shuts the workers down
     # after their current job, so a worker must not die of it mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def output_names(inputs: Sequence, names: Sequence[str] | None = None) -> list[str]:
+    """Output names (without extension), one per input (a path or a URI); default the input stems.
+
+    Raises:
+        DataError: two inputs would write the same output.
+    """
+    names = list(names) if names is not None else [PurePosixPath(os.fspath(p)).stem for p in inputs]
+    if len(names) != len(inputs):
+        raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
+    seen: dict[str, object] = {}
+    for p, n in zip(inputs, names):
+        if n in seen:
+            raise DataError(p, f"output name {n!r} is also that of {seen[n]}; rename one of them")
+        seen[n] = p
+    return names
+
+
+def read_input(path: str | os.PathLike, *, channel: int | None = None,
+               page: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The normalised HxWx3 image and the pixel size (microns, or None) of one input file."""
+    from triageseg.datasets.io import read_image, read_pixel_size
+
+    return read_image(path, channel=channel, page=page), read_pixel_size(path)
+
+
+def routing_row(path, name: str, modality: str, confidence: float | None, used_model: str, decision: str,
+                mode: str = "memory") -> dict:
+    """The routing.csv columns known before segmenting (``objects`` and ``seconds`` come after)."""
+    return {
+        "file": str(path),
+        "output": f"{name}.tif",
+        "modality": modality,
+        "confidence": "" if confidence is None else f"{confidence:.4f}",
+        "used_model": used_model,
+        "decision": decision,
+        "mode": mode,
+    }
 
 
 def _fail(report: BatchReport, path: Path, err: BaseException, on_error: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from triageseg.datasets.atomic import atomic_path, write_json_atomic, write_text_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.ray_cluster import check_storage, ray_connection, resolve_storage
+from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S, check_storage, ray_connection, resolve_storage
 from triageseg.tuning import space as spaces
 from triageseg.tuning.trainable import INJECT_FAILURES_ENV, parse_inject_failures
 
@@ -55,6 +55,7 @@ class SweepConfig:
     gpus_per_trial: float = 0.0  # GPUs per trial; 0.5 = two trials share a GPU
     max_concurrent: int = 0  # most trials at once (0 = as many as resources allow)
     address: str | None = None  # None = local Ray for this run; "auto" or HOST:PORT = join a cluster
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S  # seconds to reach the cluster at address before giving up
     storage: str | None = None  # results/checkpoints path or URI (s3://...); None = <out>/ray_results
     name: str = "sweep"  # experiment name prefix: <storage>/<name>_<modality>
     resume: bool = False  # continue an interrupted sweep of the same name
@@ -365,7 +366,7 @@ def run_sweeps(cfg: SweepConfig, *, log: Log = _echo) -> dict[str, SweepResult]:
             raise ValueError(f"--resume: no sweep to resume at {experiment_path(cfg, '<modality>')} "
                              f"for any of {', '.join(modalities)} (check --storage, --name, --out)")
         start_if_missing = True
-    with ray_connection(cfg.address, quiet=cfg.verbose == 0, log=log) as cluster:
+    with ray_connection(cfg.address, quiet=cfg.verbose == 0, log=log, connect_timeout=cfg.connect_timeout) as cluster:
         check_resources(cfg, cluster, log=log)
         for modality in modalities:
             try:

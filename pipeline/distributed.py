@@ -1,0 +1,466 @@
+"""Many image files on a Ray cluster: the routed pipeline as Ray Data stages.
+
+:func:`segment_files_ray` is what ``triageseg segment --address ...`` (or ``--ray``) runs.
+It makes the same files as :func:`triageseg.pipeline.batch.segment_files` (label TIFFs,
+``routing.csv`` with the same columns) in two kinds of pass over the inputs still to do:
+
+```
+routing pass     read + normalise (CPU tasks) -> route (router actor pool)
+per used model   read + normalise (CPU tasks) -> segment (actor pool of that model)
+                 -> watershed + write (CPU tasks) -> rows to the driver -> routing.csv
+```
+
+Routing first means each model's pool starts only when images need it and is sized to
+the whole cluster while it runs, and every batch an actor gets holds images of its
+model only; the price is reading each image twice (``--modality`` skips routing). The
+stages call the same functions as the local path (see :mod:`~triageseg.pipeline.ray_stages`).
+
+Guarantees, as locally: outputs are atomic (rename, or one upload for a URI); an input
+is done when its label file exists and ``routing.csv`` has its row, so a rerun after the
+driver died redoes at most the images whose rows it had not yet recorded; ``on_error``
+is applied per file; a task on a lost worker or node is retried by Ray (tasks
+``max_retries``, actors ``max_restarts``), and rewriting an output under the same name
+leaves no duplicate. Temporary files of killed writers are removed at the end.
+
+Huge images (block processing, ``pipeline/blocks.py``) plug in at one point,
+:func:`pass_dataset`'s read stage, the only stage that sees an image's size: there an
+image over the block threshold becomes one row per block (``flat_map`` of the block
+function's windows with their margins) instead of one row per image; the segment actors
+treat a block as they treat an image, and the write stage becomes the block function's
+stitching writer keyed by the image's name. The routing pass and the driver stay as
+they are (the router reads an overview).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from triageseg.datasets.errors import DataError
+from triageseg.pipeline import storage
+from triageseg.pipeline.batch import (
+    ROUTING_CSV,
+    SEGMENT_CONFIG,
+    BatchReport,
+    RoutingJournal,
+    _fail,
+    _read_routing,
+    _write_routing,
+    check_outputs_apart,
+    output_names,
+    output_settings,
+    routing_row,
+    verify_output,
+)
+from triageseg.pipeline.ray_stages import (
+    BundleSource,
+    RouteActor,
+    SegmentActor,
+    StageOptions,
+    read_stage,
+    row_error,
+    write_stage,
+)
+from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
+
+Log = Callable[[str], None]
+# Task seconds the report sums: loading models (once per actor) apart from the per-image stages.
+STAGES = ("read", "load", "route", "segment", "write")
+
+
+def _echo(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How a run is spread over the Ray cluster (``triageseg segment --address/--ray`` options)."""
+
+    address: str | None = None  # the cluster joined ("auto", HOST:PORT), None for a local Ray; named in messages
+    actors: str = "auto"  # actors per model: "N" fixed, "MIN:MAX" autoscaling, "auto" = 1 up to what fits
+    cpus_per_actor: float = 1.0  # CPUs reserved per actor (also its torch threads)
+    gpus_per_actor: float = 0.0  # GPUs per actor; fractions share a GPU (0.25 = four actors per GPU)
+    images_per_batch: int = 4  # images handed to an actor at once (all for its model)
+    ship_bundle: bool | None = None  # copy the bundle through the object store; None = when a node could not read it
+    progress: bool = True  # Ray Data's progress bars
+    flush_seconds: float = 5.0  # how often routing.csv is rewritten while results arrive
+
+
+@dataclass
+class DistributedReport(BatchReport):
+    """Outcome of :func:`segment_files_ray`: a :class:`BatchReport` plus where the time went.
+
+    URI inputs and outputs are kept as the strings given (local ones as Paths).
+    """
+
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    passes: list[tuple[str, int, float]] = field(default_factory=list)  # (pass, images, wall seconds)
+
+
+def parse_actors(spec: str) -> tuple[int, int] | None:
+    """``"N"`` -> (N, N), ``"MIN:MAX"`` (or ``MIN-MAX``) -> (MIN, MAX), ``"auto"`` -> None.
+
+    Raises:
+        ValueError: anything else, or sizes below 1 / MAX < MIN.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return None
+    parts = text.replace("-", ":").split(":")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--actors must be N, MIN:MAX or auto, got {spec!r}") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or sizes[0] < 1 or sizes[1] < sizes[0]:
+        raise ValueError(f"--actors must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {spec!r}")
+    return sizes[0], sizes[1]
+
+
+def pool_size(options: ClusterOptions, cluster: dict[str, float]) -> tuple[int, int]:
+    """(min, max) actors of one pool: ``--actors``, or for ``auto`` as many as the cluster holds.
+
+    ``auto`` keeps one CPU free for the read and write tasks when actors use CPUs only.
+    """
+    sizes = parse_actors(options.actors)
+    if sizes is not None:
+        return sizes
+    if options.gpus_per_actor > 0:
+        most = int(cluster["GPU"] // options.gpus_per_actor)
+    else:
+        most = int(max(1.0, cluster["CPU"] - 1) // options.cpus_per_actor)
+    return 1, max(1, most)
+
+
+def check_cluster(options: ClusterOptions, cluster: dict[str, float], *, log: Log = _echo) -> None:
+    """Refuse actors that can never be placed on a local Ray (they would wait forever); warn on a cluster."""
+    if options.cpus_per_actor <= 0 or options.gpus_per_actor < 0:
+        raise ValueError(f"--cpus-per-actor must be > 0 and --gpus-per-actor >= 0, got "
+                         f"{options.cpus_per_actor:g} and {options.gpus_per_actor:g}")
+    if options.gpus_per_actor > 1 and not float(options.gpus_per_actor).is_integer():
+        raise ValueError(f"--gpus-per-actor above 1 must be a whole number, got {options.gpus_per_actor:g}")
+    if options.images_per_batch < 1:
+        raise ValueError(f"images per batch must be >= 1, got {options.images_per_batch}")
+    short = []
+    if options.cpus_per_actor > cluster["CPU"]:
+        short.append(f"{options.cpus_per_actor:g} CPUs per actor but the cluster has {cluster['CPU']:g}")
+    if options.gpus_per_actor > cluster["GPU"]:
+        short.append(f"{options.gpus_per_actor:g} GPUs per actor but the cluster has {cluster['GPU']:g}")
+    if short and options.address is None:
+        raise ValueError("actors cannot be placed: " + "; ".join(short))
+    for line in short:
+        log(f"warning: {line}; the actors wait until the cluster grows")
+
+
+def bundle_source(bundle: str | os.PathLike, options: ClusterOptions, n_hosts: int, *,
+                  log: Log = _echo) -> BundleSource:
+    """The bundle's path when every node reads it, else one copy in the object store."""
+    path = str(Path(bundle).resolve())
+    ship = options.ship_bundle if options.ship_bundle is not None else not is_shared(path, n_hosts=n_hosts)
+    if not ship:
+        return BundleSource(path=path)
+    import ray
+
+    digest, files = storage.bundle_payload(path)
+    log(f"bundle: shipping {sum(map(len, files.values())) / 1e6:.1f} MB to the nodes once (object store)")
+    return BundleSource(ref=ray.put(files), digest=digest)
+
+
+def _check_locations(out: str, files: Sequence[str], options: ClusterOptions, cluster, log: Log) -> None:
+    nodes, hosts = int(cluster["nodes"]), int(cluster["hosts"])
+    check_storage(out, address=options.address, n_nodes=nodes, n_hosts=hosts, log=log, option="--out",
+                  what="label files", example="s3://BUCKET/labels")
+    if hosts > 1:  # on one machine every node reads the inputs; no warning needed for them
+        for folder in sorted({str(Path(f).resolve().parent) for f in files if not is_uri(f)}):
+            check_storage(folder, address=options.address, n_nodes=nodes, n_hosts=hosts, log=log, option="INPUT",
+                          what="input images", example="s3://BUCKET/images/")
+
+
+class _Journal:
+    """routing.csv rows by output name, rewritten atomically every few seconds and at the end."""
+
+    def __init__(self, out: str, every: float):
+        self.location = storage.join(out, ROUTING_CSV)
+        self.rows = self._read(out)
+        self.every = every
+        self.last = time.monotonic()
+
+    def _read(self, out: str) -> dict[str, dict]:
+        if not is_uri(self.location):
+            # rows that a killed local run (`segment` without Ray) logged for its label files
+            return RoutingJournal(out).recover(_read_routing(Path(self.location)))
+        import tempfile
+
+        text = storage.read_text(self.location)
+        if text is None:
+            return {}
+        with tempfile.TemporaryDirectory(prefix="triageseg-") as tmp:
+            local = Path(tmp) / ROUTING_CSV
+            local.write_text(text, encoding="utf-8")
+            return _read_routing(local)
+
+    def add(self, name: str, row: dict) -> None:
+        self.rows[name] = row
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if is_uri(self.location):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="triageseg-") as tmp:
+                local = Path(tmp) / ROUTING_CSV
+                _write_routing(local, self.rows)
+                storage.upload(local, self.location)
+        else:
+            _write_routing(Path(self.location), self.rows)
+        self.last = time.monotonic()
+
+
+def _as_input(file: str):
+    return file if is_uri(file) else Path(file)
+
+
+def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overwrite: bool, page: int | None,
+          report) -> list[dict]:
+    """Inputs still to do: no label file, one that does not verify, no routing.csv row, or ``overwrite``.
+
+    A local label file is verified as the local command does (it opens, is whole and has
+    its input's height and width); a URI output counts when it exists and has its row.
+    """
+    from triageseg.datasets.shapes import image_shape
+
+    existing = storage.names_in(out)
+    todo = []
+    for index, (file, name) in enumerate(zip(files, names)):
+        done = not overwrite and f"{name}.tif" in existing and name in journal.rows
+        if done and not is_uri(out):
+            target = Path(out) / f"{name}.tif"
+            try:
+                problem = verify_output(target, None if is_uri(file) else image_shape(file, page=page))
+            except DataError:
+                problem = ""  # the input itself is bad: segmenting it again reports why
+            if problem:
+                report.incomplete.append((target, problem))
+            done = problem is None
+        if done:
+            report.skipped.append(_as_input(file))
+        else:
+            journal.rows.pop(name, None)
+            todo.append({"index": index, "file": file, "name": name})
+    return todo
+
+
+def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: ClusterOptions, sizes: tuple[int, int],
+                 stage: StageOptions, *, write: bool):
+    """The Ray Data graph of one pass: read tasks -> an actor pool -> (write tasks).
+
+    The read map is where a huge image would fan out into block rows (module docstring).
+    """
+    import ray.data as rd
+
+    gpus = options.gpus_per_actor
+    ds = rd.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    # Ray Data's defaults are the retry policy: tasks max_retries=-1 (system failures such
+    # as a lost node), pool actors max_restarts=-1 and max_task_retries=-1.
+    ds = ds.map(read_stage, fn_kwargs={"options": stage}, num_cpus=1)
+    ds = ds.map_batches(
+        actor, fn_constructor_args=constructor_args, batch_size=options.images_per_batch, batch_format="numpy",
+        compute=_strategy(sizes), num_cpus=options.cpus_per_actor, num_gpus=gpus if gpus > 0 else None,
+    )
+    if write:
+        ds = ds.map(write_stage, fn_kwargs={"options": stage}, num_cpus=1)
+    return ds
+
+
+def _strategy(sizes: tuple[int, int]):
+    import ray.data as rd
+
+    low, high = sizes
+    return rd.ActorPoolStrategy(size=low) if low == high else rd.ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def _configure_ray_data(progress: bool) -> None:
+    import ray.data as rd
+
+    ctx = rd.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = progress
+    # Ray Data's INFO lines (execution plans, log folders) would bury the progress bars,
+    # and without bars its one warning is that they are off.
+    logging.getLogger("ray.data").setLevel(logging.WARNING if progress else logging.ERROR)
+
+
+def _stage_times(report: DistributedReport, row: dict) -> None:
+    for stage in STAGES:
+        value = row.get(f"t_{stage}")
+        if value is not None and not math.isnan(float(value)):
+            report.stage_seconds[stage] += float(value)
+
+
+def segment_files_ray(
+    pipe,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
+    overlays: bool = False,
+    rois: bool = False,
+    channel: int | None = None,
+    page: int | None = None,
+    names: Sequence[str] | None = None,
+    cluster_options: ClusterOptions | None = None,
+    log: Log = _echo,
+) -> DistributedReport:
+    """Segment files on the connected Ray cluster into ``out_dir``, as ``segment_files`` does on one machine.
+
+    Ray must be initialised (:func:`triageseg.ray_cluster.ray_connection`). ``pipe`` (a
+    :class:`~triageseg.pipeline.single.Pipeline`) is the bundle and its options; the
+    driver loads no model, the actors do.
+
+    Args:
+        inputs: image files: local paths every node reads (absolute or relative to here) or URIs.
+        out_dir: output folder, a shared path or a URI (``s3://bucket/labels``).
+        modality, overwrite, on_error, overlays, rois, channel, page, names: as for the local path
+            (:func:`~triageseg.pipeline.batch.segment_files`), with the same safety checks:
+            outputs apart from the inputs, settings recorded in ``segment_config.json`` and
+            checked on resume, failures listed in ``failures.csv``.
+        cluster_options: actors, CPU/GPU shares, bundle shipping, progress.
+        log: where one-line notes go (pass sizes, warnings).
+
+    Raises:
+        OutputConflict: an output would overwrite or shadow an input, or ``out_dir`` holds
+            outputs made with other settings (and not ``overwrite``).
+        DataError: a bad input with ``on_error="fail"`` (rows finished before it are kept).
+        ValueError: bad options, or paths a multi-node cluster cannot share.
+    """
+    import ray
+
+    options = cluster_options or ClusterOptions()
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if not ray.is_initialized():
+        raise ValueError("Ray is not initialised: connect first (triageseg.ray_cluster.ray_connection)")
+    shown = [os.fspath(f) if is_uri(os.fspath(f)) else str(Path(f)) for f in inputs]
+    names = output_names(shown, names)
+    out = os.fspath(out_dir) if is_uri(os.fspath(out_dir)) else str(Path(out_dir).resolve())
+    if not is_uri(out):
+        local = [(f, n) for f, n in zip(shown, names) if not is_uri(f)]
+        check_outputs_apart([f for f, _ in local], [n for _, n in local], out)
+    if modality is not None:
+        pipe.check_modality(modality)  # fail fast, before any file is read
+    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               channel=channel, page=page)
+    storage.check_settings_at(out, settings, overwrite=overwrite)
+    cluster = cluster_info()
+    check_cluster(options, cluster, log=log)
+    _check_locations(out, shown, options, cluster, log)
+    if not is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
+        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu", "batch_size": pipe.batch_size,
+        "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
+        "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
+
+    report = DistributedReport()
+    journal = _Journal(out, options.flush_seconds)
+    todo = _plan(shown, names, out, journal, overwrite, page, report)
+    for item in todo:
+        item["source"] = item["file"] if is_uri(item["file"]) else str(Path(item["file"]).resolve())
+    start = time.perf_counter()
+    if todo:
+        stage = StageOptions(
+            out=out, threads=max(1, int(options.cpus_per_actor)), channel=channel, page=page, modality=modality,
+            overlays=overlays, rois=rois,
+            # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
+            pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
+                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta},
+        )
+        run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)
+        try:
+            run.execute()
+        finally:
+            journal.flush()
+            if not is_uri(out):
+                storage.remove_partial_files(out, [t["name"] for t in todo])
+    storage.write_failures_at(out, report.failures)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _Run:
+    """One call of :func:`segment_files_ray` with inputs to do: the routing pass, then a pass per model."""
+
+    def __init__(self, pipe, todo: list[dict], options: ClusterOptions, cluster: dict, stage: StageOptions,
+                 on_error: str, report: DistributedReport, journal: _Journal, log: Log):
+        self.pipe, self.todo, self.options, self.stage = pipe, todo, options, stage
+        self.on_error, self.report, self.journal, self.log = on_error, report, journal, log
+        self.sizes = pool_size(options, cluster)
+        self.n_hosts = int(cluster["hosts"])
+        self.by_index = {item["index"]: item for item in todo}
+
+    def execute(self) -> None:
+        _configure_ray_data(self.options.progress)
+        self.bundle = bundle_source(self.pipe.path, self.options, self.n_hosts, log=self.log)
+        if self.stage.modality is not None:
+            blank = {"modality": "", "confidence": math.nan, "used_model": "", "decision": ""}
+            groups = {self.stage.modality: [{**item, **blank} for item in self.todo]}
+        else:
+            groups = self.route()
+        for model in sorted(groups):
+            self.segment(model, groups[model])
+
+    def _rows(self, label: str, n: int, ds) -> Iterator[tuple[dict, dict]]:
+        """(input item, result row) of a pass; failed inputs go to ``on_error`` instead."""
+        low, high = self.sizes
+        self.log(f"{label}: {n} image(s), {low if low == high else f'{low}-{high}'} actor(s)")
+        t0 = time.perf_counter()
+        for row in ds.iter_rows():
+            _stage_times(self.report, row)
+            item = self.by_index[int(row["index"])]
+            err = row_error(row)
+            if err is not None:
+                where = err.path if err.path not in (None, item["source"]) else item["file"]
+                if self.on_error == "fail":
+                    self.journal.flush()  # keep the rows of what finished: the run stops here
+                _fail(self.report, _as_input(item["file"]), DataError(where, err.problem), self.on_error)
+                continue
+            yield item, row
+        seconds = time.perf_counter() - t0
+        self.report.passes.append((label, n, seconds))
+        self.log(f"{label}: done in {seconds:.1f} s")
+
+    def route(self) -> dict[str, list[dict]]:
+        """The routing pass: the segmenter each input goes to, as ``Pipeline.decide`` chose it."""
+        ds = pass_dataset(self.todo, RouteActor, (self.bundle, self.stage), self.options, self.sizes, self.stage,
+                          write=False)
+        groups: dict[str, list[dict]] = {}
+        for item, row in self._rows("route", len(self.todo), ds):
+            decided = {k: row[k] for k in ("modality", "used_model", "decision")}
+            groups.setdefault(row["used_model"], []).append({**item, **decided, "confidence": float(row["confidence"])})
+        return {model: sorted(items, key=lambda i: i["index"]) for model, items in groups.items()}
+
+    def segment(self, model: str, items: list[dict]) -> None:
+        """One model's pass: its actor pool segments, CPU tasks decode and write; rows go to routing.csv."""
+        ds = pass_dataset(items, SegmentActor, (self.bundle, model, self.stage), self.options, self.sizes,
+                          self.stage, write=True)
+        for item, row in self._rows(f"segment with {model}", len(items), ds):
+            confidence = float(row["confidence"])
+            entry = routing_row(_as_input(item["file"]), item["name"], str(row["modality"]),
+                                None if math.isnan(confidence) else confidence, str(row["used_model"]),
+                                str(row["decision"]))
+            entry["objects"] = int(row["objects"])
+            entry["seconds"] = f"{float(row['t_segment']) + float(row['t_write']):.3f}"
+            self.report.rows.append(entry)
+            target = storage.join(self.stage.out, f"{item['name']}.tif")
+            self.report.written.append(target if is_uri(target) else Path(target))
+            self.journal.add(item["name"], entry)

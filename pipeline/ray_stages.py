@@ -1,0 +1,257 @@
+"""The stages of a cluster run, as Ray Data executes them on the nodes.
+
+```
+read + normalise (task)  ->  route (RouteActor pool)                          [routing pass]
+read + normalise (task)  ->  segment (SegmentActor pool, one model)  ->  watershed + write (task)
+```
+
+Each stage calls the functions the local path calls (:func:`~triageseg.pipeline.batch.read_input`,
+:meth:`Pipeline.decide`, :meth:`Pipeline.probabilities`, the batch writer), so a cluster run
+and ``triageseg segment`` on one machine give the same labels. A bad input never raises
+out of a stage: its row carries ``error`` (and ``error_path``) and passes the later
+stages untouched, so the driver applies ``--on-error`` and Ray's retries are left for
+lost workers and nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triageseg.datasets.errors import DataError
+from triageseg.pipeline import storage
+from triageseg.ray_cluster import is_uri
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), np.float32)
+# Columns a row keeps from stage to stage (the input and its routing decision).
+CARRIED = ("index", "file", "source", "name", "modality", "confidence", "used_model", "decision", "error", "error_path")
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where actors find the bundle: a path every node reads, or a copy in the object store."""
+
+    path: str | None = None  # bundle folder readable on every node (shared filesystem or one machine)
+    ref: Any = None  # ObjectRef of storage.bundle_payload's files, when shipped
+    digest: str = ""  # content digest of the shipped files (name of the node-local copy)
+
+    def open(self) -> str:
+        """A local folder holding the bundle (the shipped copy is written once per node)."""
+        if self.path is not None:
+            return self.path
+        import ray
+
+        return str(storage.materialize_bundle(self.digest, ray.get(self.ref)))
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What every stage needs to know about the run (sent once with each stage's function)."""
+
+    out: str  # output folder or URI
+    pipeline: dict = field(default_factory=dict)  # Pipeline keyword options (device, tile_size, batch_size, tta)
+    threads: int = 1  # torch CPU threads per actor (its CPU share)
+    channel: int | None = None  # channel of 2- or >3-channel images (or of the pages of a 2-4 page TIFF)
+    page: int | None = None  # plane of multi-page TIFFs
+    modality: str | None = None  # forced specialist (no routing pass)
+    overlays: bool = False  # also write overlays/<name>.png
+    rois: bool = False  # also write <name>.rois.zip
+
+
+def error_fields(err: BaseException, file: str, local: str | None = None) -> dict[str, str]:
+    """``{"error", "error_path"}`` for a failure on ``file`` (``local``: its downloaded copy)."""
+    if isinstance(err, DataError):
+        path = err.path
+        if path is not None and local is not None and os.fspath(path) == os.fspath(local):
+            path = file  # name the URI the user gave, not the node's temporary copy
+        return {"error": err.problem, "error_path": "" if path is None else str(path)}
+    return {"error": f"{type(err).__name__}: {err}", "error_path": ""}
+
+
+def row_error(row) -> DataError | None:
+    """The failure a row carries, as the DataError the local path would raise; None when it has none."""
+    problem = str(row.get("error") or "")
+    if not problem:
+        return None
+    return DataError(row.get("error_path") or row["file"], problem)
+
+
+def _carry(row) -> dict:
+    return {k: row[k] for k in CARRIED if k in row}
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    # Arrays from the object store are read-only views; the pipeline functions may write.
+    return array if array.flags.writeable else array.copy()
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    # The same thread count as the local run gives bit-identical probabilities.
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def read_stage(row: dict, *, options: StageOptions) -> dict:
+    """Read + normalise one input (a Ray task): adds ``image``, ``px_y``, ``px_x``, ``t_read``."""
+    from triageseg.pipeline.batch import read_input
+
+    t0 = time.perf_counter()
+    out = {**_carry(row), "error": row.get("error", ""), "error_path": row.get("error_path", "")}
+    out.update(image=EMPTY_IMAGE, px_y=np.nan, px_x=np.nan)
+    file = row.get("source") or row["file"]
+    local = None
+    try:
+        if is_uri(file):
+            with tempfile.TemporaryDirectory(prefix="triageseg-in-") as tmp:
+                local = storage.fetch(file, tmp)
+                image, pixel = read_input(local, channel=options.channel, page=options.page)
+        else:
+            image, pixel = read_input(file, channel=options.channel, page=options.page)
+    except Exception as err:  # noqa: BLE001 - recorded per file, the driver applies --on-error
+        out.update(error_fields(err, file, None if local is None else str(local)))
+        image, pixel = EMPTY_IMAGE, None
+    out["image"] = image
+    if pixel is not None:
+        out["px_y"], out["px_x"] = float(pixel[0]), float(pixel[1])
+    out["t_read"] = time.perf_counter() - t0
+    return out
+
+
+def _rows(batch: dict) -> list[dict]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def _columns(rows: list[dict]) -> dict:
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+class RouteActor:
+    """Routes images with the bundle's router, loaded once per actor (``Pipeline.decide``)."""
+
+    def __init__(self, bundle: BundleSource, options: StageOptions):
+        from triageseg.pipeline.single import Pipeline
+
+        _set_threads(options.threads)
+        # The router loads on the first image and stays for the actor's life; a corrupt
+        # file then fails each image with the message naming it, as it does locally.
+        self.pipe = Pipeline(bundle.open(), **options.pipeline)
+        self.loaded = False
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for row in _rows(batch):
+            out = {**_carry(row), "modality": "", "confidence": np.nan, "used_model": "", "decision": "",
+                   "t_read": float(row["t_read"]), "t_load": 0.0}
+            t0 = time.perf_counter()
+            if not row["error"]:
+                try:
+                    if not self.loaded:
+                        self.pipe._load_router()
+                        self.loaded = True
+                        out["t_load"] = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                    modality, confidence, used, decision = self.pipe.decide(_writable(row["image"]))
+                    out.update(modality=modality, confidence=float(confidence), used_model=used, decision=decision)
+                except Exception as err:  # noqa: BLE001
+                    out.update(error_fields(err, row["file"]))
+            out["t_route"] = time.perf_counter() - t0
+            rows.append(out)
+        return _columns(rows)
+
+
+class SegmentActor:
+    """Class probabilities with one segmenter, loaded once per actor (``Pipeline.probabilities``).
+
+    With a forced modality it also makes the (forced) decision, as ``Pipeline.decide`` does.
+    """
+
+    def __init__(self, bundle: BundleSource, model: str, options: StageOptions):
+        from triageseg.pipeline.single import Pipeline
+
+        _set_threads(options.threads)
+        self.model = model
+        self.options = options
+        self.pipe = Pipeline(bundle.open(), **options.pipeline)  # the model loads on the first image
+        self.params: str | None = None
+
+    def __call__(self, batch: dict) -> dict:
+        keep_image = self.options.overlays or self.options.rois
+        rows = []
+        for row in _rows(batch):
+            out = {**_carry(row), "probs": np.zeros((0, 0, 0), np.float32), "params": "",
+                   "px_y": row["px_y"], "px_x": row["px_x"], "image": EMPTY_IMAGE, "t_read": float(row["t_read"]),
+                   "t_load": 0.0}
+            t0 = time.perf_counter()
+            if not row["error"]:
+                try:
+                    if self.params is None:
+                        self.params = json.dumps(self.pipe.params(self.model).to_dict())  # loads the model
+                        out["t_load"] = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                    out["params"] = self.params
+                    image = _writable(row["image"])
+                    if self.options.modality is not None:
+                        modality, confidence, used, decision = self.pipe.decide(image, self.options.modality)
+                        out.update(modality=modality, confidence=np.nan if confidence is None else confidence,
+                                   used_model=used, decision=decision)
+                    out["probs"] = self.pipe.probabilities(image, self.model)
+                    if keep_image:
+                        out["image"] = image
+                except Exception as err:  # noqa: BLE001
+                    out.update(error_fields(err, row["file"]))
+            out["t_segment"] = time.perf_counter() - t0
+            rows.append(out)
+        return _columns(rows)
+
+
+def write_stage(row: dict, *, options: StageOptions) -> dict:
+    """Watershed + atomic writes of one image (a Ray task); returns its routing.csv row.
+
+    A local (or NFS) output folder gets the batch writer's temp-then-rename files; a URI
+    gets the same files written to a node-local folder, then uploaded, label file last.
+    """
+    from triageseg.pipeline.batch import _decode_and_write
+    from triageseg.postprocess.watershed import WatershedParams
+
+    t0 = time.perf_counter()
+    out = {**_carry(row), "objects": -1, "t_write": 0.0}
+    for key in ("t_read", "t_load", "t_segment"):
+        out[key] = float(row.get(key, 0.0))
+    if row["error"]:
+        return out
+    name = row["name"]
+    pixel = None if np.isnan(row["px_y"]) else (float(row["px_y"]), float(row["px_x"]))
+    image = row["image"] if (options.overlays or options.rois) else None
+    job = (_writable(row["probs"]), WatershedParams.from_dict(json.loads(row["params"])))
+    try:
+        if is_uri(options.out):
+            with tempfile.TemporaryDirectory(prefix="triageseg-out-") as tmp:
+                out["objects"] = _decode_and_write(*job, tmp, name, pixel, image, options.overlays, options.rois)
+                for local in _produced(Path(tmp), name, options):
+                    storage.upload(local, storage.join(options.out, local.relative_to(tmp).as_posix()))
+        else:
+            out["objects"] = _decode_and_write(*job, options.out, name, pixel, image, options.overlays, options.rois)
+    except Exception as err:  # noqa: BLE001
+        out.update(error_fields(err, row["file"]))
+    out["t_write"] = time.perf_counter() - t0
+    return out
+
+
+def _produced(folder: Path, name: str, options: StageOptions) -> list[Path]:
+    """The files the writer made in ``folder``, the label file last (its presence marks the input done)."""
+    extra = []
+    if options.overlays:
+        extra.append(folder / "overlays" / f"{name}.png")
+    if options.rois:
+        extra.append(folder / f"{name}.rois.zip")
+    return [*extra, folder / f"{name}.tif"]

@@ -1,0 +1,541 @@
+"""`segment --address/--ray`: the routed pipeline on a real Ray cluster of two nodes on 127.0.0.1.
+
+A head with 2 CPUs and a second node with 1 CPU, each with its own temp dir and a small
+object store, run the Ray Data passes on 24 synthetic images of three modalities with
+a small untrained bundle (tiny encoders; a confidence threshold that sends images to
+all three specialists and the generalist). The label files must equal, pixel for pixel,
+those of the local `segment` on the same bundle with the same torch thread count as the
+actors (one), and routing.csv must equal the local one but for the seconds column.
+Every Ray process the module starts is stopped by its process group; the module fails
+if a raylet it started is left running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from triageseg import bundle as B
+from triageseg.datasets.errors import DataError
+from triageseg.pipeline.batch import OutputConflict
+from triageseg.datasets.io import read_labels
+
+MODS = ("fluorescence", "brightfield", "he")
+N_IMAGES = 24
+# Environment of every Ray process here: no token file in ~/.ray, no usage stats, and
+# fast failure detection so a killed node is declared dead in seconds.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _procs() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                out.append((int(proc.name), int(fields[1]), int(fields[2])))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+# Temp dirs of the nodes this module starts: every process of ours names one on its command line.
+_OUR_TEMP_DIRS: list[str] = []
+
+
+def _ours() -> list[int]:
+    """Processes of the Ray nodes this module started (other Rays on the machine are not ours).
+
+    Daemons name the node's temp dir on their command line; workers rename themselves
+    (``ray::IDLE``) but inherit ``TMPDIR`` set to it.
+    """
+    marks = [t.encode() for t in _OUR_TEMP_DIRS]
+    found = []
+    for pid, _, _ in _procs():
+        try:
+            text = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if pid != os.getpid() and any(m in text for m in marks):
+            found.append(pid)
+    return found
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGTERM then SIGKILL every process of a process group this module started."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def _start_node(temp_dir: str, *args: str) -> int:
+    """`ray start` in its own session; returns that session's process group (all the node's daemons)."""
+    ports = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port"):
+        ports += [flag, str(_free_port())]  # two nodes on one machine: no fixed default ports
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--temp-dir", temp_dir,
+         "--disable-usage-stats", *ports],
+        env={**os.environ, **RAY_ENV, "TMPDIR": temp_dir}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, output
+    return proc.pid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind():
+    """Fails the module if any process of the Ray nodes it started is still running at the end."""
+    yield
+    deadline = time.monotonic() + 20
+    while (left := _ours()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {[(pid, _cmdline(pid)[:80]) for pid in left]}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (2 CPUs, 200 MB object store) and a second node (1 CPU, 150 MB) on 127.0.0.1."""
+    port = _free_port()
+    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rn")]  # short: socket paths
+    _OUR_TEMP_DIRS.extend(temps)
+    groups = []
+    try:
+        groups.append(_start_node(temps[0], "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "2", "--object-store-memory", str(200 << 20),
+                                  "--include-dashboard=false"))
+        groups.append(_start_node(temps[1], "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "1", "--object-store-memory", str(150 << 20)))
+        yield {"address": f"127.0.0.1:{port}", "head": groups[0], "node": groups[1]}
+    finally:
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def dist_bundle(tmp_path_factory):
+    """Untrained tiny models (timm test_resnet encoders, a 32 px ViT router) in a bundle.
+
+    With the confidence threshold at 0.4 the untrained router sends the 24 images to
+    the generalist and to all three specialists (6/8/6/4), so every kind of pool runs.
+    """
+    import torch
+
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dist_bundle") / "bundle"
+    rcfg = RouterConfig(class_names=MODS, image_size=32)
+    save_router(B.router_dir(root), create_router(rcfg), rcfg)
+    for name in (*MODS, B.GENERALIST):
+        cfg = SegmenterConfig(encoder="tu-test_resnet", decoder_channels=(16, 16, 16, 16, 16), tile_size=64,
+                              overlap=16, modality=None if name == B.GENERALIST else name)
+        save_segmenter(B.segmenter_dir(root, name), create_segmenter(cfg), cfg, params=None)
+    B.update_manifest(root, modalities=list(MODS), fallback={"confidence_threshold": 0.4})
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """24 synthetic 96x96 images (14 fluorescence, 5 brightfield, 5 he) plus a corrupt PNG, in one folder."""
+    from triageseg.datasets.synth import make_dataset
+
+    data = make_dataset(tmp_path_factory.mktemp("dist_data") / "data", n=N_IMAGES, size=96, seed=0)
+    folder = data / "images"
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    return folder
+
+
+def _local_segment(bundle, inputs, out, *extra):
+    """The local `segment` at one torch thread, the thread count of a 1-CPU actor."""
+    import torch
+
+    from triageseg.cli.main import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(cli, ["segment", *map(str, inputs), "--bundle", str(bundle), "--out", str(out),
+                                        "--on-error", "skip", "--quiet", *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local_out(dist_bundle, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_local") / "out"
+    result = _local_segment(dist_bundle, [images], out)
+    assert result.exit_code == 1 and "1 failed" in result.output, result.output
+    return out
+
+
+def _rows(out) -> list[dict]:
+    with open(Path(out) / "routing.csv", newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+
+def _assert_same_outputs(out, reference, n=N_IMAGES) -> None:
+    labels = sorted(p.name for p in Path(reference).glob("*.tif"))
+    assert len(labels) == n
+    assert sorted(p.name for p in Path(out).glob("*.tif")) == labels
+    for name in labels:
+        np.testing.assert_array_equal(read_labels(Path(out) / name), read_labels(Path(reference) / name), err_msg=name)
+    assert _rows(out) == _rows(reference)
+    assert not list(Path(out).rglob(".*part*")), "temporary files left behind"
+
+
+def _cli(*args, timeout=420):
+    """`python -m triageseg ...` in a child process, as a user runs it (exit code, stdout+stderr)."""
+    env = {**os.environ, **RAY_ENV}
+    return subprocess.run([sys.executable, "-m", "triageseg", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_cluster_run_equals_local_then_resumes(cluster, dist_bundle, images, local_out, tmp_path):
+    out = tmp_path / "out"
+    args = ["segment", images, "--bundle", dist_bundle, "--out", out, "--address", cluster["address"],
+            "--actors", "1", "--on-error", "skip", "--quiet"]
+    run = _cli(*args)
+    assert run.returncode == 1, run.stderr[-3000:]  # the corrupt file failed, the others did not
+    assert "ray: 2 node(s), 3 CPUs, 0 GPUs at 127.0.0.1:" in run.stderr
+    assert "runs its 2 nodes on this machine" in run.stderr  # a local --out, tolerated on one machine
+    assert "segmented 24 image(s), skipped 0 already done, 1 failed" in run.stdout
+    assert "images/s" in run.stdout
+    assert "models used: _generalist: 6, brightfield: 8, fluorescence: 6, he: 4" in run.stdout
+    assert "failed: " in run.stderr and "zz_broken.png" in run.stderr and "Traceback" not in run.stderr
+    for label in ("route: 25 image(s)", "segment with _generalist: 6", "segment with he: 4"):
+        assert label in run.stderr
+    _assert_same_outputs(out, local_out)
+    config = json.loads((out / "segment_config.json").read_text())
+    assert config["address"] == cluster["address"] and config["actors"] == "1"
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")}
+    again = _cli(*args)
+    assert again.returncode == 1
+    assert "segmented 0 image(s), skipped 24 already done, 1 failed" in again.stdout, again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")} == before  # nothing rewritten
+
+
+def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, images, tmp_path, monkeypatch):
+    """The API in this process: the bundle through the object store, a forced specialist, a URI --out."""
+    import ray
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+
+    files = sorted(images.glob("*.png"))
+    good = [f for f in files if f.name != "zz_broken.png"][:8]
+    reference = tmp_path / "local"
+    assert _local_segment(dist_bundle, good, reference, "--modality", "he").exit_code == 0
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "uri_out"
+    messages: list[str] = []
+    pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
+    ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False)
+    try:
+        report = segment_files_ray(pipe, good, f"local://{out}", modality="he", log=messages.append,
+                                   cluster_options=ClusterOptions(actors="1:2", ship_bundle=True, progress=False))
+        with pytest.raises(OutputConflict, match="modality: 'he' then, 'fluorescence' now"):
+            segment_files_ray(pipe, good, f"local://{out}", modality="fluorescence",
+                              cluster_options=ClusterOptions(progress=False))  # refused before any pass
+        with pytest.raises(DataError, match="zz_broken.png"):
+            segment_files_ray(pipe, [*good[:2], images / "zz_broken.png"], tmp_path / "fail_out", modality="he",
+                              log=messages.append, cluster_options=ClusterOptions(actors="1", progress=False))
+    finally:
+        ray.shutdown()
+    assert any(m.startswith("bundle: shipping") for m in messages)
+    started = [m for m in messages if m.startswith("segment with") and "done in" not in m]
+    assert started == ["segment with he: 8 image(s), 1-2 actor(s)", "segment with he: 3 image(s), 1 actor(s)"]
+    assert report.per_model() == {"he": 8} and not report.failures and len(report.written) == 8
+    assert all(str(w).startswith("local://") for w in report.written)
+    assert report.stage_seconds["load"] > 0 and report.stage_seconds["route"] == 0
+    assert all(report.stage_seconds[s] > 0 for s in ("read", "segment", "write"))
+    _assert_same_outputs(out, reference, n=8)
+    assert all(r["decision"] == "forced" and r["confidence"] == "" for r in _rows(out))
+
+
+@pytest.mark.slow
+def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local_out, tmp_path):
+    """SIGKILL the second node's raylet while it runs a stage: Ray retries, every output is whole and single."""
+    out = tmp_path / "out"
+    args = ["segment", images, "--bundle", dist_bundle, "--out", out, "--address", cluster["address"],
+            "--actors", "2", "--on-error", "skip", "--quiet"]
+    raylet = next(pid for pid, _, pgid in _procs() if pgid == cluster["node"] and "raylet/raylet" in _cmdline(pid))
+    killed: list[str] = []
+
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            busy = [_cmdline(p) for p, ppid, _ in _procs() if ppid == raylet and _cmdline(p).startswith("ray::Map")]
+            if busy and len(list(out.glob("*.tif"))) >= 4:
+                os.kill(raylet, signal.SIGKILL)
+                killed.append(busy[0][:80])
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_when_busy, daemon=True)
+    watcher.start()
+    run = _cli(*args, timeout=560)
+    watcher.join(timeout=5)
+    assert killed, "the second node never ran a stage while outputs were being written"
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "segmented 24 image(s), skipped 0 already done, 1 failed" in run.stdout, run.stdout
+    _assert_same_outputs(out, local_out)
+    rows = list(csv.DictReader((out / "routing.csv").open()))
+    assert len(rows) == len({r["output"] for r in rows}) == N_IMAGES
+    (out / "he_0001.tif").write_bytes((out / "he_0001.tif").read_bytes()[:100])  # as a cut-off copy would be
+    again = _cli(*args)
+    assert "segmented 1 image(s), skipped 23 already done" in again.stdout, again.stdout
+    assert "he_0001.tif was incomplete" in again.stderr
+    _assert_same_outputs(out, local_out)
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+def test_segment_and_tune_give_up_on_an_unreachable_cluster(dist_bundle, images, tmp_path):
+    """Nothing on 127.0.0.1:1: a one-line error naming the address after --connect-timeout, exit 1."""
+    from triageseg.cli.main import cli
+
+    for args in (["segment", images, "--bundle", dist_bundle, "--out", tmp_path / "o"],
+                 ["tune", "--data", images.parent, "--modality", "he", "--out", tmp_path / "t"]):
+        t0 = time.monotonic()
+        run = CliRunner().invoke(cli, [*map(str, args), "--address", "127.0.0.1:1", "--connect-timeout", "2"])
+        assert run.exit_code == 1, run.output
+        lines = [line for line in run.output.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: cannot connect to a Ray cluster at 127.0.0.1:1: nothing answered "
+                                    "within 2 s"), run.output
+        assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "o" / "routing.csv").exists()
+
+
+def test_a_port_that_never_answers_is_not_waited_on_forever():
+    """A listener that accepts but never speaks HTTP/2 (not a Ray head) is refused within the timeout."""
+    from triageseg.ray_cluster import wait_for_cluster
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=rf"127.0.0.1:{port}.*did not answer as a Ray head within 1 s"):
+            wait_for_cluster(f"127.0.0.1:{port}", timeout=1.0)
+        assert time.monotonic() - t0 < 5
+
+
+def test_a_grpc_greeting_counts_as_an_answer():
+    """A server that greets with an HTTP/2 SETTINGS frame (as the Ray head's GCS does) passes the probe."""
+    from triageseg.ray_cluster import wait_for_cluster
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+
+        def greet() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+        thread = threading.Thread(target=greet, daemon=True)
+        thread.start()
+        wait_for_cluster(f"127.0.0.1:{port}", timeout=5.0)
+        thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- pieces, without Ray
+
+
+def test_actor_pool_sizes():
+    from triageseg.pipeline.distributed import ClusterOptions, parse_actors, pool_size
+
+    assert parse_actors("3") == (3, 3) and parse_actors("1:4") == (1, 4) and parse_actors("2-5") == (2, 5)
+    assert parse_actors(" AUTO ") is None
+    for bad in ("0", "3:1", "x", "1:2:3", "0:2"):
+        with pytest.raises(ValueError, match="--actors"):
+            parse_actors(bad)
+    cpu_cluster = {"CPU": 3.0, "GPU": 0.0}
+    assert pool_size(ClusterOptions(), cpu_cluster) == (1, 2)  # one CPU left for the read and write tasks
+    assert pool_size(ClusterOptions(cpus_per_actor=2), {"CPU": 9.0, "GPU": 0.0}) == (1, 4)
+    assert pool_size(ClusterOptions(gpus_per_actor=0.25), {"CPU": 8.0, "GPU": 2.0}) == (1, 8)
+    assert pool_size(ClusterOptions(actors="2:3", gpus_per_actor=0.25), {"CPU": 8.0, "GPU": 2.0}) == (2, 3)
+
+
+def test_actors_that_cannot_be_placed():
+    from triageseg.pipeline.distributed import ClusterOptions, check_cluster
+
+    machine = {"CPU": 2.0, "GPU": 0.0}
+    with pytest.raises(ValueError, match="1 GPUs per actor but the cluster has 0"):
+        check_cluster(ClusterOptions(gpus_per_actor=1), machine)
+    with pytest.raises(ValueError, match="above 1 must be a whole number"):
+        check_cluster(ClusterOptions(gpus_per_actor=1.5), machine)
+    messages: list[str] = []
+    check_cluster(ClusterOptions(address="10.0.0.1:6379", cpus_per_actor=4), machine, log=messages.append)
+    assert messages == ["warning: 4 CPUs per actor but the cluster has 2; the actors wait until the cluster grows"]
+
+
+def test_local_output_on_several_machines_is_refused_naming_the_option(tmp_path):
+    from triageseg.ray_cluster import check_storage, is_shared
+
+    kwargs = {"address": "10.0.0.1:6379", "option": "--out", "what": "label files", "example": "s3://BUCKET/labels"}
+    with pytest.raises(ValueError, match=r"^--out .* has 3 nodes; label files need .*NFS.*--out s3://BUCKET/labels$"):
+        check_storage(str(tmp_path), n_nodes=3, n_hosts=2, **kwargs)
+    messages: list[str] = []
+    check_storage(str(tmp_path), n_nodes=2, n_hosts=1, log=messages.append, **kwargs)
+    assert len(messages) == 1 and messages[0].startswith(f"warning: --out {tmp_path} is a local path")
+    assert "runs its 2 nodes on this machine" in messages[0]
+    check_storage("s3://bucket/labels", n_nodes=3, n_hosts=3, log=messages.append, **kwargs)
+    assert len(messages) == 1
+    assert is_shared(str(tmp_path), n_hosts=1) and is_shared("gs://b/x", n_hosts=4)
+    assert not is_shared(str(tmp_path), n_hosts=2)
+
+
+def test_uri_storage_through_fsspec_and_pyarrow(tmp_path):
+    """memory:// is fsspec's (pyarrow does not know it); local:// is pyarrow's: both go through the URI paths."""
+    from triageseg.datasets.io import IMAGE_SUFFIXES
+    from triageseg.pipeline import storage
+
+    root = "memory://triageseg-test/run"
+    local = tmp_path / "a.png"
+    local.write_bytes(b"png bytes")
+    storage.upload(local, f"{root}/in/a.png")
+    storage.upload(local, f"{root}/in/sub/b.tif")
+    storage.upload(local, f"{root}/in/.hidden.png")
+    storage.upload(local, f"{root}/in/notes.txt")
+    assert storage.expand_uri(f"{root}/in", IMAGE_SUFFIXES, recursive=False) == ([f"{root}/in/a.png"], ["a"])
+    assert storage.expand_uri(f"{root}/in/", IMAGE_SUFFIXES, recursive=True) == (
+        [f"{root}/in/a.png", f"{root}/in/sub/b.tif"], ["a", "sub__b"])
+    assert storage.expand_uri(f"{root}/in/*.png", IMAGE_SUFFIXES, recursive=False)[1] == ["a"]
+    with pytest.raises(DataError, match="no such file or folder"):
+        storage.expand_uri(f"{root}/nothing", IMAGE_SUFFIXES, recursive=False)
+    assert storage.names_in(f"{root}/in") == {"a.png", ".hidden.png", "notes.txt"}
+    assert storage.names_in(f"{root}/missing") == set()
+    assert storage.fetch(f"{root}/in/sub/b.tif", tmp_path).read_bytes() == b"png bytes"
+    assert (tmp_path / "b.tif").is_file()
+    with pytest.raises(DataError, match="cannot read"):
+        storage.fetch(f"{root}/in/gone.png", tmp_path)
+    assert storage.read_text(f"{root}/routing.csv") is None
+    storage.write_text(f"{root}/routing.csv", "file,output\n")
+    assert storage.read_text(f"{root}/routing.csv") == "file,output\n"
+
+    uri = f"local://{tmp_path / 'out'}"
+    storage.write_text(storage.join(uri, "x.txt"), "hello")
+    assert (tmp_path / "out" / "x.txt").read_text() == "hello"
+    assert storage.names_in(uri) == {"x.txt"} and storage.basename(storage.join(uri, "x.txt")) == "x.txt"
+
+
+def test_bundle_shipped_once_per_node(dist_bundle, tmp_path):
+    from triageseg.pipeline import Pipeline, storage
+
+    digest, files = storage.bundle_payload(dist_bundle)
+    assert "bundle.json" in files and "segmenters/he/model.safetensors" in files
+    assert storage.bundle_payload(dist_bundle)[0] == digest  # same content, same name
+    copy = storage.materialize_bundle(digest, files, tmp_path)
+    assert copy == tmp_path / "triageseg-bundles" / digest
+    assert {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} == set(files)
+    stamp = (copy / "bundle.json").stat().st_mtime_ns
+    assert storage.materialize_bundle(digest, {}, tmp_path) == copy  # a second actor finds it written
+    assert (copy / "bundle.json").stat().st_mtime_ns == stamp
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert Pipeline.from_bundle(copy, device="cpu").available == Pipeline.from_bundle(dist_bundle).available
+
+
+def test_partial_files_of_killed_writers_are_removed(tmp_path):
+    from triageseg.pipeline.storage import remove_partial_files
+
+    (tmp_path / "overlays").mkdir()
+    stale = [tmp_path / ".a.x1y2.part.tif", tmp_path / ".a.rois.k9.part.zip", tmp_path / "overlays" / ".a.q.part.png"]
+    kept = [tmp_path / "a.tif", tmp_path / ".b.z.part.tif", tmp_path / "[c].tif"]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    assert remove_partial_files(tmp_path, ["a", "[c]"]) == 3
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_ray_options_are_checked_before_anything_runs(dist_bundle, images, tmp_path):
+    from triageseg.cli.main import cli
+
+    base = ["segment", str(images), "--bundle", str(dist_bundle), "--out", str(tmp_path / "o")]
+    for extra, message in ((["--ray", "--workers", "2"], "--workers is for local runs"),
+                           (["--ray", "--actors", "0"], "--actors must be"),
+                           (["--ray", "--device", "cuda"], "the device follows --gpus-per-actor"),
+                           (["--out", "s3://bucket/labels"], "URI inputs or --out need a Ray run"),
+                           (["--ray", "--out", str(images)], "the output folder (--out) is the input folder")):
+        run = CliRunner().invoke(cli, [*base, *extra])
+        assert run.exit_code == 2 and message in run.output, run.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_errors_name_the_input_not_the_nodes_copy(tmp_path):
+    from triageseg.pipeline.ray_stages import error_fields, row_error
+
+    copy = tmp_path / "a.png"
+    fields = error_fields(DataError(copy, "truncated PNG"), "s3://bucket/a.png", str(copy))
+    assert fields == {"error": "truncated PNG", "error_path": "s3://bucket/a.png"}
+    assert error_fields(RuntimeError("CUDA out of memory"), "x.png") == {
+        "error": "RuntimeError: CUDA out of memory", "error_path": ""}
+    err = row_error({"file": "x.png", **error_fields(RuntimeError("boom"), "x.png")})
+    assert isinstance(err, DataError) and str(err) == "x.png: RuntimeError: boom"
+    assert row_error({"file": "x.png", "error": "", "error_path": ""}) is None
