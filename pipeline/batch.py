@@ -5,53 +5,53 @@ thread (reading and routing overlap with the segmenter), decodes and writes in w
 processes, writes every output atomically and skips inputs whose outputs exist and
 verify, so an interrupted run resumes where it stopped.
 
-What keeps a run safe is in small functions any batch path can call (a distributed one
-too): :func:`check_outputs_apart` (no output overwrites or shadows an input),
-:func:`output_settings` / :func:`check_settings` (a resumed run uses the settings the
-outputs were made with), :func:`verify_output` (an existing label file opens and has its
-input's shape) and :class:`RoutingJournal` (every label file written keeps its
-``routing.csv`` row, even when the process is killed).
+What keeps a run safe (outputs apart from inputs, settings checked on resume, label
+files verified, the routing journal) is in :mod:`triageseg.pipeline.records`, which a
+distributed path calls too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import multiprocessing
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
-from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
+from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.large import BlockOptions, segment_large_file, use_blocks
 from triageseg.pipeline.outputs import write_overlay, write_rois
+from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names batch callers import
+    FAILURES_CSV,
+    JOURNAL,
+    OUTPUT_SETTINGS,
+    ROUTING_COLUMNS,
+    ROUTING_CSV,
+    SEGMENT_CONFIG,
+    OutputConflict,
+    RoutingJournal,
+    _n_objects,
+    _read_routing,
+    _write_routing,
+    check_outputs_apart,
+    check_settings,
+    output_settings,
+    verify_output,
+    write_failures,
+)
 from triageseg.postprocess.watershed import watershed
 
-ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "used_model", "decision", "objects", "seconds", "mode")
-ROUTING_CSV = "routing.csv"
-SEGMENT_CONFIG = "segment_config.json"
-FAILURES_CSV = "failures.csv"
-JOURNAL = ".routing-journal.jsonl"
-# Settings that decide what the label images are: a resumed run must use the same ones.
-OUTPUT_SETTINGS = ("bundle", "modality", "tile_size", "tta", "channel", "page", "level")
 # Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
 _BLOCKWISE = object()
-
-
-class OutputConflict(DataError):
-    """An output folder that would overwrite or shadow an input, or holds outputs made with other settings."""
 
 
 @dataclass
@@ -416,236 +416,3 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays,
     # the label file last: its presence marks the input as done for a resumed run
     write_labels(out_dir / f"{name}.tif", labels, pixel_size=pixel_size)
     return _n_objects(labels)
-
-
-def _n_objects(labels: np.ndarray) -> int:
-    return int(len(np.unique(labels)) - (1 if (labels == 0).any() else 0))
-
-
-def _read_routing(path: Path) -> dict[str, dict]:
-    """Rows of an existing routing.csv keyed by output name (for resumed runs)."""
-    if not path.is_file():
-        return {}
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return {}
-    return {Path(r.get("output", "")).stem: r for r in rows if r.get("output")}
-
-
-def _write_routing(path: Path, rows: dict[str, dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=ROUTING_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for name in sorted(rows):
-        writer.writerow(rows[name])
-    write_text_atomic(path, buf.getvalue())
-
-
-# ------------------------------------------------------------------ checks any batch path can call
-
-
-def check_outputs_apart(
-    inputs: Sequence[str | os.PathLike],
-    names: Sequence[str],
-    out_dir: str | os.PathLike,
-    *,
-    folders: Sequence[str | os.PathLike] = (),
-    recursive: bool = False,
-) -> None:
-    """Refuse an output folder whose outputs would overwrite or shadow an input.
-
-    Refused: an output file that is an input; a label file written beside an input of the
-    same name (the next run would read it as an input, or mistake the input for done); an
-    output folder that is one of ``folders`` (folder inputs: its label images would be
-    inputs of the next run) or, with ``recursive``, inside one of them.
-
-    Raises:
-        OutputConflict: naming the input or folder and the output.
-    """
-    from triageseg.datasets.io import image_id
-
-    out = Path(out_dir).resolve()
-    for folder in folders:
-        where = Path(folder).resolve()
-        if out == where:
-            raise OutputConflict(out_dir, f"the output folder (--out) is the input folder {folder}: label images "
-                                          "written there would be read as inputs by the next run; choose another")
-        if recursive and where in out.parents:
-            raise OutputConflict(out_dir, f"the output folder (--out) is inside the input folder {folder}, which is "
-                                          "read with --recursive: the next run would segment its own outputs; "
-                                          "choose one outside it")
-    resolved = {Path(p).resolve(): Path(p) for p in inputs}
-    fixed = [out / ROUTING_CSV, out / SEGMENT_CONFIG, out / FAILURES_CSV]
-    for path, name in zip(inputs, names, strict=True):
-        for target in (out / f"{name}.tif", out / f"{name}.rois.zip", out / "overlays" / f"{name}.png", *fixed):
-            if target in resolved:
-                raise OutputConflict(resolved[target], f"the output {target} would overwrite the input "
-                                                       f"{resolved[target]}; choose another output folder (--out)")
-        source = Path(path).resolve()
-        if source.parent == out and image_id(source.name) == name:
-            raise OutputConflict(path, f"the output {name}.tif would be written beside this input, in the same "
-                                       "folder with the same name; choose another output folder (--out)")
-
-
-def output_settings(
-    bundle: str | os.PathLike,
-    *,
-    modality: str | None = None,
-    tile_size: int | None = None,
-    tta: bool = False,
-    channel: int | None = None,
-    page: int | None = None,
-    level: int = 0,
-) -> dict[str, Any]:
-    """The settings that decide what the label images are (``OUTPUT_SETTINGS``), as recorded in segment_config.json."""
-    return {"bundle": os.path.abspath(bundle), "modality": modality, "tile_size": tile_size, "tta": bool(tta),
-            "channel": channel, "page": page, "level": level}
-
-
-def check_settings(out_dir: str | os.PathLike, settings: Mapping[str, Any], *, overwrite: bool = False) -> None:
-    """Refuse to resume into ``out_dir`` when its label images were made with other settings.
-
-    The settings of the outputs are those recorded in ``segment_config.json``; a folder
-    without label images, or ``overwrite`` (every input is redone), has nothing to protect.
-
-    Raises:
-        OutputConflict: naming each differing setting, then and now.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / SEGMENT_CONFIG
-    if overwrite or not path.is_file() or not any(out_dir.glob("*.tif")):
-        return
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise OutputConflict(path, "unreadable record of the settings the outputs here were made with; pass "
-                                   "--overwrite to redo every input, or choose another output folder (--out)")
-    diffs = [f"{key}: {recorded.get(key)!r} then, {value!r} now" for key, value in settings.items()
-             if recorded.get(key) != value]
-    if diffs:
-        raise OutputConflict(out_dir, "holds outputs made with other settings (" + "; ".join(diffs) + "); rerun "
-                                      "with those settings to resume, pass --overwrite to redo every input with "
-                                      "the new ones, or choose another output folder (--out)")
-
-
-def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str | None:
-    """Why the label file at ``path`` cannot count as the output for an input of ``shape``; None when it can.
-
-    Reads the TIFF structure only (no pixels): the file must open, its image data must lie
-    within the file (a cut-off write is caught) and its height and width must be ``shape``.
-    """
-    import tifffile
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
-    if size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            found = (int(page.imagelength), int(page.imagewidth))
-            extents = zip(page.dataoffsets, page.databytecounts, strict=True)
-            end = max((int(o) + int(n) for o, n in extents), default=0)
-    except Exception as err:  # noqa: BLE001 - tifffile raises many types for broken files
-        return f"not a readable TIFF ({err})"
-    if end > size:
-        return f"truncated ({size} bytes; its image data runs to byte {end})"
-    if shape is not None and found != tuple(shape[:2]):
-        return f"shape {found} differs from its input's {tuple(shape[:2])}"
-    return None
-
-
-def write_failures(out_dir: str | os.PathLike, failures: Sequence[tuple[Path, str]]) -> Path | None:
-    """List ``failures`` (file, problem) in ``out_dir/failures.csv``; without failures an older list is removed."""
-    path = Path(out_dir) / FAILURES_CSV
-    if not failures:
-        path.unlink(missing_ok=True)
-        return None
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["file", "problem"])
-    writer.writerows((str(p), problem) for p, problem in failures)
-    write_text_atomic(path, buf.getvalue())
-    return path
-
-
-class RoutingJournal:
-    """Append-only log of the routing rows of jobs in flight (``.routing-journal.jsonl`` in the output folder).
-
-    A row is logged before its label file is written and marked done once ``routing.csv``
-    holds it. A run killed in between (SIGKILL, a crash) leaves label files without rows:
-    :meth:`recover` at the start of the next run puts their rows into ``routing.csv``
-    (objects counted from the label file; the time taken is not known).
-    """
-
-    def __init__(self, out_dir: str | os.PathLike):
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / JOURNAL
-        self._fh = None
-
-    def start(self, name: str, row: Mapping[str, Any], target: Path) -> None:
-        """Log ``row`` before the label file ``target`` is written (its current mtime tells an old file apart)."""
-        before = target.stat().st_mtime_ns if target.exists() else None
-        self._append({"name": name, "row": {k: v for k, v in row.items() if not k.startswith("_")}, "before": before})
-
-    def done(self, name: str) -> None:
-        """Mark the row of ``name`` as held by routing.csv."""
-        self._append({"name": name, "done": True})
-
-    def _append(self, entry: dict) -> None:
-        if self._fh is None:
-            self._fh = self.path.open("a", encoding="utf-8")
-        self._fh.write(json.dumps(entry, default=str) + "\n")
-        self._fh.flush()  # in the OS's hands: survives the process being killed
-
-    def recover(self, rows: dict[str, dict]) -> dict[str, dict]:
-        """Add to ``rows`` (routing.csv's, by name) the rows of label files written without one; save and clear."""
-        from triageseg.datasets.io import read_labels
-
-        if not self.path.is_file():
-            return rows
-        started: dict[str, dict] = {}
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # the last line of a killed run may be cut short
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                continue
-            if entry.get("done"):
-                started.pop(entry["name"], None)
-            elif isinstance(entry.get("row"), dict):
-                started[entry["name"]] = entry
-        changed = False
-        for name, entry in started.items():
-            target = self.out_dir / f"{name}.tif"
-            if not target.is_file() or target.stat().st_mtime_ns == entry.get("before"):
-                continue  # never written, or still the file of an earlier run
-            try:
-                labels = read_labels(target)
-            except DataError:
-                continue  # a broken label file: verification redoes its input
-            rows[name] = {**entry["row"], "objects": _n_objects(labels), "seconds": ""}
-            changed = True
-        if changed:
-            _write_routing(self.out_dir / ROUTING_CSV, rows)
-        self.clear()
-        return rows
-
-    def close(self) -> None:
-        """Close the log file (it stays on disk)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def clear(self) -> None:
-        """Remove the log: every row it held is in routing.csv."""
-        self.close()
-        self.path.unlink(missing_ok=True)
