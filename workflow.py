@@ -228,7 +228,8 @@ def evaluate_bundle(
 
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline, write_overlay
-    from triageseg.postprocess.metrics import match_image, report_from_results
+    from triageseg.postprocess.folders import report_from_results
+    from triageseg.postprocess.metrics import match_image
     from triageseg.postprocess.watershed import watershed
 
     t0 = time.perf_counter()

@@ -89,7 +89,8 @@ def evaluate_command(
     from tqdm import tqdm
 
     from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
-    from triageseg.postprocess.metrics import evaluate_folders, format_table
+    from triageseg.postprocess.folders import evaluate_folders
+    from triageseg.postprocess.report import format_table
 
     def progress(ids):
         return tqdm(ids, desc="evaluating", unit="image", leave=False, disable=None)
@@ -108,7 +109,7 @@ def evaluate_command(
 
 def _evaluate_bundle(bundle_dir, data_root, split, protocol, device, json_out, csv_out, save_predictions) -> None:
     from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
-    from triageseg.postprocess.metrics import format_table
+    from triageseg.postprocess.report import format_table
     from triageseg.workflow import evaluate_bundle, format_comparison, scores_to_dict
 
     scores = evaluate_bundle(bundle_dir, data_root, split=split, protocol=protocol, device=device,
