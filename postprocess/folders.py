@@ -30,6 +30,8 @@ class FolderReport:
     modality_of: dict[str, str | None] = field(default_factory=dict)  # image id -> modality
     missing_pred: tuple[str, ...] = ()  # GT ids without prediction (scored as empty)
     missing_gt: tuple[str, ...] = ()  # prediction ids without GT (ignored)
+    gt_files: dict[str, Path] = field(default_factory=dict)  # image id -> its GT label file, when read from files
+    pred_files: dict[str, Path] = field(default_factory=dict)  # image id -> its predicted label file (if any)
 
     def to_dict(self) -> dict:
         """The ``triageseg evaluate --json`` layout."""
@@ -184,13 +186,22 @@ def evaluate_folders(
         else:
             pred = np.zeros_like(gt)
         results.append(match_image(gt, pred, protocol=protocol, id=key))
-    return report_from_results(
+    report = report_from_results(
         results,
         modality_of,
         protocol=protocol,
         missing_pred=missing_pred if allow_missing else (),
         missing_gt=missing_gt if allow_missing else (),
     )
+    return with_files(report, {key: gts[key] for key in ids}, {key: preds[key] for key in ids if key in preds})
+
+
+def with_files(report: FolderReport, gt_files: Mapping[str, Path], pred_files: Mapping[str, Path]) -> FolderReport:
+    """``report`` knowing where each image's GT and predicted label files are (for the HTML report)."""
+    import dataclasses
+
+    return dataclasses.replace(report, gt_files={k: Path(v) for k, v in gt_files.items()},
+                               pred_files={k: Path(v) for k, v in pred_files.items()})
 
 
 def report_from_results(
