@@ -1,8 +1,9 @@
-"""The pictures of the HTML report, as PNG bytes: F1 against IoU, errors by area bin, outlines.
+"""The pictures of the HTML report, as PNG bytes: F1 against IoU, errors by area, outlines.
 
-Plots are drawn by matplotlib with the non-interactive Agg backend (imported when a plot is
-drawn); the outline pictures are composed in NumPy and encoded by Pillow. Nothing here
-writes a file: :mod:`triageseg.postprocess.report` inlines the bytes as ``data:`` URIs.
+Plots are drawn by matplotlib's object API (a ``Figure`` rendered by Agg, imported when a
+plot is drawn; pyplot, as slow again to import, is not needed). The outline pictures are
+composed in NumPy and encoded by Pillow. Nothing here writes a file:
+:mod:`triageseg.postprocess.report` inlines the bytes as ``data:`` URIs.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ MAX_SIDE = 480  # longest side of one outline panel, pixels (large images are sh
 MIN_SIDE = 240  # small images are enlarged (pixels repeated) until their longest side reaches this
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure with one axes, outside pyplot (nothing global, nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def _figure_png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -43,8 +44,7 @@ def f1_curve_png(thresholds: Sequence[float], curves: Mapping[str, Sequence[floa
         curves: name -> F1 at each threshold, as the protocol aggregates it.
         protocol: the protocol's name, for the title.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    fig, ax = _figure(6.0, 3.8)
     for name, ys in curves.items():
         style = {"color": "black", "linestyle": "--", "linewidth": 2} if name == "overall" else {"linewidth": 1.6}
         ax.plot(list(thresholds), list(ys), marker="o", markersize=3, label=name, **style)
@@ -60,8 +60,7 @@ def f1_curve_png(thresholds: Sequence[float], curves: Mapping[str, Sequence[floa
 
 def errors_png(area_bins: Sequence[str], missed: Sequence[int], extra: Sequence[int], *, iou: float) -> bytes:
     """Bars of missed GT objects and extra predictions per object-area bin (Caicedo et al. 2019)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    fig, ax = _figure(6.0, 3.4)
     x = np.arange(len(area_bins))
     ax.bar(x - 0.2, list(missed), width=0.4, label="missed (GT area)", color="#d95f02")
     ax.bar(x + 0.2, list(extra), width=0.4, label="extra (predicted area)", color="#7570b3")
