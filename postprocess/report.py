@@ -385,7 +385,7 @@ def render_report(
         confusion: true -> routed -> count, when known otherwise (``evaluate --bundle``,
             the demo); takes precedence over the one from ``routing``.
         images: folder of the images (or id -> image file); None: outlines on black.
-        worst: how many of the lowest-F1 images to show.
+        worst: how many of the lowest-F1 images to show (0: no such section).
         title: the page's title.
         sources: label -> text shown under the title (e.g. the PRED and GT folders).
 
@@ -405,8 +405,12 @@ def render_report(
               _f1_section(report)]
     if confusion:
         parts.append(_confusion_section(confusion, left_out))
+    elif routing is not None:
+        parts.append('<p class="note">The routing rows say where each image was sent, but no evaluated image has '
+                     "a routing decision and a true modality (modalities.csv, --modalities): no confusion matrix.</p>")
     parts.append(_errors_section(report, errors))
-    parts.append(_worst_section(report, worst, image_files, routing, errors))
+    if worst > 0:
+        parts.append(_worst_section(report, worst, image_files, routing, errors))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -121,6 +121,9 @@ def test_confusion_matrix_from_routing_csv(folders, tmp_path):
                                    "--report", str(tmp_path / "out" / "r.html"), "--worst", "1"])
     assert res.exit_code == 0, res.output
     assert 'id="confusion"' in (tmp_path / "out" / "r.html").read_text()
+    no_modalities = render_report(evaluate_folders(pred_dir, gt_dir), routing=routing, worst=0)
+    assert 'id="confusion"' not in no_modalities and "no confusion matrix" in no_modalities
+    assert 'id="worst"' not in no_modalities and pngs(no_modalities) == 2
 
 
 def test_forced_rows_and_missing_rows_are_left_out():
