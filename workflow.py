@@ -205,6 +205,7 @@ class BundleScores:
     confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # true -> predicted -> count
     used_models: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    routing: dict[str, dict[str, str]] = field(default_factory=dict)  # image id -> its routing.csv-like row
 
 
 def evaluate_bundle(
@@ -228,7 +229,8 @@ def evaluate_bundle(
 
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline, write_overlay
-    from triageseg.postprocess.metrics import match_image, report_from_results
+    from triageseg.postprocess.folders import report_from_results
+    from triageseg.postprocess.metrics import match_image
     from triageseg.postprocess.watershed import watershed
 
     t0 = time.perf_counter()
@@ -242,6 +244,7 @@ def evaluate_bundle(
     routed_results, gen_results = [], []
     confusion: dict[str, dict[str, int]] = {}
     used: dict[str, int] = {}
+    routing: dict[str, dict[str, str]] = {}
     correct = n_routed = 0
     for sample in tqdm(samples, desc=f"evaluate {split}", unit="img", disable=not progress):
         image, gt = ds.load(sample)
@@ -252,6 +255,9 @@ def evaluate_bundle(
             row = confusion.setdefault(sample.modality, {})
             row[result.modality] = row.get(result.modality, 0) + 1
         used[result.used_model] = used.get(result.used_model, 0) + 1
+        routing[sample.id] = {"modality": result.modality, "used_model": result.used_model,
+                              "decision": result.decision,
+                              "confidence": "" if result.confidence is None else f"{result.confidence:.4f}"}
         modality_of[sample.id] = sample.modality or "unknown"
         routed_results.append(match_image(gt, result.labels, protocol=protocol, id=sample.id))
         if gen:
@@ -277,7 +283,44 @@ def evaluate_bundle(
         confusion=confusion,
         used_models=dict(sorted(used.items())),
         seconds=time.perf_counter() - t0,
+        routing=routing,
     )
+
+
+def write_bundle_report(
+    path: str | os.PathLike,
+    scores: BundleScores,
+    data_root: str | os.PathLike,
+    pred_dir: str | os.PathLike,
+    *,
+    worst: int = 6,
+    title: str = "triageseg evaluation report: routed pipeline",
+) -> Path:
+    """The HTML report (``postprocess.report``) of the routed pipeline of :func:`evaluate_bundle`.
+
+    Args:
+        path: the HTML file to write (atomically).
+        scores: what :func:`evaluate_bundle` returned when it wrote its predictions to ``pred_dir``.
+        data_root: the dataset it scored (ground truth and images, by id).
+        pred_dir: the folder of the routed label images (``<id>.tif``).
+        worst: how many of the lowest-F1 images to show, outlined.
+
+    Returns:
+        The path written.
+    """
+    from triageseg.datasets.layout import Dataset
+    from triageseg.postprocess.folders import with_files
+    from triageseg.postprocess.report import write_report
+
+    pred_dir = Path(pred_dir)
+    ids = {r.id for r in scores.routed.overall.per_image}
+    samples = [s for s in Dataset(data_root).samples if s.id in ids]
+    report = with_files(scores.routed, {s.id: s.label_path for s in samples},
+                        {s.id: pred_dir / f"{s.id}.tif" for s in samples})
+    sources = {"ground truth and images": str(data_root), "predictions": str(pred_dir),
+               "models used": ", ".join(f"{k}: {v}" for k, v in scores.used_models.items())}
+    return write_report(path, report, confusion=scores.confusion or None, routing=scores.routing,
+                        images={s.id: s.image_path for s in samples}, worst=worst, title=title, sources=sources)
 
 
 def format_comparison(scores: BundleScores, *, classical: Any | None = None) -> str:
@@ -337,7 +380,7 @@ DEMO_SPLITS = (0.54, 0.115, 0.345)
 
 def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, device: str = "auto",
              n: int = 130, size: int = 256, log: Log = print, progress: bool = True) -> dict[str, Any]:
-    """Synthetic data -> train the whole bundle -> segment the test split -> print the tables."""
+    """Synthetic data -> train the whole bundle -> segment the test split -> print the tables, write the report."""
     from triageseg.datasets.synth import make_dataset
 
     t_start = time.perf_counter()
@@ -346,17 +389,43 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
     bundle_dir = out / "bundle"
     log(f"[data] generating {n} synthetic images of {size}x{size} in {data}")
     make_dataset(data, n=n, size=size, seed=seed, splits=DEMO_SPLITS)
-    summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed, progress=progress, log=log)
+    summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed,
+                           progress=progress, log=log)
     log("[evaluate] segmenting the held-out test split")
-    scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions", progress=progress)
+    scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions",
+                             progress=progress)
+    report_path, report_seconds = demo_report(out, scores, data)
     table = format_comparison(scores)
     wall = time.perf_counter() - t_start
-    report = {"train": summary, "scores": scores_to_dict(scores), "wall_seconds": round(wall, 1)}
+    report = {"train": summary, "scores": scores_to_dict(scores), "report_seconds": round(report_seconds, 2),
+              "wall_seconds": round(wall, 1)}
     write_json_atomic(out / "demo_results.json", report)
     log("")
     log(table)
     log("")
     log(f"outputs: bundle {bundle_dir}, predictions and overlays {out / 'predictions'}, "
         f"scores {out / 'demo_results.json'}")
+    for line in demo_plot_lines(report_path, report_seconds, bundle_dir):
+        log(line)
     log(f"demo wall time: {wall:.0f} s")
     return report
+
+
+def demo_report(out: Path, scores: BundleScores, data: Path, *, worst: int = 6) -> tuple[Path, float]:
+    """Write the demo's ``report.html`` (the routed pipeline on the test split); (its path, seconds taken)."""
+    t0 = time.perf_counter()
+    path = write_bundle_report(Path(out) / "report.html", scores, data, Path(out) / "predictions", worst=worst,
+                               title="triageseg demo: routed pipeline on the held-out test split")
+    return path, time.perf_counter() - t0
+
+
+def demo_plot_lines(report_path: Path, report_seconds: float, bundle_dir: Path) -> list[str]:
+    """Where the report and the training curves are: every ``curves.png`` in the bundle, found by glob."""
+    lines = [f"report: {report_path} (written in {report_seconds:.1f} s)"]
+    curves = sorted(Path(bundle_dir).rglob("curves.png"))
+    if curves:
+        lines.append("training curves:")
+        lines += [f"  {p}" for p in curves]
+    else:
+        lines.append(f"training curves: none in {bundle_dir}")
+    return lines

@@ -33,7 +33,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     from triageseg.datasets.layout import Dataset
     from triageseg.datasets.synth import make_dataset
     from triageseg.postprocess.classical import classical_segment
-    from triageseg.postprocess.metrics import match_image, report_from_results
+    from triageseg.postprocess.folders import report_from_results
+    from triageseg.postprocess.metrics import match_image
     from triageseg.workflow import DEMO_SPLITS, Budget, evaluate_bundle, format_comparison, scores_to_dict, train_bundle
 
     data, bundle_dir = out / "data", out / "bundle"

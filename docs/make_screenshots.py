@@ -1,9 +1,15 @@
-"""Make the README's screenshots of the web page and of the napari plugin, headless.
+"""Make the README's screenshots of the web page, the napari plugin and the evaluation report, headless.
 
     python docs/make_screenshots.py --bundle demo_out/bundle [--out docs/]
+    python docs/make_screenshots.py --steps report --report-html demo_out/report.html
+    python docs/make_screenshots.py --steps curves --bundle demo_out/bundle [--curves-model _generalist]
 
 Writes ``serve.png`` (the page of ``triageseg serve`` after two uploads) and ``napari.png``
-(a viewer with the dock widget after Segment). The images are drawn by the synthetic
+(a viewer with the dock widget after Segment) with the default steps ``serve,napari``;
+step ``report`` renders a ``triageseg evaluate --report`` page to ``report.png`` (the top
+of the page, in Chromium), step ``curves`` copies a training run's ``curves.png`` from the
+bundle to ``curves.png`` (drawing it from the run's ``history.csv`` when the bundle has
+none). The images are drawn by the synthetic
 generator (seeded, not part of any training set): a fluorescence field saved as a 16-bit
 TIFF with a 0.65 um pixel size, and an H&E field saved as a PNG.
 
@@ -131,26 +137,104 @@ def napari_screenshot(bundle: Path, image: Path, out_png: Path) -> None:
     viewer.close()
 
 
+def report_screenshot(report_html: Path, out_png: Path, workdir: Path, *, width: int = 1180,
+                      max_height: int = 2200) -> None:
+    """Open a ``triageseg evaluate --report`` page in headless Chromium and save its top ``max_height`` pixels."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile-report'}", f"--window-size={width},900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(report_html.resolve().as_uri())
+        height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+        driver.set_window_size(width, min(height, max_height))
+        driver.execute_script("return [...document.images].every(i => i.complete)")
+        driver.save_screenshot(str(out_png))
+    finally:
+        driver.quit()
+
+
+def curves_image(bundle: Path, out_png: Path, model: str = "_generalist") -> Path:
+    """Copy the ``curves.png`` of segmenter ``model`` (else the first in the bundle) to ``out_png``.
+
+    A bundle trained before training runs drew their curves has none: the curves are then
+    drawn from the run's ``history.csv`` (train loss, per-class IoU, validation mean F1).
+
+    Returns:
+        The curves.png or history.csv it came from.
+    """
+    import csv
+
+    preferred = bundle / "segmenters" / model
+    found = sorted(preferred.glob("curves.png")) or sorted(bundle.rglob("curves.png"))
+    if found:
+        shutil.copyfile(found[0], out_png)
+        return found[0]
+    histories = sorted(preferred.glob("history.csv")) or sorted(bundle.rglob("history.csv"))
+    if not histories:
+        raise SystemExit(f"{bundle}: no curves.png and no history.csv to draw one from")
+    from triageseg.postprocess.plots import write_curves
+
+    with histories[0].open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    f1 = [float(r["val_mean_f1"]) if r.get("val_mean_f1") else -1.0 for r in rows]
+    best = float(rows[f1.index(max(f1))]["epoch"]) if rows and max(f1) >= 0 else None
+    panels = [("loss", [("train_loss", "train"), ("val_loss", "validation")]),
+              ("per-class IoU (validation)", [(f"iou_{c}", c) for c in ("background", "interior", "boundary")]),
+              ("validation mean F1", [("val_mean_f1", "mean F1")])]
+    write_curves(out_png, rows, panels, best=best, title=f"{histories[0].parent.name}: training curves")
+    return histories[0]
+
+
+STEPS = ("serve", "napari", "report", "curves")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="a trained bundle (make demo: demo_out/bundle)")
+    parser.add_argument("--bundle", type=Path, help="a trained bundle (make demo: demo_out/bundle); "
+                                                    "for the serve, napari and curves steps")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where the PNGs go")
+    parser.add_argument("--steps", default="serve,napari", help=f"comma-separated, of {', '.join(STEPS)}")
+    parser.add_argument("--report-html", type=Path, help="for the report step: a page of triageseg evaluate --report")
+    parser.add_argument("--curves-model", default="_generalist", help="for the curves step: whose curves.png")
     parser.add_argument("--napari-child", type=Path, help=argparse.SUPPRESS)  # the image, inside Xvfb
     args = parser.parse_args(argv)
     if args.napari_child is not None:
         napari_screenshot(args.bundle, args.napari_child, args.out / "napari.png")
         return
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {unknown}; valid: {', '.join(STEPS)}")
+    if args.bundle is None and set(steps) & {"serve", "napari", "curves"}:
+        parser.error("--bundle is needed for the serve, napari and curves steps")
+    if "report" in steps and (args.report_html is None or not args.report_html.is_file()):
+        parser.error("the report step needs --report-html FILE (a page of triageseg evaluate --report)")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="triageseg-screenshots-"))
     try:
-        tif, png = example_images(workdir)
-        web_screenshot(args.bundle, [tif, png], args.out / "serve.png", workdir)
-        print(f"wrote {args.out / 'serve.png'}")
-        env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
-        subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, __file__, "--bundle",
-                        str(args.bundle), "--out", str(args.out), "--napari-child", str(png)],
-                       check=True, env=env)
-        print(f"wrote {args.out / 'napari.png'}")
+        if {"serve", "napari"} & set(steps):
+            tif, png = example_images(workdir)
+        if "serve" in steps:
+            web_screenshot(args.bundle, [tif, png], args.out / "serve.png", workdir)
+            print(f"wrote {args.out / 'serve.png'}")
+        if "napari" in steps:
+            env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+            subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, __file__, "--bundle",
+                            str(args.bundle), "--out", str(args.out), "--napari-child", str(png)],
+                           check=True, env=env)
+            print(f"wrote {args.out / 'napari.png'}")
+        if "report" in steps:
+            report_screenshot(args.report_html, args.out / "report.png", workdir)
+            print(f"wrote {args.out / 'report.png'}")
+        if "curves" in steps:
+            source = curves_image(args.bundle, args.out / "curves.png", args.curves_model)
+            print(f"wrote {args.out / 'curves.png'} (from {source})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

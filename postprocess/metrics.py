@@ -44,6 +44,12 @@ Conventions (edge cases):
   first, so there the perfect prediction is the GT shrunk by one pixel); renumbering
   labels (any permutation, gaps, huge ids) changes nothing.
 
+The typed results (:class:`CaicedoErrors`, :class:`ImageResult`, :class:`EvalResult`) are
+defined in :mod:`triageseg.postprocess.results` and imported here. Folder evaluation
+(pairing files by id, per-modality reports) lives in :mod:`triageseg.postprocess.folders`,
+the text table and the HTML report in :mod:`triageseg.postprocess.report`; this module
+only matches and aggregates.
+
 Caicedo error analysis (``caicedo2019`` only, on the dilated predictions):
 
 * *missed*: GT objects with no prediction at IoU > 0.7, counted by GT area bin.
@@ -58,24 +64,28 @@ Caicedo error analysis (``caicedo2019`` only, on the dilated predictions):
 
 from __future__ import annotations
 
-import csv
-import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from triageseg.postprocess.results import (  # noqa: F401  (AREA_BINS, ERROR_IOU, SPLIT_MERGE_IOU: part of this API)
+    AREA_BINS,
+    ERROR_IOU,
+    SPLIT_MERGE_IOU,
+    CaicedoErrors,
+    EvalResult,
+    ImageResult,
+    _frozen,
+)
 
 PROTOCOLS = ("default", "caicedo2019", "dsb2018")
 
 _T10 = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5, 0.55, ..., 0.95
 _T9 = _T10[:9]  # 0.5, ..., 0.9
 
-AREA_BINS = ("0-250", "250-625", "625-900", ">900")
-_AREA_EDGES = np.array([250, 625, 900])
-ERROR_IOU = 0.7
-SPLIT_MERGE_IOU = 0.1
+_AREA_EDGES = np.array([250, 625, 900])  # upper edges (inclusive) of AREA_BINS
 
 
 @dataclass(frozen=True)
@@ -116,151 +126,6 @@ def get_protocol(name: str) -> Protocol:
         return _PROTOCOLS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None
-
-
-# --------------------------------------------------------------------------- results
-
-
-def _frozen(values, dtype) -> np.ndarray:
-    arr = np.array(values, dtype=dtype)
-    arr.setflags(write=False)
-    return arr
-
-
-@dataclass(frozen=True)
-class CaicedoErrors:
-    """Error analysis of Caicedo et al. 2019 (see the module docstring for definitions)."""
-
-    missed: tuple[int, ...]  # GT objects unmatched at IoU > 0.7, per area bin of AREA_BINS
-    extra: tuple[int, ...]  # predictions unmatched at IoU > 0.7, per area bin of AREA_BINS
-    splits: int  # GT objects overlapped by >= 2 predictions with IoU > 0.1
-    merges: int  # predictions overlapping >= 2 GT objects with IoU > 0.1
-    area_bins: tuple[str, ...] = AREA_BINS  # bin names, pixels
-
-    def __add__(self, other: CaicedoErrors) -> CaicedoErrors:
-        return CaicedoErrors(
-            missed=tuple(a + b for a, b in zip(self.missed, other.missed)),
-            extra=tuple(a + b for a, b in zip(self.extra, other.extra)),
-            splits=self.splits + other.splits,
-            merges=self.merges + other.merges,
-        )
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return {
-            "iou": ERROR_IOU,
-            "split_merge_iou": SPLIT_MERGE_IOU,
-            "area_bins": list(self.area_bins),
-            "missed": list(self.missed),
-            "extra": list(self.extra),
-            "splits": self.splits,
-            "merges": self.merges,
-        }
-
-
-@dataclass(frozen=True, eq=False)
-class ImageResult:
-    """Scores of one image. Arrays are per threshold and read-only."""
-
-    id: str | None  # image id (file name without extension) when known
-    protocol: str  # protocol name
-    thresholds: tuple[float, ...]  # IoU thresholds
-    n_true: int  # objects in the ground truth
-    n_pred: int  # objects in the prediction
-    tp: np.ndarray  # int, matched pairs
-    fp: np.ndarray  # int, unmatched predictions
-    fn: np.ndarray  # int, unmatched GT objects
-    precision: np.ndarray  # tp / (tp + fp)
-    recall: np.ndarray  # tp / (tp + fn)
-    f1: np.ndarray  # 2 tp / (2 tp + fp + fn)
-    ap: np.ndarray  # tp / (tp + fp + fn) (the DSB 2018 "AP")
-    mean_f1: float  # mean of f1 over thresholds
-    mean_ap: float  # mean of ap over thresholds
-    errors: CaicedoErrors | None = None  # caicedo2019 only
-
-    def f1_at(self, threshold: float) -> float:
-        """F1 at one of ``thresholds`` (ValueError if it is not one of them)."""
-        return float(self.f1[_threshold_index(self.thresholds, threshold)])
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        head = {"id": self.id, "n_true": self.n_true, "n_pred": self.n_pred}
-        return {**head, **_scores_dict(self, self.errors)}
-
-
-@dataclass(frozen=True, eq=False)
-class EvalResult:
-    """Scores of a set of images under one protocol. Arrays are per threshold and read-only.
-
-    ``mean_f1`` is the headline number (mean over thresholds of ``f1``); how ``f1`` is
-    aggregated over images depends on the protocol (pooled counts for ``default``,
-    mean of per-image F1 otherwise). ``tp``/``fp``/``fn`` are always pooled sums.
-    """
-
-    protocol: str  # protocol name
-    thresholds: tuple[float, ...]  # IoU thresholds
-    n_images: int  # images scored
-    n_true: int  # GT objects, all images
-    n_pred: int  # predicted objects, all images
-    tp: np.ndarray  # int, summed over images
-    fp: np.ndarray  # int, summed over images
-    fn: np.ndarray  # int, summed over images
-    precision: np.ndarray  # per threshold, aggregated as the protocol says
-    recall: np.ndarray  # per threshold, aggregated as the protocol says
-    f1: np.ndarray  # per threshold, aggregated as the protocol says
-    mean_f1: float  # mean of f1 over thresholds: THE headline number
-    image_mean_f1: float  # mean over images of each image's mean F1
-    ap: np.ndarray | None  # dsb2018: mean over images of per-image AP, per threshold
-    mean_ap: float | None  # dsb2018: mean of ap over thresholds
-    per_image: tuple[ImageResult, ...]  # one entry per image, input order
-    caicedo: CaicedoErrors | None = None  # caicedo2019: errors summed over images
-
-    @property
-    def score(self) -> float:
-        """The protocol's own headline: ``mean_ap`` for dsb2018, else ``mean_f1``."""
-        return self.mean_ap if self.protocol == "dsb2018" else self.mean_f1
-
-    def f1_at(self, threshold: float) -> float:
-        """F1 at one of ``thresholds`` (ValueError if it is not one of them)."""
-        return float(self.f1[_threshold_index(self.thresholds, threshold)])
-
-    def summary(self) -> dict:
-        """The aggregate numbers only (no per-image list), JSON-ready."""
-        out = _scores_dict(self, self.caicedo)
-        out["n_images"] = self.n_images
-        return out
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict: protocol, thresholds, the summary and per-image results."""
-        return {
-            "protocol": self.protocol,
-            "thresholds": list(self.thresholds),
-            **self.summary(),
-            "n_true": self.n_true,
-            "n_pred": self.n_pred,
-            "image_mean_f1": self.image_mean_f1,
-            "per_image": [r.to_dict() for r in self.per_image],
-        }
-
-
-def _scores_dict(result: ImageResult | EvalResult, errors: CaicedoErrors | None) -> dict:
-    """JSON-ready scores per threshold shared by image and aggregate results (AP for dsb2018, errors if any)."""
-    out = {"mean_f1": result.mean_f1}
-    for name in ("f1", "precision", "recall", "tp", "fp", "fn"):
-        out[name] = getattr(result, name).tolist()
-    if result.protocol == "dsb2018":
-        out["mean_ap"] = result.mean_ap
-        out["ap"] = result.ap.tolist()
-    if errors is not None:
-        out["errors"] = errors.to_dict()
-    return out
-
-
-def _threshold_index(thresholds: Sequence[float], threshold: float) -> int:
-    for i, t in enumerate(thresholds):
-        if abs(t - threshold) < 1e-9:
-            return i
-    raise ValueError(f"threshold {threshold} is not one of {list(thresholds)}")
 
 
 # --------------------------------------------------------------------------- matching
@@ -595,266 +460,20 @@ def evaluate(
     return aggregate(results, protocol=protocol)
 
 
-# --------------------------------------------------------------------------- folders
+# Names that lived here before folder evaluation and tables got their own modules; kept
+# importable (lazily, to avoid an import cycle) for code written against the old layout.
+_MOVED = {
+    "FolderReport": "folders",
+    "read_modalities": "folders",
+    "evaluate_folders": "folders",
+    "report_from_results": "folders",
+    "format_table": "report",
+}
 
 
-@dataclass(frozen=True, eq=False)
-class FolderReport:
-    """Scores of a folder of predictions against a folder of ground truth."""
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-    protocol: str  # protocol name
-    overall: EvalResult  # all images
-    per_modality: dict[str, EvalResult]  # modality -> its images (empty without modalities)
-    modality_of: dict[str, str | None] = field(default_factory=dict)  # image id -> modality
-    missing_pred: tuple[str, ...] = ()  # GT ids without prediction (scored as empty)
-    missing_gt: tuple[str, ...] = ()  # prediction ids without GT (ignored)
-
-    def to_dict(self) -> dict:
-        """The ``triageseg evaluate --json`` layout."""
-        missing = set(self.missing_pred)
-        per_image = []
-        for r in self.overall.per_image:
-            entry = {"id": r.id, "modality": self.modality_of.get(r.id), **_drop_id(r.to_dict())}
-            if r.id in missing:
-                entry["missing_prediction"] = True
-            per_image.append(entry)
-        return {
-            "protocol": self.protocol,
-            "thresholds": list(self.overall.thresholds),
-            "overall": self.overall.summary(),
-            "per_modality": {name: res.summary() for name, res in self.per_modality.items()},
-            "per_image": per_image,
-        }
-
-
-    def to_csv(self) -> str:
-        """One row per image: id, modality, object counts, mean F1 (and mean AP for
-        dsb2018), F1 at every threshold, TP/FP/FN at IoU 0.5."""
-        import io
-
-        thresholds = self.overall.thresholds
-        dsb = self.protocol == "dsb2018"
-        head = ["id", "modality", "n_true", "n_pred", "mean_f1"] + (["mean_ap"] if dsb else [])
-        head += [f"f1@{t:.2f}" for t in thresholds] + ["tp@0.50", "fp@0.50", "fn@0.50"]
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(head)
-        for r in self.overall.per_image:
-            row = [r.id, self.modality_of.get(r.id) or "", r.n_true, r.n_pred, f"{r.mean_f1:.6f}"]
-            row += [f"{r.mean_ap:.6f}"] if dsb else []
-            row += [f"{v:.6f}" for v in r.f1] + [int(r.tp[0]), int(r.fp[0]), int(r.fn[0])]
-            writer.writerow(row)
-        return buf.getvalue()
-
-
-def _drop_id(d: dict) -> dict:
-    d.pop("id", None)
-    return d
-
-
-def read_modalities(path: str | os.PathLike) -> dict[str, str]:
-    """Read an ``id,modality`` CSV (the dataset's ``modalities.csv``) into a dict.
-
-    Read as :func:`triageseg.datasets.layout.read_index_csv` reads it: a spreadsheet's
-    byte-order mark and spaces around names are accepted.
-
-    Raises:
-        DataError: unreadable file, missing columns, empty fields or conflicting rows.
-    """
-    from triageseg.datasets.errors import DataError
-    from triageseg.datasets.layout import read_index_csv
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found" if not path.exists() else "not a file")
-    return read_index_csv(path, "modality")
-
-
-def _label_files(folder: Path) -> dict[str, Path]:
-    from triageseg.datasets.errors import DataError
-    from triageseg.datasets.layout import LABEL_SUFFIXES, list_files
-
-    if not folder.exists():
-        raise DataError(folder, "folder not found")
-    if not folder.is_dir():
-        raise DataError(folder, "not a folder")
-    return list_files(folder, LABEL_SUFFIXES, "label")
-
-
-def _id_list(ids: Sequence[str], limit: int = 10) -> str:
-    ids = sorted(ids)
-    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
-    return ", ".join(ids[:limit]) + more
-
-
-def evaluate_folders(
-    pred_dir: str | os.PathLike,
-    gt_dir: str | os.PathLike,
-    *,
-    modalities: str | os.PathLike | Mapping[str, str] | None = None,
-    protocol: str = "default",
-    allow_missing: bool = False,
-    progress=None,
-) -> FolderReport:
-    """Pair prediction and ground-truth label files by id and score them.
-
-    Files are paired by id (file name without extension). ``gt_dir`` may be a folder of
-    label images or a dataset root holding ``labels/`` (then its ``modalities.csv`` is
-    used when ``modalities`` is not given).
-
-    Args:
-        pred_dir: folder of predicted label images.
-        gt_dir: folder of ground-truth label images, or a dataset root.
-        modalities: ``id,modality`` CSV path or a dict; enables per-modality results.
-            Every scored id must have a modality.
-        protocol: one of :data:`PROTOCOLS`.
-        allow_missing: score a GT image without prediction as an empty prediction and
-            ignore predictions without GT, instead of failing.
-        progress: optional callable wrapping the list of ids (e.g. ``tqdm``).
-
-    Returns:
-        :class:`FolderReport`.
-
-    Raises:
-        DataError: missing folder, unpaired ids (unless ``allow_missing``), no pairs,
-            a label file that cannot be read, shapes that differ, ids without modality.
-    """
-    from triageseg.datasets.errors import DataError
-    from triageseg.datasets.io import read_labels
-
-    get_protocol(protocol)
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    if (gt_dir / "labels").is_dir() and not _label_files(gt_dir):  # a dataset root
-        if modalities is None and (gt_dir / "modalities.csv").is_file():
-            modalities = gt_dir / "modalities.csv"
-        gt_dir = gt_dir / "labels"
-    preds = _label_files(pred_dir)
-    gts = _label_files(gt_dir)
-    missing_pred = tuple(sorted(set(gts) - set(preds)))
-    missing_gt = tuple(sorted(set(preds) - set(gts)))
-    if not allow_missing and (missing_pred or missing_gt):
-        parts = []
-        if missing_pred:
-            parts.append(f"no prediction for ground-truth ids: {_id_list(missing_pred)}")
-        if missing_gt:
-            parts.append(f"no ground truth (in {gt_dir}) for predicted ids: {_id_list(missing_gt)}")
-        raise DataError(pred_dir, "; ".join(parts) + " (--allow-missing scores missing predictions as "
-                                                    "empty and ignores predictions without ground truth)")
-    ids = sorted(gts)
-    if not ids:
-        raise DataError(gt_dir, "no label images found")
-    modality_of: dict[str, str | None] = {key: None for key in ids}
-    if modalities is not None:
-        source = modalities if isinstance(modalities, Mapping) else read_modalities(modalities)
-        unknown = [key for key in ids if key not in source]
-        if unknown:
-            where = modalities if not isinstance(modalities, Mapping) else None
-            raise DataError(where, f"no modality for ids: {_id_list(unknown)}")
-        modality_of = {key: str(source[key]) for key in ids}
-    results = []
-    for key in progress(ids) if progress else ids:
-        gt = read_labels(gts[key])
-        if key in preds:
-            pred = read_labels(preds[key])
-            if pred.shape != gt.shape:
-                raise DataError(preds[key], f"shape {pred.shape} differs from ground truth "
-                                            f"{gts[key]} shape {gt.shape}")
-        else:
-            pred = np.zeros_like(gt)
-        results.append(match_image(gt, pred, protocol=protocol, id=key))
-    return report_from_results(
-        results,
-        modality_of,
-        protocol=protocol,
-        missing_pred=missing_pred if allow_missing else (),
-        missing_gt=missing_gt if allow_missing else (),
-    )
-
-
-def report_from_results(
-    per_image: Sequence[ImageResult],
-    modality_of: Mapping[str, str | None] | None = None,
-    *,
-    protocol: str = "default",
-    missing_pred: Sequence[str] = (),
-    missing_gt: Sequence[str] = (),
-) -> FolderReport:
-    """Group per-image results (from :func:`match_image` with ``id=``) into a report.
-
-    Args:
-        per_image: results of one protocol, each with its image ``id``.
-        modality_of: image id -> modality. Results are also aggregated per modality
-            when at least one id has one (ids without one go to ``"unknown"``).
-        protocol: the protocol the results were scored with.
-        missing_pred: GT ids that had no prediction (already scored as empty).
-        missing_gt: prediction ids that had no GT (not scored).
-
-    Returns:
-        :class:`FolderReport` (``format_table`` prints it, ``to_dict`` is the
-        ``evaluate --json`` layout).
-
-    Raises:
-        ValueError: no results, or results of another protocol.
-    """
-    per_image = tuple(per_image)
-    modality_of = dict(modality_of or {})
-    modality_of = {r.id: modality_of.get(r.id) for r in per_image}
-    per_modality: dict[str, EvalResult] = {}
-    if any(m is not None for m in modality_of.values()):
-        modality_of = {key: ("unknown" if m is None else str(m)) for key, m in modality_of.items()}
-        for name in sorted(set(modality_of.values())):
-            subset = [r for r in per_image if modality_of[r.id] == name]
-            per_modality[name] = aggregate(subset, protocol=protocol)
-    return FolderReport(
-        protocol=get_protocol(protocol).name,
-        overall=aggregate(per_image, protocol=protocol),
-        per_modality=per_modality,
-        modality_of=modality_of,
-        missing_pred=tuple(missing_pred),
-        missing_gt=tuple(missing_gt),
-    )
-
-
-def format_table(report: FolderReport | EvalResult, *, title: str | None = None) -> str:
-    """A plain-text table: one row per modality (if any) and one for all images.
-
-    Columns: images, GT/predicted objects, mean F1 (mean AP too for dsb2018), F1 at
-    IoU 0.5 / 0.75 / 0.9, and TP/FP/FN at IoU 0.5.
-    """
-    if isinstance(report, EvalResult):
-        rows = [("overall", report)]
-        proto_name = report.protocol
-    else:
-        rows = list(report.per_modality.items()) + [("overall", report.overall)]
-        proto_name = report.protocol
-    proto = get_protocol(proto_name)
-    dsb = proto.name == "dsb2018"
-    head = ["", "images", "objects gt/pred", "mean F1"] + (["mean AP"] if dsb else [])
-    head += ["F1@0.5", "F1@0.75", "F1@0.9", "TP@0.5", "FP@0.5", "FN@0.5"]
-    table = [head]
-    for name, res in rows:
-        row = [name, str(res.n_images), f"{res.n_true}/{res.n_pred}", f"{res.mean_f1:.4f}"]
-        if dsb:
-            row.append(f"{res.mean_ap:.4f}")
-        row += [f"{res.f1_at(t):.4f}" for t in (0.5, 0.75, 0.9)]
-        row += [str(int(res.tp[0])), str(int(res.fp[0])), str(int(res.fn[0]))]
-        table.append(row)
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = [title] if title else []
-    lines.append(f"protocol {proto.name}: {proto.description}")
-    for k, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    overall = report if isinstance(report, EvalResult) else report.overall
-    if overall.caicedo is not None:
-        err = overall.caicedo
-        bins = ", ".join(f"{b}: {m}/{e}" for b, m, e in zip(err.area_bins, err.missed, err.extra))
-        lines.append(f"errors at IoU > {ERROR_IOU} (missed/extra by area bin, px) {bins}; "
-                     f"splits {err.splits}, merges {err.merges} (IoU > {SPLIT_MERGE_IOU})")
-    if isinstance(report, FolderReport) and (report.missing_pred or report.missing_gt):
-        lines.append(f"missing predictions (scored empty): {len(report.missing_pred)}; "
-                     f"predictions without ground truth (ignored): {len(report.missing_gt)}")
-    return "\n".join(lines)
-
+        return getattr(importlib.import_module(f"triageseg.postprocess.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,9 @@ import triageseg.cli.evaluate_cmd as evaluate_cmd  # registers the command
 from triageseg.cli.groups import cli
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import read_labels, write_labels
-from triageseg.postprocess.metrics import PROTOCOLS, evaluate, evaluate_folders, format_table
+from triageseg.postprocess.folders import evaluate_folders
+from triageseg.postprocess.metrics import PROTOCOLS, evaluate
+from triageseg.postprocess.report import format_table
 
 
 def square(value, top, left, size=8, shape=(32, 32)):
@@ -160,7 +162,8 @@ def test_help():
 
 
 def test_report_from_results_groups_by_modality():
-    from triageseg.postprocess.metrics import match_image, report_from_results
+    from triageseg.postprocess.folders import report_from_results
+    from triageseg.postprocess.metrics import match_image
 
     a, b = square(1, 2, 2), square(1, 10, 10)
     results = [match_image(a, a, id="x"), match_image(b, np.zeros_like(b), id="y"), match_image(a, a, id="z")]
@@ -170,3 +173,13 @@ def test_report_from_results_groups_by_modality():
     assert report.overall.n_images == 3 and report.to_dict()["per_image"][2]["modality"] == "unknown"
     plain = report_from_results(results)
     assert plain.per_modality == {} and format_table(plain).splitlines()[-1].startswith("overall")
+
+
+def test_moved_names_still_import_from_metrics():
+    from triageseg.postprocess import folders, metrics, report
+
+    assert metrics.evaluate_folders is folders.evaluate_folders and metrics.FolderReport is folders.FolderReport
+    assert metrics.report_from_results is folders.report_from_results
+    assert metrics.read_modalities is folders.read_modalities and metrics.format_table is report.format_table
+    with pytest.raises(AttributeError, match="no_such_name"):
+        metrics.no_such_name  # noqa: B018

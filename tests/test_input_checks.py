@@ -20,7 +20,7 @@ SPACED = "id, modality\nimg0, he\nimg1, fluorescence\n"
 
 @pytest.mark.parametrize("text", [EXCEL, SPACED], ids=["bom", "spaced-header"])
 def test_modalities_csv_from_excel_or_with_spaces_is_read(tmp_path, text):
-    from triageseg.postprocess.metrics import read_modalities
+    from triageseg.postprocess.folders import read_modalities
 
     path = tmp_path / "modalities.csv"
     path.write_bytes(text.encode("utf-8"))
@@ -39,7 +39,7 @@ def test_cluster_reads_known_modalities_from_excel_or_spaced_csv(tmp_path, text)
 
 
 def test_a_bad_modalities_header_is_shown_as_it_is(tmp_path):
-    from triageseg.postprocess.metrics import read_modalities
+    from triageseg.postprocess.folders import read_modalities
 
     path = tmp_path / "m.csv"
     path.write_text("name\tmodality\nimg0\the\n")

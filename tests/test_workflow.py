@@ -71,6 +71,8 @@ def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_p
     assert sum(scores.used_models.values()) == len(test)
     assert sum(sum(row.values()) for row in scores.confusion.values()) == len(test)
     assert 0.0 <= scores.router_accuracy <= 1.0
+    assert set(scores.routing) == {s.id for s in test}
+    assert {r["used_model"] for r in scores.routing.values()} == set(scores.used_models)
     assert sorted(p.stem for p in (tmp_path / "pred").glob("*.tif")) == sorted(s.id for s in test)
     table = format_comparison(scores)
     assert "routed" in table and "generalist" in table and "overall" in table and "router accuracy" in table
@@ -82,9 +84,12 @@ def test_evaluate_cli_with_bundle(trained, synth_data, tmp_path):
 
     out, _ = trained
     res = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out), "--data", str(synth_data), "--split", "test",
-                                   "--device", "cpu", "--json", str(tmp_path / "s.json")])
+                                   "--device", "cpu", "--json", str(tmp_path / "s.json"), "--report",
+                                   str(tmp_path / "report.html"), "--worst", "2"])
     assert res.exit_code == 0, res.output
-    assert "router accuracy" in res.output
+    assert "router accuracy" in res.output and f"wrote {tmp_path / 'report.html'}" in res.output
+    page = (tmp_path / "report.html").read_text()  # predictions went to a temporary folder, outlined from there
+    assert 'id="confusion"' in page and page.count('src="data:image/png;base64,') == 2 + 2 and "on black" not in page
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["routed"]["overall"]["n_images"] == saved["generalist"]["overall"]["n_images"] > 0
 
