@@ -496,10 +496,12 @@ def router_outputs(
     """Logits ``N x C`` and pooled features ``N x D`` (the ViT's pre-logits) of ``N x S x S x 3`` thumbnails.
 
     One forward pass gives both: ``forward_features`` -> ``forward_head(pre_logits=True)``
-    -> ``head``, which is what ``model(x)`` computes in eval mode.
+    -> ``head``, which is what ``model(x)`` computes in eval mode. A model without timm's
+    ``forward_head`` (a stand-in classifier) gives its logits as the features.
     """
     import torch
 
+    timm_vit = all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
@@ -510,8 +512,12 @@ def router_outputs(
         with torch.inference_mode():
             for start in range(0, len(thumbs), batch_size):
                 x = to_tensor(thumbs[start : start + batch_size], config).to(device)
-                pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-                logits.append(model.head(pooled).float().cpu().numpy())
+                if timm_vit:
+                    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+                    out = model.head(pooled)
+                else:  # any other classifier: its logits stand in for the features
+                    pooled = out = model(x)
+                logits.append(out.float().cpu().numpy())
                 feats.append(pooled.float().cpu().numpy())
     finally:
         model.train(was_training)
