@@ -205,6 +205,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
         raise click.BadParameter(str(err), param_hint="'--out'") from None
     pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
                                 batch_size=batch_size, tta=tta, unknown=unknown)
+    if modality is None:
+        _notes(pipe)
     if on_ray:
         try:
             report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
@@ -247,6 +249,12 @@ def _summary(report, out) -> None:
         raise SystemExit(1)
 
 
+def _notes(pipe) -> None:
+    """Load the router up front and print what it cannot do (no OOD statistics: no unknown-modality check)."""
+    for note in pipe.load_router():
+        click.echo(f"note: {note}", err=True)
+
+
 def _unknown_summary(report) -> None:
     """The unknown-modality lines of the summary: how many, and which were skipped."""
     unknown = getattr(report, "unknown", [])
@@ -280,6 +288,7 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
 
     files, _ = expand_inputs(inputs, recursive=recursive)
     pipe = Pipeline.from_bundle(bundle_path, device=device)
+    _notes(pipe)
     rows, failures = [], []
     for path in files:
         try:

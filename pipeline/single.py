@@ -31,6 +31,10 @@ from triageseg.postprocess.watershed import WatershedParams, watershed
 from triageseg.router.policy import UNKNOWN_POLICIES  # noqa: F401 - what `segment --unknown` accepts
 
 
+class OODOffWarning(UserWarning):
+    """The bundle's router has no OOD statistics: no image is called an unknown modality."""
+
+
 class Decision(NamedTuple):
     """What :meth:`Pipeline.decide` settles for one image before any segmenter runs."""
 
@@ -135,6 +139,19 @@ class Pipeline:
             self._router = router
         return self._router
 
+    def load_router(self) -> list[str]:
+        """Load the router now (otherwise it loads on first use) and return notes for the user.
+
+        The notes say what is off: a router without OOD statistics has no unknown-modality
+        check (it is also warned once, :class:`OODOffWarning`). A bundle without a router gives no notes.
+        """
+        if not self.manifest.get("has_router"):
+            return []
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", OODOffWarning)
+            self._load_router()
+        return [str(w.message) for w in seen if issubclass(w.category, OODOffWarning)]
+
     def _load_ood(self):
         """The router's OOD statistics, with bundle.json's ``ood.threshold`` when set (it wins); None if absent."""
         from triageseg.router.ood import load_ood
@@ -142,7 +159,8 @@ class Pipeline:
         ood = load_ood(_bundle.router_dir(self.path))
         if ood is None:
             warnings.warn(f"{_bundle.router_dir(self.path)}: no OOD statistics (a router trained before them); "
-                          "the unknown-modality check is off. Retrain the router to turn it on.", stacklevel=3)
+                          "the unknown-modality check is off. Retrain the router to turn it on.", OODOffWarning,
+                          stacklevel=3)
             return None
         threshold = (self.manifest.get("ood") or {}).get("threshold")
         return ood if threshold is None else dataclasses.replace(ood, threshold=float(threshold))

@@ -186,7 +186,7 @@ def test_noise_and_blank_images_score_above_in_distribution_ones(trained_bundle,
     assert all(s > pipe.ood_threshold for s in noise)
 
 
-def test_old_router_without_statistics_keeps_working_and_says_so_once(trained_bundle, tmp_path):
+def test_old_router_without_statistics_keeps_working_and_says_so_once(trained_bundle, tmp_path, one_image):
     from triageseg.pipeline import Pipeline
 
     root = tmp_path / "old"
@@ -200,6 +200,12 @@ def test_old_router_without_statistics_keeps_working_and_says_so_once(trained_bu
         d1, d2 = pipe.decide(image), pipe.decide(image)
     assert [str(w.message).count("no OOD statistics") for w in seen] == [1]
     assert d1.ood_score is None and not d1.unknown and d2.used_model
+    from triageseg.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["route", str(one_image), str(one_image), "--bundle", str(root)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("note: ") == 1 and "unknown-modality check is off" in res.output
+    assert "OOD threshold" not in res.output
 
 
 # ------------------------------------------------------------------ the decision
