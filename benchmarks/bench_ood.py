@@ -166,8 +166,8 @@ def train(data: Path, run_dir: Path, args) -> tuple:
     r = train_router(data, run_dir, epochs=30, seed=args.seed, device=args.device,
                      time_budget_s=args.router_seconds, progress=False)
     model, config = load_router(run_dir, device=args.device)
-    print(f"  router {run_dir.name}: classes {list(config.class_names)}, test accuracy {r.test_accuracy}, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(f"  router {run_dir.name}: classes {list(config.class_names)}, {r.steps} steps in {r.epochs_run} epochs, "
+          f"val accuracy {r.val_accuracy}, test accuracy {r.test_accuracy:.3f}, {time.perf_counter() - t0:.0f} s")
     return model, config
 
 
