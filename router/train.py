@@ -379,7 +379,7 @@ def train_router(
     temperature = fit_temperature(vl[known], val_y[known]) if known.any() else 1.0
     config = config.replace(temperature=round(temperature, 5))
     save_router(run_dir, model, config)
-    ood = _fit_ood(model, config, train_thumbs, labels.numpy(), val_np, dev, run_dir)
+    ood = _fit_ood(model, config, train_thumbs, labels.numpy(), val_np[val_y >= 0], dev, run_dir)  # known kinds only
     val_accuracy = history[best_epoch - 1]["val_accuracy"]
     test_eval = evaluate_router(model, config, test, device=dev) if test else None
     seconds = time.perf_counter() - t_start

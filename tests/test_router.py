@@ -390,7 +390,9 @@ def test_train_router_cli(synth_data, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "true \\ pred" in result.output
+    assert "out-of-distribution check: thumbstats, threshold" in result.output and "curves.png" in result.output
     assert (bundle / "router" / "model.safetensors").is_file() and (bundle / "bundle.json").is_file()
+    assert (bundle / "router" / "curves.png").is_file() and (bundle / "router" / "ood.json").is_file()
     bad = CliRunner().invoke(cli, ["train", "router", "--data", str(synth_data), "--out", str(bundle),
                                    "--model", "vit_bogus", "--quiet"])
     assert bad.exit_code == 1 and "unknown router model 'vit_bogus'" in bad.output
