@@ -23,8 +23,8 @@ import numpy as np
 from triageseg.datasets.atomic import write_text_atomic
 from triageseg.datasets.errors import DataError
 
-ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects", "seconds",
-                   "mode")
+ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects",
+                   "seconds", "mode")
 ROUTING_CSV = "routing.csv"
 SEGMENT_CONFIG = "segment_config.json"
 FAILURES_CSV = "failures.csv"
