@@ -336,3 +336,21 @@ def test_block_path_skips_an_unknown_image(trained_bundle, tmp_path, one_image):
     (row,) = _routing(tmp_path / "blk")
     assert row["mode"] == "blocks" and row["used_model"] == "" and row["ood_score"]
     assert not list((tmp_path / "blk").glob("*.tif")) and not list((tmp_path / "blk").glob(".*.blocks"))
+
+
+def test_ray_run_records_a_skipped_image_without_a_label_file(tmp_path):
+    """The driver side of the Ray path: a routed-as-skipped input gets its row and no label file."""
+    distributed = pytest.importorskip("triageseg.pipeline.distributed")
+    from triageseg.pipeline.ray_stages import StageOptions
+
+    run = object.__new__(distributed._Run)  # only the parts record() uses: no cluster needed
+    run.report, run.stage = distributed.DistributedReport(), StageOptions(out=str(tmp_path))
+    run.journal = distributed._Journal(str(tmp_path), every=0.0)
+    item = {"file": str(tmp_path / "x.png"), "name": "x", "modality": "he", "confidence": 0.9, "ood_score": 7.5,
+            "used_model": "", "decision": "unknown modality (OOD score 7.5 > 1; top-1 he, confidence 0.90): skipped"}
+    run.record(item, item, objects=0, seconds=0.0)
+    run.journal.flush()
+    assert run.report.unknown_skipped == [tmp_path / "x.png"] and not run.report.written
+    assert len(run.report.unknown) == 1
+    (row,) = _routing(tmp_path)
+    assert row["output"] == "" and row["ood_score"] == "7.5000" and row["decision"].endswith("skipped")
