@@ -2,8 +2,8 @@
 
 ```
 bundle/
-  bundle.json                               format version, modalities, fallback, provenance
-  router/{config.json, model.safetensors}
+  bundle.json                               format version, modalities, fallback, ood, provenance
+  router/{config.json, model.safetensors, ood.json, ood.safetensors}
   segmenters/<modality>/{config.json, model.safetensors, postprocess.json, history.csv}
   segmenters/_generalist/...
 ```
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,14 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     threshold = fallback.get("confidence_threshold", 0.6)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise BundleError(path, f"fallback.confidence_threshold must be a number in [0, 1], got {threshold!r}")
+    ood = manifest.get("ood")
+    if ood is not None:
+        if not isinstance(ood, dict):
+            raise BundleError(path, f"ood must be an object (method, threshold) or null, got {ood!r}")
+        value = ood.get("threshold")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise BundleError(path, f"ood.threshold must be a finite number, got {value!r}")
 
 
 def update_manifest(bundle: str | os.PathLike, **fields: Any) -> dict[str, Any]:

@@ -129,6 +129,10 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @_common_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--modality", default=None, help="Force this specialist and skip the router.")
+@click.option("--unknown", type=click.Choice(["generalist", "skip", "fail"]), default="generalist", show_default=True,
+              help="An image unlike every trained modality (OOD score above the router's threshold): segment it "
+                   "with the generalist (flagged in the summary), skip it (a routing.csv row, no label file), or "
+                   "fail on it (exit 1, naming the file and the score).")
 @click.option("--tile-size", type=int, default=None, callback=_tile_size,
               help="Tile side in pixels, a multiple of 32 (default: the model's). A tile too small for the "
                    "model's overlap gets an overlap of a quarter tile.")
@@ -154,13 +158,15 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_ray_options
-def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, tile_size, batch_size, workers,
-            tta, overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor, gpus_per_actor,
-            connect_timeout, level, blocks_above, block_size, block_margin, geojson):
+def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
+            workers, tta, overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor,
+            gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
-    routing.csv (file, modality, confidence, model used, objects, seconds) in --out.
+    routing.csv (file, modality, confidence, OOD score, model used, decision, objects, seconds) in --out.
+    An image unlike every modality the router was trained on gets the decision "unknown
+    modality" and is handled as --unknown says; a forced --modality gets no such verdict.
     Inputs whose outputs exist and verify are skipped unless --overwrite, so an
     interrupted run resumes (with the settings recorded in segment_config.json).
     --out may not overwrite or shadow an input. Images above --blocks-above megapixels
@@ -198,7 +204,9 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     except OutputConflict as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from None
     pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
-                                batch_size=batch_size, tta=tta)
+                                batch_size=batch_size, tta=tta, unknown=unknown)
+    if modality is None:
+        _notes(pipe)
     if on_ray:
         try:
             report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
@@ -232,12 +240,32 @@ def _summary(report, out) -> None:
     )
     if per_model:
         click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
+    _unknown_summary(report)
     for path, problem in report.failures:
         click.echo(f"failed: {path}: {problem}", err=True)
     if report.failures:
         listed = f"{out}/failures.csv" if is_uri(str(out)) else Path(out) / "failures.csv"
         click.echo(f"failures listed in {listed}", err=True)
         raise SystemExit(1)
+
+
+def _notes(pipe) -> None:
+    """Load the router up front and print what it cannot do (no OOD statistics: no unknown-modality check)."""
+    for note in pipe.load_router():
+        click.echo(f"note: {note}", err=True)
+
+
+def _unknown_summary(report) -> None:
+    """The unknown-modality lines of the summary: how many, and which were skipped."""
+    unknown = getattr(report, "unknown", [])
+    if not unknown:
+        return
+    skipped = set(map(str, getattr(report, "unknown_skipped", [])))
+    segmented = len(unknown) - len(skipped)
+    click.echo(f"{len(unknown)} unknown-modality image(s) (unlike every trained modality; decision 'unknown "
+               f"modality' in routing.csv): {segmented} segmented by the fallback, {len(skipped)} skipped")
+    for path, decision in unknown:
+        click.echo(f"  {'skipped' if str(path) in skipped else 'check'}: {path}: {decision}")
 
 
 segment.resumes_by_rerun = True  # the interrupt message names the command to run again
@@ -260,6 +288,7 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
 
     files, _ = expand_inputs(inputs, recursive=recursive)
     pipe = Pipeline.from_bundle(bundle_path, device=device)
+    _notes(pipe)
     rows, failures = [], []
     for path in files:
         try:
@@ -270,12 +299,17 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
             failures.append((path, str(err)))
             continue
         used, decision = pipe.choose(pred)
+        score = "" if pred.ood_score is None else f"{pred.ood_score:.4g}"
+        verdict = "unknown" if decision.startswith("unknown modality") else ("" if pred.ood_score is None else "known")
         rows.append({"file": str(path), "modality": pred.modality, "confidence": f"{pred.confidence:.4f}",
-                     "used_model": used, "decision": decision})
+                     "ood_score": score, "verdict": verdict, "used_model": used, "decision": decision})
     width = max([len(r["file"]) for r in rows] + [4])
-    click.echo(f"{'file':<{width}}  {'modality':<14} {'conf':>6}  model")
+    if pipe.ood_threshold is not None:
+        click.echo(f"OOD threshold {pipe.ood_threshold:.4g}: a higher score is an unknown modality")
+    click.echo(f"{'file':<{width}}  {'modality':<14} {'conf':>6} {'ood':>9} {'verdict':<8} model")
     for r in rows:
-        click.echo(f"{r['file']:<{width}}  {r['modality']:<14} {r['confidence']:>6}  {r['used_model']}")
+        click.echo(f"{r['file']:<{width}}  {r['modality']:<14} {r['confidence']:>6} {r['ood_score']:>9} "
+                   f"{r['verdict']:<8} {r['used_model'] or '(skip)'}")
     if csv_out:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["file"])

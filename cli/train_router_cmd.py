@@ -55,7 +55,13 @@ def train_router_cmd(
     )
     val = "n/a" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
     click.echo(f"val accuracy {val}")
+    if result.ood is not None:
+        click.echo(f"out-of-distribution check: {result.ood['method']}, threshold {result.ood['threshold']:.4g} "
+                   f"(keeps {result.ood['keep']:.0%} of in-distribution images, calibrated on "
+                   f"{result.ood['n_val']} validation images)")
+    else:
+        click.echo("out-of-distribution check: off (fewer than 2 validation images)")
     if result.test is not None:
         click.echo(f"test accuracy {result.test.accuracy:.3f} on {len(result.test.ids)} images")
         click.echo(format_confusion(result.test))
-    click.echo(f"wrote {result.run_dir} [{result.seconds:.1f} s]")
+    click.echo(f"wrote {result.run_dir} (training curves: {result.run_dir / 'curves.png'}) [{result.seconds:.1f} s]")

@@ -52,6 +52,7 @@ class Analysis:
             "used_model": r.used_model,
             "decision": r.decision,
             "forced": r.forced,
+            "ood_score": r.ood_score,
             "bundle": self.bundle,
             "source_layer": self.layer_name,
             "count": self.count,

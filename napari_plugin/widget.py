@@ -36,6 +36,9 @@ def describe(analysis: Analysis) -> str:
     if r.probabilities:
         ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
         lines.append("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
+    if r.ood_score is not None:
+        lines.append(f"OOD score: {r.ood_score:.4g}" + (" (unknown modality)" if r.decision.startswith("unknown")
+                                                         else ""))
     if analysis.count is not None:
         lines.append(f"nuclei: {analysis.count}")
     return "\n".join(lines)

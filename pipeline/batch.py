@@ -45,10 +45,12 @@ from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names 
     check_outputs_apart,
     check_settings,
     output_settings,
+    routing_row,
     verify_output,
     write_failures,
 )
 from triageseg.postprocess.watershed import watershed
+from triageseg.router.policy import UNKNOWN_DECISION
 
 # Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
 _BLOCKWISE = object()
@@ -62,6 +64,8 @@ class BatchReport:
     skipped: list[Path] = field(default_factory=list)
     failures: list[tuple[Path, str]] = field(default_factory=list)
     incomplete: list[tuple[Path, str]] = field(default_factory=list)  # existing outputs that failed verification
+    unknown: list[tuple[Path, str]] = field(default_factory=list)  # (input, decision) called an unknown modality
+    unknown_skipped: list[Path] = field(default_factory=list)  # of those, the ones skipped (--unknown skip)
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -199,9 +203,15 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
     def record(name: str, row: dict, n_objects: int, *, write: bool = True) -> None:
         row["objects"] = n_objects
         row["seconds"] = f"{time.perf_counter() - row.pop('_t0'):.3f}"
+        if row["decision"].startswith(UNKNOWN_DECISION):
+            report.unknown.append((Path(row["file"]), row["decision"]))
+        rows[name] = row
+        if not row["used_model"]:  # skipped as an unknown modality: a row, no label file
+            report.unknown_skipped.append(Path(row["file"]))
+            _write_routing(routing_path, rows)
+            return
         report.rows.append(row)
         report.written.append(out_dir / f"{name}.tif")
-        rows[name] = row
         if write:
             _write_routing(routing_path, rows)
             journal.done(name)
@@ -247,14 +257,19 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
             try:
                 if isinstance(loaded, BaseException):
                     raise loaded
-                image, pixel_size, (mod, conf, used, decision) = loaded
-                probs = pipe.probabilities(image, used)
+                image, pixel_size, (mod, conf, used, decision, score) = loaded
+                probs = None if not used else pipe.probabilities(image, used)
             except Exception as err:  # noqa: BLE001
                 _fail(report, path, err, on_error)
                 if progress:
                     progress(path)
                 continue
-            row = {**routing_row(path, name, mod, conf, used, decision), "_t0": t0}
+            row = {**routing_row(path, name, mod, conf, used, decision, ood_score=score), "_t0": t0}
+            if probs is None:  # an unknown modality under --unknown skip
+                record(name, row, 0)
+                if progress:
+                    progress(path)
+                continue
             job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None,
                    overlays, rois)
             journal.start(name, row, out_dir / f"{name}.tif")
@@ -348,27 +363,13 @@ def read_input(path: str | os.PathLike, *, channel: int | None = None,
     return read_image(path, channel=channel, page=page), read_pixel_size(path)
 
 
-def routing_row(path, name: str, modality: str, confidence: float | None, used_model: str, decision: str,
-                mode: str = "memory") -> dict:
-    """The routing.csv columns known before segmenting (``objects`` and ``seconds`` come after)."""
-    return {
-        "file": str(path),
-        "output": f"{name}.tif",
-        "modality": modality,
-        "confidence": "" if confidence is None else f"{confidence:.4f}",
-        "used_model": used_model,
-        "decision": decision,
-        "mode": mode,
-    }
-
-
 def _fail(report: BatchReport, path: Path, err: BaseException, on_error: str) -> None:
     message = str(err)
     if isinstance(err, DataError) and err.path is not None:
         message = err.problem if Path(err.path) == path else str(err)
     if on_error == "fail":
         if isinstance(err, DataError):
-            raise err
+            raise err if err.path is not None else type(err)(path, err.problem)
         raise DataError(path, f"{type(err).__name__}: {message}") from err
     report.failures.append((path, message))
 

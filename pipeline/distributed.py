@@ -68,6 +68,7 @@ from triageseg.pipeline.ray_stages import (
     write_stage,
 )
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
+from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION
 
 Log = Callable[[str], None]
 # Task seconds the report sums: loading models (once per actor) apart from the per-image stages.
@@ -383,7 +384,8 @@ def segment_files_ray(
             overlays=overlays, rois=rois,
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta},
+                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
+                      "unknown": pipe.unknown},
         )
         run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)
         try:
@@ -412,10 +414,12 @@ class _Run:
         _configure_ray_data(self.options.progress)
         self.bundle = bundle_source(self.pipe.path, self.options, self.n_hosts, log=self.log)
         if self.stage.modality is not None:
-            blank = {"modality": "", "confidence": math.nan, "used_model": "", "decision": ""}
+            blank = {"modality": "", "confidence": math.nan, "ood_score": math.nan, "used_model": "", "decision": ""}
             groups = {self.stage.modality: [{**item, **blank} for item in self.todo]}
         else:
             groups = self.route()
+        for item in groups.pop(SKIPPED, []):  # unknown modality under --unknown skip: a row, no label file
+            self.record(item, item, objects=0, seconds=0.0)
         for model in sorted(groups):
             self.segment(model, groups[model])
 
@@ -446,7 +450,8 @@ class _Run:
         groups: dict[str, list[dict]] = {}
         for item, row in self._rows("route", len(self.todo), ds):
             decided = {k: row[k] for k in ("modality", "used_model", "decision")}
-            groups.setdefault(row["used_model"], []).append({**item, **decided, "confidence": float(row["confidence"])})
+            groups.setdefault(row["used_model"], []).append({**item, **decided, "confidence": float(row["confidence"]),
+                                                             "ood_score": float(row["ood_score"])})
         return {model: sorted(items, key=lambda i: i["index"]) for model, items in groups.items()}
 
     def segment(self, model: str, items: list[dict]) -> None:
@@ -454,13 +459,22 @@ class _Run:
         ds = pass_dataset(items, SegmentActor, (self.bundle, model, self.stage), self.options, self.sizes,
                           self.stage, write=True)
         for item, row in self._rows(f"segment with {model}", len(items), ds):
-            confidence = float(row["confidence"])
-            entry = routing_row(_as_input(item["file"]), item["name"], str(row["modality"]),
-                                None if math.isnan(confidence) else confidence, str(row["used_model"]),
-                                str(row["decision"]))
-            entry["objects"] = int(row["objects"])
-            entry["seconds"] = f"{float(row['t_segment']) + float(row['t_write']):.3f}"
-            self.report.rows.append(entry)
-            target = storage.join(self.stage.out, f"{item['name']}.tif")
-            self.report.written.append(target if is_uri(target) else Path(target))
-            self.journal.add(item["name"], entry)
+            self.record(item, row, objects=int(row["objects"]), seconds=float(row["t_segment"]) + float(row["t_write"]))
+
+    def record(self, item: dict, row: dict, *, objects: int, seconds: float) -> None:
+        """The routing.csv row of one input (a label file written, or skipped as an unknown modality)."""
+        confidence, score = float(row["confidence"]), float(row["ood_score"])
+        entry = routing_row(_as_input(item["file"]), item["name"], str(row["modality"]),
+                            None if math.isnan(confidence) else confidence, str(row["used_model"]),
+                            str(row["decision"]), ood_score=None if math.isnan(score) else score)
+        entry["objects"] = objects
+        entry["seconds"] = f"{seconds:.3f}"
+        if entry["decision"].startswith(UNKNOWN_DECISION):
+            self.report.unknown.append((_as_input(item["file"]), entry["decision"]))
+        self.journal.add(item["name"], entry)
+        if entry["used_model"] == SKIPPED:
+            self.report.unknown_skipped.append(_as_input(item["file"]))
+            return
+        self.report.rows.append(entry)
+        target = storage.join(self.stage.out, f"{item['name']}.tif")
+        self.report.written.append(target if is_uri(target) else Path(target))

@@ -34,6 +34,8 @@ class Routing:
         used_model: the segmenter that runs (a modality name or ``_generalist``).
         decision: the reason in words ("routed to he (confidence 0.97)", "forced", a fallback).
         forced: whether the user chose the modality.
+        ood_score: how unlike every trained modality the image is (None without OOD statistics);
+            above the router's threshold the decision starts with "unknown modality".
     """
 
     modality: str
@@ -42,6 +44,7 @@ class Routing:
     used_model: str
     decision: str
     forced: bool
+    ood_score: float | None = None
 
     def to_dict(self) -> dict:
         """The decision as a JSON-ready dict."""
@@ -67,15 +70,15 @@ def route_image(pipe, image: np.ndarray, *, modality: str | None = None) -> Rout
     if modality is not None:
         pipe.check_modality(modality)
         probs: dict[str, float] = {}
-        note = ""
+        note, score = "", None
         if pipe.manifest.get("has_router"):
             pred = pipe.route([image])[0]
-            probs = dict(pred.probs)
+            probs, score = dict(pred.probs), pred.ood_score
             note = f"; the router's top-1 was {pred.modality} ({pred.confidence:.2f})"
-        return Routing(modality, None, probs, modality, "forced" + note, True)
+        return Routing(modality, None, probs, modality, "forced" + note, True, score)
     pred = pipe.route([image])[0]
     used, decision = pipe.choose(pred)
-    return Routing(pred.modality, float(pred.confidence), dict(pred.probs), used, decision, False)
+    return Routing(pred.modality, float(pred.confidence), dict(pred.probs), used, decision, False, pred.ood_score)
 
 
 def segment_image(pipe, image: np.ndarray, used_model: str) -> np.ndarray:

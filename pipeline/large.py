@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blocks import (
@@ -39,6 +40,7 @@ from triageseg.pipeline.blocks import (
     scan_image,
     segment_block,
 )
+from triageseg.pipeline.records import routing_row
 from triageseg.pipeline.stitch import BlockCache, kept_objects, render_core, stitch
 from triageseg.postprocess.watershed import WatershedParams
 
@@ -243,6 +245,7 @@ def segment_blocks(
         ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
     """
     from tqdm import tqdm
+
     from triageseg.datasets.pyramid import write_pyramid
     from triageseg.pipeline.geojson import GeoJSONWriter
 
@@ -341,15 +344,16 @@ def segment_large_file(
             def read_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
                 return norm.apply(source[top : top + height, left : left + width], name=str(path))
 
-            mod, conf, used, decision = pipe.decide_overview(overview, shape, read_crop, modality)
-            journal.set_state({"norm": norm.to_dict(), "modality": mod, "confidence": conf, "used_model": used,
-                               "decision": decision})
+            d = pipe.decide_overview(overview, shape, read_crop, modality)
+            if d.skipped:  # an unknown modality under --unknown skip: no label file, nothing to resume
+                journal.remove()
+                return {**routing_row(path, name, *d[:4], mode="blocks", ood_score=d.ood_score), "objects": 0}
+            journal.set_state({"norm": norm.to_dict(), "modality": d.modality, "confidence": d.confidence,
+                               "used_model": d.used_model, "decision": d.decision, "ood_score": d.ood_score})
         state = journal.state
         used = state["used_model"]
-        conf = state["confidence"]
-        row = {"file": str(path), "output": f"{name}.tif", "modality": state["modality"],
-               "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used, "decision": state["decision"],
-               "mode": "blocks"}
+        row = routing_row(path, name, state["modality"], state["confidence"], used, state["decision"],
+                          mode="blocks", ood_score=state.get("ood_score"))
         tile, overlap, scale = pipe.tiling(used)
         grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin,
                            align=(tile / scale, (tile - overlap) / scale))

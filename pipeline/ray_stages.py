@@ -31,7 +31,8 @@ from triageseg.ray_cluster import is_uri
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.float32)
 # Columns a row keeps from stage to stage (the input and its routing decision).
-CARRIED = ("index", "file", "source", "name", "modality", "confidence", "used_model", "decision", "error", "error_path")
+CARRIED = ("index", "file", "source", "name", "modality", "confidence", "ood_score", "used_model", "decision", "error",
+           "error_path")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
+def _nan(value: float | None) -> float:
+    """A float column value: NaN for None (Ray Data columns keep one type)."""
+    return np.nan if value is None else float(value)
+
+
 def _columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
@@ -150,8 +156,8 @@ class RouteActor:
     def __call__(self, batch: dict) -> dict:
         rows = []
         for row in _rows(batch):
-            out = {**_carry(row), "modality": "", "confidence": np.nan, "used_model": "", "decision": "",
-                   "t_read": float(row["t_read"]), "t_load": 0.0}
+            out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
+                   "decision": "", "t_read": float(row["t_read"]), "t_load": 0.0}
             t0 = time.perf_counter()
             if not row["error"]:
                 try:
@@ -160,8 +166,9 @@ class RouteActor:
                         self.loaded = True
                         out["t_load"] = time.perf_counter() - t0
                         t0 = time.perf_counter()
-                    modality, confidence, used, decision = self.pipe.decide(_writable(row["image"]))
-                    out.update(modality=modality, confidence=float(confidence), used_model=used, decision=decision)
+                    d = self.pipe.decide(_writable(row["image"]))
+                    out.update(modality=d.modality, confidence=float(d.confidence), used_model=d.used_model,
+                               decision=d.decision, ood_score=_nan(d.ood_score))
                 except Exception as err:  # noqa: BLE001
                     out.update(error_fields(err, row["file"]))
             out["t_route"] = time.perf_counter() - t0
@@ -201,9 +208,9 @@ class SegmentActor:
                     out["params"] = self.params
                     image = _writable(row["image"])
                     if self.options.modality is not None:
-                        modality, confidence, used, decision = self.pipe.decide(image, self.options.modality)
-                        out.update(modality=modality, confidence=np.nan if confidence is None else confidence,
-                                   used_model=used, decision=decision)
+                        d = self.pipe.decide(image, self.options.modality)
+                        out.update(modality=d.modality, confidence=_nan(d.confidence), used_model=d.used_model,
+                                   decision=d.decision, ood_score=_nan(d.ood_score))
                     out["probs"] = self.pipe.probabilities(image, self.model)
                     if keep_image:
                         out["image"] = image

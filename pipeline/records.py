@@ -23,7 +23,8 @@ import numpy as np
 from triageseg.datasets.atomic import write_text_atomic
 from triageseg.datasets.errors import DataError
 
-ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "used_model", "decision", "objects", "seconds", "mode")
+ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects",
+                   "seconds", "mode")
 ROUTING_CSV = "routing.csv"
 SEGMENT_CONFIG = "segment_config.json"
 FAILURES_CSV = "failures.csv"
@@ -59,6 +60,25 @@ def _write_routing(path: Path, rows: dict[str, dict]) -> None:
     for name in sorted(rows):
         writer.writerow(rows[name])
     write_text_atomic(path, buf.getvalue())
+
+
+def routing_row(path, name: str, modality: str, confidence: float | None, used_model: str, decision: str,
+                mode: str = "memory", ood_score: float | None = None) -> dict:
+    """The routing.csv columns known before segmenting (``objects`` and ``seconds`` come after).
+
+    ``ood_score`` is the router's out-of-distribution score (empty without OOD statistics);
+    an image skipped as an unknown modality has ``used_model`` ``""`` and no ``output``.
+    """
+    return {
+        "file": str(path),
+        "output": f"{name}.tif" if used_model else "",
+        "modality": modality,
+        "confidence": "" if confidence is None else f"{confidence:.4f}",
+        "ood_score": "" if ood_score is None or ood_score != ood_score else f"{ood_score:.4f}",
+        "used_model": used_model,
+        "decision": decision,
+        "mode": mode,
+    }
 
 
 # ------------------------------------------------------------------ checks any batch path can call

@@ -14,17 +14,46 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from triageseg import bundle as _bundle
 from triageseg.datasets.errors import BundleError, DataError
 from triageseg.postprocess.watershed import WatershedParams, watershed
+from triageseg.router.policy import UNKNOWN_POLICIES  # noqa: F401 - what `segment --unknown` accepts
+
+
+class OODOffWarning(UserWarning):
+    """The bundle's router has no OOD statistics: no image is called an unknown modality."""
+
+
+class Decision(NamedTuple):
+    """What :meth:`Pipeline.decide` settles for one image before any segmenter runs."""
+
+    modality: str  # the router's top-1 modality (or the forced one)
+    confidence: float | None  # the router's calibrated confidence (None when forced)
+    used_model: str  # the segmenter to run: a modality, ``_generalist``, or ``""`` (unknown modality, skipped)
+    decision: str  # why, in words ("routed to he (confidence 0.97)", "unknown modality (...)", "forced", ...)
+    ood_score: float | None = None  # how unlike every trained modality (None without OOD statistics)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether no segmenter runs (an unknown modality under ``--unknown skip``)."""
+        return self.used_model == ""
+
+    @property
+    def unknown(self) -> bool:
+        """Whether the router called the image an unknown modality."""
+        return self.decision.startswith("unknown modality")
+
 
 @dataclass(frozen=True)
 class Result:
@@ -36,6 +65,7 @@ class Result:
         confidence: the router's calibrated confidence in ``modality`` (None when forced).
         used_model: the segmenter that ran (a modality name or ``_generalist``).
         decision: why that segmenter ran ("routed", "forced", "low confidence -> generalist", ...).
+        ood_score: how unlike every trained modality the image is (None without OOD statistics).
     """
 
     labels: np.ndarray
@@ -43,6 +73,7 @@ class Result:
     confidence: float | None
     used_model: str
     decision: str
+    ood_score: float | None = None
 
 
 class Pipeline:
@@ -57,10 +88,14 @@ class Pipeline:
         overlap: int | None = None,
         batch_size: int = 4,
         tta: bool = False,
+        unknown: str = "generalist",
     ):
         from triageseg.segmenters.predict import resolve_device
 
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
+        if unknown not in UNKNOWN_POLICIES:
+            raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
+        self.unknown = unknown
         self.path = Path(path)
         self.manifest = _bundle.read_manifest(self.path)
         self.device = resolve_device(device)
@@ -78,6 +113,7 @@ class Pipeline:
         self.confidence_threshold = float(fallback.get("confidence_threshold", 0.6))
         self.has_generalist = _bundle.GENERALIST in self.available
         self._router = None
+        self._ood = None  # the router's OOD statistics, loaded with the router (None: no unknown-modality check)
         self._segmenters: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
@@ -98,8 +134,41 @@ class Pipeline:
 
             if not self.manifest.get("has_router"):
                 raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
-            self._router = load_router(_bundle.router_dir(self.path), device=self.device)
+            router = load_router(_bundle.router_dir(self.path), device=self.device)
+            self._ood = self._load_ood()
+            self._router = router
         return self._router
+
+    def load_router(self) -> list[str]:
+        """Load the router now (otherwise it loads on first use) and return notes for the user.
+
+        The notes say what is off: a router without OOD statistics has no unknown-modality
+        check (it is also warned once, :class:`OODOffWarning`). A bundle without a router gives no notes.
+        """
+        if not self.manifest.get("has_router"):
+            return []
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", OODOffWarning)
+            self._load_router()
+        return [str(w.message) for w in seen if issubclass(w.category, OODOffWarning)]
+
+    def _load_ood(self):
+        """The router's OOD statistics, with bundle.json's ``ood.threshold`` when set (it wins); None if absent."""
+        from triageseg.router.ood import load_ood
+
+        ood = load_ood(_bundle.router_dir(self.path))
+        if ood is None:
+            warnings.warn(f"{_bundle.router_dir(self.path)}: no OOD statistics (a router trained before them); "
+                          "the unknown-modality check is off. Retrain the router to turn it on.", OODOffWarning,
+                          stacklevel=3)
+            return None
+        threshold = (self.manifest.get("ood") or {}).get("threshold")
+        return ood if threshold is None else dataclasses.replace(ood, threshold=float(threshold))
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The calibrated OOD threshold (None: no OOD statistics, or the router not loaded yet)."""
+        return None if self._ood is None else self._ood.threshold
 
     def segmenter(self, name: str):
         """The (model, config, watershed params) of segmenter ``name``, loaded once."""
@@ -120,14 +189,19 @@ class Pipeline:
         from triageseg.router.model import classify
 
         model, config = self._load_router()
-        return classify(model, config, list(images), device=self.device)
+        return classify(model, config, list(images), device=self.device, ood=self._ood)
 
     def choose(self, prediction) -> tuple[str, str]:
-        """Which segmenter runs for a router prediction, and why (the bundle's fallback policy)."""
-        from triageseg.router.model import decide
+        """Which segmenter runs for a router prediction, and why (:func:`triageseg.router.policy.decide`).
+
+        An OOD score above the threshold is an ``unknown modality``, handled as ``self.unknown``
+        says (the generalist, ``""`` = skipped, or :class:`~triageseg.router.policy.UnknownModality`).
+        """
+        from triageseg.router.policy import decide
 
         return decide(
-            prediction, threshold=self.confidence_threshold, available=self.available, has_generalist=self.has_generalist
+            prediction, threshold=self.confidence_threshold, available=self.available,
+            has_generalist=self.has_generalist, ood_threshold=self.ood_threshold, unknown=self.unknown,
         )
 
     def check_modality(self, modality: str) -> None:
@@ -169,13 +243,16 @@ class Pipeline:
             image: HxWx3 float32 in [0, 1].
             modality: force this specialist and skip the router.
         """
-        modality, confidence, used, decision = self.decide(image, modality)
-        probs = self.probabilities(image, used)
-        labels = watershed(probs, self.params(used))
-        return Result(labels, modality, confidence, used, decision)
+        d = self.decide(image, modality)
+        if d.skipped:
+            return Result(np.zeros(image.shape[:2], np.uint32), d.modality, d.confidence, d.used_model, d.decision,
+                          d.ood_score)
+        probs = self.probabilities(image, d.used_model)
+        labels = watershed(probs, self.params(d.used_model))
+        return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score)
 
-    def decide(self, image: np.ndarray, modality: str | None = None) -> tuple[str, float | None, str, str]:
-        """(modality, confidence, segmenter to run, decision) for one image; ``modality`` forces a specialist."""
+    def decide(self, image: np.ndarray, modality: str | None = None) -> Decision:
+        """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded)."""
         return self._decision(modality, lambda: self.route([image])[0])
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
@@ -188,21 +265,32 @@ class Pipeline:
 
         model, config = self._load_router()
         views = overview_views(overview, shape, read_crop, config)
-        return classify_views(model, config, [views], device=self.device)[0]
+        return classify_views(model, config, [views], device=self.device, ood=self._ood)[0]
 
     def decide_overview(
         self, overview: np.ndarray, shape: tuple[int, int], read_crop, modality: str | None = None
-    ) -> tuple[str, float | None, str, str]:
+    ) -> Decision:
         """:meth:`decide` for an image known by an overview and a crop reader (:meth:`route_overview`)."""
         return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop))
 
-    def _decision(self, modality: str | None, predict) -> tuple[str, float | None, str, str]:
+    def _decision(self, modality: str | None, predict) -> Decision:
         if modality is not None:
+            # The user's choice: no unknown verdict, but the score is recorded when the router has one.
             self.check_modality(modality)
-            return modality, None, modality, "forced"
+            score = predict().ood_score if self._scores_when_forced() else None
+            return Decision(modality, None, modality, "forced", score)
         pred = predict()
         used, decision = self.choose(pred)
-        return pred.modality, float(pred.confidence), used, decision
+        return Decision(pred.modality, float(pred.confidence), used, decision, pred.ood_score)
+
+    def _scores_when_forced(self) -> bool:
+        """Whether a forced image is routed anyway, for its OOD score: the bundle has a router with statistics."""
+        from triageseg.router.ood import OOD_JSON
+
+        if not self.manifest.get("has_router") or not (_bundle.router_dir(self.path) / OOD_JSON).is_file():
+            return False
+        self._load_router()
+        return self._ood is not None
 
     def tiling(self, used_model: str) -> tuple[int, int, float]:
         """(tile size, overlap, scale) that :meth:`probabilities` uses for segmenter ``used_model``."""

@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from triageseg.bundle import CONFIG, GENERALIST, WEIGHTS, load_into, read_json, save_weights
+from triageseg.bundle import CONFIG, WEIGHTS, load_into, read_json, save_weights
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import BundleError, DataError
 from triageseg.devices import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from triageseg.router.ood import OODModel
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 # 112 px (7 x 7 patches of 16 px) rather than the 224 px the name says: on a 2-core CPU a
@@ -114,11 +116,12 @@ class RouterConfig:
 
 
 class Prediction(NamedTuple):
-    """The router's answer for one image (unpacks as ``modality, confidence, probs``)."""
+    """The router's answer for one image (unpacks as ``modality, confidence, probs, ood_score``)."""
 
     modality: str  # top-1 class name
     confidence: float  # its probability after temperature scaling
     probs: dict[str, float]  # probability per class name
+    ood_score: float | None = None  # how unlike every trained modality (router/ood.py); None without statistics
 
 
 # --------------------------------------------------------------------------- model factory
@@ -421,6 +424,7 @@ def classify(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 32,
+    ood: OODModel | None = None,
 ) -> list[Prediction]:
     """Name the modality of each image.
 
@@ -430,13 +434,15 @@ def classify(
         images: float H x W x 3 images in [0, 1], any sizes.
         device: where to run (default: the model's device).
         batch_size: thumbnails per forward pass.
+        ood: the router's OOD statistics (:func:`triageseg.router.ood.load_ood`): also score
+            how unlike every trained modality each image is.
 
     Returns:
         One :class:`Prediction` per image: top-1 modality, its temperature-scaled
-        probability, and all class probabilities.
+        probability, all class probabilities, and the OOD score (None without ``ood``).
     """
     views = [image_views(_check_image(image, name=f"images[{i}]"), config) for i, image in enumerate(images)]
-    return classify_views(model, config, views, device=device, batch_size=batch_size)
+    return classify_views(model, config, views, device=device, batch_size=batch_size, ood=ood)
 
 
 def classify_views(
@@ -446,95 +452,91 @@ def classify_views(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 32,
+    ood: OODModel | None = None,
 ) -> list[Prediction]:
     """Name the modality of each image from its views (``V x S x S x 3``, :func:`image_views` /
-    :func:`overview_views`), combining the votes of its views (:func:`combine_views`)."""
-    import torch
+    :func:`overview_views`), combining the votes of its views (:func:`combine_views`).
 
-    if device is None:
-        device = next(model.parameters()).device
-    device = resolve_device(device)
-    owner = [i for i, v in enumerate(views) for _ in range(len(v))]
+    With ``ood`` (:func:`triageseg.router.ood.load_ood`), each prediction also carries the
+    image's OOD score: the median of its views' scores (:func:`~triageseg.router.ood.combine_view_scores`).
+    """
+    from triageseg.router.ood import ViewSet, combine_view_scores
+
     if not views:
         return []
+    owner_arr = np.asarray([i for i, v in enumerate(views) for _ in range(len(v))])
     thumbs = np.concatenate(views)
-    owner_arr = np.asarray(owner)
-    was_training = model.training
-    model.eval()
-    logits = []
-    with torch.inference_mode():
-        for start in range(0, len(thumbs), batch_size):
-            x = to_tensor(thumbs[start : start + batch_size], config).to(device)
-            logits.append(model(x).float().cpu().numpy())
-    model.train(was_training)
-    logit_arr = np.concatenate(logits)
+    logit_arr, features = router_outputs(model, config, thumbs, device=device, batch_size=batch_size)
     log_probs = np.log(np.clip(_softmax_np(logit_arr, config.temperature), 1e-12, None))
+    scores = ood.view_scores(ViewSet(logit_arr, features, thumbs)) if ood is not None else None
     out = []
     for i in range(len(views)):
-        p = combine_views(log_probs[owner_arr == i])
+        mine = owner_arr == i
+        p = combine_views(log_probs[mine])
         k = int(np.argmax(p))
         out.append(
             Prediction(
                 modality=config.class_names[k],
                 confidence=float(p[k]),
                 probs={c: float(v) for c, v in zip(config.class_names, p)},
+                ood_score=None if scores is None else combine_view_scores(scores[mine]),
             )
         )
     return out
 
 
-# --------------------------------------------------------------------------- fallback policy
-
-
-def decide(
-    prediction: Prediction,
+def router_outputs(
+    model: torch.nn.Module,
+    config: RouterConfig,
+    thumbs: np.ndarray,
     *,
-    threshold: float,
-    available: Sequence[str],
-    has_generalist: bool,
-) -> tuple[str, str]:
-    """Which segmenter to run for a routed image, and a one-line reason.
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``N x C`` and pooled features ``N x D`` (the ViT's pre-logits) of ``N x S x S x 3`` thumbnails.
 
-    Policy ``generalist_else_top1`` (bundle.json's ``fallback``):
-
-    - confidence >= threshold and a specialist exists for the top-1 modality -> that specialist;
-    - confidence < threshold -> the generalist if the bundle has one, else the top-1 specialist;
-    - no specialist for the top-1 modality -> the generalist, else an error.
-
-    Args:
-        prediction: the router's answer.
-        threshold: confidence threshold (bundle.json ``fallback.confidence_threshold``).
-        available: modalities with a specialist in the bundle (``_generalist`` is ignored).
-        has_generalist: whether the bundle holds ``segmenters/_generalist``.
-
-    Returns:
-        ``(used_model, reason)``; ``used_model`` is a modality name or ``"_generalist"``.
-
-    Raises:
-        ValueError: neither a specialist for the top-1 modality nor a generalist.
+    One forward pass gives both: ``forward_features`` -> ``forward_head(pre_logits=True)``
+    -> ``head``, which is what ``model(x)`` computes in eval mode. A model without timm's
+    ``forward_head`` (a stand-in classifier) gives its logits as the features.
     """
-    specialists = [m for m in available if m != GENERALIST]
-    top, conf = prediction.modality, float(prediction.confidence)
-    has_top = top in specialists
-    if conf < threshold:
-        if has_generalist:
-            return GENERALIST, f"low confidence {conf:.2f} < {threshold:.2f} for {top}: generalist"
-        if has_top:
-            return top, f"low confidence {conf:.2f} < {threshold:.2f} for {top}, no generalist: top-1 specialist"
-    elif has_top:
-        return top, f"routed to {top} (confidence {conf:.2f})"
-    elif has_generalist:
-        return GENERALIST, f"no specialist for {top} (confidence {conf:.2f}): generalist"
-    raise ValueError(
-        f"router chose {top!r} (confidence {conf:.2f}) but the bundle has no specialist for it "
-        f"(specialists: {specialists or 'none'}) and no generalist"
-    )
+    import torch
 
+    timm_vit = all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
+    if device is None:
+        device = next(model.parameters()).device
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    logits, feats = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(thumbs), batch_size):
+                x = to_tensor(thumbs[start : start + batch_size], config).to(device)
+                if timm_vit:
+                    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+                    out = model.head(pooled)
+                else:  # any other classifier: its logits stand in for the features
+                    pooled = out = model(x)
+                logits.append(out.float().cpu().numpy())
+                feats.append(pooled.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not logits:
+        return np.zeros((0, len(config.class_names)), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+# The fallback policy lives in router/policy.py; re-exported here, where callers have imported it from.
+from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION, UNKNOWN_POLICIES, UnknownModality, decide  # noqa: E402
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_MODEL",
+    "UNKNOWN_POLICIES",
     "Prediction",
+    "UnknownModality",
+    "UNKNOWN_DECISION",
+    "SKIPPED",
     "RouterConfig",
     "background_colour",
     "classify",
@@ -549,6 +551,7 @@ __all__ = [
     "normalise",
     "overview_views",
     "resolve_device",
+    "router_outputs",
     "save_router",
     "to_tensor",
 ]

@@ -2,9 +2,11 @@
 
 ``train_router`` reads modality labels from ``modalities.csv`` (through
 :class:`~triageseg.datasets.layout.Dataset`), trains on the ``train`` split, picks the
-best epoch and fits the softmax temperature on ``val``, scores ``test``, and writes the
-router run folder (``config.json``, ``model.safetensors``, ``history.json``,
-``history.csv``).
+best epoch, fits the softmax temperature on ``val`` and the OOD statistics on ``train``
+with their threshold calibrated on ``val`` (:mod:`triageseg.router.calibrate`), scores
+``test`` (:mod:`triageseg.router.evaluate`), and writes the router run folder
+(``config.json``, ``model.safetensors``, ``ood.json``, ``ood.safetensors``,
+``history.json``, ``history.csv``, ``curves.png``: :mod:`triageseg.router.history`).
 
 Speed: every training image is read once and kept as a uint8 "base" thumbnail at twice
 the router's input size. Each step draws a class-balanced batch of bases and augments
@@ -18,9 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
-import json
 import math
 import os
 import time
@@ -33,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from triageseg.bundle import provenance, update_manifest
-from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
 from triageseg.datasets.errors import DataError
+from triageseg.router.calibrate import _nll, fit_router_ood, fit_temperature
+from triageseg.router.evaluate import RouterEval, evaluate_router, format_confusion, score_predictions
+from triageseg.router.history import write_history, write_router_curves
 from triageseg.router.model import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL,
     RouterConfig,
     background_colour,
-    classify,
     create_router,
     make_thumbnail,
     normalise,
@@ -56,34 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
-class RouterEval:
-    """Router accuracy on a set of labelled images."""
-
-    class_names: tuple[str, ...]  # classifier outputs = confusion-matrix columns
-    row_names: tuple[str, ...]  # true modalities = rows (class_names, then any unknown to the router)
-    confusion: np.ndarray  # int64 rows x columns: confusion[true, predicted]
-    accuracy: float  # fraction of images whose top-1 modality is right (nan for no images)
-    ids: tuple[str, ...]  # image ids, in the order below
-    true: tuple[str, ...]  # true modality per image
-    predicted: tuple[str, ...]  # top-1 modality per image
-    confidence: tuple[float, ...]  # top-1 probability per image
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (confusion as nested lists, per-image rows)."""
-        return {
-            "accuracy": self.accuracy,
-            "n_images": len(self.ids),
-            "class_names": list(self.class_names),
-            "row_names": list(self.row_names),
-            "confusion": self.confusion.tolist(),
-            "per_image": [
-                {"id": i, "true": t, "predicted": p, "confidence": c}
-                for i, t, p, c in zip(self.ids, self.true, self.predicted, self.confidence)
-            ],
-        }
-
-
-@dataclass(frozen=True)
 class RouterResult:
     """What :func:`train_router` did."""
 
@@ -96,6 +68,7 @@ class RouterResult:
     train_seconds: float  # wall time of the training loop alone
     val_accuracy: float | None  # best epoch's validation accuracy (None without a val split)
     test: RouterEval | None  # scores on the test split through classify() (None without one)
+    ood: dict[str, Any] | None = None  # the OOD method and threshold (None: not fitted, fewer than 2 val images)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
 
     @property
@@ -104,82 +77,29 @@ class RouterResult:
         return None if self.test is None else self.test.accuracy
 
 
-# --------------------------------------------------------------------------- temperature
-
-
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(labels)), labels].mean())
-
-
-def fit_temperature(
-    logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.5, 20.0)
-) -> float:
-    """Temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``.
-
-    The NLL is convex in ``1 / T``, so a golden-section search over ``1 / T`` finds the
-    optimum; ``T`` is kept within ``bounds``. The lower bound matters: when every
-    validation image is classified right with a margin (the synthetic data), the NLL
-    keeps falling as ``T -> 0`` and says nothing about how much sharper to go, so the
-    router is never sharpened more than 2x beyond its (label-smoothed) training output.
-
-    Args:
-        logits: ``N x C`` float array of raw classifier outputs.
-        labels: ``N`` integer class indices.
-        bounds: smallest and largest allowed temperature.
-
-    Returns:
-        The fitted temperature (1.0 for no samples). ``T > 1`` softens an over-confident model.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(f"expected logits N x C and labels N, got {logits.shape} and {labels.shape}")
-    if len(labels) == 0:
-        return 1.0
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise ValueError(f"labels must be in [0, {logits.shape[1] - 1}], got range {labels.min()}..{labels.max()}")
-    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]  # search over beta = 1 / T
-    f = lambda beta: _nll(logits, labels, 1.0 / beta)  # noqa: E731
-    g = (math.sqrt(5) - 1) / 2
-    a, b = lo, hi
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(80):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    beta = (a + b) / 2
-    # The search interval's ends are candidates too (a monotone NLL pins T to a bound).
-    best = min((f(x), x) for x in (lo, beta, hi))[1]
-    return float(1.0 / best)
-
-
 # --------------------------------------------------------------------------- data
 
 
-def _load_split(samples: Sequence[Sample], size: int, progress: bool, what: str, *, as_uint8: bool):
+def _load_split(samples: Sequence[Sample], size: int, progress: bool, what: str, *, as_uint8: bool,
+                also: int | None = None):
     """Read each image once: thumbnails (N x S x S x 3; uint8 to save memory, or float32 in
-    [0, 1] exactly as ``classify`` makes them) and background colours (N x 3)."""
+    [0, 1] exactly as ``classify`` makes them) and background colours (N x 3); with ``also``,
+    uint8 thumbnails of that side too (the router's input size, for the OOD statistics)."""
     from tqdm.auto import tqdm
 
     from triageseg.datasets.io import read_image
 
     thumbs = np.empty((len(samples), size, size, 3), np.uint8 if as_uint8 else np.float32)
+    small = np.empty((len(samples), also, also, 3), np.uint8) if also else None
     fills = np.empty((len(samples), 3), np.float32)
     for i, s in enumerate(tqdm(samples, desc=f"reading {what}", disable=None if progress else True, leave=False)):
         image = read_image(s.image_path)
         fills[i] = background_colour(image)
         thumb = make_thumbnail(image, size, fill=fills[i])
         thumbs[i] = np.round(thumb * 255) if as_uint8 else thumb
-    return thumbs, fills
+        if small is not None:
+            small[i] = np.round(make_thumbnail(image, also, fill=fills[i]) * 255)
+    return (thumbs, fills) if small is None else (thumbs, fills, small)
 
 
 def augment_batch(
@@ -229,76 +149,6 @@ def augment_batch(
     return out
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate_router(
-    model: torch.nn.Module,
-    config: RouterConfig,
-    samples: Sequence[Sample],
-    *,
-    device: str | torch.device | None = None,
-    chunk: int = 16,
-) -> RouterEval:
-    """Classify labelled samples with :func:`classify` (crops included) and score them.
-
-    Args:
-        model: the router.
-        config: its configuration.
-        samples: dataset samples with a ``modality`` (others are skipped).
-        device: where to run (default: the model's device).
-        chunk: images read and classified together (bounds memory for large images).
-    """
-    from triageseg.datasets.io import read_image
-
-    samples = [s for s in samples if s.modality is not None]
-    ids, true, pred, conf = [], [], [], []
-    for start in range(0, len(samples), chunk):
-        part = samples[start : start + chunk]
-        preds = classify(model, config, [read_image(s.image_path) for s in part], device=device)
-        for s, p in zip(part, preds):
-            ids.append(s.id)
-            true.append(s.modality)
-            pred.append(p.modality)
-            conf.append(p.confidence)
-    return score_predictions(config.class_names, ids, true, pred, conf)
-
-
-def score_predictions(
-    class_names: Sequence[str],
-    ids: Sequence[str],
-    true: Sequence[str],
-    predicted: Sequence[str],
-    confidence: Sequence[float],
-) -> RouterEval:
-    """Confusion matrix and accuracy from per-image true and predicted modality names."""
-    class_names = tuple(class_names)
-    rows = class_names + tuple(sorted(set(true) - set(class_names)))
-    confusion = np.zeros((len(rows), len(class_names)), np.int64)
-    for t, p in zip(true, predicted):
-        confusion[rows.index(t), class_names.index(p)] += 1
-    correct = sum(t == p for t, p in zip(true, predicted))
-    return RouterEval(
-        class_names=class_names,
-        row_names=rows,
-        confusion=confusion,
-        accuracy=correct / len(true) if len(true) else float("nan"),
-        ids=tuple(ids),
-        true=tuple(true),
-        predicted=tuple(predicted),
-        confidence=tuple(float(c) for c in confidence),
-    )
-
-
-def format_confusion(ev: RouterEval) -> str:
-    """A small text table: rows = true modality, columns = predicted."""
-    width = max(8, *(len(n) for n in ev.row_names + ev.class_names)) + 1
-    lines = ["true \\ pred".ljust(width) + "".join(c.rjust(width) for c in ev.class_names)]
-    for name, row in zip(ev.row_names, ev.confusion):
-        lines.append(name.ljust(width) + "".join(str(int(v)).rjust(width) for v in row))
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -317,17 +167,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def _write_history(run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / "history.json", {"epochs": history, "summary": summary})
-    cols = ["epoch", "steps", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "val_confusion"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(cols)
-    for row in history:
-        writer.writerow([json.dumps(row[c]) if c == "val_confusion" else row[c] for c in cols])
-    write_text_atomic(run_dir / "history.csv", buf.getvalue())
 
 
 def _holdout(train: list[Sample], rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
@@ -427,7 +266,7 @@ def train_router(
     config = RouterConfig(class_names=class_names, model_name=model_name, image_size=image_size)
     model = create_router(config, weights=weights).to(dev)  # before reading: a bad name fails fast
     base_size = 2 * image_size
-    bases_np, fills_np = _load_split(train, base_size, progress, "train", as_uint8=True)
+    bases_np, fills_np, train_thumbs = _load_split(train, base_size, progress, "train", as_uint8=True, also=image_size)
     val_np, _ = _load_split(val, image_size, progress, "val", as_uint8=False)
     # Per-channel mean/std of the training thumbnails, accumulated per image (no big float copy).
     s1 = np.zeros(3)
@@ -525,7 +364,7 @@ def train_router(
         if best_key is None or key >= best_key:
             best_key, best_state, best_epoch = key, copy.deepcopy(model.state_dict()), epoch
         bar.set_postfix(loss=row["train_loss"], val_acc=row["val_accuracy"])
-        _write_history(run_dir, history, {"status": "training", "class_names": list(class_names)})
+        write_history(run_dir, history, {"status": "training", "class_names": list(class_names)})
         if report is not None:
             report(epoch, row)
         if time_budget_s and time.perf_counter() - t_train >= time_budget_s:
@@ -540,6 +379,7 @@ def train_router(
     temperature = fit_temperature(vl[known], val_y[known]) if known.any() else 1.0
     config = config.replace(temperature=round(temperature, 5))
     save_router(run_dir, model, config)
+    ood = _fit_ood(model, config, train_thumbs, labels.numpy(), val_np[val_y >= 0], dev, run_dir)  # known kinds only
     val_accuracy = history[best_epoch - 1]["val_accuracy"]
     test_eval = evaluate_router(model, config, test, device=dev) if test else None
     seconds = time.perf_counter() - t_start
@@ -560,8 +400,10 @@ def train_router(
         "n_train": len(train),
         "n_val": len(val),
         "n_test": len(test),
+        "ood": ood,
     }
-    _write_history(run_dir, history, summary)
+    write_history(run_dir, history, summary)
+    write_router_curves(run_dir, history, best_epoch)
 
     if bundle is None and run_dir.name == "router":
         bundle = run_dir.parent
@@ -582,6 +424,7 @@ def train_router(
                     test_accuracy=None if test_eval is None else test_eval.accuracy,
                 )
             },
+            ood=ood,
         )
     return RouterResult(
         run_dir=run_dir,
@@ -594,11 +437,32 @@ def train_router(
         val_accuracy=val_accuracy,
         test=test_eval,
         history=history,
+        ood=ood,
     )
 
 
+def _fit_ood(model, config: RouterConfig, train_thumbs: np.ndarray, train_labels: np.ndarray, val_thumbs: np.ndarray,
+             device, run_dir: Path) -> dict[str, Any] | None:
+    """Fit and save the OOD statistics (``ood.json`` + ``ood.safetensors``); their summary, or None.
+
+    Without 2 validation images the threshold cannot be calibrated: the router is saved
+    without OOD statistics (any left from an earlier router are removed) and a warning says so.
+    """
+    from triageseg.router.ood import OOD_JSON, OOD_WEIGHTS, save_ood
+
+    if len(val_thumbs) < 2:
+        for name in (OOD_JSON, OOD_WEIGHTS):
+            (run_dir / name).unlink(missing_ok=True)
+        warnings.warn(f"{run_dir}: fewer than 2 validation images; the router has no OOD check (unknown modality)")
+        return None
+    ood = fit_router_ood(model, config, train_thumbs, train_labels, val_thumbs, device=device)
+    save_ood(run_dir, ood)
+    return ood.summary()
+
+
 __all__ = [
-    "RouterEval",
+    "RouterEval",  # re-exported (router/evaluate.py), like the names below from where they moved
+
     "RouterResult",
     "augment_batch",
     "evaluate_router",

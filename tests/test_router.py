@@ -181,8 +181,8 @@ def test_classify_returns_one_prediction_per_image(small_model, small_config):
         assert set(p.probs) == set(CLASSES)
         assert sum(p.probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert p.confidence == max(p.probs.values()) and p.probs[p.modality] == p.confidence
-    modality, confidence, probs = preds[0]  # unpacks like a tuple
-    assert modality in CLASSES
+    modality, confidence, probs, ood_score = preds[0]  # unpacks like a tuple
+    assert modality in CLASSES and ood_score is None  # no OOD statistics given
     assert classify(small_model, small_config, []) == []
     with pytest.raises(ValueError, match=r"images\[0\].*uint8"):
         classify(small_model, small_config, [np.zeros((8, 8, 3), np.uint8)])
@@ -390,7 +390,9 @@ def test_train_router_cli(synth_data, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "true \\ pred" in result.output
+    assert "out-of-distribution check: thumbstats, threshold" in result.output and "curves.png" in result.output
     assert (bundle / "router" / "model.safetensors").is_file() and (bundle / "bundle.json").is_file()
+    assert (bundle / "router" / "curves.png").is_file() and (bundle / "router" / "ood.json").is_file()
     bad = CliRunner().invoke(cli, ["train", "router", "--data", str(synth_data), "--out", str(bundle),
                                    "--model", "vit_bogus", "--quiet"])
     assert bad.exit_code == 1 and "unknown router model 'vit_bogus'" in bad.output

@@ -65,6 +65,8 @@ function setStatus(card, text, isError) {
 function fillRouting(card, routing) {
   $(".modality", card).textContent = routing.modality + (routing.forced ? " (forced)" : "");
   $(".confidence", card).textContent = fmt(routing.confidence, 3);
+  const unknown = routing.decision.startsWith("unknown modality");
+  $(".ood-score", card).textContent = fmt(routing.ood_score, 3) + (unknown ? " (unknown modality)" : "");
   $(".used-model", card).textContent = routing.used_model;
   $(".decision", card).textContent = routing.decision;
   const body = $(".probabilities tbody", card);
