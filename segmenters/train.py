@@ -20,15 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,31 +34,42 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from triageseg import bundle
-from triageseg.datasets.atomic import atomic_path, write_json_atomic, write_text_atomic
+from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.segmenters.model import (
-    DEFAULT_DECODER_CHANNELS,
-    HISTORY_CSV,
-    HISTORY_JSON,
-    SegmenterConfig,
+from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and save_checkpoint re-exported
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    RESUMABLE_CHANGES,
+    config_differences,
+    load_checkpoint,
+    refuse_or_discard,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from triageseg.segmenters.data import (
+    CropDataset,
+    RangeSampler,
+    balanced,
+    check_has_objects,
+    select_samples,
+    worker_init,
+)
+from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, SegmenterConfig
+from triageseg.segmenters.validation import (  # noqa: F401 - CLASS_NAMES, HISTORY_FIELDS, validate re-exported
+    CLASS_NAMES,
+    HISTORY_FIELDS,
+    jsonable,
+    make_val_targets,
+    validate,
+    validate_epoch,
+    write_history,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from triageseg.postprocess.watershed import WatershedParams
-
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = "triageseg-train-checkpoint-1"
-CLASS_NAMES = ("background", "interior", "boundary")
-HISTORY_FIELDS = (
-    "epoch", "steps", "train_loss", "iou_background", "iou_interior", "iou_boundary", "val_mean_f1", "lr", "seconds",
-)
-# Config fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("time_budget_s",)
-# Fraction of the training images held out for validation when the dataset has no val split.
-FALLBACK_VAL_FRACTION = 0.15
 
 ReportFn = Callable[[int, dict[str, float], Path], None]
 
@@ -210,112 +219,6 @@ class TrainResult:
     provenance: dict[str, Any] = field(default_factory=dict)  # version, date, data, id hashes, seed
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class _CropDataset:
-    """Global sample index -> (image tensor 3xSxS, target tensor SxS), a pure function of the index.
-
-    Implements the torch map-style dataset protocol (``__getitem__`` / ``__len__``).
-    """
-
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: TrainConfig, length: int):
-        from triageseg.segmenters.augment import build_augmentation
-        from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
-
-        if config.scale != 1.0:  # the network's pixel grid: resize once, crop from the resized images
-            shapes = [scaled_shape(img.shape, config.scale) for img in images]
-            images = [resize_image(img, shp) for img, shp in zip(images, shapes, strict=True)]
-            labels = [resize_labels(lab, shp) for lab, shp in zip(labels, shapes, strict=True)]
-        self.images = list(images)
-        self.labels = list(labels)
-        self.config = config
-        self.length = length
-        self.transform = build_augmentation(config.modality, crop_size=config.crop_size, strength=config.aug_strength)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        import torch
-
-        from triageseg.postprocess.targets import make_targets
-        from triageseg.segmenters.augment import augment_sample
-
-        rng = np.random.default_rng([self.config.seed, int(index)])
-        which = int(rng.integers(len(self.images)))
-        aug_seed = int(rng.integers(2**31 - 1))
-        image, labels = augment_sample(self.transform, self.images[which], self.labels[which], seed=aug_seed)
-        target = make_targets(labels, width=self.config.boundary_width, mode=self.config.boundary_mode)
-        return (
-            torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            torch.from_numpy(target.astype(np.int64)),
-        )
-
-
-class _RangeSampler:
-    """Yields the global sample indices ``start, ..., stop - 1`` in order (torch Sampler protocol)."""
-
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def _worker_init(_worker_id: int) -> None:
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _balanced(samples: Sequence[Any], limit: int) -> list[Any]:
-    """Up to ``limit`` samples taken round-robin over modalities (sorted ids within each)."""
-    groups: dict[str, list[Any]] = {}
-    for s in sorted(samples, key=lambda s: s.id):
-        groups.setdefault(s.modality or "", []).append(s)
-    out: list[Any] = []
-    queues = [groups[k] for k in sorted(groups)]
-    while len(out) < limit and any(queues):
-        for q in queues:
-            if q and len(out) < limit:
-                out.append(q.pop(0))
-    return out
-
-
-def _select_samples(dataset: Any, config: TrainConfig, log: Callable[[str], None]) -> tuple[list[Any], list[Any]]:
-    """Train and validation samples for ``config.modality``; errors list what the dataset has."""
-    if config.modality is not None and config.modality not in dataset.modalities:
-        have = ", ".join(dataset.modalities) if dataset.modalities else "none (no modalities.csv)"
-        raise DataError(dataset.root, f"no images of modality {config.modality!r}; the dataset has: {have}")
-    train = dataset.select(split="train", modality=config.modality)
-    val = dataset.select(split="val", modality=config.modality)
-    if not train:
-        splits = sorted({s.split or "none" for s in dataset.samples})
-        raise DataError(
-            dataset.root,
-            f"no training images (split 'train') for modality {config.modality or 'any'}; splits present: "
-            + ", ".join(splits),
-        )
-    if not val:
-        if len(train) < 2:
-            raise DataError(
-                dataset.root, "no validation images (split 'val') and too few training images to hold some out"
-            )
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        n_val = max(1, round(FALLBACK_VAL_FRACTION * len(train)))
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
-        log(f"note: no 'val' split; holding out {n_val} of the training images for validation")
-    return train, val
-
-
 # ------------------------------------------------------------------------ helpers
 
 
@@ -327,32 +230,6 @@ def lr_at(config: TrainConfig, step: int) -> float:
         return config.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, total - warm))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _rng_states() -> dict[str, Any]:
-    import torch
-
-    np_state = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": [np_state[0], [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    import torch
-
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _freeze_batchnorm(model: torch.nn.Module) -> None:
@@ -370,109 +247,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _history_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_FIELDS})
-    return buf.getvalue()
-
-
-def _write_history(run_dir: Path, rows: Sequence[Mapping[str, Any]], final: Mapping[str, Any] | None) -> None:
-    write_text_atomic(run_dir / HISTORY_CSV, _history_csv(rows))
-    write_json_atomic(run_dir / HISTORY_JSON, {"epochs": list(rows), "final": dict(final) if final else None})
-
-
-def _jsonable(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def validate(
-    model: torch.nn.Module,
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    *,
-    config: TrainConfig,
-    params: WatershedParams | None = None,
-) -> tuple[float, list[np.ndarray]]:
-    """Mean F1 (default protocol) of ``model`` decoded by the watershed, and the probabilities.
-
-    Args:
-        model: the network, on the device to use.
-        images: float32 HxWx3 validation images.
-        labels: their ground-truth instance labels.
-        config: tile size, overlap, batch size and AMP setting come from here.
-        params: watershed parameters (``None`` = defaults).
-    """
-    from triageseg.postprocess.metrics import evaluate
-    from triageseg.postprocess.watershed import watershed
-    from triageseg.segmenters.predict import predict
-
-    probs = [
-        predict(model, img, tile_size=config.tile_size, overlap=config.overlap, batch_size=config.val_batch_size,
-                amp=config.amp, scale=config.scale)
-        for img in images
-    ]
-    preds = [watershed(p, params) for p in probs]
-    return float(evaluate(list(labels), preds).mean_f1), probs
-
-
-# --------------------------------------------------------------------- checkpoint
-
-
-def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> None:
-    import torch
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ckpt_dir / CHECKPOINT_FILE) as tmp:
-        torch.save(state, str(tmp))
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
-        raise DataError(path, f"corrupt or unreadable training checkpoint ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(path, f"not a triageseg training checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def _refuse_or_discard(ckpt_path: Path, config: TrainConfig, *, overwrite: bool, log: Callable[[str], None]) -> None:
-    """An interrupted run's checkpoint without ``resume``: refused, or deleted with ``overwrite`` (said so)."""
-    try:
-        state = _load_checkpoint(ckpt_path)
-        where = f" (epoch {int(state['epoch'])} of {int(state['config']['epochs'])})"
-    except (DataError, KeyError, TypeError, ValueError):
-        where = ""
-    if not overwrite:
-        raise DataError(ckpt_path, f"checkpoint of an interrupted run{where}; continue it with resume=True "
-                                   "(CLI: --resume) or start afresh with overwrite=True (CLI: --overwrite), "
-                                   "which deletes it")
-    log(f"note: deleting the checkpoint of an interrupted run{where} in {ckpt_path.parent}; starting "
-        f"{config.run_name} afresh")
-    shutil.rmtree(ckpt_path.parent, ignore_errors=True)
-
-
-def _check_has_objects(root: Path, config: TrainConfig, labels: Sequence[np.ndarray]) -> None:
-    """Refuse training labels without a single object: the model would learn to find nothing."""
-    if not any(lab.any() for lab in labels):
-        raise DataError(root, f"no objects to learn from: all {len(labels)} training label images of modality "
-                              f"{config.modality or 'any'} are empty (all 0); check labels/ and splits.csv")
-
-
-def _config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    now = config.to_dict()
-    return [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
-        for k in now
-        if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
-    ]
 
 
 # ----------------------------------------------------------------------- training
@@ -525,10 +299,9 @@ def train_segmenter(
     from tqdm.auto import tqdm
 
     from triageseg.datasets.layout import Dataset
-    from triageseg.postprocess.watershed import WatershedParams, tune_watershed
-    from triageseg.segmenters.losses import confusion_matrix, iou_per_class, segmentation_loss
-    from triageseg.segmenters.model import create_segmenter, load_encoder_weights, save_segmenter
-    from triageseg.segmenters.predict import autocast_context, resolve_device
+    from triageseg.postprocess.quality import training_stats
+    from triageseg.segmenters.model import create_segmenter, load_encoder_weights
+    from triageseg.segmenters.predict import resolve_device
 
     def log(msg: str) -> None:
         if progress:
@@ -541,17 +314,18 @@ def train_segmenter(
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ckpt_path = ckpt_dir / CHECKPOINT_FILE
     if not resume and ckpt_path.is_file():
-        _refuse_or_discard(ckpt_path, config, overwrite=overwrite, log=log)
+        refuse_or_discard(ckpt_path, config, overwrite=overwrite, log=log)
 
     # ---- data
     dataset = Dataset(data_root)
-    train_samples, val_samples = _select_samples(dataset, config, log)
-    val_samples = _balanced(val_samples, config.max_val_images)
+    train_samples, val_samples = select_samples(dataset, config, log)
+    val_samples = balanced(val_samples, config.max_val_images)
     train_data = [dataset.load(s) for s in train_samples]
-    _check_has_objects(dataset.root, config, [lab for _, lab in train_data])
+    check_has_objects(dataset.root, config, [lab for _, lab in train_data])
     val_data = [dataset.load(s) for s in val_samples]
-    val_images = [img for img, _ in val_data]
-    val_labels = [lab for _, lab in val_data]
+    val = _ValData([img for img, _ in val_data], [lab for _, lab in val_data], [], None)
+    val.targets = make_val_targets(val.labels, config=config)
+    val.stats = training_stats([lab for _, lab in train_data])
     prov = bundle.provenance(
         data=str(data_root.resolve()),
         modality=config.modality,
@@ -582,15 +356,12 @@ def train_segmenter(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     use_fp16 = cuda and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
-    class_weights = (1.0, 1.0, config.boundary_weight)
 
     # ---- state (fresh or resumed)
-    start_epoch, best_f1, best_epoch, best_file = 0, -1.0, 0, None
-    history: list[dict[str, Any]] = []
-    elapsed_before = 0.0
+    st = _RunState()
     if resume and ckpt_path.is_file():
-        state = _load_checkpoint(ckpt_path)
-        diffs = _config_differences(state["config"], config)
+        state = load_checkpoint(ckpt_path)
+        diffs = config_differences(state["config"], config)
         if diffs:
             raise DataError(ckpt_path, "checkpoint was made with another config (" + "; ".join(diffs)
                             + "); resume with the same config or start afresh without --resume")
@@ -598,12 +369,14 @@ def train_segmenter(
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        best_f1, best_epoch, best_file = float(state["best_f1"]), int(state["best_epoch"]), state["best_file"]
-        history = list(state["history"])
-        elapsed_before = float(state["elapsed_s"])
-        _set_rng_states(state["rng"])
-        log(f"resuming {name} from epoch {start_epoch} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
+        st = _RunState(
+            epoch=int(state["epoch"]), best_f1=float(state["best_f1"]), best_epoch=int(state["best_epoch"]),
+            best_file=state["best_file"], history=list(state["history"]), elapsed_before=float(state["elapsed_s"]),
+            quality_points=[dict(p) for p in state.get("quality_points", [])],
+            quality_f1=[float(v) for v in state.get("quality_f1", [])],
+        )
+        set_rng_states(state["rng"])
+        log(f"resuming {name} from epoch {st.epoch} (best val F1 {st.best_f1:.4f} at epoch {st.best_epoch})")
     else:
         if resume:
             log(f"no checkpoint in {ckpt_dir}; starting {name} from scratch")
@@ -613,12 +386,12 @@ def train_segmenter(
     if num_workers is None:
         num_workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
     loader = torch.utils.data.DataLoader(
-        _CropDataset([d[0] for d in train_data], [d[1] for d in train_data], config, config.epochs * per_epoch),
+        CropDataset([d[0] for d in train_data], [d[1] for d in train_data], config, config.epochs * per_epoch),
         batch_size=config.batch_size,
-        sampler=_RangeSampler(start_epoch * per_epoch, config.epochs * per_epoch),
+        sampler=RangeSampler(st.epoch * per_epoch, config.epochs * per_epoch),
         num_workers=num_workers,
         pin_memory=cuda,
-        worker_init_fn=_worker_init if num_workers else None,
+        worker_init_fn=worker_init if num_workers else None,
         # A private generator: creating the iterator must not consume the global torch RNG.
         generator=torch.Generator().manual_seed(config.seed),
     )
@@ -626,144 +399,244 @@ def train_segmenter(
 
     t_start = time.perf_counter()
     stopped_by_budget = False
-    global_step = start_epoch * config.steps_per_epoch
-    epochs_done = start_epoch
-    for epoch in range(start_epoch, config.epochs):
+    global_step = st.epoch * config.steps_per_epoch
+    for epoch in range(st.epoch, config.epochs):
         t_epoch = time.perf_counter()
-        model.train()
-        if config.freeze_bn:
-            _freeze_batchnorm(model)
-        confusion = torch.zeros(3, 3, dtype=torch.int64)
-        loss_sum, steps = 0.0, 0
-        lr = lr_at(config, global_step)
-        bar = tqdm(total=config.steps_per_epoch, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not progress, unit="step")
-        for _ in range(config.steps_per_epoch):
-            x, y = next(batches)
-            x = x.to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(config, global_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast_context(dev, config.amp):
-                logits = model(x)
-            loss = segmentation_loss(logits, y, class_weights=class_weights, dice_weight=config.dice_weight)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            global_step += 1
-            steps += 1
-            loss_value = float(loss.detach())
-            loss_sum += loss_value
-            confusion += confusion_matrix(logits.detach(), y, 3)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            elapsed = elapsed_before + time.perf_counter() - t_start
-            if config.time_budget_s is not None and elapsed > config.time_budget_s:
-                stopped_by_budget = True
-                break
-        bar.close()
-
-        val_f1, _ = validate(model, val_images, val_labels, config=config)
-        ious = iou_per_class(confusion.numpy())
-        epochs_done = epoch + 1
-        row = {
-            "epoch": epochs_done,
-            "steps": steps,
-            "train_loss": loss_sum / max(1, steps),
-            **{f"iou_{c}": _jsonable(v) for c, v in zip(CLASS_NAMES, ious)},
-            "val_mean_f1": val_f1,
-            "lr": lr,
-            "seconds": round(time.perf_counter() - t_epoch, 3),
-        }
-        history.append(row)
-        improved, old_best = val_f1 > best_f1, None
+        train = _train_epoch(model, optimizer, scaler, batches, config, dev, global_step=global_step,
+                             desc=f"{name} {epoch + 1}/{config.epochs}", progress=progress,
+                             deadline=None if config.time_budget_s is None
+                             else t_start + config.time_budget_s - st.elapsed_before)
+        global_step, stopped_by_budget = train["global_step"], train["stopped"]
+        check = validate_epoch(model, val.images, val.labels, config=config, stats=val.stats, targets=val.targets)
+        st.quality_points.extend(check.signals)
+        st.quality_f1.extend(check.image_f1)
+        st.epoch = epoch + 1
+        row = _history_row(st.epoch, train, check, seconds=time.perf_counter() - t_epoch)
+        st.history.append(row)
+        improved, old_best = check.mean_f1 > st.best_f1, None
         if improved:
-            best_f1, best_epoch = val_f1, epochs_done
-            new_best = f"best-e{epochs_done:04d}.safetensors"
-            bundle.save_weights(ckpt_dir / new_best, model.state_dict(), metadata={"epoch": str(epochs_done)})
-            old_best, best_file = best_file, new_best
-        _save_checkpoint(ckpt_dir, {
+            st.best_f1, st.best_epoch = check.mean_f1, st.epoch
+            new_best = f"best-e{st.epoch:04d}.safetensors"
+            bundle.save_weights(ckpt_dir / new_best, model.state_dict(), metadata={"epoch": str(st.epoch)})
+            old_best, st.best_file = st.best_file, new_best
+        save_checkpoint(ckpt_dir, {
             "format": CHECKPOINT_FORMAT,
             "config": config.to_dict(),
-            "epoch": epochs_done,
+            "epoch": st.epoch,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "best_f1": best_f1,
-            "best_epoch": best_epoch,
-            "best_file": best_file,
-            "history": history,
-            "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-            "rng": _rng_states(),
+            "best_f1": st.best_f1,
+            "best_epoch": st.best_epoch,
+            "best_file": st.best_file,
+            "history": st.history,
+            "quality_points": st.quality_points,
+            "quality_f1": st.quality_f1,
+            "elapsed_s": st.elapsed_before + time.perf_counter() - t_start,
+            "rng": rng_states(),
         })
-        if improved and old_best and old_best != best_file:
+        if improved and old_best and old_best != st.best_file:
             (ckpt_dir / old_best).unlink(missing_ok=True)
-        _write_history(ckpt_dir, history, None)  # the run folder keeps the old model's until the end
-        log(
-            f"{name} epoch {epochs_done}/{config.epochs}  loss {row['train_loss']:.4f}  IoU bg/int/bnd "
-            + "/".join("nan" if v is None else f"{v:.3f}" for v in (row["iou_background"], row["iou_interior"],
-                                                                       row["iou_boundary"]))
-            + f"  val F1 {val_f1:.4f}{' *' if improved else ''}  lr {lr:.2e}  {row['seconds']:.1f}s"
-        )
+        write_history(ckpt_dir, st.history, None)  # the run folder keeps the old model's until the end
+        log(_epoch_line(name, config, row, improved))
         if report is not None:
             metrics = {k: (math.nan if v is None else v) for k, v in row.items() if k != "epoch"}
-            metrics["best_val_mean_f1"] = best_f1
-            report(epochs_done, metrics, run_dir)
+            metrics["best_val_mean_f1"] = st.best_f1
+            report(st.epoch, metrics, run_dir)
         if stopped_by_budget:
-            log(f"{name}: time budget of {config.time_budget_s:.0f}s reached after epoch {epochs_done}")
+            log(f"{name}: time budget of {config.time_budget_s:.0f}s reached after epoch {st.epoch}")
             break
     del batches
-    seconds = elapsed_before + time.perf_counter() - t_start
-
-    # ---- best weights, tuned post-processing, run folder
-    if best_file is not None:
-        bundle.load_into(model, ckpt_dir / best_file)
-    params, tuned_f1 = WatershedParams(), best_f1
-    if config.tune_postprocess:
-        default_f1, probs = validate(model, val_images, val_labels, config=config)
-        cand, cand_f1 = tune_watershed(probs, val_labels)
-        params, tuned_f1 = (cand, float(cand_f1)) if cand_f1 >= default_f1 else (WatershedParams(), default_f1)
-        log(f"{name}: watershed tuned on {len(val_images)} val images: mean F1 {default_f1:.4f} -> {tuned_f1:.4f}")
-    results = {
-        "best_epoch": best_epoch,
-        "val_mean_f1_default": best_f1,
-        "val_mean_f1_tuned": tuned_f1,
-        "n_val_images": len(val_images),
-        "epochs_completed": epochs_done,
-        "stopped_by_budget": stopped_by_budget,
-        "seconds": round(seconds, 3),
-    }
-    model_cpu = model.to("cpu", memory_format=torch.contiguous_format)
-    save_segmenter(run_dir, model_cpu, seg_config, params=params, train=config.to_dict(), provenance=prov,
-                   results=results)
-    _write_history(run_dir, history, results)
+    seconds = st.elapsed_before + time.perf_counter() - t_start
+    if st.best_file is not None:
+        bundle.load_into(model, ckpt_dir / st.best_file)
+    params, tuned_f1 = _finish(model, config, val, st, seg_config, run_dir, prov=prov, log=log,
+                               extra={"stopped_by_budget": stopped_by_budget, "seconds": round(seconds, 3)})
     if not keep_checkpoint:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(
         run_dir=run_dir,
-        best_epoch=best_epoch,
-        best_val_mean_f1=best_f1,
+        best_epoch=st.best_epoch,
+        best_val_mean_f1=st.best_f1,
         val_mean_f1_tuned=tuned_f1,
         params=params,
-        history=history,
-        epochs_completed=epochs_done,
+        history=st.history,
+        epochs_completed=st.epoch,
         stopped_by_budget=stopped_by_budget,
         seconds=seconds,
         provenance=prov,
     )
+
+
+@dataclass
+class _ValData:
+    """The validation images of a run, their labels and targets, and the training labels' statistics."""
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    targets: list[np.ndarray]
+    stats: Any  # postprocess.quality.TrainingStats
+
+
+@dataclass
+class _RunState:
+    """What a run carries from epoch to epoch (and through a checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    best_file: str | None = None  # best weights so far, in the checkpoint folder
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_before: float = 0.0  # training seconds of earlier, interrupted sessions
+    quality_points: list[dict[str, float]] = field(default_factory=list)  # quality signals per (val image, epoch)
+    quality_f1: list[float] = field(default_factory=list)  # their true mean F1
+
+
+def _train_epoch(model, optimizer, scaler, batches, config: TrainConfig, dev, *, global_step: int, desc: str,
+                 progress: bool, deadline: float | None) -> dict[str, Any]:
+    """One epoch of optimiser steps; stops early (``stopped``) once ``perf_counter`` passes ``deadline``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from triageseg.segmenters.losses import confusion_matrix, segmentation_loss
+    from triageseg.segmenters.predict import autocast_context
+
+    cuda = dev.type == "cuda"
+    class_weights = (1.0, 1.0, config.boundary_weight)
+    model.train()
+    if config.freeze_bn:
+        _freeze_batchnorm(model)
+    confusion = torch.zeros(3, 3, dtype=torch.int64)
+    loss_sum, steps, stopped = 0.0, 0, False
+    lr = lr_at(config, global_step)
+    bar = tqdm(total=config.steps_per_epoch, desc=desc, leave=False, disable=not progress, unit="step")
+    for _ in range(config.steps_per_epoch):
+        x, y = next(batches)
+        x = x.to(dev, non_blocking=True)
+        y = y.to(dev, non_blocking=True)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(config, global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast_context(dev, config.amp):
+            logits = model(x)
+        loss = segmentation_loss(logits, y, class_weights=class_weights, dice_weight=config.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        global_step += 1
+        steps += 1
+        loss_value = float(loss.detach())
+        loss_sum += loss_value
+        confusion += confusion_matrix(logits.detach(), y, 3)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped = True
+            break
+    bar.close()
+    return {"global_step": global_step, "stopped": stopped, "steps": steps, "loss": loss_sum / max(1, steps),
+            "confusion": confusion, "lr": lr}
+
+
+def _history_row(epoch: int, train: Mapping[str, Any], check: Any, *, seconds: float) -> dict[str, Any]:
+    """One history row: training loss and IoU (of the training crops), validation loss, IoU and mean F1."""
+    from triageseg.segmenters.losses import iou_per_class
+
+    ious = iou_per_class(train["confusion"].numpy())
+    return {
+        "epoch": epoch,
+        "steps": train["steps"],
+        "train_loss": train["loss"],
+        **{f"iou_{c}": jsonable(v) for c, v in zip(CLASS_NAMES, ious)},
+        "val_loss": jsonable(check.loss),
+        **{f"val_iou_{c}": jsonable(v) for c, v in zip(CLASS_NAMES, check.iou)},
+        "val_mean_f1": check.mean_f1,
+        "lr": train["lr"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def _epoch_line(name: str, config: TrainConfig, row: Mapping[str, Any], improved: bool) -> str:
+    def fmt(v: float | None) -> str:
+        return "nan" if v is None else f"{v:.3f}"
+
+    return (f"{name} epoch {row['epoch']}/{config.epochs}  loss {row['train_loss']:.4f}  IoU bg/int/bnd "
+            + "/".join(fmt(row[f"iou_{c}"]) for c in CLASS_NAMES)
+            + f"  val loss {fmt(row['val_loss'])}  val IoU " + "/".join(fmt(row[f"val_iou_{c}"]) for c in CLASS_NAMES)
+            + f"  val F1 {row['val_mean_f1']:.4f}{' *' if improved else ''}  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+
+
+def _finish(model, config: TrainConfig, val: _ValData, st: _RunState, seg_config: SegmenterConfig, run_dir: Path,
+            *, prov: Mapping[str, Any], log: Callable[[str], None], extra: Mapping[str, Any]) -> tuple[Any, float]:
+    """Best weights in ``model``: tune the watershed, fit the quality model, write the run folder.
+
+    Returns:
+        (watershed parameters, validation mean F1 with them).
+    """
+    import torch
+
+    from triageseg.postprocess.watershed import WatershedParams, tune_watershed
+    from triageseg.segmenters.model import save_segmenter
+
+    name = config.run_name
+    params, tuned_f1 = WatershedParams(), st.best_f1
+    points, f1s = list(st.quality_points), list(st.quality_f1)
+    if config.tune_postprocess:
+        check = validate_epoch(model, val.images, val.labels, config=config, stats=val.stats, targets=val.targets)
+        cand, cand_f1 = tune_watershed(check.probs, val.labels)
+        params, tuned_f1 = (cand, float(cand_f1)) if cand_f1 >= check.mean_f1 else (WatershedParams(), check.mean_f1)
+        log(f"{name}: watershed tuned on {len(val.images)} val images: mean F1 {check.mean_f1:.4f} -> {tuned_f1:.4f}")
+        if params != WatershedParams():  # the decode inference will run: its signals and F1 too
+            check = validate_epoch(model, val.images, val.labels, config=config, params=params, stats=val.stats,
+                                   probs=check.probs, targets=val.targets)
+        points.extend(check.signals)
+        f1s.extend(check.image_f1)
+    results = {
+        "best_epoch": st.best_epoch,
+        "val_mean_f1_default": st.best_f1,
+        "val_mean_f1_tuned": tuned_f1,
+        "n_val_images": len(val.images),
+        "epochs_completed": st.epoch,
+        **extra,
+    }
+    model_cpu = model.to("cpu", memory_format=torch.contiguous_format)
+    save_segmenter(run_dir, model_cpu, seg_config, params=params, train=config.to_dict(), provenance=prov,
+                   results=results)
+    _fit_quality(run_dir, points, f1s, val, st, log=log, name=name)
+    write_history(run_dir, st.history, {**results, "name": name})
+    return params, tuned_f1
+
+
+def _fit_quality(run_dir: Path, points: list, f1s: list, val: _ValData, st: _RunState, *,
+                 log: Callable[[str], None], name: str) -> None:
+    """Fit and write ``quality.json`` from the (signals, true F1) of every validation image at every epoch."""
+    from triageseg.postprocess.quality import QUALITY_JSON, fit_quality
+
+    (run_dir / QUALITY_JSON).unlink(missing_ok=True)  # never leave an older model's beside new weights
+    if len(points) < 2:
+        log(f"{name}: note: {len(points)} validation point(s), no quality model fitted")
+        return
+    quality = fit_quality(points, f1s, stats=val.stats,
+                          info={"n_images": len(val.images), "epochs": st.epoch, "target": "per-image mean F1, "
+                                "default protocol", "points": "every validation image at every epoch + the final "
+                                "tuned decode"})
+    quality.save(run_dir / QUALITY_JSON)
+    rho = quality.fit.get("spearman_in_fit")
+    log(f"{name}: quality model fitted on {len(points)} points ({len(val.images)} images x epochs): signals "
+        f"{', '.join(quality.signals) or 'none'}; Spearman in fit "
+        + ("n/a" if rho is None else f"{rho:.3f}"))
 
 
 def train_segmenter_into_bundle(

@@ -1,0 +1,292 @@
+"""Predicted per-image quality without ground truth: cheap signals -> a small regressor -> mean F1.
+
+On thousands of images nobody looks at every overlay; :func:`predict_quality` says which
+to look at first. Per image, :func:`image_signals` takes the class probabilities
+(3xHxW: background / interior / boundary) and the decoded instances and measures:
+
+- ``object_confidence``: mean max-probability over the pixels inside objects;
+- ``boundary_entropy``: mean normalised 3-class entropy where the boundary class is
+  plausible (p_boundary >= 0.1): touching nuclei the model could not separate cleanly;
+- ``uncertain_share``: share of pixels whose max-probability is below 0.6;
+- ``count_deviation`` / ``size_deviation``: how far the image's object density (objects
+  per megapixel) and median object area lie from those of the model's training labels,
+  in training standard deviations of their logarithms (:class:`TrainingStats`);
+- ``no_objects``: 1 when the decode found nothing;
+- ``router_confidence`` / ``ood_score``: the router's, when the caller has them.
+
+:class:`QualityModel` is a standardised ridge regression on those signals, fitted with
+scikit-learn on (signals, true mean F1) pairs of the model's validation images and stored
+as plain numbers (``quality.json``: means, scales, coefficients, intercept, clip range).
+Signals the fit did not see (the router's, for a segmenter trained on its own) are left
+out of the model and ignored when given, so a model predicts with or without them.
+NumPy/SciPy only at prediction; scikit-learn is imported by :func:`fit_quality` alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triageseg.datasets.atomic import write_json_atomic
+from triageseg.datasets.errors import BundleError
+
+QUALITY_JSON = "quality.json"
+KIND = "triageseg-quality"
+FORMAT = 1
+# Every signal image_signals can give, in a fixed order.
+SIGNALS = (
+    "object_confidence", "boundary_entropy", "uncertain_share", "count_deviation", "size_deviation", "no_objects",
+    "router_confidence", "ood_score",
+)
+# Signals only the router gives: optional at fit and at prediction.
+ROUTER_SIGNALS = ("router_confidence", "ood_score")
+UNCERTAIN_BELOW = 0.6  # a pixel whose max-probability is below this counts as uncertain
+BOUNDARY_PLAUSIBLE = 0.1  # boundary-class probability from which a pixel counts for boundary_entropy
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)  # ridge penalties tried (leave-one-out) by fit_quality
+
+
+@dataclass(frozen=True)
+class TrainingStats:
+    """Object density and size of a model's training labels (log scale), the reference of the deviations."""
+
+    log_density_mean: float  # mean over training images of log(objects per megapixel + 1)
+    log_density_std: float  # their standard deviation (at least 0.1)
+    log_area_mean: float  # mean over training images of log(median object area in pixels)
+    log_area_std: float  # their standard deviation (at least 0.1)
+    n_images: int  # training images measured
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain JSON-able dict of the fields."""
+        return {k: float(v) if k != "n_images" else int(v) for k, v in self.__dict__.items()}
+
+
+def _density_and_area(labels: np.ndarray) -> tuple[float, float]:
+    """(log(objects per megapixel + 1), log(median object area)) of one label image; area NaN when empty."""
+    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
+    areas = counts[counts > 0]
+    density = len(areas) / max(1, labels.size) * 1e6
+    return math.log(density + 1.0), (math.log(float(np.median(areas))) if len(areas) else math.nan)
+
+
+def training_stats(labels: Sequence[np.ndarray]) -> TrainingStats:
+    """Density and size statistics of training label images (HxW instance labels, 0 = background).
+
+    Raises:
+        ValueError: no label images.
+    """
+    if not len(labels):
+        raise ValueError("training_stats needs at least one label image")
+    pairs = np.array([_density_and_area(lab) for lab in labels], dtype=np.float64)
+    dens, area = pairs[:, 0], pairs[:, 1][np.isfinite(pairs[:, 1])]
+    if not len(area):
+        area = np.array([0.0])
+    return TrainingStats(
+        log_density_mean=float(dens.mean()), log_density_std=max(0.1, float(dens.std())),
+        log_area_mean=float(area.mean()), log_area_std=max(0.1, float(area.std())), n_images=len(labels),
+    )
+
+
+def image_signals(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    stats: TrainingStats | None = None,
+    router_confidence: float | None = None,
+    ood_score: float | None = None,
+) -> dict[str, float]:
+    """The quality signals of one segmented image (see the module docstring).
+
+    Args:
+        probs: 3xHxW class probabilities (background, interior, boundary), summing to 1 per pixel.
+        labels: HxW instance labels decoded from them (0 = background).
+        stats: the model's training statistics; without them the deviations are 0.
+        router_confidence: the router's confidence in the image's modality, when known.
+        ood_score: the router's out-of-distribution score, when known.
+
+    Returns:
+        ``{signal: value}`` for the signals of :data:`SIGNALS` that are known (router ones only when given).
+
+    Raises:
+        ValueError: ``probs`` not 3xHxW or ``labels`` not of its HxW.
+    """
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    if probs.ndim != 3 or probs.shape[0] != 3:
+        raise ValueError(f"probs must be 3xHxW, got shape {probs.shape}")
+    if labels.shape != probs.shape[1:]:
+        raise ValueError(f"labels shape {labels.shape} does not match probs {probs.shape[1:]}")
+    p = probs.astype(np.float32, copy=False)
+    pmax = p.max(axis=0)
+    inside = labels > 0
+    plausible = p[2] >= BOUNDARY_PLAUSIBLE
+    if plausible.any():
+        q = np.clip(p[:, plausible], 1e-6, 1.0)
+        boundary_entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(3)).mean())
+    else:
+        boundary_entropy = 0.0
+    out = {
+        "object_confidence": float(pmax[inside].mean()) if inside.any() else 0.0,
+        "boundary_entropy": boundary_entropy,
+        "uncertain_share": float((pmax < UNCERTAIN_BELOW).mean()),
+        "count_deviation": 0.0,
+        "size_deviation": 0.0,
+        "no_objects": 0.0 if inside.any() else 1.0,
+    }
+    if stats is not None:
+        density, area = _density_and_area(labels)
+        out["count_deviation"] = abs(density - stats.log_density_mean) / stats.log_density_std
+        if math.isfinite(area):
+            out["size_deviation"] = abs(area - stats.log_area_mean) / stats.log_area_std
+    if router_confidence is not None and math.isfinite(router_confidence):
+        out["router_confidence"] = float(router_confidence)
+    if ood_score is not None and math.isfinite(ood_score):
+        out["ood_score"] = float(ood_score)
+    return out
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """A fitted standardised ridge regression: signals -> predicted mean F1, clipped to ``clip``."""
+
+    signals: tuple[str, ...]  # the signals used, in coefficient order
+    mean: tuple[float, ...]  # per-signal mean of the fit data (standardisation)
+    scale: tuple[float, ...]  # per-signal standard deviation of the fit data (1 where constant)
+    coef: tuple[float, ...]  # ridge coefficients on the standardised signals
+    intercept: float  # ridge intercept
+    clip: tuple[float, float] = (0.0, 1.0)  # predictions are clipped to this range
+    stats: TrainingStats | None = None  # the model's training statistics (count / size deviations)
+    fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted: points, images, alpha, Spearman
+
+    def predict(self, signals: Mapping[str, float]) -> float:
+        """Predicted mean F1 of one image from its signals; a signal the model uses but lacks counts as its mean."""
+        z = [(float(signals.get(s, m)) - m) / sc for s, m, sc in zip(self.signals, self.mean, self.scale, strict=True)]
+        value = self.intercept + float(np.dot(self.coef, z)) if self.coef else self.intercept
+        return float(min(self.clip[1], max(self.clip[0], value)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of ``quality.json``."""
+        return {
+            "kind": KIND, "format": FORMAT, "signals": list(self.signals), "mean": list(self.mean),
+            "scale": list(self.scale), "coef": list(self.coef), "intercept": self.intercept, "clip": list(self.clip),
+            "training_stats": None if self.stats is None else self.stats.to_dict(), "fit": dict(self.fit),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> QualityModel:
+        """Build from :meth:`to_dict`'s form; anything malformed raises :class:`BundleError` naming ``source``."""
+        try:
+            if d.get("kind") != KIND or d.get("format") != FORMAT:
+                raise ValueError(f"not a quality model (kind {d.get('kind')!r} format {d.get('format')!r}, "
+                                 f"expected {KIND!r} format {FORMAT})")
+            signals = tuple(str(s) for s in d["signals"])
+            unknown = sorted(set(signals) - set(SIGNALS))
+            if unknown:
+                raise ValueError(f"unknown signals {unknown}; valid: {list(SIGNALS)}")
+            mean, scale, coef = (tuple(float(v) for v in d[k]) for k in ("mean", "scale", "coef"))
+            if not len(mean) == len(scale) == len(coef) == len(signals):
+                raise ValueError(f"{len(signals)} signals but {len(mean)} means, {len(scale)} scales, "
+                                 f"{len(coef)} coefficients")
+            values = (*mean, *scale, *coef, float(d["intercept"]))
+            if not all(math.isfinite(v) for v in values) or min(scale, default=1.0) <= 0:
+                raise ValueError("non-finite numbers or non-positive scales")
+            lo, hi = (float(v) for v in d.get("clip", (0.0, 1.0)))
+            st = d.get("training_stats")
+            stats = None if st is None else TrainingStats(**{k: st[k] for k in TrainingStats.__dataclass_fields__})
+            return cls(signals, mean, scale, coef, float(d["intercept"]), (lo, hi), stats, dict(d.get("fit") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise BundleError(source, f"invalid quality model ({type(err).__name__}: {err})") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``quality.json`` atomically; returns its path."""
+        write_json_atomic(path, self.to_dict())
+        return Path(path)
+
+
+def load_quality(path: str | os.PathLike) -> QualityModel | None:
+    """The quality model in ``path`` (a ``quality.json`` or the run folder holding it); None when there is none.
+
+    Raises:
+        BundleError: the file exists but is not valid JSON or not a quality model (naming it).
+    """
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / QUALITY_JSON
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(path, f"unreadable quality model ({err})") from None
+    if not isinstance(d, dict):
+        raise BundleError(path, "invalid quality model (not a JSON object)")
+    return QualityModel.from_dict(d, source=path)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (NaN when either side is constant or fewer than 3 points)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def fit_quality(
+    points: Sequence[Mapping[str, float]],
+    targets: Sequence[float],
+    *,
+    stats: TrainingStats | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> QualityModel:
+    """Fit a :class:`QualityModel` on (signals, true mean F1) pairs.
+
+    Signals are standardised; the ridge penalty is chosen from :data:`RIDGE_ALPHAS` by
+    leave-one-out error (scikit-learn ``RidgeCV``). A signal missing from some points, or
+    constant over all of them, is left out (it cannot be learnt from these points).
+
+    Args:
+        points: one ``{signal: value}`` per (image, epoch) seen in validation.
+        targets: the true mean F1 of each point.
+        stats: the model's training statistics, stored with the model.
+        info: extra provenance for ``fit`` (e.g. the number of images and epochs).
+
+    Raises:
+        ValueError: different lengths, or fewer than 2 points.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    if len(points) != len(targets):
+        raise ValueError(f"{len(points)} signal rows but {len(targets)} targets")
+    if len(points) < 2:
+        raise ValueError(f"fit_quality needs at least 2 points, got {len(points)}")
+    y = np.asarray(targets, dtype=np.float64)
+    names = [s for s in SIGNALS if all(s in p for p in points)]
+    x = np.array([[float(p[s]) for s in names] for p in points], dtype=np.float64).reshape(len(points), len(names))
+    keep = [j for j in range(len(names)) if np.ptp(x[:, j]) > 1e-12]
+    names, x = [names[j] for j in keep], x[:, keep]
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    fit: dict[str, Any] = {"n_points": len(points), **dict(info or {})}
+    if names:
+        z = (x - mean) / scale
+        ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(z, y)
+        coef, intercept = [float(c) for c in ridge.coef_], float(ridge.intercept_)
+        fit["alpha"] = float(ridge.alpha_)
+    else:
+        coef, intercept = [], float(y.mean())
+    model = QualityModel(tuple(names), tuple(float(v) for v in mean), tuple(float(v) for v in scale), tuple(coef),
+                         intercept, (0.0, 1.0), stats, fit)
+    pred = [model.predict(p) for p in points]
+    rho = spearman(pred, y)
+    model.fit["spearman_in_fit"] = None if math.isnan(rho) else rho
+    model.fit["mean_abs_error_in_fit"] = float(np.mean(np.abs(np.asarray(pred) - y)))
+    return model
