@@ -196,8 +196,9 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                                initializer=_worker_init) if workers > 0 else None
     pending: list[tuple[Path, str, dict, Future]] = []
 
-    def record(name: str, row: dict, n_objects: int, *, write: bool = True) -> None:
+    def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
         row["objects"] = n_objects
+        row["quality"] = format_quality(quality)
         row["seconds"] = f"{time.perf_counter() - row.pop('_t0'):.3f}"
         report.rows.append(row)
         report.written.append(out_dir / f"{name}.tif")
@@ -209,13 +210,13 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
     def finish_first() -> None:
         path, name, row, fut = pending[0]
         try:
-            n_objects = fut.result()
+            n_objects, quality = fut.result()
         except Exception as err:  # noqa: BLE001 - reported per file, policy decides
             pending.pop(0)
             _fail(report, path, err, on_error)
         else:
             pending.pop(0)
-            record(name, row, n_objects)
+            record(name, row, n_objects, quality)
         if progress:
             progress(path)
 
@@ -240,7 +241,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     _fail(report, path, err, on_error)
                 else:
                     row["_t0"] = t0
-                    record(name, row, row.pop("objects"))
+                    record(name, row, row.pop("objects"), row.pop("quality", None))
                 if progress:
                     progress(path)
                 continue
@@ -256,7 +257,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                 continue
             row = {**routing_row(path, name, mod, conf, used, decision), "_t0": t0}
             job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None,
-                   overlays, rois)
+                   overlays, rois, pipe.quality_model(used), conf)
             journal.start(name, row, out_dir / f"{name}.tif")
             if pool is not None:
                 pending.append((path, name, row, pool.submit(_decode_and_write, *job)))
@@ -265,13 +266,13 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     finish_first()
                 continue
             try:
-                n_objects = _decode_and_write(*job)
+                n_objects, quality = _decode_and_write(*job)
             except Exception as err:  # noqa: BLE001
                 _fail(report, path, err, on_error)
                 if progress:
                     progress(path)
                 continue
-            record(name, row, n_objects)
+            record(name, row, n_objects, quality)
             if progress:
                 progress(path)
         while pending:
@@ -287,7 +288,7 @@ def _keep_finished(pending, record, routing_path: Path, rows: dict[str, dict], j
     kept = []
     for _path, name, row, fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            record(name, row, fut.result(), write=False)
+            record(name, row, *fut.result(), write=False)
             kept.append(name)
     if kept:
         with contextlib.suppress(OSError):  # if routing.csv cannot be written, the journal still holds them
@@ -362,6 +363,11 @@ def routing_row(path, name: str, modality: str, confidence: float | None, used_m
     }
 
 
+def format_quality(quality: float | None) -> str:
+    """The routing.csv cell of a predicted quality: 3 decimals, empty when unknown."""
+    return "" if quality is None else f"{quality:.3f}"
+
+
 def _fail(report: BatchReport, path: Path, err: BaseException, on_error: str) -> None:
     message = str(err)
     if isinstance(err, DataError) and err.path is not None:
@@ -403,9 +409,19 @@ def _prefetch(todo: Iterable[tuple[Path, str]], prepare: Callable[[Path], object
                 thread.join(timeout=0.05)
 
 
-def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays, rois) -> int:
-    """Watershed + atomic writes; runs in a worker process. Returns the number of objects."""
+def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays, rois, quality=None,
+                      confidence=None) -> tuple[int, float | None]:
+    """Watershed + atomic writes; runs in a worker process.
+
+    ``quality`` is the segmenter's :class:`~triageseg.postprocess.quality.QualityModel` (or
+    None) and ``confidence`` the router's; the predicted quality is computed here, where the
+    probabilities and the labels both are.
+
+    Returns:
+        (number of objects, predicted quality or None).
+    """
     from triageseg.datasets.io import write_labels
+    from triageseg.postprocess.quality import predict_quality
 
     labels = watershed(probs, params)
     out_dir = Path(out_dir)
@@ -413,6 +429,7 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays,
         write_overlay(out_dir / "overlays" / f"{name}.png", image, labels)
     if rois:
         write_rois(out_dir / f"{name}.rois.zip", labels)
+    score = predict_quality(quality, probs, labels, router_confidence=confidence)
     # the label file last: its presence marks the input as done for a resumed run
     write_labels(out_dir / f"{name}.tif", labels, pixel_size=pixel_size)
-    return _n_objects(labels)
+    return _n_objects(labels), score

@@ -53,6 +53,7 @@ from triageseg.pipeline.batch import (
     _read_routing,
     _write_routing,
     check_outputs_apart,
+    format_quality,
     output_names,
     output_settings,
     routing_row,
@@ -459,6 +460,8 @@ class _Run:
                                 None if math.isnan(confidence) else confidence, str(row["used_model"]),
                                 str(row["decision"]))
             entry["objects"] = int(row["objects"])
+            quality = float(row.get("quality", math.nan))
+            entry["quality"] = format_quality(None if math.isnan(quality) else quality)
             entry["seconds"] = f"{float(row['t_segment']) + float(row['t_write']):.3f}"
             self.report.rows.append(entry)
             target = storage.join(self.stage.out, f"{item['name']}.tif")

@@ -24,7 +24,9 @@ import numpy as np
 
 from triageseg import bundle as _bundle
 from triageseg.datasets.errors import BundleError, DataError
+from triageseg.postprocess.quality import QualityModel, load_quality, predict_quality
 from triageseg.postprocess.watershed import WatershedParams, watershed
+
 
 @dataclass(frozen=True)
 class Result:
@@ -36,6 +38,8 @@ class Result:
         confidence: the router's calibrated confidence in ``modality`` (None when forced).
         used_model: the segmenter that ran (a modality name or ``_generalist``).
         decision: why that segmenter ran ("routed", "forced", "low confidence -> generalist", ...).
+        quality: predicted mean F1 of this segmentation (:mod:`triageseg.postprocess.quality`), no
+            ground truth needed; None when the segmenter has no quality model (older bundles).
     """
 
     labels: np.ndarray
@@ -43,6 +47,7 @@ class Result:
     confidence: float | None
     used_model: str
     decision: str
+    quality: float | None = None
 
 
 class Pipeline:
@@ -79,6 +84,7 @@ class Pipeline:
         self.has_generalist = _bundle.GENERALIST in self.available
         self._router = None
         self._segmenters: dict[str, tuple] = {}
+        self._quality: dict[str, QualityModel | None] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -113,6 +119,30 @@ class Pipeline:
 
                 self._segmenters[name] = load_segmenter(_bundle.segmenter_dir(self.path, name), device=self.device)
         return self._segmenters[name]
+
+    def quality_model(self, name: str) -> QualityModel | None:
+        """The quality model of segmenter ``name`` (its ``quality.json``), loaded once; None when it has none.
+
+        Raises:
+            BundleError: a ``quality.json`` that is not valid (naming it).
+        """
+        if name not in self.available:
+            raise DataError(self.path, f"no segmenter {name!r} in this bundle; it has: {', '.join(self.available)}")
+        with self._lock:
+            if name not in self._quality:
+                self._quality[name] = load_quality(_bundle.segmenter_dir(self.path, name))
+        return self._quality[name]
+
+    @property
+    def without_quality(self) -> list[str]:
+        """Segmenters used so far that have no quality model (their images get no ``quality``)."""
+        return sorted(name for name, model in self._quality.items() if model is None)
+
+    def quality(self, probs: np.ndarray, labels: np.ndarray, used_model: str, *,
+                confidence: float | None = None, ood_score: float | None = None) -> float | None:
+        """Predicted mean F1 of ``labels`` decoded from ``probs`` by ``used_model`` (None without a quality model)."""
+        return predict_quality(self.quality_model(used_model), probs, labels, router_confidence=confidence,
+                               ood_score=ood_score)
 
     # ------------------------------------------------------------------ steps
     def route(self, images: Sequence[np.ndarray]):
@@ -172,7 +202,8 @@ class Pipeline:
         modality, confidence, used, decision = self.decide(image, modality)
         probs = self.probabilities(image, used)
         labels = watershed(probs, self.params(used))
-        return Result(labels, modality, confidence, used, decision)
+        quality = self.quality(probs, labels, used, confidence=confidence)
+        return Result(labels, modality, confidence, used, decision, quality)
 
     def decide(self, image: np.ndarray, modality: str | None = None) -> tuple[str, float | None, str, str]:
         """(modality, confidence, segmenter to run, decision) for one image; ``modality`` forces a specialist."""

@@ -290,3 +290,27 @@ def fit_quality(
     model.fit["spearman_in_fit"] = None if math.isnan(rho) else rho
     model.fit["mean_abs_error_in_fit"] = float(np.mean(np.abs(np.asarray(pred) - y)))
     return model
+
+
+def predict_quality(
+    model: QualityModel | None,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    router_confidence: float | None = None,
+    ood_score: float | None = None,
+) -> float | None:
+    """Predicted mean F1 of one segmented image, or None without a quality model.
+
+    Args:
+        model: the segmenter's quality model (:func:`load_quality`), or None.
+        probs: the 3xHxW class probabilities the labels were decoded from.
+        labels: the HxW instance labels.
+        router_confidence: the router's confidence, when the image was routed.
+        ood_score: the router's out-of-distribution score, when known.
+    """
+    if model is None:
+        return None
+    signals = image_signals(probs, labels, stats=model.stats, router_confidence=router_confidence,
+                            ood_score=ood_score)
+    return model.predict(signals)
