@@ -121,28 +121,67 @@ def image_signals(
         raise ValueError(f"probs must be 3xHxW, got shape {probs.shape}")
     if labels.shape != probs.shape[1:]:
         raise ValueError(f"labels shape {labels.shape} does not match probs {probs.shape[1:]}")
-    p = probs.astype(np.float32, copy=False)
+    counts = np.bincount(labels.ravel().astype(np.int64))[1:]
+    areas = counts[counts > 0]
+    return signals_from_sums(pixel_sums(probs, labels), n_objects=len(areas),
+                             median_area=float(np.median(areas)) if len(areas) else None, stats=stats,
+                             router_confidence=router_confidence, ood_score=ood_score)
+
+
+# Order of the pixel_sums vector.
+SUMS = ("object_pmax", "object_pixels", "boundary_entropy", "boundary_pixels", "uncertain_pixels", "pixels")
+
+
+def pixel_sums(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The per-pixel sums behind the signals (:data:`SUMS`), additive over disjoint regions (blocks).
+
+    Args:
+        probs: 3xhxw class probabilities of a region.
+        labels: hxw instance labels of the same region (0 = background).
+    """
+    p = np.asarray(probs).astype(np.float32, copy=False)
+    inside = np.asarray(labels) > 0
     pmax = p.max(axis=0)
-    inside = labels > 0
     plausible = p[2] >= BOUNDARY_PLAUSIBLE
+    entropy = 0.0
     if plausible.any():
         q = np.clip(p[:, plausible], 1e-6, 1.0)
-        boundary_entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(3)).mean())
-    else:
-        boundary_entropy = 0.0
+        entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(3)).sum())
+    return np.array([float(pmax[inside].sum()), float(inside.sum()), entropy, float(plausible.sum()),
+                     float((pmax < UNCERTAIN_BELOW).sum()), float(pmax.size)], np.float64)
+
+
+def signals_from_sums(
+    sums: np.ndarray,
+    *,
+    n_objects: int,
+    median_area: float | None,
+    stats: TrainingStats | None = None,
+    router_confidence: float | None = None,
+    ood_score: float | None = None,
+) -> dict[str, float]:
+    """The signals of :func:`image_signals` from :func:`pixel_sums` (summed over an image's blocks) and its objects.
+
+    Args:
+        sums: the :data:`SUMS` of the whole image.
+        n_objects: objects in the image.
+        median_area: their median area in pixels (None without objects).
+        stats, router_confidence, ood_score: as for :func:`image_signals`.
+    """
+    pmax_in, n_in, ent, n_plaus, n_unc, n_pix = (float(v) for v in sums)
     out = {
-        "object_confidence": float(pmax[inside].mean()) if inside.any() else 0.0,
-        "boundary_entropy": boundary_entropy,
-        "uncertain_share": float((pmax < UNCERTAIN_BELOW).mean()),
+        "object_confidence": pmax_in / n_in if n_in else 0.0,
+        "boundary_entropy": ent / n_plaus if n_plaus else 0.0,
+        "uncertain_share": n_unc / n_pix if n_pix else 0.0,
         "count_deviation": 0.0,
         "size_deviation": 0.0,
-        "no_objects": 0.0 if inside.any() else 1.0,
+        "no_objects": 0.0 if n_objects else 1.0,
     }
     if stats is not None:
-        density, area = _density_and_area(labels)
+        density = math.log(n_objects / max(1.0, n_pix) * 1e6 + 1.0)
         out["count_deviation"] = abs(density - stats.log_density_mean) / stats.log_density_std
-        if math.isfinite(area):
-            out["size_deviation"] = abs(area - stats.log_area_mean) / stats.log_area_std
+        if median_area:
+            out["size_deviation"] = abs(math.log(median_area) - stats.log_area_mean) / stats.log_area_std
     if router_confidence is not None and math.isfinite(router_confidence):
         out["router_confidence"] = float(router_confidence)
     if ood_score is not None and math.isfinite(ood_score):
