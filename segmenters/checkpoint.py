@@ -19,7 +19,7 @@ from triageseg.datasets.atomic import atomic_path
 from triageseg.datasets.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from triageseg.segmenters.train import TrainConfig
+    from triageseg.segmenters.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.pt"

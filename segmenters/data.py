@@ -16,7 +16,7 @@ import numpy as np
 from triageseg.datasets.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from triageseg.segmenters.train import TrainConfig
+    from triageseg.segmenters.config import TrainConfig
 
 # Fraction of the training images held out for validation when the dataset has no val split.
 FALLBACK_VAL_FRACTION = 0.15

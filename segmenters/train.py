@@ -20,10 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from triageseg import bundle
-from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and save_checkpoint re-exported
     CHECKPOINT_DIR,
@@ -48,6 +45,7 @@ from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and s
     save_checkpoint,
     set_rng_states,
 )
+from triageseg.segmenters.config import TrainConfig, TrainResult
 from triageseg.segmenters.data import (
     CropDataset,
     RangeSampler,
@@ -56,7 +54,8 @@ from triageseg.segmenters.data import (
     select_samples,
     worker_init,
 )
-from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, SegmenterConfig
+from triageseg.segmenters.model import SegmenterConfig
+from triageseg.segmenters.steps import lr_at, seed_everything, train_epoch  # noqa: F401 - lr_at re-exported
 from triageseg.segmenters.validation import (  # noqa: F401 - CLASS_NAMES, HISTORY_FIELDS, validate re-exported
     CLASS_NAMES,
     HISTORY_FIELDS,
@@ -72,181 +71,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 ReportFn = Callable[[int, dict[str, float], Path], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters of one specialist (or generalist) training run; saved beside the model."""
-
-    modality: str | None = None  # modality to train on; None = all modalities (the generalist)
-    encoder: str = "efficientnet-b3"  # smp encoder name (see segmenters.model.valid_encoders)
-    encoder_weights: str | None = None  # local file to initialise the encoder from; None = scratch
-    init_from: str | None = None  # run folder or model.safetensors to start the whole Unet from (fine-tuning)
-    decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS  # Unet decoder widths (5)
-    epochs: int = 20  # number of epochs (validation + checkpoint after each)
-    steps_per_epoch: int = 50  # optimiser steps per epoch
-    batch_size: int = 8  # crops per step
-    crop_size: int = 256  # side of the square training crops (multiple of 32)
-    lr: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_epochs: float = 1.0  # linear warm-up length in epochs, then cosine decay
-    min_lr_ratio: float = 0.01  # final learning rate as a fraction of lr
-    boundary_weight: float = 5.0  # cross-entropy weight of the boundary class (others 1)
-    dice_weight: float = 1.0  # weight of the soft Dice term added to the cross-entropy
-    boundary_width: int = 2  # boundary width of the targets (postprocess.targets.make_targets)
-    boundary_mode: str = "touching"  # boundary mode of the targets (postprocess.targets.make_targets)
-    aug_strength: float = 1.0  # multiplies every augmentation magnitude; 0 = crops only
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    bn_momentum: float = 0.1  # BatchNorm running-stat momentum while training (EfficientNet's own 0.01 lags short runs)
-    scale: float = 1.0  # resize images (and labels) by this factor for the network; saved in the model config
-    freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
-    seed: int = 0  # seeds weights init, crop sampling and augmentation
-    tile_size: int = 512  # inference tile size (validation and the saved model)
-    overlap: int = 64  # inference tile overlap in pixels
-    val_batch_size: int = 4  # tiles per forward pass during validation
-    max_val_images: int = 16  # validation images used per epoch and for tuning (balanced over modalities)
-    time_budget_s: float | None = None  # stop training cleanly after this many seconds (then tune + save)
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
-    tune_postprocess: bool = True  # tune watershed parameters on the validation images at the end
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
-        positive = ("epochs", "steps_per_epoch", "batch_size", "crop_size", "val_batch_size", "max_val_images")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.crop_size % 32:
-            raise ValueError(f"crop_size must be a multiple of 32, got {self.crop_size}")
-        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
-            raise ValueError(f"decoder_channels must be 5 positive widths, got {self.decoder_channels}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0; got {self.lr}, "
-                             f"{self.weight_decay}, {self.warmup_epochs}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.boundary_weight <= 0 or self.dice_weight < 0 or self.aug_strength < 0 or self.grad_clip < 0:
-            raise ValueError("boundary_weight must be > 0 and dice_weight, aug_strength, grad_clip >= 0")
-        if not 0 < self.bn_momentum <= 1:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
-        if self.boundary_width < 1:
-            raise ValueError(f"boundary_width must be >= 1, got {self.boundary_width}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
-        if self.encoder_weights is not None and str(self.encoder_weights).lower() == "imagenet":
-            raise ValueError("encoder_weights must be a local file path: hub weights ('imagenet') are never used")
-        if self.modality is not None and not str(self.modality).strip():
-            raise ValueError("modality must be a name or None (generalist)")
-        # Builds (and so validates) the model config: tile size, overlap, decoder.
-        self.segmenter_config()
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (validated); unknown names are refused listing the valid ones."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; valid: {sorted(names)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the fields."""
-        d = dataclasses.asdict(self)
-        d["decoder_channels"] = list(self.decoder_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> TrainConfig:
-        """Build from a dict (e.g. a tuning sweep's best config); unknown keys are refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DataError(source, f"unknown TrainConfig keys {unknown}; valid: {sorted(names)}")
-        try:
-            return cls(**dict(d))
-        except (TypeError, ValueError) as err:
-            raise DataError(source, f"invalid TrainConfig ({err})") from None
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        """Read a config written by :meth:`to_json`; ``overrides`` (e.g. ``modality``) replace its values.
-
-        Raises:
-            DataError: a missing or unreadable file, unknown keys or invalid values (naming the file).
-        """
-        d = bundle.read_json(path)
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown TrainConfig overrides {unknown}")
-        return cls.from_dict({**d, **overrides}, source=path)
-
-    def segmenter_config(self) -> SegmenterConfig:
-        """The model config this training produces."""
-        return SegmenterConfig(
-            encoder=self.encoder,
-            decoder_channels=self.decoder_channels,
-            tile_size=self.tile_size,
-            overlap=self.overlap,
-            modality=self.modality,
-            boundary_width=self.boundary_width,
-            boundary_mode=self.boundary_mode,
-            encoder_init=None if self.encoder_weights is None else str(self.encoder_weights),
-            scale=self.scale,
-        )
-
-    @property
-    def run_name(self) -> str:
-        """Folder name of this model in a bundle: the modality, or ``_generalist``."""
-        return self.modality if self.modality is not None else bundle.GENERALIST
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training run produced (the run folder holds the same, on disk)."""
-
-    run_dir: Path  # the run folder (config.json, model.safetensors, postprocess.json, history.*)
-    best_epoch: int  # epoch whose weights were kept (1-based)
-    best_val_mean_f1: float  # its validation mean F1 with default watershed parameters
-    val_mean_f1_tuned: float  # validation mean F1 with the tuned parameters saved in postprocess.json
-    params: Any  # the tuned WatershedParams
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (HISTORY_FIELDS)
-    epochs_completed: int = 0  # epochs run, across resumptions
-    stopped_by_budget: bool = False  # True when time_budget_s ended training early
-    seconds: float = 0.0  # training wall time across resumptions (tuning excluded)
-    provenance: dict[str, Any] = field(default_factory=dict)  # version, date, data, id hashes, seed
-
-
-# ------------------------------------------------------------------------ helpers
-
-
-def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate at optimiser step ``step`` (0-based): linear warm-up then cosine decay."""
-    total = config.epochs * config.steps_per_epoch
-    warm = min(total, round(config.warmup_epochs * config.steps_per_epoch))
-    if step < warm:
-        return config.lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _freeze_batchnorm(model: torch.nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode: normalise with the running statistics, leave them unchanged."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------- training
@@ -300,7 +124,6 @@ def train_segmenter(
 
     from triageseg.datasets.layout import Dataset
     from triageseg.postprocess.quality import training_stats
-    from triageseg.segmenters.model import create_segmenter, load_encoder_weights
     from triageseg.segmenters.predict import resolve_device
 
     def log(msg: str) -> None:
@@ -337,47 +160,14 @@ def train_segmenter(
         device=str(dev),
     )
 
-    # ---- model and optimiser
-    _seed_everything(config.seed)
+    # ---- model and optimiser, state (fresh or resumed)
     seg_config = config.segmenter_config()
-    model = create_segmenter(seg_config)
-    if config.encoder_weights is not None:
-        counts = load_encoder_weights(model, config.encoder_weights)
-        log(f"encoder initialised from {config.encoder_weights} ({counts['loaded']} tensors)")
-    if config.init_from is not None:
-        source = Path(config.init_from)
-        bundle.load_into(model, source / bundle.WEIGHTS if source.is_dir() else source)
-        log(f"model initialised from {source}")
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = config.bn_momentum
+    model, optimizer, scaler = _build_model(seg_config, config, dev, log)
     cuda = dev.type == "cuda"
-    model = model.to(dev, memory_format=torch.channels_last) if cuda else model.to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    use_fp16 = cuda and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
-
-    # ---- state (fresh or resumed)
-    st = _RunState()
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        diffs = config_differences(state["config"], config)
-        if diffs:
-            raise DataError(ckpt_path, "checkpoint was made with another config (" + "; ".join(diffs)
-                            + "); resume with the same config or start afresh without --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        st = _RunState(
-            epoch=int(state["epoch"]), best_f1=float(state["best_f1"]), best_epoch=int(state["best_epoch"]),
-            best_file=state["best_file"], history=list(state["history"]), elapsed_before=float(state["elapsed_s"]),
-            quality_points=[dict(p) for p in state.get("quality_points", [])],
-            quality_f1=[float(v) for v in state.get("quality_f1", [])],
-        )
-        set_rng_states(state["rng"])
-        log(f"resuming {name} from epoch {st.epoch} (best val F1 {st.best_f1:.4f} at epoch {st.best_epoch})")
+        st = _resume(ckpt_path, config, model, optimizer, scaler, log)
     else:
+        st = _RunState()
         if resume:
             log(f"no checkpoint in {ckpt_dir}; starting {name} from scratch")
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a stale checkpoint of an earlier run
@@ -402,7 +192,7 @@ def train_segmenter(
     global_step = st.epoch * config.steps_per_epoch
     for epoch in range(st.epoch, config.epochs):
         t_epoch = time.perf_counter()
-        train = _train_epoch(model, optimizer, scaler, batches, config, dev, global_step=global_step,
+        train = train_epoch(model, optimizer, scaler, batches, config, dev, global_step=global_step,
                              desc=f"{name} {epoch + 1}/{config.epochs}", progress=progress,
                              deadline=None if config.time_budget_s is None
                              else t_start + config.time_budget_s - st.elapsed_before)
@@ -437,7 +227,7 @@ def train_segmenter(
         })
         if improved and old_best and old_best != st.best_file:
             (ckpt_dir / old_best).unlink(missing_ok=True)
-        write_history(ckpt_dir, st.history, None)  # the run folder keeps the old model's until the end
+        write_history(ckpt_dir, st.history, None, name=name)  # the run folder keeps the old model's until the end
         log(_epoch_line(name, config, row, improved))
         if report is not None:
             metrics = {k: (math.nan if v is None else v) for k, v in row.items() if k != "epoch"}
@@ -492,62 +282,52 @@ class _RunState:
     quality_f1: list[float] = field(default_factory=list)  # their true mean F1
 
 
-def _train_epoch(model, optimizer, scaler, batches, config: TrainConfig, dev, *, global_step: int, desc: str,
-                 progress: bool, deadline: float | None) -> dict[str, Any]:
-    """One epoch of optimiser steps; stops early (``stopped``) once ``perf_counter`` passes ``deadline``."""
+def _build_model(seg_config: SegmenterConfig, config: TrainConfig, dev, log: Callable[[str], None]):
+    """(model on ``dev``, AdamW, GradScaler or None), seeded; initialised from files when the config says so."""
     import torch
-    from tqdm.auto import tqdm
 
-    from triageseg.segmenters.losses import confusion_matrix, segmentation_loss
-    from triageseg.segmenters.predict import autocast_context
+    from triageseg.segmenters.model import create_segmenter, load_encoder_weights
 
+    seed_everything(config.seed)
+    model = create_segmenter(seg_config)
+    if config.encoder_weights is not None:
+        counts = load_encoder_weights(model, config.encoder_weights)
+        log(f"encoder initialised from {config.encoder_weights} ({counts['loaded']} tensors)")
+    if config.init_from is not None:
+        source = Path(config.init_from)
+        bundle.load_into(model, source / bundle.WEIGHTS if source.is_dir() else source)
+        log(f"model initialised from {source}")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = config.bn_momentum
     cuda = dev.type == "cuda"
-    class_weights = (1.0, 1.0, config.boundary_weight)
-    model.train()
-    if config.freeze_bn:
-        _freeze_batchnorm(model)
-    confusion = torch.zeros(3, 3, dtype=torch.int64)
-    loss_sum, steps, stopped = 0.0, 0, False
-    lr = lr_at(config, global_step)
-    bar = tqdm(total=config.steps_per_epoch, desc=desc, leave=False, disable=not progress, unit="step")
-    for _ in range(config.steps_per_epoch):
-        x, y = next(batches)
-        x = x.to(dev, non_blocking=True)
-        y = y.to(dev, non_blocking=True)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(config, global_step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast_context(dev, config.amp):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, class_weights=class_weights, dice_weight=config.dice_weight)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        global_step += 1
-        steps += 1
-        loss_value = float(loss.detach())
-        loss_sum += loss_value
-        confusion += confusion_matrix(logits.detach(), y, 3)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        bar.update(1)
-        if deadline is not None and time.perf_counter() > deadline:
-            stopped = True
-            break
-    bar.close()
-    return {"global_step": global_step, "stopped": stopped, "steps": steps, "loss": loss_sum / max(1, steps),
-            "confusion": confusion, "lr": lr}
+    model = model.to(dev, memory_format=torch.channels_last) if cuda else model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    use_fp16 = cuda and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
+    return model, optimizer, scaler
+
+
+def _resume(ckpt_path: Path, config: TrainConfig, model, optimizer, scaler, log: Callable[[str], None]) -> _RunState:
+    """Restore model, optimiser, scaler and RNG states from a checkpoint made with the same config."""
+    state = load_checkpoint(ckpt_path)
+    diffs = config_differences(state["config"], config)
+    if diffs:
+        raise DataError(ckpt_path, "checkpoint was made with another config (" + "; ".join(diffs)
+                        + "); resume with the same config or start afresh without --resume")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    st = _RunState(
+        epoch=int(state["epoch"]), best_f1=float(state["best_f1"]), best_epoch=int(state["best_epoch"]),
+        best_file=state["best_file"], history=list(state["history"]), elapsed_before=float(state["elapsed_s"]),
+        quality_points=[dict(p) for p in state.get("quality_points", [])],
+        quality_f1=[float(v) for v in state.get("quality_f1", [])],
+    )
+    set_rng_states(state["rng"])
+    log(f"resuming {config.run_name} from epoch {st.epoch} (best val F1 {st.best_f1:.4f} at epoch {st.best_epoch})")
+    return st
 
 
 def _history_row(epoch: int, train: Mapping[str, Any], check: Any, *, seconds: float) -> dict[str, Any]:
@@ -615,7 +395,7 @@ def _finish(model, config: TrainConfig, val: _ValData, st: _RunState, seg_config
     save_segmenter(run_dir, model_cpu, seg_config, params=params, train=config.to_dict(), provenance=prov,
                    results=results)
     _fit_quality(run_dir, points, f1s, val, st, log=log, name=name)
-    write_history(run_dir, st.history, {**results, "name": name})
+    write_history(run_dir, st.history, results, name=name)
     return params, tuned_f1
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from triageseg.postprocess.quality import TrainingStats
     from triageseg.postprocess.watershed import WatershedParams
-    from triageseg.segmenters.train import TrainConfig
+    from triageseg.segmenters.config import TrainConfig
 
 CLASS_NAMES = ("background", "interior", "boundary")
 HISTORY_FIELDS = (
@@ -168,15 +168,16 @@ def history_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_history(run_dir: Path, rows: Sequence[Mapping[str, Any]], final: Mapping[str, Any] | None) -> None:
-    """Write ``history.csv``, ``history.json`` and ``curves.png`` into ``run_dir`` (atomically)."""
+def write_history(run_dir: Path, rows: Sequence[Mapping[str, Any]], final: Mapping[str, Any] | None, *,
+                  name: str | None = None) -> None:
+    """Write ``history.csv``, ``history.json`` and ``curves.png`` (titled ``name``) into ``run_dir``, atomically."""
     write_text_atomic(run_dir / HISTORY_CSV, history_csv(rows))
     write_json_atomic(run_dir / HISTORY_JSON, {"epochs": list(rows), "final": dict(final) if final else None})
-    write_training_curves(run_dir, rows, final)
+    write_training_curves(run_dir, rows, final, name=name)
 
 
 def write_training_curves(run_dir: Path, rows: Sequence[Mapping[str, Any]],
-                          final: Mapping[str, Any] | None = None) -> Path | None:
+                          final: Mapping[str, Any] | None = None, *, name: str | None = None) -> Path | None:
     """``curves.png`` of a segmenter history: losses, validation IoU per class, validation mean F1, best epoch.
 
     The best epoch is ``final["best_epoch"]`` when the run has ended, else the epoch of
@@ -188,6 +189,5 @@ def write_training_curves(run_dir: Path, rows: Sequence[Mapping[str, Any]],
     if best is None and rows:
         scored = [r for r in rows if r.get("val_mean_f1") is not None]
         best = max(scored, key=lambda r: float(r["val_mean_f1"]))["epoch"] if scored else None
-    name = (final or {}).get("name")
     return write_curves(run_dir / CURVES_PNG, rows, CURVE_PANELS, x="epoch", best=best,
                         title=f"segmenter {name}" if name else "segmenter training")
