@@ -105,9 +105,38 @@ def main() -> None:
         vals = [sign * r["signals"].get(sig, np.nan) for r in scored]
         single[sig] = spearman(vals, [r["f1"] for r in scored])
         print(f"  {sig:<18} {single[sig]:.3f}")
+    methods = compare_methods(pipe, scored)
     (out / "quality_results.json").write_text(json.dumps(
-        {"results": results, "single_signals": single, "rows": rows, "train_seconds": round(t_train, 1),
-         "segment_seconds": round(t_seg, 1)}, indent=2, default=float))
+        {"results": results, "single_signals": single, "methods": methods, "rows": rows,
+         "train_seconds": round(t_train, 1), "segment_seconds": round(t_seg, 1)}, indent=2, default=float))
+
+
+def compare_methods(pipe, rows: list[dict]) -> dict:
+    """Refit every segmenter's quality model from its stored fit points with each method; overall test Spearman.
+
+    The fit points are the ones training used (``quality.json: fit.points``, validation
+    images only), so this compares the regressors on the same data they would be fitted on.
+    """
+    import numpy as np
+
+    from triageseg.postprocess.quality import METHODS, fit_quality, spearman
+
+    stored = {name: pipe.quality_model(name) for name in {r["used_model"] for r in rows}}
+    if not all(q is not None and q.fit.get("points") for q in stored.values()):
+        print("\n(method comparison skipped: a quality.json without fit points)")
+        return {}
+    print("\nregressor, refitted per segmenter on its validation points (overall test Spearman, MAE):")
+    out = {}
+    for method in METHODS:
+        models = {}
+        for name, q in stored.items():
+            pts = [{k: v for k, v in p.items() if k != "f1"} for p in q.fit["points"]]
+            models[name] = fit_quality(pts, [p["f1"] for p in q.fit["points"]], stats=q.stats, method=method)
+        pred = [models[r["used_model"]].predict(r["signals"]) for r in rows]
+        true = [r["f1"] for r in rows]
+        out[method] = {"spearman": spearman(pred, true), "mae": float(np.mean(np.abs(np.subtract(pred, true))))}
+        print(f"  {method:<8} Spearman {out[method]['spearman']:.3f}  MAE {out[method]['mae']:.3f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ to look at first. Per image, :func:`image_signals` takes the class probabilities
 - ``no_objects``: 1 when the decode found nothing;
 - ``router_confidence`` / ``ood_score``: the router's, when the caller has them.
 
-:class:`QualityModel` is a standardised ridge regression on those signals, fitted with
-scikit-learn on (signals, true mean F1) pairs of the model's validation images and stored
-as plain numbers (``quality.json``: means, scales, coefficients, intercept, clip range).
+':class:`QualityModel` is a standardised ridge regression on those signals (by default with
+each coefficient kept on its expected side, :data:`SIGNS`), fitted with scikit-learn on
+(signals, true mean F1) pairs of the model's validation images and stored as plain
+numbers (``quality.json``: means, scales, coefficients, intercept, clip range, and the
+fit points themselves).
 Signals the fit did not see (the router's, for a segmenter trained on its own) are left
 out of the model and ignored when given, so a model predicts with or without them.
 NumPy/SciPy only at prediction; scikit-learn is imported by :func:`fit_quality` alone.
@@ -48,7 +50,12 @@ SIGNALS = (
 ROUTER_SIGNALS = ("router_confidence", "ood_score")
 UNCERTAIN_BELOW = 0.6  # a pixel whose max-probability is below this counts as uncertain
 BOUNDARY_PLAUSIBLE = 0.1  # boundary-class probability from which a pixel counts for boundary_entropy
-RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)  # ridge penalties tried (leave-one-out) by fit_quality
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)  # ridge penalties tried (cross-validated) by fit_quality
+# The direction each signal should push the predicted F1 (+1 higher is better, -1 higher is worse):
+# fit_quality's default "signed" method keeps every coefficient on its side (or at 0).
+SIGNS = {"object_confidence": 1, "boundary_entropy": -1, "uncertain_share": -1, "count_deviation": -1,
+         "size_deviation": -1, "no_objects": -1, "router_confidence": 1, "ood_score": -1}
+METHODS = ("signed", "free")
 
 
 @dataclass(frozen=True)
@@ -285,24 +292,34 @@ def fit_quality(
     *,
     stats: TrainingStats | None = None,
     info: Mapping[str, Any] | None = None,
+    method: str = "signed",
+    keep_points: bool = True,
 ) -> QualityModel:
     """Fit a :class:`QualityModel` on (signals, true mean F1) pairs.
 
     Signals are standardised; the ridge penalty is chosen from :data:`RIDGE_ALPHAS` by
-    leave-one-out error (scikit-learn ``RidgeCV``). A signal missing from some points, or
-    constant over all of them, is left out (it cannot be learnt from these points).
+    5-fold cross-validated squared error. ``method="signed"`` (the default) constrains each
+    coefficient to the side of :data:`SIGNS` (a ridge with non-negative coefficients on the
+    oriented signals): with the few, correlated points of a short run, a free ridge gives
+    some signals the wrong sign, which then mis-ranks new images. ``"free"`` is the plain
+    ridge. A signal missing from some points, or constant over all of them, is left out.
 
     Args:
         points: one ``{signal: value}`` per (image, epoch) seen in validation.
         targets: the true mean F1 of each point.
         stats: the model's training statistics, stored with the model.
         info: extra provenance for ``fit`` (e.g. the number of images and epochs).
+        method: ``"signed"`` or ``"free"``.
+        keep_points: store the fit points in ``fit["points"]`` (to refit or compare methods later).
 
     Raises:
-        ValueError: different lengths, or fewer than 2 points.
+        ValueError: different lengths, fewer than 2 points, or an unknown method.
     """
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold, cross_val_score
 
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if len(points) != len(targets):
         raise ValueError(f"{len(points)} signal rows but {len(targets)} targets")
     if len(points) < 2:
@@ -314,20 +331,33 @@ def fit_quality(
     names, x = [names[j] for j in keep], x[:, keep]
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 1e-12, scale, 1.0)
-    fit: dict[str, Any] = {"n_points": len(points), **dict(info or {})}
+    fit: dict[str, Any] = {"n_points": len(points), "method": method, **dict(info or {})}
+    coef, intercept = [], float(y.mean())
     if names:
-        z = (x - mean) / scale
-        ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(z, y)
-        coef, intercept = [float(c) for c in ridge.coef_], float(ridge.intercept_)
-        fit["alpha"] = float(ridge.alpha_)
-    else:
-        coef, intercept = [], float(y.mean())
+        sign = np.array([SIGNS[n] if method == "signed" else 1 for n in names], dtype=np.float64)
+        z = (x - mean) / scale * sign
+
+        def ridge(alpha: float):
+            return Ridge(alpha=alpha, positive=method == "signed")
+
+        if len(points) >= 4:
+            folds = KFold(n_splits=min(5, len(points)), shuffle=True, random_state=0)
+            errors = [-cross_val_score(ridge(a), z, y, cv=folds, scoring="neg_mean_squared_error").mean()
+                      for a in RIDGE_ALPHAS]
+            alpha = RIDGE_ALPHAS[int(np.argmin(errors))]
+        else:
+            alpha = 1.0
+        fitted = ridge(alpha).fit(z, y)
+        coef, intercept = [float(c) for c in fitted.coef_ * sign], float(fitted.intercept_)
+        fit["alpha"] = float(alpha)
     model = QualityModel(tuple(names), tuple(float(v) for v in mean), tuple(float(v) for v in scale), tuple(coef),
                          intercept, (0.0, 1.0), stats, fit)
     pred = [model.predict(p) for p in points]
     rho = spearman(pred, y)
     model.fit["spearman_in_fit"] = None if math.isnan(rho) else rho
     model.fit["mean_abs_error_in_fit"] = float(np.mean(np.abs(np.asarray(pred) - y)))
+    if keep_points:
+        model.fit["points"] = [{**{k: float(v) for k, v in p.items()}, "f1": float(t)} for p, t in zip(points, y)]
     return model
 
 
