@@ -112,6 +112,23 @@ def test_fit_save_load_round_trip_is_plain_json(tmp_path):
     assert predict_quality(None, np.zeros((3, 4, 4)), np.zeros((4, 4))) is None
     with pytest.raises(ValueError, match="at least 2"):
         fit_quality(points[:1], f1[:1])
+    with pytest.raises(ValueError, match="unknown method"):
+        fit_quality(points, f1, method="forest")
+
+
+def test_signed_fit_keeps_every_coefficient_on_its_side():
+    from triageseg.postprocess.quality import SIGNS
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.5, 1.0, 12)
+    # few points where more uncertain pixels happen to go with a higher F1: a free ridge learns that sign
+    points = [{"object_confidence": c, "uncertain_share": u} for c, u in zip(conf, conf + rng.normal(0, 0.02, 12))]
+    f1 = list(conf)
+    free = fit_quality(points, f1, method="free")
+    signed = fit_quality(points, f1)
+    assert signed.fit["method"] == "signed" and len(signed.fit["points"]) == 12
+    assert all(c * SIGNS[s] >= 0 for s, c in zip(signed.signals, signed.coef))
+    assert dict(zip(free.signals, free.coef))["uncertain_share"] > 0  # the wrong side, unconstrained
 
 
 @pytest.mark.parametrize("text, problem", [
