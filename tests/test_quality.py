@@ -253,3 +253,22 @@ def test_block_path_rows_carry_the_quality(scored_bundle, tmp_path):
     assert row["mode"] == "blocks" and ref["mode"] == "memory"
     # blocks decode a little differently at their seams: close, not equal
     assert 0 <= float(row["quality"]) <= 1 and abs(float(row["quality"]) - float(ref["quality"])) < 0.1
+
+
+def test_ray_stages_carry_the_quality_without_ray(scored_bundle, tmp_path):
+    """The cluster path's segment actor and write task, called directly: the same quality as the local path."""
+    import imagecodecs
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
+
+    path = tmp_path / "one.png"
+    imagecodecs.imwrite(path, (np.random.default_rng(4).random((56, 72, 3)) * 255).astype(np.uint8))
+    options = StageOptions(out=str(tmp_path / "ray_out"), pipeline={"device": "cpu"}, modality="he")
+    (tmp_path / "ray_out").mkdir()
+    row = read_stage({"index": 0, "file": str(path), "name": "one", "modality": "", "confidence": np.nan,
+                      "used_model": "he", "decision": "", "error": "", "error_path": ""}, options=options)
+    batch = SegmentActor(BundleSource(path=str(scored_bundle)), "he", options)({k: [v] for k, v in row.items()})
+    out = write_stage({k: v[0] for k, v in batch.items()}, options=options)
+    local = Pipeline.from_bundle(scored_bundle, device="cpu").segment_files([path], tmp_path / "local", modality="he")
+    assert out["error"] == "" and f"{out['quality']:.3f}" == local.rows[0]["quality"]
