@@ -156,17 +156,24 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--block-margin", type=click.IntRange(min=0), default=DEFAULT_MARGIN, show_default=True,
               help="Context around each block in pixels (at least twice the largest nucleus diameter).")
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
+@click.option("--review", "review_n", type=click.IntRange(min=0), default=10, show_default=True,
+              help="End the summary with this many images of lowest predicted quality, to check first (0: none).")
+@click.option("--min-quality", type=click.FloatRange(0, 1), default=None,
+              help="Write the images whose predicted quality (mean F1) is below this to review.csv in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
-            workers, tta, overwrite, on_error, overlays, rois, quiet, address, use_ray, actors, cpus_per_actor,
-            gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson):
+            workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
+            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
-    routing.csv (file, modality, confidence, OOD score, model used, decision, objects, seconds) in --out.
-    An image unlike every modality the router was trained on gets the decision "unknown
-    modality" and is handled as --unknown says; a forced --modality gets no such verdict.
+    routing.csv (file, modality, confidence, OOD score, model used, decision, objects, seconds,
+    quality) in --out. An image unlike every modality the router was trained on gets the
+    decision "unknown modality" and is handled as --unknown says; a forced --modality gets no
+    such verdict. quality is a predicted mean F1 from the image's own probabilities and
+    objects (no ground truth): the summary ends with the --review N lowest, and
+    --min-quality Q writes every image below Q to review.csv.
     Inputs whose outputs exist and verify are skipped unless --overwrite, so an
     interrupted run resumes (with the settings recorded in segment_config.json).
     --out may not overwrite or shadow an input. Images above --blocks-above megapixels
@@ -214,7 +221,7 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
                                      on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page)
         except OutputConflict as err:
             raise click.UsageError(str(err)) from None
-        _summary(report, out)
+        _summary(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)
         return
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc="segment")
     try:
@@ -225,10 +232,45 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
         raise click.UsageError(str(err)) from None
     finally:
         bar.close()
-    _summary(report, out)
+    _summary(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)
 
 
-def _summary(report, out) -> None:
+def _review(report, out, *, pipe, review_n: int, min_quality: float | None) -> None:
+    """The images to check first (lowest predicted quality) and, with ``min_quality``, review.csv."""
+    from triageseg import bundle
+    from triageseg.pipeline.records import REVIEW_CSV, ROUTING_CSV, _read_routing, review_rows, write_review
+    from triageseg.postprocess.quality import load_quality
+
+    # the whole output folder (a resumed run's earlier images too), else this run's rows
+    rows = list(report.rows) if is_uri(str(out)) else list(_read_routing(Path(out) / ROUTING_CSV).values())
+    unscored = sorted({r["used_model"] for r in rows if not str(r.get("quality", "")).strip()})
+    missing = [m for m in unscored if m in pipe.available
+               and load_quality(bundle.segmenter_dir(pipe.path, m)) is None]
+    if missing:
+        click.echo(f"note: no quality estimate for images of {', '.join(missing)}: no quality.json in the bundle "
+                   "(trained before quality estimates); their quality is left empty", err=True)
+    worst = review_rows(rows, n=review_n) if review_n else []
+    if worst:
+        click.echo(f"review first ({len(worst)} lowest predicted quality = mean F1, no ground truth):")
+        width = max(len(r["output"]) for r in worst)
+        for r in worst:
+            click.echo(f"  {r['quality']:>6}  {r['output']:<{width}}  {r['used_model']}  ({r['decision']})")
+    if min_quality is not None:
+        below = review_rows(rows, below=min_quality)
+        if is_uri(str(out)):
+            import tempfile
+
+            from triageseg.pipeline import storage
+
+            with tempfile.TemporaryDirectory(prefix="triageseg-review-") as tmp:
+                storage.upload(write_review(Path(tmp) / REVIEW_CSV, below), storage.join(str(out), REVIEW_CSV))
+            target = storage.join(str(out), REVIEW_CSV)
+        else:
+            target = write_review(Path(out) / REVIEW_CSV, below)
+        click.echo(f"{len(below)} image(s) below quality {min_quality:g} listed in {target}")
+
+
+def _summary(report, out, *, pipe=None, review_n: int = 0, min_quality: float | None = None) -> None:
     """The closing lines of `segment`, local or on Ray; exit code 1 when any input failed."""
     for target, problem in report.incomplete:
         click.echo(f"note: {target} was incomplete ({problem}); segmented its input again", err=True)
@@ -241,6 +283,8 @@ def _summary(report, out) -> None:
     if per_model:
         click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
     _unknown_summary(report)
+    if pipe is not None:
+        _review(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)
     for path, problem in report.failures:
         click.echo(f"failed: {path}: {problem}", err=True)
     if report.failures:

@@ -101,6 +101,7 @@ def _run(modality: str | None, *, data: Path, out: Path, config_path: Path | Non
         f"val mean F1 {result.best_val_mean_f1:.4f} (tuned watershed {result.val_mean_f1_tuned:.4f}) "
         f"-> {result.run_dir}"
     )
+    click.echo(f"training curves: {result.run_dir / 'curves.png'}")
 
 
 @train.command("segmenter")
@@ -112,7 +113,8 @@ def segmenter_cmd(modality: str | None, **kwargs: Any) -> None:
 
     Validates each epoch by tiled prediction + watershed + mean F1, keeps the best
     epoch, tunes the watershed parameters on the validation split and writes
-    config.json, model.safetensors, postprocess.json, history.csv/json.
+    config.json, model.safetensors, postprocess.json, quality.json (the quality
+    estimate's regressor), history.csv/json and curves.png.
 
     Example: triageseg train segmenter --data data/synth --modality he --out bundle
              triageseg train segmenter --data data/synth --out bundle --config tune_out/he/best_config.json

@@ -200,8 +200,9 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                                initializer=_worker_init) if workers > 0 else None
     pending: list[tuple[Path, str, dict, Future]] = []
 
-    def record(name: str, row: dict, n_objects: int, *, write: bool = True) -> None:
+    def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
         row["objects"] = n_objects
+        row["quality"] = format_quality(quality)
         row["seconds"] = f"{time.perf_counter() - row.pop('_t0'):.3f}"
         if row["decision"].startswith(UNKNOWN_DECISION):
             report.unknown.append((Path(row["file"]), row["decision"]))
@@ -219,13 +220,13 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
     def finish_first() -> None:
         path, name, row, fut = pending[0]
         try:
-            n_objects = fut.result()
+            n_objects, quality = fut.result()
         except Exception as err:  # noqa: BLE001 - reported per file, policy decides
             pending.pop(0)
             _fail(report, path, err, on_error)
         else:
             pending.pop(0)
-            record(name, row, n_objects)
+            record(name, row, n_objects, quality)
         if progress:
             progress(path)
 
@@ -250,7 +251,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     _fail(report, path, err, on_error)
                 else:
                     row["_t0"] = t0
-                    record(name, row, row.pop("objects"))
+                    record(name, row, row.pop("objects"), row.pop("quality", None))
                 if progress:
                     progress(path)
                 continue
@@ -271,7 +272,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     progress(path)
                 continue
             job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None,
-                   overlays, rois)
+                   overlays, rois, pipe.quality_model(used), conf)
             journal.start(name, row, out_dir / f"{name}.tif")
             if pool is not None:
                 pending.append((path, name, row, pool.submit(_decode_and_write, *job)))
@@ -280,13 +281,13 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                     finish_first()
                 continue
             try:
-                n_objects = _decode_and_write(*job)
+                n_objects, quality = _decode_and_write(*job)
             except Exception as err:  # noqa: BLE001
                 _fail(report, path, err, on_error)
                 if progress:
                     progress(path)
                 continue
-            record(name, row, n_objects)
+            record(name, row, n_objects, quality)
             if progress:
                 progress(path)
         while pending:
@@ -302,7 +303,7 @@ def _keep_finished(pending, record, routing_path: Path, rows: dict[str, dict], j
     kept = []
     for _path, name, row, fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            record(name, row, fut.result(), write=False)
+            record(name, row, *fut.result(), write=False)
             kept.append(name)
     if kept:
         with contextlib.suppress(OSError):  # if routing.csv cannot be written, the journal still holds them
@@ -363,6 +364,11 @@ def read_input(path: str | os.PathLike, *, channel: int | None = None,
     return read_image(path, channel=channel, page=page), read_pixel_size(path)
 
 
+def format_quality(quality: float | None) -> str:
+    """The routing.csv cell of a predicted quality: 3 decimals, empty when unknown."""
+    return "" if quality is None else f"{quality:.3f}"
+
+
 def _fail(report: BatchReport, path: Path, err: BaseException, on_error: str) -> None:
     message = str(err)
     if isinstance(err, DataError) and err.path is not None:
@@ -404,9 +410,19 @@ def _prefetch(todo: Iterable[tuple[Path, str]], prepare: Callable[[Path], object
                 thread.join(timeout=0.05)
 
 
-def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays, rois) -> int:
-    """Watershed + atomic writes; runs in a worker process. Returns the number of objects."""
+def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays, rois, quality=None,
+                      confidence=None) -> tuple[int, float | None]:
+    """Watershed + atomic writes; runs in a worker process.
+
+    ``quality`` is the segmenter's :class:`~triageseg.postprocess.quality.QualityModel` (or
+    None) and ``confidence`` the router's; the predicted quality is computed here, where the
+    probabilities and the labels both are.
+
+    Returns:
+        (number of objects, predicted quality or None).
+    """
     from triageseg.datasets.io import write_labels
+    from triageseg.postprocess.quality import predict_quality
 
     labels = watershed(probs, params)
     out_dir = Path(out_dir)
@@ -414,6 +430,7 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays,
         write_overlay(out_dir / "overlays" / f"{name}.png", image, labels)
     if rois:
         write_rois(out_dir / f"{name}.rois.zip", labels)
+    score = predict_quality(quality, probs, labels, router_confidence=confidence)
     # the label file last: its presence marks the input as done for a resumed run
     write_labels(out_dir / f"{name}.tif", labels, pixel_size=pixel_size)
-    return _n_objects(labels)
+    return _n_objects(labels), score

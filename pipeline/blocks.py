@@ -24,17 +24,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 from triageseg.datasets.errors import DataError
+from triageseg.postprocess.quality import pixel_sums
 from triageseg.postprocess.watershed import WatershedParams, watershed
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
@@ -299,6 +301,8 @@ class BlockResult:
     centroid: np.ndarray  # float64 (n, 2): y, x in image coordinates
     context: np.ndarray  # float64 pixels from the centroid to the nearest cut side of the outer region
     whole: np.ndarray  # bool: the candidate touches no cut side (it is not cut off)
+    # postprocess.quality.pixel_sums of the block's core (each image pixel counted in one block)
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(6))
 
     @property
     def n(self) -> int:
@@ -311,7 +315,7 @@ class BlockResult:
 
         buf = io.BytesIO()
         np.savez(buf, index=self.index, outer=np.asarray(self.outer, np.int64), labels=self.labels,
-                 area=self.area, centroid=self.centroid, context=self.context, whole=self.whole)
+                 area=self.area, centroid=self.centroid, context=self.context, whole=self.whole, sums=self.sums)
         # zstd at level 1: ~10x faster to read back than the zip deflate of savez_compressed, and smaller
         return imagecodecs.zstd_encode(buf.getvalue(), level=1)
 
@@ -321,8 +325,10 @@ class BlockResult:
         import imagecodecs
 
         with np.load(io.BytesIO(imagecodecs.zstd_decode(data))) as z:
+            # journal entries of an earlier version have no sums (their quality signals count as empty)
+            sums = z["sums"] if "sums" in z.files else np.zeros(6)
             return cls(int(z["index"]), tuple(int(v) for v in z["outer"]), z["labels"], z["area"], z["centroid"],
-                       z["context"], z["whole"])
+                       z["context"], z["whole"], sums)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to ``path``."""
@@ -372,7 +378,10 @@ def segment_block(
     if probs.shape != (3, y1 - y0, x1 - x0):
         raise ValueError(f"block {block.index}: probabilities have shape {probs.shape}, expected {(3, y1 - y0, x1 - x0)}")
     labels = watershed(probs, params)
-    return select_candidates(labels, block, margin=margin)
+    cy0, cy1, cx0, cx1 = block.core
+    core = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
+    return dataclasses.replace(select_candidates(labels, block, margin=margin),
+                               sums=pixel_sums(probs[:, core[0], core[1]], labels[core]))
 
 
 def select_candidates(labels: np.ndarray, block: Block, *, margin: int) -> BlockResult:

@@ -53,6 +53,7 @@ from triageseg.pipeline.batch import (
     _read_routing,
     _write_routing,
     check_outputs_apart,
+    format_quality,
     output_names,
     output_settings,
     routing_row,
@@ -468,6 +469,8 @@ class _Run:
                             None if math.isnan(confidence) else confidence, str(row["used_model"]),
                             str(row["decision"]), ood_score=None if math.isnan(score) else score)
         entry["objects"] = objects
+        quality = float(row.get("quality", math.nan))
+        entry["quality"] = format_quality(None if math.isnan(quality) else quality)
         entry["seconds"] = f"{seconds:.3f}"
         if entry["decision"].startswith(UNKNOWN_DECISION):
             self.report.unknown.append((_as_input(item["file"]), entry["decision"]))

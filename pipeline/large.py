@@ -242,7 +242,8 @@ def segment_blocks(
 
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks run now), ``candidates``,
-        ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
+        ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`), and
+        ``quality_sums`` / ``median_area`` (:func:`triageseg.postprocess.quality.signals_from_sums`).
     """
     from tqdm import tqdm
 
@@ -270,9 +271,23 @@ def segment_blocks(
     write_pyramid(out_path, grid.shape, stitching.dtype(),
                   _row_reader(grid, journal.folder, _OUTPUT_TILE, stitching.dtype()), tile=_OUTPUT_TILE,
                   pixel_size=pixel_size, name=Path(out_path).stem)
+    sums, areas = _quality_sums(grid, stitching, load)
     journal.remove()
     return {"objects": stitching.n_objects, "blocks": len(grid), "computed": len(todo),
-            "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut}
+            "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut,
+            "quality_sums": sums, "median_area": float(np.median(areas)) if len(areas) else None}
+
+
+def _quality_sums(grid: BlockGrid, stitching, load) -> tuple[np.ndarray, np.ndarray]:
+    """The image's quality pixel sums (each block's core) and the areas of the kept objects."""
+    sums, areas = np.zeros(6), []
+    for block in grid.blocks:
+        result = load(block.index)
+        sums = sums + result.sums
+        kept = np.flatnonzero(stitching.luts[block.index][1:])
+        if kept.size:
+            areas.append(result.area[kept])
+    return sums, (np.concatenate(areas) if areas else np.zeros(0))
 
 
 # --------------------------------------------------------------------------- files
@@ -329,7 +344,8 @@ def segment_large_file(
     before the label file is written.
 
     Returns:
-        The ``routing.csv`` row (without ``seconds``), with ``objects`` and ``mode = blocks``.
+        The ``routing.csv`` row (without ``seconds``), with ``objects``, ``quality`` (predicted from
+        the blocks' summed signals; None without a quality model) and ``mode = blocks``.
 
     Raises:
         DataError: unreadable, truncated or non-tiled input (naming the file), bad channels.
@@ -364,4 +380,10 @@ def segment_large_file(
             pixel_size=pixel_size, progress=options.progress, name=str(path),
             before_write=None if before_write is None else lambda: before_write(dict(row)),
         )
-    return {**row, "objects": summary["objects"]}
+    from triageseg.postprocess.quality import signals_from_sums
+
+    quality = pipe.quality_model(used)
+    score = None if quality is None else quality.predict(signals_from_sums(
+        summary["quality_sums"], n_objects=summary["objects"], median_area=summary["median_area"],
+        stats=quality.stats, router_confidence=conf))
+    return {**row, "objects": summary["objects"], "quality": score}

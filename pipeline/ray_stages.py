@@ -190,12 +190,13 @@ class SegmentActor:
         self.options = options
         self.pipe = Pipeline(bundle.open(), **options.pipeline)  # the model loads on the first image
         self.params: str | None = None
+        self.quality = ""  # the segmenter's quality model as JSON ("" without one)
 
     def __call__(self, batch: dict) -> dict:
         keep_image = self.options.overlays or self.options.rois
         rows = []
         for row in _rows(batch):
-            out = {**_carry(row), "probs": np.zeros((0, 0, 0), np.float32), "params": "",
+            out = {**_carry(row), "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
                    "px_y": row["px_y"], "px_x": row["px_x"], "image": EMPTY_IMAGE, "t_read": float(row["t_read"]),
                    "t_load": 0.0}
             t0 = time.perf_counter()
@@ -203,9 +204,12 @@ class SegmentActor:
                 try:
                     if self.params is None:
                         self.params = json.dumps(self.pipe.params(self.model).to_dict())  # loads the model
+                        quality = self.pipe.quality_model(self.model)
+                        self.quality = "" if quality is None else json.dumps(quality.to_dict())
                         out["t_load"] = time.perf_counter() - t0
                         t0 = time.perf_counter()
                     out["params"] = self.params
+                    out["quality_model"] = self.quality
                     image = _writable(row["image"])
                     if self.options.modality is not None:
                         d = self.pipe.decide(image, self.options.modality)
@@ -228,10 +232,11 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     gets the same files written to a node-local folder, then uploaded, label file last.
     """
     from triageseg.pipeline.batch import _decode_and_write
+    from triageseg.postprocess.quality import QualityModel
     from triageseg.postprocess.watershed import WatershedParams
 
     t0 = time.perf_counter()
-    out = {**_carry(row), "objects": -1, "t_write": 0.0}
+    out = {**_carry(row), "objects": -1, "quality": np.nan, "t_write": 0.0}
     for key in ("t_read", "t_load", "t_segment"):
         out[key] = float(row.get(key, 0.0))
     if row["error"]:
@@ -240,14 +245,21 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     pixel = None if np.isnan(row["px_y"]) else (float(row["px_y"]), float(row["px_x"]))
     image = row["image"] if (options.overlays or options.rois) else None
     job = (_writable(row["probs"]), WatershedParams.from_dict(json.loads(row["params"])))
+    confidence = float(row["confidence"])
+    scoring = (QualityModel.from_dict(json.loads(row["quality_model"])) if row.get("quality_model") else None,
+               None if np.isnan(confidence) else confidence)
     try:
         if is_uri(options.out):
             with tempfile.TemporaryDirectory(prefix="triageseg-out-") as tmp:
-                out["objects"] = _decode_and_write(*job, tmp, name, pixel, image, options.overlays, options.rois)
+                objects, quality = _decode_and_write(*job, tmp, name, pixel, image, options.overlays, options.rois,
+                                                     *scoring)
                 for local in _produced(Path(tmp), name, options):
                     storage.upload(local, storage.join(options.out, local.relative_to(tmp).as_posix()))
         else:
-            out["objects"] = _decode_and_write(*job, options.out, name, pixel, image, options.overlays, options.rois)
+            objects, quality = _decode_and_write(*job, options.out, name, pixel, image, options.overlays,
+                                                 options.rois, *scoring)
+        out["objects"] = objects
+        out["quality"] = np.nan if quality is None else float(quality)
     except Exception as err:  # noqa: BLE001
         out.update(error_fields(err, row["file"]))
     out["t_write"] = time.perf_counter() - t0

@@ -23,8 +23,10 @@ import numpy as np
 from triageseg.datasets.atomic import write_text_atomic
 from triageseg.datasets.errors import DataError
 
-ROUTING_COLUMNS = ("file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects",
-                   "seconds", "mode")
+ROUTING_COLUMNS = (
+    "file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects", "seconds", "mode",
+    "quality",
+)
 ROUTING_CSV = "routing.csv"
 SEGMENT_CONFIG = "segment_config.json"
 FAILURES_CSV = "failures.csv"
@@ -287,3 +289,42 @@ class RoutingJournal:
         """Remove the log: every row it held is in routing.csv."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ what to review first
+
+REVIEW_CSV = "review.csv"
+REVIEW_COLUMNS = ("file", "output", "quality", "modality", "confidence", "used_model", "decision", "objects")
+
+
+def review_rows(rows: Sequence[Mapping[str, Any]], *, n: int | None = None,
+                below: float | None = None) -> list[dict]:
+    """The rows with the lowest predicted ``quality`` first (rows without one are left out).
+
+    Args:
+        rows: ``routing.csv`` rows (``quality`` a number or empty).
+        n: keep at most this many.
+        below: keep only rows whose quality is below this.
+    """
+    scored = []
+    for row in rows:
+        try:
+            quality = float(row.get("quality", ""))
+        except (TypeError, ValueError):
+            continue
+        if below is None or quality < below:
+            scored.append((quality, str(row.get("output", "")), dict(row)))
+    scored.sort(key=lambda t: (t[0], t[1]))
+    picked = [r for _, _, r in scored]
+    return picked if n is None else picked[:n]
+
+
+def write_review(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``review.csv`` (atomically): the :data:`REVIEW_COLUMNS` of ``rows``, in their order."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=REVIEW_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in REVIEW_COLUMNS})
+    write_text_atomic(path, buf.getvalue())
+    return Path(path)

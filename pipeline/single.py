@@ -27,6 +27,7 @@ import numpy as np
 
 from triageseg import bundle as _bundle
 from triageseg.datasets.errors import BundleError, DataError
+from triageseg.postprocess.quality import QualityModel, load_quality, predict_quality
 from triageseg.postprocess.watershed import WatershedParams, watershed
 from triageseg.router.policy import UNKNOWN_POLICIES  # noqa: F401 - what `segment --unknown` accepts
 
@@ -55,6 +56,7 @@ class Decision(NamedTuple):
         return self.decision.startswith("unknown modality")
 
 
+
 @dataclass(frozen=True)
 class Result:
     """What segmenting one image gives.
@@ -66,6 +68,8 @@ class Result:
         used_model: the segmenter that ran (a modality name or ``_generalist``).
         decision: why that segmenter ran ("routed", "forced", "low confidence -> generalist", ...).
         ood_score: how unlike every trained modality the image is (None without OOD statistics).
+        quality: predicted mean F1 of this segmentation (:mod:`triageseg.postprocess.quality`), no
+            ground truth needed; None when the segmenter has no quality model (older bundles).
     """
 
     labels: np.ndarray
@@ -74,6 +78,7 @@ class Result:
     used_model: str
     decision: str
     ood_score: float | None = None
+    quality: float | None = None
 
 
 class Pipeline:
@@ -115,6 +120,7 @@ class Pipeline:
         self._router = None
         self._ood = None  # the router's OOD statistics, loaded with the router (None: no unknown-modality check)
         self._segmenters: dict[str, tuple] = {}
+        self._quality: dict[str, QualityModel | None] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -183,6 +189,30 @@ class Pipeline:
                 self._segmenters[name] = load_segmenter(_bundle.segmenter_dir(self.path, name), device=self.device)
         return self._segmenters[name]
 
+    def quality_model(self, name: str) -> QualityModel | None:
+        """The quality model of segmenter ``name`` (its ``quality.json``), loaded once; None when it has none.
+
+        Raises:
+            BundleError: a ``quality.json`` that is not valid (naming it).
+        """
+        if name not in self.available:
+            raise DataError(self.path, f"no segmenter {name!r} in this bundle; it has: {', '.join(self.available)}")
+        with self._lock:
+            if name not in self._quality:
+                self._quality[name] = load_quality(_bundle.segmenter_dir(self.path, name))
+        return self._quality[name]
+
+    @property
+    def without_quality(self) -> list[str]:
+        """Segmenters used so far that have no quality model (their images get no ``quality``)."""
+        return sorted(name for name, model in self._quality.items() if model is None)
+
+    def quality(self, probs: np.ndarray, labels: np.ndarray, used_model: str, *,
+                confidence: float | None = None, ood_score: float | None = None) -> float | None:
+        """Predicted mean F1 of ``labels`` decoded from ``probs`` by ``used_model`` (None without a quality model)."""
+        return predict_quality(self.quality_model(used_model), probs, labels, router_confidence=confidence,
+                               ood_score=ood_score)
+
     # ------------------------------------------------------------------ steps
     def route(self, images: Sequence[np.ndarray]):
         """Triage images: one router prediction (modality, confidence, probs) each."""
@@ -249,7 +279,8 @@ class Pipeline:
                           d.ood_score)
         probs = self.probabilities(image, d.used_model)
         labels = watershed(probs, self.params(d.used_model))
-        return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score)
+        quality = self.quality(probs, labels, d.used_model, confidence=d.confidence, ood_score=d.ood_score)
+        return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality)
 
     def decide(self, image: np.ndarray, modality: str | None = None) -> Decision:
         """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded)."""

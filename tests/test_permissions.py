@@ -26,8 +26,8 @@ def umask(request):
 
 def test_weights_configs_and_checkpoints_follow_the_umask(tmp_path, umask):
     from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.checkpoint import save_checkpoint
     from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
-    from triageseg.segmenters.train import _save_checkpoint
 
     file_mode = 0o666 & ~umask
     bundle.save_weights(tmp_path / "w" / "model.safetensors", {"a": torch.zeros(3)})
@@ -35,7 +35,7 @@ def test_weights_configs_and_checkpoints_follow_the_umask(tmp_path, umask):
     save_router(bundle.router_dir(tmp_path / "b"), create_router(rcfg), rcfg)
     scfg = SegmenterConfig(decoder_channels=(8, 8, 8, 8, 8), tile_size=64, overlap=16, modality="he")
     save_segmenter(bundle.segmenter_dir(tmp_path / "b", "he"), create_segmenter(scfg), scfg, params=None)
-    _save_checkpoint(tmp_path / "ckpt", {"x": torch.ones(2)})
+    save_checkpoint(tmp_path / "ckpt", {"x": torch.ones(2)})
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"model.safetensors", "config.json", "postprocess.json", "last.pt"}
     assert {str(p.relative_to(tmp_path)): _mode(p) for p in files} == {

@@ -135,9 +135,11 @@ def test_train_end_to_end_writes_a_bundle_that_loads(synth_data, tmp_path):
     run = out / "segmenters" / "fluorescence"
     assert result.run_dir == run
     names = {p.name for p in run.iterdir()}
-    assert names == {"config.json", "model.safetensors", "postprocess.json", "history.csv", "history.json"}
+    assert names == {"config.json", "model.safetensors", "postprocess.json", "history.csv", "history.json",
+                     "curves.png", "quality.json"}
     assert [c[0] for c in calls] == [1, 2] and all(c[2] == run for c in calls)
-    for key in ("train_loss", "iou_background", "iou_interior", "iou_boundary", "val_mean_f1", "lr"):
+    for key in ("train_loss", "iou_background", "iou_interior", "iou_boundary", "val_mean_f1", "lr", "val_loss",
+                "val_iou_background", "val_iou_interior", "val_iou_boundary"):
         assert key in calls[0][1]
     assert result.epochs_completed == 2 and len(result.history) == 2
     assert 0.0 <= result.best_val_mean_f1 <= result.val_mean_f1_tuned <= 1.0
@@ -145,6 +147,16 @@ def test_train_end_to_end_writes_a_bundle_that_loads(synth_data, tmp_path):
     assert csv_lines[0] == ",".join(HISTORY_FIELDS) and len(csv_lines) == 3
     hist = json.loads((run / "history.json").read_text())
     assert hist["final"]["val_mean_f1_tuned"] == result.val_mean_f1_tuned
+    for row in hist["epochs"]:
+        assert row["val_loss"] > 0 and 0 <= row["val_iou_background"] <= 1
+        assert all(row[f"val_iou_{c}"] is None or 0 <= row[f"val_iou_{c}"] <= 1 for c in ("interior", "boundary"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from triageseg.postprocess.quality import load_quality
+
+    quality = load_quality(run)
+    # 2 val images x (2 epochs + the final decode) points; router signals are never in a segmenter's fit
+    assert quality.fit["n_points"] == 6 and quality.fit["n_images"] == 2 and quality.stats.n_images > 0
+    assert not set(quality.signals) & {"router_confidence", "ood_score"}
     model, cfg, params = load_segmenter(run)
     assert cfg == TINY.segmenter_config() and params == result.params
     config = json.loads((run / "config.json").read_text())

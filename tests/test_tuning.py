@@ -308,7 +308,8 @@ def test_parse_inject_failures():
 def test_export_model_copies_only_the_model_files(tmp_path):
     ckpt = tmp_path / "checkpoint_000003"
     (ckpt / "checkpoint").mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "postprocess.json", "history.csv", "history.json"):
+    for name in ("config.json", "model.safetensors", "postprocess.json", "history.csv", "history.json",
+                 "curves.png", "quality.json"):
         (ckpt / name).write_text(name)
     (ckpt / "checkpoint" / "last.pt").write_text("optimizer state")
     dest = tmp_path / "bundle" / "segmenters" / "he"
@@ -316,7 +317,8 @@ def test_export_model_copies_only_the_model_files(tmp_path):
     (dest / "stale.txt").write_text("old model")
     names = export_model(ckpt, dest)
     assert names == sorted(p.name for p in dest.iterdir())
-    assert names == ["config.json", "history.csv", "history.json", "model.safetensors", "postprocess.json"]
+    assert names == ["config.json", "curves.png", "history.csv", "history.json", "model.safetensors",
+                     "postprocess.json", "quality.json"]
     assert not list(dest.parent.glob(".*")), "no temporary folders left"
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(DataError, match="no model.safetensors in the trial checkpoint"):
@@ -462,7 +464,8 @@ def test_local_sweep_writes_best_config_trials_plot_and_bundle(local_ray, tiny_d
     # The bundle holds the best trial's finished model and its tuned watershed parameters.
     run = bundle / "segmenters" / MODALITY
     assert sorted(p.name for p in run.iterdir()) == [
-        "config.json", "history.csv", "history.json", "model.safetensors", "postprocess.json"]
+        "config.json", "curves.png", "history.csv", "history.json", "model.safetensors", "postprocess.json",
+        "quality.json"]
     history = json.loads((run / "history.json").read_text())
     assert history["final"]["val_mean_f1_tuned"] == float(best["tuned_f1"])
     assert json.loads((run / "config.json").read_text())["train"]["lr"] == cfg.lr

@@ -38,7 +38,7 @@ INJECT_FAILURES_ENV = "TRIAGESEG_TUNE_INJECT_FAILURES"
 RUN_SUBDIR = "run"
 # Files of a run folder that make up the model (copied into a bundle); everything else
 # (optimizer state, resume checkpoint) stays behind.
-MODEL_FILES = ("config.json", "model.safetensors", "postprocess.json")
+MODEL_FILES = ("config.json", "model.safetensors", "postprocess.json", "quality.json", "curves.png")
 MODEL_PREFIXES = ("history.",)
 # A record of injected failures per trial, kept in the trial dir across retries.
 _INJECTED = ".injected_failures"
