@@ -385,5 +385,5 @@ def segment_large_file(
     quality = pipe.quality_model(used)
     score = None if quality is None else quality.predict(signals_from_sums(
         summary["quality_sums"], n_objects=summary["objects"], median_area=summary["median_area"],
-        stats=quality.stats, router_confidence=conf))
+        stats=quality.stats, router_confidence=state["confidence"], ood_score=state.get("ood_score")))
     return {**row, "objects": summary["objects"], "quality": score}
