@@ -1,11 +1,14 @@
-"""Huge images end to end: lazy file -> overview routing -> blocks -> stitched labels on disk.
+"""Huge images end to end: lazy file -> overview routing -> probabilities on disk -> blocks -> labels on disk.
 
 :func:`segment_blocks` is the block path for any array-like image (array in, label file
-out): it runs :func:`~triageseg.pipeline.blocks.segment_block` over the grid, keeping each
-finished block in a :class:`Journal` beside the output, stitches
-(:mod:`triageseg.pipeline.stitch`), and streams the labels to a tiled pyramidal TIFF
-(and optionally a GeoJSON of outlines) that appear under their names only when complete.
-An interrupted run resumes from the finished blocks; the journal is removed on success.
+out): the class probabilities once per pixel on the whole image's tile grid, band by band,
+into a :class:`~triageseg.pipeline.probstore.ProbabilityStore` in a :class:`Journal`
+beside the output; then :func:`~triageseg.pipeline.blocks.decode_block` over the grid
+(each finished block kept in the journal), the objects numbered
+(:mod:`triageseg.pipeline.stitch`), and the labels streamed to a tiled pyramidal TIFF (and
+optionally a GeoJSON of outlines) that appear under their names only when complete. The
+labels equal the in-memory path's up to the numbering. An interrupted run resumes from
+the finished probability rows and blocks; the journal is removed on success.
 
 :func:`segment_large_file` adds what a file needs: a lazy reader (TIFF / BigTIFF /
 OME-TIFF / SVS at a pyramid level), one pass for the normalisation statistics and the
@@ -17,7 +20,6 @@ sends images above :attr:`BlockOptions.threshold_mp` here.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -35,16 +37,17 @@ from triageseg.pipeline.blocks import (
     BlockGrid,
     BlockResult,
     NormStats,
+    decode_block,
     plan_blocks,
     scan_image,
-    segment_block,
 )
-from triageseg.pipeline.stitch import BlockCache, kept_objects, render_core, stitch
+from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
+from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.postprocess.watershed import WatershedParams
 
 # 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
 DEFAULT_THRESHOLD_MP = 16.8
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: probabilities on disk, blocks own whole objects (1: candidates, stitched)
 _OUTPUT_TILE = 512
 
 
@@ -171,10 +174,10 @@ def _load_array(path: Path) -> np.ndarray:
     return np.load(io.BytesIO(imagecodecs.zstd_decode(path.read_bytes())))
 
 
-def _save_cores(grid: BlockGrid, stitching, load, folder: Path, tile: int) -> None:
+def _save_cores(grid: BlockGrid, numbering, load, folder: Path, tile: int) -> None:
     """Each block's final core labels, in pieces of ``tile`` image rows (the writer reads one strip of rows at a time)."""
     for block in grid.blocks:
-        core = render_core(grid, stitching, load, block.index).astype(stitching.dtype(), copy=False)
+        core = render_core(grid, numbering, load, block.index).astype(numbering.dtype(), copy=False)
         y0, y1 = block.core[0], block.core[1]
         for k in range(y0 // tile, math.ceil(y1 / tile)):
             part = core[max(y0, k * tile) - y0 : min(y1, (k + 1) * tile) - y0]
@@ -206,7 +209,7 @@ def segment_blocks(
     source,
     out_path: str | os.PathLike,
     *,
-    probabilities: Callable[[np.ndarray], np.ndarray],
+    stream: Stream,
     params: WatershedParams,
     grid: BlockGrid,
     norm: NormStats,
@@ -218,29 +221,32 @@ def segment_blocks(
     name: str = "<array>",
     before_write: Callable[[], None] | None = None,
 ) -> dict:
-    """The block path for an array-like image: every block, stitched, streamed to ``out_path``.
+    """The block path for an array-like image: probabilities, every block, numbered, streamed to ``out_path``.
 
     Args:
         source: array-like image (HxW or HxWxC, ``source[y0:y1, x0:x1]``), e.g. a
             :class:`~triageseg.datasets.lazy.LazyImage`.
         out_path: the label TIFF to write (tiled pyramidal OME-TIFF, uint16 or uint32).
-        probabilities: normalised block image -> 3xhxw probabilities.
+        stream: ``stream(read_rows, shape, start=row)`` -> ``(y0, y1, probs)`` rows of the
+            class probabilities of the normalised image (``Pipeline.probability_stream``,
+            or any function of the rows for tests).
         params: watershed parameters.
         grid: the blocks (:func:`~triageseg.pipeline.blocks.plan_blocks`).
         norm: global normalisation (:func:`~triageseg.pipeline.blocks.scan_image`).
-        journal: where finished blocks are kept; blocks already in it are not recomputed.
-            It is removed once the outputs are in place.
+        journal: where the probabilities and finished blocks are kept; what is in it is
+            not computed again. It is removed once the outputs are in place.
         geojson: also write the outlines here (GeoJSON FeatureCollection).
         modality: the modality named in the GeoJSON.
         pixel_size: microns per pixel (y, x), stored in the TIFF and used for areas.
-        progress: show a progress bar over the blocks.
+        progress: show progress bars over the probability rows and the blocks.
         name: the image's name in messages and metadata.
         before_write: called just before the label file is written (e.g. to log its
             routing row, so a crash right after the write loses nothing).
 
     Returns:
-        A summary: ``objects``, ``blocks``, ``computed`` (blocks run now), ``candidates``,
-        ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`).
+        A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
+        (probability rows computed now), ``grown`` (components larger than the margin,
+        decoded in a grown window).
     """
     from tqdm import tqdm
     from triageseg.datasets.pyramid import write_pyramid
@@ -248,28 +254,37 @@ def segment_blocks(
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
-              disable=not progress) as bar:
-        for block in todo:
-            journal.save(segment_block(source, block, probabilities=probabilities, params=params, norm=norm,
-                                       margin=grid.margin, name=name))
-            bar.update(1)
+    rows = 0
+    if todo:
+        store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
+        if not store.complete:
+            def read_rows(y0: int, y1: int) -> np.ndarray:
+                return norm.apply(source[y0:y1, 0 : grid.shape[1]], name=name)
+
+            with tqdm(total=grid.shape[0], initial=store.rows, unit="row", desc=f"{str(name)[-24:]} probs",
+                      leave=False, disable=not progress) as bar:
+                rows = compute_probabilities(stream, read_rows, store, progress=bar.update)
+        with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
+                  disable=not progress) as bar:
+            for block in todo:
+                journal.save(decode_block(store.read, block, params=params, margin=grid.margin))
+                bar.update(1)
     load = BlockCache(journal.load, size=min(len(grid.cols) + 4, 16))
-    stitching = stitch(grid, load)
-    _save_cores(grid, stitching, load, journal.folder, _OUTPUT_TILE)
+    numbering = number_blocks(grid, load)
+    _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE)
     if geojson is not None:
         with GeoJSONWriter(geojson, modality=modality, pixel_size=pixel_size, image=Path(out_path).stem) as out:
-            for label, mask, top_left, area in kept_objects(grid, stitching, load):
+            for label, mask, top_left, area in kept_objects(grid, numbering, load):
                 out.add(label, mask, top_left, area)
     # the label file last: its presence marks the input as done for a resumed batch
     if before_write is not None:
         before_write()
-    write_pyramid(out_path, grid.shape, stitching.dtype(),
-                  _row_reader(grid, journal.folder, _OUTPUT_TILE, stitching.dtype()), tile=_OUTPUT_TILE,
+    write_pyramid(out_path, grid.shape, numbering.dtype(),
+                  _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
                   pixel_size=pixel_size, name=Path(out_path).stem)
     journal.remove()
-    return {"objects": stitching.n_objects, "blocks": len(grid), "computed": len(todo),
-            "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut}
+    return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
+            "grown": numbering.grown}
 
 
 # --------------------------------------------------------------------------- files
@@ -301,7 +316,7 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
-        "overlap": pipe.overlap, "tta": pipe.tta,
+        "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
     }
 
 
@@ -350,11 +365,9 @@ def segment_large_file(
         row = {"file": str(path), "output": f"{name}.tif", "modality": state["modality"],
                "confidence": "" if conf is None else f"{conf:.4f}", "used_model": used, "decision": state["decision"],
                "mode": "blocks"}
-        tile, overlap, scale = pipe.tiling(used)
-        grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin,
-                           align=(tile / scale, (tile - overlap) / scale))
+        grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
         summary = segment_blocks(
-            source, out_dir / f"{name}.tif", probabilities=functools.partial(pipe.probabilities, used_model=used),
+            source, out_dir / f"{name}.tif", stream=pipe.probability_stream(used, name=str(path)),
             params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
