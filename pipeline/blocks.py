@@ -45,6 +45,8 @@ Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 # component reaching farther is decoded in a grown window).
 DEFAULT_MARGIN = 64
 DEFAULT_BLOCK_SIZE = 2048
+# Largest side of a window grown around a foreground component (16k x 16k float32 probabilities: 3 GiB; 6144: 0.4 GiB).
+GROW_LIMIT = 6144
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,7 @@ class BlockResult:
     first: np.ndarray  # int64, increasing
     area: np.ndarray  # int64
     grown: int = 0  # components decoded again in a grown window
+    oversized: int = 0  # of those, components larger than the grown window's limit (decoded in the limited window)
 
     @property
     def n(self) -> int:
@@ -312,7 +315,7 @@ class BlockResult:
 
         buf = io.BytesIO()
         np.savez(buf, index=self.index, box=np.asarray(self.box, np.int64), labels=self.labels, first=self.first,
-                 area=self.area, grown=self.grown)
+                 area=self.area, grown=self.grown, oversized=self.oversized)
         # zstd at level 1: ~10x faster to read back than the zip deflate of savez_compressed, and smaller
         return imagecodecs.zstd_encode(buf.getvalue(), level=1)
 
@@ -323,7 +326,7 @@ class BlockResult:
 
         with np.load(io.BytesIO(imagecodecs.zstd_decode(data))) as z:
             return cls(int(z["index"]), tuple(int(v) for v in z["box"]), z["labels"], z["first"], z["area"],
-                       int(z["grown"]))
+                       int(z["grown"]), int(z["oversized"]))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to ``path``."""
@@ -379,27 +382,38 @@ def _owned(raw: np.ndarray, keep: np.ndarray, window: Box, core: Box, shape: tup
 
 
 def _grow_component(read_probs: ProbReader, params: WatershedParams, seed: tuple[int, int], box: Box,
-                    shape: tuple[int, int], step: int) -> tuple[Box, np.ndarray, np.ndarray]:
+                    shape: tuple[int, int], step: int, limit: int) -> tuple[Box, np.ndarray, np.ndarray, bool]:
     """Decode the foreground component holding pixel ``seed`` in windows grown around ``box`` until it is whole.
 
+    A window never grows past ``limit`` pixels a side around ``seed`` (memory stays bounded
+    on a slide whose foreground is one huge component).
+
     Returns:
-        ``(window, raw labels, mask of the component)`` in that window.
+        ``(window, raw labels, mask of the component, whole)`` in that window; ``whole`` is
+        False when the component reached past the limit (it is then decoded in the
+        limited window).
     """
     h, w = shape
+    half = limit // 2
+    cap = (max(0, seed[0] - half), min(h, seed[0] + half), max(0, seed[1] - half), min(w, seed[1] + half))
     while True:
-        window = (max(0, box[0] - step), min(h, box[1] + step), max(0, box[2] - step), min(w, box[3] + step))
+        window = (max(cap[0], box[0] - step), min(cap[1], box[1] + step), max(cap[2], box[2] - step),
+                  min(cap[3], box[3] + step))
         raw, comps = decode_components(read_probs(window), params)
         k = comps[seed[0] - window[0], seed[1] - window[2]]
         mask = comps == k
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         if not _touches_cut(sl, window, shape):
-            return window, raw, mask
+            return window, raw, mask, True
+        if window == cap:
+            return window, raw, mask, False
         box = (window[0] + sl[0].start, window[0] + sl[0].stop, window[2] + sl[1].start, window[2] + sl[1].stop)
         step *= 2
 
 
-def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParams, margin: int) -> BlockResult:
+def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParams, margin: int,
+                 limit: int = GROW_LIMIT) -> BlockResult:
     """Decode one block from the image's probabilities: the objects it owns, whole (see the module docstring).
 
     Args:
@@ -408,6 +422,9 @@ def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParam
         block: a block of :func:`plan_blocks` for this image.
         params: watershed parameters.
         margin: the grid's margin (how far a grown window first reaches past a component).
+        limit: the largest side of a grown window (at least twice the block's window; a
+            component larger than that is decoded in a window of this side around it and may
+            then differ between the blocks it spans; counted in ``BlockResult.oversized``).
 
     Returns:
         The block's :class:`BlockResult`.
@@ -425,6 +442,7 @@ def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParam
 
     raw, comps = decode_components(read(window), params)
     oy, ox = window[0], window[2]
+    limit = max(int(limit), 2 * max(window[1] - window[0], window[3] - window[2]))
     in_core = np.unique(comps[core[0] - oy : core[1] - oy, core[2] - ox : core[3] - ox])
     in_core = in_core[in_core > 0]
     slices = ndi.find_objects(comps)
@@ -437,26 +455,28 @@ def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParam
             whole[k] = True
     pieces = [_owned(raw, whole[comps], window, core, shape, params.min_size)]
     taken = set(pieces[0].first.tolist())
+    oversized = 0
     for k in partial:
         sl = slices[k - 1]
         ys, xs = np.nonzero(comps[sl] == k)
         seed = (int(ys[0]) + sl[0].start + oy, int(xs[0]) + sl[1].start + ox)
         box = (sl[0].start + oy, sl[0].stop + oy, sl[1].start + ox, sl[1].stop + ox)
-        grown, graw, mask = _grow_component(read, params, seed, box, shape, max(margin, 16))
+        grown, graw, mask, complete = _grow_component(read, params, seed, box, shape, max(margin, 16), limit)
+        oversized += not complete
         piece = _owned(graw, mask, grown, core, shape, params.min_size)
         new = np.array([f not in taken for f in piece.first.tolist()], bool)
         if new.any():  # two cut pieces of one component in this window: decoded once
             pieces.append(_Piece(grown, piece.labels, piece.ids[new], piece.first[new], piece.area[new]))
             taken.update(piece.first[new].tolist())
-    return _assemble(block.index, pieces, shape, len(partial))
+    return _assemble(block.index, pieces, len(partial), oversized)
 
 
-def _assemble(index: int, pieces: list[_Piece], shape: tuple[int, int], grown: int) -> BlockResult:
+def _assemble(index: int, pieces: list[_Piece], grown: int, oversized: int) -> BlockResult:
     """One label box holding every owned object of a block, numbered by first pixel."""
     first = np.concatenate([p.first for p in pieces])
     area = np.concatenate([p.area for p in pieces])
     if first.size == 0:
-        return BlockResult(index, (0, 0, 0, 0), np.zeros((0, 0), np.uint32), first, area, grown)
+        return BlockResult(index, (0, 0, 0, 0), np.zeros((0, 0), np.uint32), first, area, grown, oversized)
     order = np.argsort(first, kind="stable")
     rank = np.empty(first.size, np.int64)
     rank[order] = np.arange(1, first.size + 1)
@@ -481,4 +501,4 @@ def _assemble(index: int, pieces: list[_Piece], shape: tuple[int, int], grown: i
         ids = lut[p.labels[y0 - p.window[0] : y1 - p.window[0], x0 - p.window[2] : x1 - p.window[2]]]
         target = labels[y0 - box[0] : y1 - box[0], x0 - box[2] : x1 - box[2]]
         np.copyto(target, ids, where=ids > 0)
-    return BlockResult(index, box, labels, first[order], area[order], grown)
+    return BlockResult(index, box, labels, first[order], area[order], grown, oversized)

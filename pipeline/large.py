@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blocks import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MARGIN,
+    GROW_LIMIT,
     BlockGrid,
     BlockResult,
     NormStats,
@@ -44,6 +46,8 @@ from triageseg.pipeline.blocks import (
 from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
 from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.postprocess.watershed import WatershedParams
+
+logger = logging.getLogger(__name__)
 
 # 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
 DEFAULT_THRESHOLD_MP = 16.8
@@ -246,7 +250,8 @@ def segment_blocks(
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
         (probability rows computed now), ``grown`` (components larger than the margin,
-        decoded in a grown window).
+        decoded in a grown window), ``oversized`` (of those, larger than
+        :data:`~triageseg.pipeline.blocks.GROW_LIMIT`: decoded in limited windows, warned).
     """
     from tqdm import tqdm
     from triageseg.datasets.pyramid import write_pyramid
@@ -283,8 +288,11 @@ def segment_blocks(
                   _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
                   pixel_size=pixel_size, name=Path(out_path).stem)
     journal.remove()
+    if numbering.oversized:
+        logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
+                       "be cut where blocks meet", name, numbering.oversized, GROW_LIMIT)
     return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
-            "grown": numbering.grown}
+            "grown": numbering.grown, "oversized": numbering.oversized}
 
 
 # --------------------------------------------------------------------------- files

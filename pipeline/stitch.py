@@ -5,7 +5,11 @@ Every object of the image is owned, whole, by exactly one block
 pixel), so the blocks' objects are disjoint and together are the whole image's labels.
 Global ids are 1..n in (block, first pixel) order; a core's final labels are painted
 from the owned objects of every block whose box meets it (its neighbours, or farther
-for a component larger than the margin).
+for a component larger than the margin). The one exception: a foreground component
+larger than a grown window may be (:data:`~triageseg.pipeline.blocks.GROW_LIMIT`, e.g. a
+slide whose foreground is one piece) is decoded in a limited window by each block it
+spans, and those decodings may differ; it is counted (``Numbering.oversized``) and the
+later block's objects are painted over the earlier's.
 
 Example:
     >>> numbering = number_blocks(grid, load)                # doctest: +SKIP
@@ -51,6 +55,7 @@ class Numbering:
     boxes: tuple[Box, ...]  # per block: the box of its objects
     n_objects: int  # objects, numbered 1..n_objects
     grown: int  # components decoded in a grown window (larger than the margin)
+    oversized: int  # components larger than a grown window may be (decoded in a limited window)
 
     def dtype(self) -> np.dtype:
         """uint16 when every id fits, else uint32 (as datasets.io.write_labels)."""
@@ -69,14 +74,15 @@ def number_blocks(grid: BlockGrid, load: Callable[[int], BlockResult]) -> Number
         grid: the block grid.
         load: block index -> its :class:`~triageseg.pipeline.blocks.BlockResult`.
     """
-    counts, boxes, grown = [], [], 0
+    counts, boxes, grown, oversized = [], [], 0, 0
     for block in grid.blocks:
         result = load(block.index)
         counts.append(result.n)
         boxes.append(result.box)
         grown += result.grown
+        oversized += result.oversized
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return Numbering(offsets, tuple(boxes), int(sum(counts)), grown)
+    return Numbering(offsets, tuple(boxes), int(sum(counts)), grown, oversized)
 
 
 def render_core(grid: BlockGrid, numbering: Numbering, load: Callable[[int], BlockResult], index: int) -> np.ndarray:

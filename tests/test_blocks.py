@@ -251,6 +251,14 @@ def test_a_component_larger_than_the_margin_is_decoded_whole(tmp_path):
     fg, n = ndi.label(whole > 0, structure=np.ones((3, 3)))
     assert np.bincount(fg.ravel())[1:].max() > 100 * 100  # the chain really is one component past any margin
     assert all(ndi.label(out == i, structure=np.ones((3, 3)))[1] == 1 for i in np.unique(out)[1:])  # nothing cut
+    assert summary["oversized"] == 0
+    # a window may grow only so far (memory): past the limit the component is decoded in the limited window, counted
+    from triageseg.pipeline.blocks import decode_block
+
+    grid = plan_blocks(gt.shape, block_size=256, margin=48)
+    result = decode_block(lambda b: probs[:, b[0] : b[1], b[2] : b[3]], grid.blocks[4], params=PARAMS, margin=48,
+                          limit=1)
+    assert result.oversized >= 1 and result.n > 0
 
 
 # --------------------------------------------------------------------------- resume
