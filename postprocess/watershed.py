@@ -225,6 +225,10 @@ def decode_components(p: np.ndarray, params: WatershedParams) -> tuple[np.ndarra
     return out, comps
 
 
+# Order among a component's queued marker pixels of one elevation (raster order), far below any elevation step.
+_TIE = 2.0**-36
+
+
 def _flood(interior: np.ndarray, markers: np.ndarray, comps: np.ndarray, multi: np.ndarray) -> np.ndarray:
     """Flood the components marked in ``multi`` from their ``markers`` over ``1 - interior`` (skimage watershed).
 
@@ -233,11 +237,14 @@ def _flood(interior: np.ndarray, markers: np.ndarray, comps: np.ndarray, multi: 
     component's nearest marker, over its bounding box, is added as a fraction of a level:
     it orders pixels only *within* a level, so plateaus are split by proximity to the
     markers instead of by queue order. Only marker pixels next to a pixel to flood enter
-    the queue (the rest cannot reach anything), which keeps the queue short. One flood
-    runs over all components at once; it never crosses between them (they are separate
-    regions of the mask, and the queue orders each one's pixels by their own values and
-    arrival), and the plateau test and distances are per component, so each component's
-    result depends on it alone.
+    the queue (the rest cannot reach anything), which keeps the queue short.
+
+    One flood runs over all components at once, and each component's result depends on
+    it alone: the components are separate regions of the mask, the plateau test and the
+    distances are per component, and skimage's queue orders pixels by (elevation, arrival)
+    except the markers, which all arrive at once and whose ties it breaks by heap position
+    (that is, by the other regions' pixels too); so the markers of a component get
+    distinct elevations, lowered by ``_TIE`` steps in their raster order within it.
     """
     from skimage.segmentation import watershed as skimage_watershed
 
@@ -263,6 +270,15 @@ def _flood(interior: np.ndarray, markers: np.ndarray, comps: np.ndarray, multi: 
             dist = ndi.distance_transform_cdt(~(seeded[box] & own), metric="taxicab")
             part = elevation[box]
             part[own] += (dist / (float(dist.max()) + 1.0))[own]
+    # markers of one component: distinct elevations in raster order (below their level, so still first in it)
+    where = np.flatnonzero(rim)
+    owner = comps.ravel()[where]
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=multi.size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.empty(where.size, np.float64)
+    pos[order] = np.arange(where.size) - starts[owner[order]] - counts[owner[order]]
+    elevation.ravel()[where] += pos * _TIE
     flooded = skimage_watershed(elevation, markers=np.where(rim, seeds, 0), mask=rim | todo, connectivity=2)
     flooded[seeded] = seeds[seeded]
     return flooded
