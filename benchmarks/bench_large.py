@@ -204,10 +204,19 @@ def run_crop(args, work: Path, bundle: Path, used: str, run: bool = True) -> dic
     whole = read_labels(work / "out_whole" / crop.name)
     blocks = read_labels(work / "out_blocks" / crop.name)
     gt = _read(work / "mosaic_gt.tif", 0, args.whole, 0, args.whole)
+    # seam defects on the crop's core boundaries, block-wise and (the same nuclei) whole
+    from triageseg.pipeline.blocks import DEFAULT_MARGIN, plan_blocks
+
+    grid = plan_blocks((args.whole, args.whole), block_size=args.block_size, margin=DEFAULT_MARGIN)
+    crop_gt = work / "crop_gt.tif"
+    if not crop_gt.is_file():
+        write_crop(work / "mosaic_gt.tif", crop_gt, args.whole)
+    seams = {mode: seam_defects(crop_gt, lambda y0, y1, x0, x1, lab=lab: lab[y0:y1, x0:x1], grid)
+             for mode, lab in (("blocks", blocks), ("whole", whole))}
     pairs = np.unique(whole.astype(np.int64) * (int(blocks.max()) + 1) + blocks)
     a, b = pairs // (int(blocks.max()) + 1), pairs % (int(blocks.max()) + 1)
     identical = bool(((a > 0) == (b > 0)).all() and np.unique(a).size == np.unique(b).size == pairs.size)
-    return {"runs": runs, "agree": match_image(whole, blocks).f1_at(0.5), "identical": identical,
+    return {"runs": runs, "agree": match_image(whole, blocks).f1_at(0.5), "identical": identical, "seams": seams,
             "f1_whole": match_image(gt, whole).mean_f1, "f1_blocks": match_image(gt, blocks).mean_f1}
 
 
@@ -252,6 +261,12 @@ def report(args, m: dict | None, t: dict | None, c: dict | None, used: str) -> N
         print(f"crop {args.whole}x{args.whole} whole vs block-wise F1@0.5 {c['agree']:.4f}  goal >= 0.995: "
               f"{_goal(c['agree'] >= 0.995)}  (mean F1 vs GT: whole {c['f1_whole']:.4f}, blocks {c['f1_blocks']:.4f})")
         print(f"crop label images identical up to the numbering: {c.get('identical')}")
+        if "seams" in c:
+            sb, sw = c["seams"]["blocks"], c["seams"]["whole"]
+            own = (sb["split"] | sb["cut"]) - (sw["split"] | sw["cut"])
+            print(f"crop seams: GT nuclei across a core boundary {sb['crossing']}; split / cut block-wise "
+                  f"{len(sb['split'])} / {len(sb['cut'])}, whole {len(sw['split'])} / {len(sw['cut'])}; "
+                  f"defects of the block path only: {len(own)}  goal 0: {_goal(not own)}")
         for mode, best in (("whole", best_w), ("blocks", best_b)):
             print(f"crop {mode:<6} {best / mpc:.3f} s/MP (runs {', '.join(f'{r[0]:.0f}' for r in runs[mode])} s wall; "
                   f"routing.csv {', '.join(f'{r[2]:.0f}' for r in runs[mode])} s), peak RSS "
