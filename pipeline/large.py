@@ -209,6 +209,23 @@ def _row_reader(grid: BlockGrid, folder: Path, tile: int, dtype: np.dtype) -> Ca
     return read_rows
 
 
+def _probabilities(source, stream: Stream, store: ProbabilityStore, norm: NormStats, *, name: str,
+                   progress: bool) -> int:
+    """Fill ``store`` with the probabilities of the normalised ``source`` (rows it has are kept); rows computed."""
+    from tqdm import tqdm
+
+    if store.complete:
+        return 0
+    width = store.shape[1]
+
+    def read_rows(y0: int, y1: int) -> np.ndarray:
+        return norm.apply(source[y0:y1, 0:width], name=name)
+
+    with tqdm(total=store.shape[0], initial=store.rows, unit="row", desc=f"{str(name)[-24:]} probs", leave=False,
+              disable=not progress) as bar:
+        return compute_probabilities(stream, read_rows, store, progress=bar.update)
+
+
 def segment_blocks(
     source,
     out_path: str | os.PathLike,
@@ -262,13 +279,7 @@ def segment_blocks(
     rows = 0
     if todo:
         store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
-        if not store.complete:
-            def read_rows(y0: int, y1: int) -> np.ndarray:
-                return norm.apply(source[y0:y1, 0 : grid.shape[1]], name=name)
-
-            with tqdm(total=grid.shape[0], initial=store.rows, unit="row", desc=f"{str(name)[-24:]} probs",
-                      leave=False, disable=not progress) as bar:
-                rows = compute_probabilities(stream, read_rows, store, progress=bar.update)
+        rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
         with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
                   disable=not progress) as bar:
             for block in todo:

@@ -93,6 +93,32 @@ def _input_channels(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _check_tiling(tile_size: int, overlap: int, batch_size: int) -> None:
+    if tile_size < 32 or tile_size % 32:
+        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
+    if not 0 <= overlap < tile_size // 2:
+        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _run_batch(model, arr: np.ndarray, dev, channels_last: bool, transforms: list, amp: bool) -> np.ndarray:
+    """Softmax probabilities of a batch of tiles (B x C x h x w), averaged over ``transforms`` (D4 TTA)."""
+    import torch
+
+    with torch.inference_mode(), autocast_context(dev, amp):
+        xb = torch.from_numpy(arr).to(dev, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        probs = None
+        for k, flip in transforms:
+            logits = model(_d4(xb, k, flip) if (k or flip) else xb)
+            p = torch.softmax(logits.float(), dim=1)
+            p = _d4_inverse(p, k, flip) if (k or flip) else p
+            probs = p if probs is None else probs + p
+        return (probs / len(transforms)).cpu().numpy()
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -146,12 +172,7 @@ def predict(
         )
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image is empty: shape {image.shape}")
-    if tile_size < 32 or tile_size % 32:
-        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
-    if not 0 <= overlap < tile_size // 2:
-        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_tiling(tile_size, overlap, batch_size)
     scale = check_scale(scale)
     if scale != 1.0:
         resized = resize_image(np.asarray(image, dtype=np.float32), scaled_shape(image.shape, scale))
@@ -238,12 +259,7 @@ def stream_probabilities(
     import torch
 
     h, w = int(shape[0]), int(shape[1])
-    if tile_size < 32 or tile_size % 32:
-        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
-    if not 0 <= overlap < tile_size // 2:
-        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_tiling(tile_size, overlap, batch_size)
     if not 0 <= start <= h:
         raise ValueError(f"start must be in [0, {h}], got {start}")
     if start == h:
@@ -276,20 +292,10 @@ def stream_probabilities(
     model.eval()
     try:
         for n_done, batch in zip(itertools.count(batch_size, batch_size), _batches(tiles, batch_size)):
-            with torch.inference_mode(), autocast_context(dev, amp):
-                y_lo, y_hi = batch[0][0], batch[-1][0] + th
-                band = source.get(y_lo, y_hi)
-                arr = np.stack([band[y - y_lo : y - y_lo + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
-                xb = torch.from_numpy(arr).to(dev, non_blocking=True)
-                if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                probs = None
-                for k, flip in transforms:
-                    logits = model(_d4(xb, k, flip) if (k or flip) else xb)
-                    p = torch.softmax(logits.float(), dim=1)
-                    p = _d4_inverse(p, k, flip) if (k or flip) else p
-                    probs = p if probs is None else probs + p
-                probs = (probs / len(transforms)).cpu().numpy()
+            y_lo, y_hi = batch[0][0], batch[-1][0] + th
+            band = source.get(y_lo, y_hi)
+            arr = np.stack([band[y - y_lo : y - y_lo + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
+            probs = _run_batch(model, arr, dev, channels_last, transforms, amp)
             if acc is None:
                 acc = np.zeros((probs.shape[1], 0, wp), np.float32)
             if y_hi - top > acc.shape[1]:  # grow the accumulator down to the batch's last row
