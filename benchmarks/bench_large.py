@@ -1,8 +1,10 @@
 """Huge images block-wise: memory, accuracy against the tiles one by one, seams, speed.
 
-Builds a fluorescence mosaic of synthetic tiles with its ground truth (written to tiled
-TIFFs strip by strip, never whole in memory), then runs ``triageseg segment`` in child
-processes and prints, in one run, every goal of the block path:
+Builds a fluorescence mosaic with its ground truth (``large_data.py``: by default one
+synthetic tile scan, ``datasets.synth_scan``: one acquisition, content continuous across
+tile edges; ``--layout independent``: independent synthetic images side by side), then
+runs ``triageseg segment`` in child processes and prints, in one run, every goal of the
+block path (scoring in ``large_scoring.py``):
 
 1. the mosaic (default 16000 x 16000) block-wise: peak RSS of the child (getrusage of
    its children), seconds per megapixel; mean F1 against the ground truth (per tile,
@@ -22,9 +24,10 @@ processes and prints, in one run, every goal of the block path:
 A trained bundle is needed: ``--bundle DIR``, or the demo bundle in ``.bench/demo`` (made
 with ``triageseg demo --out .bench/demo`` when missing, ~8 minutes on 2 cores).
 
-The tiles are 2000 px by default: a mosaic of independent synthetic images has seams
-no real scan has (a nucleus cut by one tile's edge next to unrelated content), and with
-500 px tiles they alone cost the whole-image path as much F1 as they cost the block path.
+The tiles are 2000 px by default. A mosaic of independent synthetic images has seams no
+real scan has (each tile its own exposure; a nucleus cut by one tile's edge next to
+unrelated content): they cost the whole-image path as much F1 as the block path, which is
+why the default mosaic is a tile scan.
 
 Usage:
     python benchmarks/bench_large.py                                  # 16000 x 16000
@@ -49,8 +52,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from large_data import build_mosaic, write_crop  # noqa: E402
+from large_scoring import _read, ids_consecutive, seam_defects, tile_scores  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-_TIFF_TILE = 512
 # Run the command given after it and print the peak RSS (KiB) of that child alone.
 _WRAPPER = (
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
@@ -85,9 +91,6 @@ def segment_cmd(inputs: list[Path], bundle: Path, out: Path, *extra: str) -> lis
             "--out", str(out), "--overwrite", "--quiet", *extra]
 
 
-# --------------------------------------------------------------------------- data
-
-
 def ensure_bundle(bundle: str | None) -> Path:
     if bundle:
         return Path(bundle)
@@ -97,214 +100,6 @@ def ensure_bundle(bundle: str | None) -> Path:
         subprocess.run([sys.executable, "-m", "triageseg.cli.main", "demo", "--out", str(demo), "--quiet"], check=True,
                        env=_env())
     return demo / "bundle"
-
-
-def _zsave(path: Path, array: np.ndarray) -> None:
-    import io
-
-    import imagecodecs
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    path.write_bytes(imagecodecs.zstd_encode(buf.getvalue(), level=1))
-
-
-def _zload(path: Path) -> np.ndarray:
-    import io
-
-    import imagecodecs
-
-    return np.load(io.BytesIO(imagecodecs.zstd_decode(path.read_bytes())))
-
-
-def _tiff_tiles(rows, size: int, tile: int, channels: int | None):
-    """512 x 512 TIFF tiles in row-major order from synthetic rows of ``tile`` px (two rows in memory at most)."""
-    cache: dict[int, np.ndarray] = {}
-    for ty in range(0, size, _TIFF_TILE):
-        r0, r1 = ty // tile, (min(size, ty + _TIFF_TILE) - 1) // tile
-        for r in list(cache):
-            if r < r0:
-                del cache[r]
-        for r in range(r0, r1 + 1):
-            if r not in cache:
-                cache[r] = rows(r)
-        strip = np.concatenate([cache[r] for r in range(r0, r1 + 1)])[ty - r0 * tile :][:_TIFF_TILE]
-        for tx in range(0, size, _TIFF_TILE):
-            piece = strip[:, tx : tx + _TIFF_TILE]
-            pad = [(0, _TIFF_TILE - piece.shape[0]), (0, _TIFF_TILE - piece.shape[1])] + ([(0, 0)] if channels else [])
-            yield np.ascontiguousarray(np.pad(piece, pad))
-
-
-def build_mosaic(work: Path, size: int, tile: int, seed: int) -> dict:
-    """mosaic.tif + mosaic_gt.tif (tiled TIFFs) and tiles/t_RRR_CCC.tif; reused when already built."""
-    import tifffile
-    from triageseg.datasets.synth import synth_sample
-
-    meta = {"size": size, "tile": tile, "seed": seed, "modality": "fluorescence", "format": 2}
-    stamp = work / "mosaic.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == meta:
-        return meta
-    if size % tile:
-        raise SystemExit(f"--size {size} must be a multiple of --tile {tile}")
-    n = size // tile
-    (work / "tiles").mkdir(parents=True, exist_ok=True)
-    (work / "gt_rows").mkdir(exist_ok=True)
-    offsets = np.zeros(n * n + 1, np.int64)
-    t0 = time.perf_counter()
-
-    def image_row(r: int) -> np.ndarray:
-        images, labels = [], []
-        for c in range(n):
-            img, lab = synth_sample("fluorescence", size=tile, rng=np.random.default_rng([seed, r, c]))
-            tifffile.imwrite(work / "tiles" / f"t_{r:03d}_{c:03d}.tif", img, compression="zlib", photometric="rgb")
-            base = offsets[r * n + c]
-            offsets[r * n + c + 1] = base + int(lab.max())
-            images.append(img)
-            labels.append(np.where(lab > 0, lab.astype(np.int64) + base, 0).astype(np.uint32))
-        _zsave(work / "gt_rows" / f"{r:03d}.npy.zst", np.concatenate(labels, axis=1))
-        if r % 8 == 7:
-            print(f"  mosaic rows {r + 1}/{n} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        return np.concatenate(images, axis=1)
-
-    opts = {"tile": (_TIFF_TILE, _TIFF_TILE), "compression": "zlib", "bigtiff": size * size * 4 > 2**31}
-    tifffile.imwrite(work / "mosaic.tif", _tiff_tiles(image_row, size, tile, 3), shape=(size, size, 3), dtype=np.uint8,
-                     photometric="rgb", **opts)
-    tifffile.imwrite(work / "mosaic_gt.tif", _tiff_tiles(lambda r: _zload(work / "gt_rows" / f"{r:03d}.npy.zst"), size,
-                                                         tile, None), shape=(size, size), dtype=np.uint32, **opts)
-    for p in (work / "gt_rows").iterdir():
-        p.unlink()
-    (work / "gt_rows").rmdir()
-    stamp.write_text(json.dumps(meta))
-    return meta
-
-
-def write_crop(src: Path, dst: Path, side: int) -> None:
-    import tifffile
-    from triageseg.datasets.lazy import LazyImage
-
-    with LazyImage(src) as image:
-        crop = image[0:side, 0:side]
-    tifffile.imwrite(dst, crop, tile=(_TIFF_TILE, _TIFF_TILE), compression="zlib",
-                     photometric="rgb" if crop.ndim == 3 else "minisblack")
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _read(path: Path, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    from triageseg.datasets.lazy import LazyImage
-
-    with LazyImage(path) as image:
-        return image[y0:y1, x0:x1]
-
-
-def tile_scores(pred_region, gt_path: Path, n: int, tile: int):
-    """Pooled default-protocol result over tiles; ``pred_region(r, c)`` gives the prediction of tile (r, c)."""
-    from triageseg.datasets.lazy import LazyImage
-    from triageseg.postprocess.metrics import aggregate, match_image
-
-    results = []
-    with LazyImage(gt_path) as gt:
-        for r in range(n):
-            for c in range(n):
-                truth = gt[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile]
-                results.append(match_image(truth, pred_region(r, c), id=f"{r}_{c}"))
-    return aggregate(results)
-
-
-def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids made consecutive (0 stays 0), so per-object tables stay small; and the original id of each."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        ids = np.concatenate([[0], ids])
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape).astype(np.int64), ids
-
-
-_EIGHT = np.ones((3, 3), bool)
-
-
-def _band_defects(gt: np.ndarray, pred: np.ndarray, line: int) -> dict:
-    """Seam defects along the horizontal line between rows ``line - 1`` and ``line`` of a band.
-
-    ``crossing``: GT nuclei with at least 20% of their area on each side (and not touching
-    the band's ends). ``split``: such a nucleus overlapped (>= 10% of it each) by a predicted
-    object lying >= 95% above the line and another >= 95% below. ``cut``: its best-matching
-    prediction (>= 20% of it) lies >= 95% on one side and covers none of its other side.
-    ``pieces``: predicted objects touching the line whose pixels near it are not one
-    8-connected piece (the watershed's connectivity). Split and cut are sets of GT ids.
-    """
-    from scipy import ndimage as ndi
-
-    (g, g_ids), (p, _) = _relabel(gt), _relabel(pred)
-    g_area, g_up = np.bincount(g.ravel()), np.bincount(g[:line].ravel(), minlength=g.max() + 1)
-    p_area, p_up = np.bincount(p.ravel()), np.bincount(p[:line].ravel(), minlength=p.max() + 1)
-    p_side = np.where(p_up >= 0.95 * p_area, 1, np.where(p_up <= 0.05 * p_area, -1, 0))
-    out = {"crossing": 0, "split": set(), "cut": set(), "pieces": 0}
-    crossing = np.intersect1d(np.unique(g[line - 1]), np.unique(g[line]))
-    crossing = crossing[(crossing > 0) & ~np.isin(crossing, np.concatenate([g[0], g[-1]]))]
-    boxes = ndi.find_objects(g)
-    for k in crossing.tolist():
-        up, down = int(g_up[k]), int(g_area[k] - g_up[k])
-        if min(up, down) < 0.2 * g_area[k]:
-            continue
-        out["crossing"] += 1
-        box = boxes[k - 1]
-        mask = g[box] == k
-        rows_up = (np.arange(box[0].start, box[0].stop) < line)[:, None]
-        ids, counts = np.unique(p[box][mask], return_counts=True)
-        counts, ids = counts[ids > 0], ids[ids > 0]
-        if ids.size == 0:
-            continue
-        sides = {int(p_side[i]) for i, c in zip(ids, counts) if c >= 0.1 * g_area[k]}
-        if {1, -1} <= sides:
-            out["split"].add(int(g_ids[k]))
-        best = int(ids[np.argmax(counts)])
-        if p_side[best] != 0 and counts.max() >= 0.2 * g_area[k]:  # a real match, not a stray pixel
-            other = mask & (~rows_up if p_side[best] == 1 else rows_up)
-            if not (p[box][other] == best).any():
-                out["cut"].add(int(g_ids[k]))
-    near = p[max(0, line - 40) : line + 40]
-    touching = np.intersect1d(np.unique(p[line - 1]), np.unique(p[line]))
-    pboxes = ndi.find_objects(near)
-    for k in touching[touching > 0].tolist():
-        if ndi.label(near[pboxes[k - 1]] == k, structure=_EIGHT)[1] > 1:
-            out["pieces"] += 1
-    return out
-
-
-def seam_defects(gt_path: Path, pred_band, grid, reach: int = 64) -> dict:
-    """Sum of :func:`_band_defects` over every core boundary of ``grid`` (horizontal and vertical)."""
-    from triageseg.datasets.lazy import LazyImage
-
-    total = {"crossing": 0, "split": set(), "cut": set(), "pieces": 0}
-    h, w = grid.shape
-    with LazyImage(gt_path) as gt:
-        for axis, spans, length in ((0, grid.rows, h), (1, grid.cols, w)):
-            for span in spans[1:]:
-                b = span[0]
-                lo, hi = max(0, b - reach), min(length, b + reach)
-                if axis == 0:
-                    g, p = gt[lo:hi, 0:w], pred_band(lo, hi, 0, w)
-                else:
-                    g, p = gt[0:h, lo:hi].T, pred_band(0, h, lo, hi).T
-                for key, value in _band_defects(np.ascontiguousarray(g), np.ascontiguousarray(p), b - lo).items():
-                    total[key] = total[key] | value if isinstance(value, set) else total[key] + value
-    return total
-
-
-def ids_consecutive(path: Path) -> tuple[bool, int]:
-    from triageseg.datasets.lazy import LazyImage
-
-    with LazyImage(path) as image:
-        seen = np.zeros(1, bool)
-        for y in range(0, image.shape[0], 1024):
-            ids = np.unique(image[y : y + 1024, 0 : image.shape[1]])
-            if ids.max(initial=0) >= seen.size:
-                seen = np.concatenate([seen, np.zeros(int(ids.max()) + 1 - seen.size, bool)])
-            seen[ids] = True
-    n = int(seen.size - 1)
-    return bool(seen[1:].all()), n
 
 
 def routing_row(out: Path) -> dict:
@@ -317,7 +112,6 @@ def routing_row(out: Path) -> dict:
 
 def run_mosaic(args, work: Path, bundle: Path, run: bool = True) -> dict:
     """The mosaic block-wise in a child (RSS, time; or those of an earlier run), then its seams and ids."""
-    from triageseg.pipeline import Pipeline
     from triageseg.pipeline.blocks import DEFAULT_MARGIN, plan_blocks
     from triageseg.pipeline.large import DEFAULT_THRESHOLD_MP
 
@@ -335,9 +129,7 @@ def run_mosaic(args, work: Path, bundle: Path, run: bool = True) -> dict:
     row = routing_row(out)
     print(f"mosaic block-wise: {wall:.0f} s, peak RSS {rss:.2f} GiB, routed {row['modality']} -> {row['used_model']} "
           f"({row['decision']}), mode {row['mode']}", flush=True)
-    tile_px, overlap, scale = Pipeline.from_bundle(bundle, device="cpu").tiling(row["used_model"])
-    grid = plan_blocks((args.size, args.size), block_size=args.block_size, margin=DEFAULT_MARGIN,
-                       align=(tile_px / scale, (tile_px - overlap) / scale))
+    grid = plan_blocks((args.size, args.size), block_size=args.block_size, margin=DEFAULT_MARGIN)  # as segment plans it
     pred = out / "mosaic.tif"
     seams = seam_defects(work / "mosaic_gt.tif", lambda *b: _read(pred, *b), grid)
     consecutive, n_ids = ids_consecutive(pred)
@@ -412,7 +204,19 @@ def run_crop(args, work: Path, bundle: Path, used: str, run: bool = True) -> dic
     whole = read_labels(work / "out_whole" / crop.name)
     blocks = read_labels(work / "out_blocks" / crop.name)
     gt = _read(work / "mosaic_gt.tif", 0, args.whole, 0, args.whole)
-    return {"runs": runs, "agree": match_image(whole, blocks).f1_at(0.5),
+    # seam defects on the crop's core boundaries, block-wise and (the same nuclei) whole
+    from triageseg.pipeline.blocks import DEFAULT_MARGIN, plan_blocks
+
+    grid = plan_blocks((args.whole, args.whole), block_size=args.block_size, margin=DEFAULT_MARGIN)
+    crop_gt = work / "crop_gt.tif"
+    if not crop_gt.is_file():
+        write_crop(work / "mosaic_gt.tif", crop_gt, args.whole)
+    seams = {mode: seam_defects(crop_gt, lambda y0, y1, x0, x1, lab=lab: lab[y0:y1, x0:x1], grid)
+             for mode, lab in (("blocks", blocks), ("whole", whole))}
+    pairs = np.unique(whole.astype(np.int64) * (int(blocks.max()) + 1) + blocks)
+    a, b = pairs // (int(blocks.max()) + 1), pairs % (int(blocks.max()) + 1)
+    identical = bool(((a > 0) == (b > 0)).all() and np.unique(a).size == np.unique(b).size == pairs.size)
+    return {"runs": runs, "agree": match_image(whole, blocks).f1_at(0.5), "identical": identical, "seams": seams,
             "f1_whole": match_image(gt, whole).mean_f1, "f1_blocks": match_image(gt, blocks).mean_f1}
 
 
@@ -424,7 +228,8 @@ def report(args, m: dict | None, t: dict | None, c: dict | None, used: str) -> N
     n, mp = args.size // args.tile, args.size**2 / 1e6
     print()
     print(f"# bench_large: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, mosaic "
-          f"{args.size}x{args.size} ({n}x{n} tiles of {args.tile}), blocks {args.block_size}, model {used}")
+          f"{args.size}x{args.size} ({n}x{n} tiles of {args.tile}, layout {args.layout}), blocks {args.block_size}, "
+          f"model {used}")
     if m is not None:
         s = m["seams"]
         print(f"mosaic grid {len(m['grid'].rows)}x{len(m['grid'].cols)} blocks, margin {m['margin']} px")
@@ -455,6 +260,13 @@ def report(args, m: dict | None, t: dict | None, c: dict | None, used: str) -> N
         best_w, best_b = min(r[0] for r in runs["whole"]), min(r[0] for r in runs["blocks"])
         print(f"crop {args.whole}x{args.whole} whole vs block-wise F1@0.5 {c['agree']:.4f}  goal >= 0.995: "
               f"{_goal(c['agree'] >= 0.995)}  (mean F1 vs GT: whole {c['f1_whole']:.4f}, blocks {c['f1_blocks']:.4f})")
+        print(f"crop label images identical up to the numbering: {c.get('identical')}")
+        if "seams" in c:
+            sb, sw = c["seams"]["blocks"], c["seams"]["whole"]
+            own = (sb["split"] | sb["cut"]) - (sw["split"] | sw["cut"])
+            print(f"crop seams: GT nuclei across a core boundary {sb['crossing']}; split / cut block-wise "
+                  f"{len(sb['split'])} / {len(sb['cut'])}, whole {len(sw['split'])} / {len(sw['cut'])}; "
+                  f"defects of the block path only: {len(own)}  goal 0: {_goal(not own)}")
         for mode, best in (("whole", best_w), ("blocks", best_b)):
             print(f"crop {mode:<6} {best / mpc:.3f} s/MP (runs {', '.join(f'{r[0]:.0f}' for r in runs[mode])} s wall; "
                   f"routing.csv {', '.join(f'{r[2]:.0f}' for r in runs[mode])} s), peak RSS "
@@ -473,6 +285,8 @@ def main() -> None:
     parser.add_argument("--steps", default="mosaic,tiles,crop", help="which parts to run (comma-separated)")
     parser.add_argument("--work", default=str(ROOT / ".bench" / "large"), help="scratch folder (several GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=("scan", "independent"), default="scan",
+                        help="mosaic of one synthetic tile scan (default) or of independent synthetic images")
     parser.add_argument("--rescore", action="store_true",
                         help="run nothing: score the outputs of an earlier run in --work (its times and RSS as saved)")
     args = parser.parse_args()
@@ -486,7 +300,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     bundle = ensure_bundle(args.bundle)
     t0 = time.perf_counter()
-    build_mosaic(work, args.size, args.tile, args.seed)
+    build_mosaic(work, args.size, args.tile, args.seed, args.layout)
     n = args.size // args.tile
     print(f"mosaic {args.size}x{args.size} from {n * n} tiles of {args.tile}: ready ({time.perf_counter() - t0:.0f} s)",
           flush=True)

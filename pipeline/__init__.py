@@ -2,8 +2,9 @@
 
 - :mod:`~triageseg.pipeline.single`: one in-memory image (:class:`Pipeline`, :class:`Result`).
 - :mod:`~triageseg.pipeline.batch`: many files on this machine (``routing.csv``, resume).
-- :mod:`~triageseg.pipeline.blocks`, :mod:`~triageseg.pipeline.stitch`,
-  :mod:`~triageseg.pipeline.large`: huge images block by block, stitched, streamed to disk.
+- :mod:`~triageseg.pipeline.probstore`, :mod:`~triageseg.pipeline.blocks`, :mod:`~triageseg.pipeline.stitch`,
+  :mod:`~triageseg.pipeline.large`: huge images: probabilities once per pixel on disk, decoded block by
+  block into the whole image's labels, streamed to disk.
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
 - :mod:`~triageseg.pipeline.interactive`: one image as the web page and napari show it (every probability).
 - :mod:`~triageseg.pipeline.distributed`: many files on a Ray cluster (Ray Data passes;

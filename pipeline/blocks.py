@@ -1,20 +1,23 @@
-"""Huge images block by block: lazy array -> blocks with margins -> candidate nuclei per block.
+"""Huge images block by block: the grid, global normalisation, and decoding one block.
 
-The image is cut into a grid of **cores** that tile it exactly; each core is read with a
-**margin** of context on every side that has a neighbour (its *outer* region). One block:
+The class probabilities of a huge image are computed once per pixel, on the whole
+image's tile grid (:mod:`triageseg.pipeline.probstore`), so they are bit for bit those
+of the in-memory path. The labels are then decoded block by block from them. The image
+is cut into a grid of **cores** that tile it exactly; each core is decoded in a window
+with a **margin** on every side that has a neighbour (its *outer* region). One block
+(:func:`decode_block`):
 
-1. read the outer region from the array-like source (NumPy, zarr, :class:`~triageseg.datasets.lazy.LazyImage`);
-2. normalise it with the image's global statistics (:class:`NormStats`, from a subsample
-   of the whole image), so every block is scaled the same way;
-3. class probabilities (the caller's function, e.g. ``Pipeline.probabilities``), watershed;
-4. keep the **candidates**: objects whose centroid lies in the core grown by half the
-   margin. Each candidate records whether it is *whole* (it does not touch a side of the
-   outer region that cuts through the image) and its *context*: how far its centroid lies
-   from the nearest such side (how much of its surroundings the block saw).
+1. watershed of the window's probabilities (:func:`~triageseg.postprocess.watershed.decode_components`:
+   each foreground component is decoded on its own, so a window holding a component
+   whole decodes it exactly as the whole image does);
+2. the components that meet the core and touch a side of the window that cuts through
+   the image are decoded again in a grown window until they are whole;
+3. the block **owns** the objects whose first pixel (raster order) lies in its core:
+   every object of the image is owned by exactly one block, whole.
 
-:func:`segment_block` is the unit a scheduler runs (here in a loop with a journal, on a
-Ray cluster as tasks); :mod:`triageseg.pipeline.stitch` chooses among the candidates of
-neighbouring blocks so every nucleus is taken whole, once, and numbers them.
+So the block labels equal the whole image's up to the numbering: there is nothing to
+stitch. :mod:`triageseg.pipeline.stitch` numbers the objects (consecutive ids in block
+order) and renders each core.
 
 Example:
     >>> grid = plan_blocks((768, 768), block_size=256, margin=48)
@@ -24,28 +27,26 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
-from triageseg.datasets.errors import DataError
-from triageseg.postprocess.quality import pixel_sums
-from triageseg.postprocess.watershed import WatershedParams, watershed
+from triageseg.pipeline.normalise import NormStats, scan_image  # noqa: F401 - re-exported (the block path's API)
+from triageseg.postprocess.watershed import WatershedParams, decode_components
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
-# Default context around each core: twice the diameter of nuclei up to 32 px across. 64 px also
-# keeps the outer regions of a 2 x 2 grid on a 4000 px image within the whole image's tile count.
+# Default window around each core: twice the diameter of nuclei up to 32 px across (a foreground
+# component reaching farther is decoded in a grown window).
 DEFAULT_MARGIN = 64
 DEFAULT_BLOCK_SIZE = 2048
-# Objects farther than this from every cut side have "all the context there is".
-_FAR = 1 << 30
+# Largest side of a window grown around a foreground component (16k x 16k float32 probabilities: 3 GiB; 6144: 0.4 GiB).
+GROW_LIMIT = 6144
 
 
 @dataclass(frozen=True)
@@ -167,146 +168,29 @@ def plan_blocks(
     return BlockGrid((h, w), int(margin), rows, cols)
 
 
-# --------------------------------------------------------------------------- normalisation
-
-
-@dataclass(frozen=True)
-class NormStats:
-    """Global intensity scaling of one image: channel choice and the (low, high) percentile values."""
-
-    low: float  # mapped to 0
-    high: float  # mapped to 1 (high <= low: a constant image, all zeros)
-    channel: int | tuple[int, ...] | None = None  # as for datasets.io.normalize_image
-
-    def apply(self, raw: np.ndarray, *, name: str = "<array>") -> np.ndarray:
-        """Raw pixels of a region -> float32 HxWx3 in [0, 1], exactly as the in-memory reader scales the whole image."""
-        from triageseg.datasets.io import _select_channels, _validate_dtype
-
-        out = _select_channels(_validate_dtype(np.asarray(raw), name), self.channel, name)
-        if self.high <= self.low:
-            return np.zeros_like(out)
-        out -= self.low
-        out /= self.high - self.low
-        return np.clip(out, 0.0, 1.0, out=out)
-
-    def to_dict(self) -> dict:
-        """JSON-ready."""
-        ch = list(self.channel) if isinstance(self.channel, tuple) else self.channel
-        return {"low": self.low, "high": self.high, "channel": ch}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NormStats:
-        """Inverse of :meth:`to_dict`."""
-        ch = d.get("channel")
-        return cls(float(d["low"]), float(d["high"]), tuple(ch) if isinstance(ch, list) else ch)
-
-
-def _windows(length: int, step: int) -> list[tuple[int, int]]:
-    return [(s, min(length, s + step)) for s in range(0, length, step)]
-
-
-def scan_image(
-    source,
-    *,
-    channel: int | Sequence[int] | None = None,
-    percentiles: tuple[float, float] = (1.0, 99.8),
-    window: int = 2048,
-    name: str = "<array>",
-) -> tuple[NormStats, np.ndarray]:
-    """One pass over a (lazy) image: global normalisation statistics and an overview.
-
-    The percentiles come from the strided subsample the in-memory reader uses (every
-    ``H // 1000``-th row and ``W // 1000``-th column, or every pixel of a small image), so
-    an image that also fits in memory is scaled identically both ways. That subsample,
-    normalised, is also the overview the router's thumbnail is made from (at most about
-    2000 x 2000 pixels). Every pixel is read once (to refuse NaN anywhere and to find the
-    extremes a near-constant image falls back on); only the subsample is kept.
-
-    Args:
-        source: array-like HxW or HxWxC (channels last) sliceable as ``source[y0:y1, x0:x1]``.
-        channel: see :func:`triageseg.datasets.io.normalize_image`.
-        percentiles: (low, high) in percent.
-        window: side of the regions read at a time (bounds memory).
-        name: what to call the image in error messages.
-
-    Returns:
-        ``(NormStats, overview)``; the overview is float32 hxwx3 in [0, 1].
-
-    Raises:
-        DataError: empty image, NaN/inf, unsupported dtype or channel layout.
-    """
-    from triageseg.datasets.io import _select_channels, _validate_dtype
-
-    h, w = int(source.shape[0]), int(source.shape[1])
-    if h < 1 or w < 1:
-        raise DataError(name, f"empty image (shape {tuple(source.shape)})")
-    if len(source.shape) == 3 and source.shape[2] == 2 and channel is None:
-        raise DataError(name, f"image has 2 channels (shape {tuple(source.shape)}); choose one with channel=<index>")
-    lo_p, hi_p = percentiles
-    if not 0.0 <= lo_p < hi_p <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
-    dense = h * w * 3 <= 4_000_000  # as normalize_image: small images use every pixel
-    sy, sx = (1, 1) if dense else (max(1, h // 1000), max(1, w // 1000))
-    sample = np.zeros((math.ceil(h / sy), math.ceil(w / sx), 3), np.float32)
-    lo_all, hi_all = math.inf, -math.inf
-    for y0, y1 in _windows(h, window):
-        for x0, x1 in _windows(w, window):
-            raw = _validate_dtype(np.asarray(source[y0:y1, x0:x1]), name)
-            picked = _select_channels(raw[(-y0) % sy :: sy, (-x0) % sx :: sx], channel, name)
-            sample[math.ceil(y0 / sy) : math.ceil(y0 / sy) + picked.shape[0],
-                   math.ceil(x0 / sx) : math.ceil(x0 / sx) + picked.shape[1]] = picked
-            lo, hi = _extremes(raw, channel)
-            lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
-    lo, hi = (float(v) for v in np.percentile(sample, (lo_p, hi_p)))
-    if hi <= lo:
-        lo, hi = lo_all, hi_all
-    stats = NormStats(lo, hi, _channel_spec(channel))
-    return stats, stats.apply(sample, name=name)
-
-
-def _extremes(raw: np.ndarray, channel) -> tuple[float, float]:
-    """Min and max of the channels ``_select_channels`` would keep (without converting the region to float)."""
-    if raw.ndim == 2:
-        kept, zero_filled = raw, False
-    elif channel is None:
-        kept, zero_filled = (raw[..., :3] if raw.shape[2] == 4 else raw), False
-    else:
-        chans = [int(channel)] if isinstance(channel, (int, np.integer)) else [int(c) for c in channel]
-        kept, zero_filled = raw[..., chans], 1 < len(chans) < 3  # missing colours are zero
-    lo, hi = float(kept.min()), float(kept.max())
-    return (min(lo, 0.0), max(hi, 0.0)) if zero_filled else (lo, hi)
-
-
-def _channel_spec(channel) -> int | tuple[int, ...] | None:
-    if channel is None or isinstance(channel, (int, np.integer)):
-        return None if channel is None else int(channel)
-    return tuple(int(c) for c in channel)
-
-
 # --------------------------------------------------------------------------- one block
 
 
 @dataclass(frozen=True, eq=False)
 class BlockResult:
-    """Candidate nuclei of one block, in the block's outer region.
+    """The objects one block owns, whole, in a box of the image.
 
-    ``labels`` holds only the candidates, numbered 1..n; the table arrays have one entry
-    per candidate (index ``k`` is label ``k + 1``); coordinates are in the whole image.
+    ``labels`` holds only the owned objects, numbered 1..n in the raster order of their
+    first pixels; ``first[k]`` is object ``k + 1``'s first pixel as a flat index into the
+    image (``y * W + x``), ``area[k]`` its pixel count.
     """
 
     index: int  # the block's index in the grid
-    outer: Box  # where ``labels`` lies in the image
-    labels: np.ndarray  # uint32, the outer region's size, candidates only
-    area: np.ndarray  # int64 pixels per candidate
-    centroid: np.ndarray  # float64 (n, 2): y, x in image coordinates
-    context: np.ndarray  # float64 pixels from the centroid to the nearest cut side of the outer region
-    whole: np.ndarray  # bool: the candidate touches no cut side (it is not cut off)
-    # postprocess.quality.pixel_sums of the block's core (each image pixel counted in one block)
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    box: Box  # where ``labels`` lies in the image (the owned objects' bounding box; empty if none)
+    labels: np.ndarray  # uint32, the box's size, owned objects only
+    first: np.ndarray  # int64, increasing
+    area: np.ndarray  # int64
+    grown: int = 0  # components decoded again in a grown window
+    oversized: int = 0  # of those, components larger than the grown window's limit (decoded in the limited window)
 
     @property
     def n(self) -> int:
-        """Number of candidates."""
+        """Number of owned objects."""
         return int(self.area.size)
 
     def to_bytes(self) -> bytes:
@@ -314,8 +198,8 @@ class BlockResult:
         import imagecodecs
 
         buf = io.BytesIO()
-        np.savez(buf, index=self.index, outer=np.asarray(self.outer, np.int64), labels=self.labels,
-                 area=self.area, centroid=self.centroid, context=self.context, whole=self.whole, sums=self.sums)
+        np.savez(buf, index=self.index, box=np.asarray(self.box, np.int64), labels=self.labels, first=self.first,
+                 area=self.area, grown=self.grown, oversized=self.oversized)
         # zstd at level 1: ~10x faster to read back than the zip deflate of savez_compressed, and smaller
         return imagecodecs.zstd_encode(buf.getvalue(), level=1)
 
@@ -325,10 +209,8 @@ class BlockResult:
         import imagecodecs
 
         with np.load(io.BytesIO(imagecodecs.zstd_decode(data))) as z:
-            # journal entries of an earlier version have no sums (their quality signals count as empty)
-            sums = z["sums"] if "sums" in z.files else np.zeros(6)
-            return cls(int(z["index"]), tuple(int(v) for v in z["outer"]), z["labels"], z["area"], z["centroid"],
-                       z["context"], z["whole"], sums)
+            return cls(int(z["index"]), tuple(int(v) for v in z["box"]), z["labels"], z["first"], z["area"],
+                       int(z["grown"]), int(z["oversized"]))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to ``path``."""
@@ -343,83 +225,164 @@ class BlockResult:
         return cls.from_bytes(Path(path).read_bytes())
 
 
-def segment_block(
-    source,
-    block: Block,
-    *,
-    probabilities: Callable[[np.ndarray], np.ndarray],
-    params: WatershedParams,
-    norm: NormStats,
-    margin: int,
-    name: str = "<array>",
-) -> BlockResult:
-    """Segment one block: read its outer region, normalise, probabilities, watershed, candidates.
+ProbReader = Callable[[Box], np.ndarray]  # box of the image -> float32 3 x h x w probabilities
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Owned objects decoded in one window: their labels there, and each object's first pixel and area."""
+
+    window: Box
+    labels: np.ndarray  # int32 window labels (0 outside the owned objects)
+    ids: np.ndarray  # window label of each owned object
+    first: np.ndarray  # int64 flat image index of each one's first pixel
+    area: np.ndarray  # int64
+
+
+def _cut_sides(box: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+    return box[0] > 0, box[1] < shape[0], box[2] > 0, box[3] < shape[1]
+
+
+def _touches_cut(sl: tuple[slice, slice], window: Box, shape: tuple[int, int]) -> bool:
+    """Whether an object's slices (window coordinates) reach a side of ``window`` that cuts through the image."""
+    top, bottom, left, right = _cut_sides(window, shape)
+    h, w = window[1] - window[0], window[3] - window[2]
+    return ((top and sl[0].start == 0) or (bottom and sl[0].stop == h) or (left and sl[1].start == 0)
+            or (right and sl[1].stop == w))
+
+
+def _owned(raw: np.ndarray, keep: np.ndarray, window: Box, core: Box, shape: tuple[int, int],
+           min_size: int) -> _Piece:
+    """The objects of ``raw`` inside the components marked by ``keep`` whose first pixel lies in ``core``."""
+    labels = np.where(keep, raw, 0)
+    flat = labels.ravel()
+    ids, first_at, area = np.unique(flat, return_index=True, return_counts=True)
+    sel = (ids > 0) & (area >= max(min_size, 1))
+    ids, first_at, area = ids[sel], first_at[sel], area[sel]
+    h_w = window[3] - window[2]
+    fy, fx = first_at // h_w + window[0], first_at % h_w + window[2]
+    mine = (fy >= core[0]) & (fy < core[1]) & (fx >= core[2]) & (fx < core[3])
+    return _Piece(window, labels, ids[mine], (fy * shape[1] + fx)[mine].astype(np.int64), area[mine].astype(np.int64))
+
+
+def _grow_component(read_probs: ProbReader, params: WatershedParams, seed: tuple[int, int], box: Box,
+                    shape: tuple[int, int], step: int, limit: int) -> tuple[Box, np.ndarray, np.ndarray, bool]:
+    """Decode the foreground component holding pixel ``seed`` in windows grown around ``box`` until it is whole.
+
+    A window never grows past ``limit`` pixels a side around ``seed`` (memory stays bounded
+    on a slide whose foreground is one huge component).
+
+    Returns:
+        ``(window, raw labels, mask of the component, whole)`` in that window; ``whole`` is
+        False when the component reached past the limit (it is then decoded in the
+        limited window).
+    """
+    h, w = shape
+    half = limit // 2
+    cap = (max(0, seed[0] - half), min(h, seed[0] + half), max(0, seed[1] - half), min(w, seed[1] + half))
+    while True:
+        window = (max(cap[0], box[0] - step), min(cap[1], box[1] + step), max(cap[2], box[2] - step),
+                  min(cap[3], box[3] + step))
+        raw, comps = decode_components(read_probs(window), params)
+        k = comps[seed[0] - window[0], seed[1] - window[2]]
+        mask = comps == k
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        if not _touches_cut(sl, window, shape):
+            return window, raw, mask, True
+        if window == cap:
+            return window, raw, mask, False
+        box = (window[0] + sl[0].start, window[0] + sl[0].stop, window[2] + sl[1].start, window[2] + sl[1].stop)
+        step *= 2
+
+
+def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParams, margin: int,
+                 limit: int = GROW_LIMIT) -> BlockResult:
+    """Decode one block from the image's probabilities: the objects it owns, whole (see the module docstring).
 
     Args:
-        source: array-like image, HxW or HxWxC, sliceable as ``source[y0:y1, x0:x1]``.
+        read_probs: box of the image -> its float32 3 x h x w probabilities (e.g.
+            :meth:`~triageseg.pipeline.probstore.ProbabilityStore.read`).
         block: a block of :func:`plan_blocks` for this image.
-        probabilities: normalised HxWx3 float32 image -> 3xHxW class probabilities
-            (e.g. ``functools.partial(pipe.probabilities, used_model="he")``).
         params: watershed parameters.
-        norm: the image's global normalisation (:func:`scan_image`).
-        margin: the grid's margin (candidates reach half of it beyond the core).
-        name: what to call the image in error messages.
+        margin: the grid's margin (how far a grown window first reaches past a component).
+        limit: the largest side of a grown window (at least twice the block's window; a
+            component larger than that is decoded in a window of this side around it and may
+            then differ between the blocks it spans; counted in ``BlockResult.oversized``).
 
     Returns:
         The block's :class:`BlockResult`.
 
     Raises:
         ValueError: probabilities of the wrong shape.
-        DataError: unreadable region, NaN/inf pixels.
     """
-    y0, y1, x0, x1 = block.outer
-    image = norm.apply(source[y0:y1, x0:x1], name=name)
-    probs = np.asarray(probabilities(image))
-    if probs.shape != (3, y1 - y0, x1 - x0):
-        raise ValueError(f"block {block.index}: probabilities have shape {probs.shape}, expected {(3, y1 - y0, x1 - x0)}")
-    labels = watershed(probs, params)
-    cy0, cy1, cx0, cx1 = block.core
-    core = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
-    return dataclasses.replace(select_candidates(labels, block, margin=margin),
-                               sums=pixel_sums(probs[:, core[0], core[1]], labels[core]))
+    shape, window, core = block.shape, block.outer, block.core
+
+    def read(box: Box) -> np.ndarray:
+        probs = np.asarray(read_probs(box), dtype=np.float32)
+        if probs.shape != (3, box[1] - box[0], box[3] - box[2]):
+            raise ValueError(f"block {block.index}: probabilities of {box} have shape {probs.shape}")
+        return probs
+
+    raw, comps = decode_components(read(window), params)
+    oy, ox = window[0], window[2]
+    limit = max(int(limit), 2 * max(window[1] - window[0], window[3] - window[2]))
+    in_core = np.unique(comps[core[0] - oy : core[1] - oy, core[2] - ox : core[3] - ox])
+    in_core = in_core[in_core > 0]
+    slices = ndi.find_objects(comps)
+    whole = np.zeros(len(slices) + 1, bool)
+    partial = []
+    for k in in_core.tolist():
+        if _touches_cut(slices[k - 1], window, shape):
+            partial.append(k)
+        else:
+            whole[k] = True
+    pieces = [_owned(raw, whole[comps], window, core, shape, params.min_size)]
+    taken = set(pieces[0].first.tolist())
+    oversized = 0
+    for k in partial:
+        sl = slices[k - 1]
+        ys, xs = np.nonzero(comps[sl] == k)
+        seed = (int(ys[0]) + sl[0].start + oy, int(xs[0]) + sl[1].start + ox)
+        box = (sl[0].start + oy, sl[0].stop + oy, sl[1].start + ox, sl[1].stop + ox)
+        grown, graw, mask, complete = _grow_component(read, params, seed, box, shape, max(margin, 16), limit)
+        oversized += not complete
+        piece = _owned(graw, mask, grown, core, shape, params.min_size)
+        new = np.array([f not in taken for f in piece.first.tolist()], bool)
+        if new.any():  # two cut pieces of one component in this window: decoded once
+            pieces.append(_Piece(grown, piece.labels, piece.ids[new], piece.first[new], piece.area[new]))
+            taken.update(piece.first[new].tolist())
+    return _assemble(block.index, pieces, len(partial), oversized)
 
 
-def select_candidates(labels: np.ndarray, block: Block, *, margin: int) -> BlockResult:
-    """The candidates among a block's instance labels (see the module docstring), renumbered 1..n."""
-    y0, y1, x0, x1 = block.outer
-    if labels.shape != (y1 - y0, x1 - x0):
-        raise ValueError(f"block {block.index}: labels have shape {labels.shape}, expected {(y1 - y0, x1 - x0)}")
-    n = int(labels.max(initial=0))
-    empty = BlockResult(block.index, block.outer, np.zeros(labels.shape, np.uint32), np.zeros(0, np.int64),
-                        np.zeros((0, 2)), np.zeros(0), np.zeros(0, bool))
-    if n == 0:
-        return empty
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    cy = np.bincount(flat, rows.ravel(), minlength=n + 1) / np.maximum(area, 1) + y0
-    cx = np.bincount(flat, cols.ravel(), minlength=n + 1) / np.maximum(area, 1) + x0
-    reach = margin // 2
-    cy0, cy1, cx0, cx1 = block.core
-    inside = (cy >= cy0 - reach) & (cy < cy1 + reach) & (cx >= cx0 - reach) & (cx < cx1 + reach) & (area > 0)
-    inside[0] = False
-    keep = np.flatnonzero(inside)
-    if keep.size == 0:
-        return empty
-    top, bottom, left, right = block.cut
-    far = np.full(keep.size, float(_FAR))
-    context = np.minimum.reduce([
-        cy[keep] - y0 if top else far, y1 - cy[keep] if bottom else far,
-        cx[keep] - x0 if left else far, x1 - cx[keep] if right else far,
-    ])
-    boxes = ndi.find_objects(labels)
-    h, w = labels.shape
-    whole = np.array([
-        not ((top and boxes[k - 1][0].start == 0) or (bottom and boxes[k - 1][0].stop == h)
-             or (left and boxes[k - 1][1].start == 0) or (right and boxes[k - 1][1].stop == w))
-        for k in keep.tolist()
-    ], bool)
-    lut = np.zeros(n + 1, np.uint32)
-    lut[keep] = np.arange(1, keep.size + 1, dtype=np.uint32)
-    return BlockResult(block.index, block.outer, lut[labels], area[keep].astype(np.int64),
-                       np.stack([cy[keep], cx[keep]], axis=1), context.astype(np.float64), whole)
+def _assemble(index: int, pieces: list[_Piece], grown: int, oversized: int) -> BlockResult:
+    """One label box holding every owned object of a block, numbered by first pixel."""
+    first = np.concatenate([p.first for p in pieces])
+    area = np.concatenate([p.area for p in pieces])
+    if first.size == 0:
+        return BlockResult(index, (0, 0, 0, 0), np.zeros((0, 0), np.uint32), first, area, grown, oversized)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(first.size, np.int64)
+    rank[order] = np.arange(1, first.size + 1)
+    boxes = []
+    for p in pieces:
+        if p.ids.size:
+            owned = np.isin(p.labels, p.ids)
+            rows, cols = np.flatnonzero(owned.any(axis=1)), np.flatnonzero(owned.any(axis=0))
+            boxes.append((p.window[0] + rows[0], p.window[0] + rows[-1] + 1, p.window[2] + cols[0],
+                          p.window[2] + cols[-1] + 1))
+    box = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+    labels = np.zeros((box[1] - box[0], box[3] - box[2]), np.uint32)
+    start = 0
+    for p in pieces:
+        if not p.ids.size:
+            continue
+        lut = np.zeros(int(p.labels.max()) + 1, np.uint32)
+        lut[p.ids] = rank[start : start + p.ids.size]
+        start += p.ids.size
+        y0, y1 = max(box[0], p.window[0]), min(box[1], p.window[1])
+        x0, x1 = max(box[2], p.window[2]), min(box[3], p.window[3])
+        ids = lut[p.labels[y0 - p.window[0] : y1 - p.window[0], x0 - p.window[2] : x1 - p.window[2]]]
+        target = labels[y0 - box[0] : y1 - box[0], x0 - box[2] : x1 - box[2]]
+        np.copyto(target, ids, where=ids > 0)
+    return BlockResult(index, box, labels, first[order], area[order], grown, oversized)

@@ -1,11 +1,14 @@
-"""Huge images end to end: lazy file -> overview routing -> blocks -> stitched labels on disk.
+"""Huge images end to end: lazy file -> overview routing -> probabilities on disk -> blocks -> labels on disk.
 
 :func:`segment_blocks` is the block path for any array-like image (array in, label file
-out): it runs :func:`~triageseg.pipeline.blocks.segment_block` over the grid, keeping each
-finished block in a :class:`Journal` beside the output, stitches
-(:mod:`triageseg.pipeline.stitch`), and streams the labels to a tiled pyramidal TIFF
-(and optionally a GeoJSON of outlines) that appear under their names only when complete.
-An interrupted run resumes from the finished blocks; the journal is removed on success.
+out): the class probabilities once per pixel on the whole image's tile grid, band by band,
+into a :class:`~triageseg.pipeline.probstore.ProbabilityStore` in a :class:`Journal`
+beside the output; then :func:`~triageseg.pipeline.blocks.decode_block` over the grid
+(each finished block kept in the journal), the objects numbered
+(:mod:`triageseg.pipeline.stitch`), and the labels streamed to a tiled pyramidal TIFF (and
+optionally a GeoJSON of outlines) that appear under their names only when complete. The
+labels equal the in-memory path's up to the numbering. An interrupted run resumes from
+the finished probability rows and blocks; the journal is removed on success.
 
 :func:`segment_large_file` adds what a file needs: a lazy reader (TIFF / BigTIFF /
 OME-TIFF / SVS at a pyramid level), one pass for the normalisation statistics and the
@@ -17,8 +20,8 @@ sends images above :attr:`BlockOptions.threshold_mp` here.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,26 +30,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blocks import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MARGIN,
+    GROW_LIMIT,
     BlockGrid,
     BlockResult,
     NormStats,
+    decode_block,
     plan_blocks,
     scan_image,
-    segment_block,
 )
+from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
 from triageseg.pipeline.records import routing_row
-from triageseg.pipeline.stitch import BlockCache, kept_objects, render_core, stitch
+from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.postprocess.watershed import WatershedParams
+
+logger = logging.getLogger(__name__)
 
 # 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
 DEFAULT_THRESHOLD_MP = 16.8
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: probabilities on disk, blocks own whole objects (1: candidates, stitched)
 _OUTPUT_TILE = 512
 
 
@@ -173,14 +179,24 @@ def _load_array(path: Path) -> np.ndarray:
     return np.load(io.BytesIO(imagecodecs.zstd_decode(path.read_bytes())))
 
 
-def _save_cores(grid: BlockGrid, stitching, load, folder: Path, tile: int) -> None:
-    """Each block's final core labels, in pieces of ``tile`` image rows (the writer reads one strip of rows at a time)."""
+def _save_cores(grid: BlockGrid, numbering, load, folder: Path, tile: int, store: ProbabilityStore) -> np.ndarray:
+    """Each block's final core labels, in pieces of ``tile`` image rows (the writer reads one strip of rows at a time).
+
+    Returns:
+        The image's quality pixel sums (:func:`triageseg.postprocess.quality.pixel_sums`, added
+        over the cores, which tile the image once), from the stored probabilities and final labels.
+    """
+    from triageseg.postprocess.quality import pixel_sums
+
+    sums = np.zeros(6)
     for block in grid.blocks:
-        core = render_core(grid, stitching, load, block.index).astype(stitching.dtype(), copy=False)
+        core = render_core(grid, numbering, load, block.index).astype(numbering.dtype(), copy=False)
+        sums = sums + pixel_sums(store.read(block.core), core)
         y0, y1 = block.core[0], block.core[1]
         for k in range(y0 // tile, math.ceil(y1 / tile)):
             part = core[max(y0, k * tile) - y0 : min(y1, (k + 1) * tile) - y0]
             _save_array(folder / f"core_{block.index:05d}_{k:05d}.npy.zst", part)
+    return sums
 
 
 def _row_reader(grid: BlockGrid, folder: Path, tile: int, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
@@ -204,11 +220,28 @@ def _row_reader(grid: BlockGrid, folder: Path, tile: int, dtype: np.dtype) -> Ca
     return read_rows
 
 
+def _probabilities(source, stream: Stream, store: ProbabilityStore, norm: NormStats, *, name: str,
+                   progress: bool) -> int:
+    """Fill ``store`` with the probabilities of the normalised ``source`` (rows it has are kept); rows computed."""
+    from tqdm import tqdm
+
+    if store.complete:
+        return 0
+    width = store.shape[1]
+
+    def read_rows(y0: int, y1: int) -> np.ndarray:
+        return norm.apply(source[y0:y1, 0:width], name=name)
+
+    with tqdm(total=store.shape[0], initial=store.rows, unit="row", desc=f"{str(name)[-24:]} probs", leave=False,
+              disable=not progress) as bar:
+        return compute_probabilities(stream, read_rows, store, progress=bar.update)
+
+
 def segment_blocks(
     source,
     out_path: str | os.PathLike,
     *,
-    probabilities: Callable[[np.ndarray], np.ndarray],
+    stream: Stream,
     params: WatershedParams,
     grid: BlockGrid,
     norm: NormStats,
@@ -220,74 +253,72 @@ def segment_blocks(
     name: str = "<array>",
     before_write: Callable[[], None] | None = None,
 ) -> dict:
-    """The block path for an array-like image: every block, stitched, streamed to ``out_path``.
+    """The block path for an array-like image: probabilities, every block, numbered, streamed to ``out_path``.
 
     Args:
         source: array-like image (HxW or HxWxC, ``source[y0:y1, x0:x1]``), e.g. a
             :class:`~triageseg.datasets.lazy.LazyImage`.
         out_path: the label TIFF to write (tiled pyramidal OME-TIFF, uint16 or uint32).
-        probabilities: normalised block image -> 3xhxw probabilities.
+        stream: ``stream(read_rows, shape, start=row)`` -> ``(y0, y1, probs)`` rows of the
+            class probabilities of the normalised image (``Pipeline.probability_stream``,
+            or any function of the rows for tests).
         params: watershed parameters.
         grid: the blocks (:func:`~triageseg.pipeline.blocks.plan_blocks`).
         norm: global normalisation (:func:`~triageseg.pipeline.blocks.scan_image`).
-        journal: where finished blocks are kept; blocks already in it are not recomputed.
-            It is removed once the outputs are in place.
+        journal: where the probabilities and finished blocks are kept; what is in it is
+            not computed again. It is removed once the outputs are in place.
         geojson: also write the outlines here (GeoJSON FeatureCollection).
         modality: the modality named in the GeoJSON.
         pixel_size: microns per pixel (y, x), stored in the TIFF and used for areas.
-        progress: show a progress bar over the blocks.
+        progress: show progress bars over the probability rows and the blocks.
         name: the image's name in messages and metadata.
         before_write: called just before the label file is written (e.g. to log its
             routing row, so a crash right after the write loses nothing).
 
     Returns:
-        A summary: ``objects``, ``blocks``, ``computed`` (blocks run now), ``candidates``,
-        ``conflicted`` and ``cut`` (see :class:`~triageseg.pipeline.stitch.Stitching`), and
+        A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
+        (probability rows computed now), ``grown`` (components larger than the margin,
+        decoded in a grown window), ``oversized`` (of those, larger than
+        :data:`~triageseg.pipeline.blocks.GROW_LIMIT`: decoded in limited windows, warned),
         ``quality_sums`` / ``median_area`` (:func:`triageseg.postprocess.quality.signals_from_sums`).
     """
     from tqdm import tqdm
-
     from triageseg.datasets.pyramid import write_pyramid
     from triageseg.pipeline.geojson import GeoJSONWriter
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
-              disable=not progress) as bar:
-        for block in todo:
-            journal.save(segment_block(source, block, probabilities=probabilities, params=params, norm=norm,
-                                       margin=grid.margin, name=name))
-            bar.update(1)
+    rows = 0
+    store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
+    if todo:
+        rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
+        with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
+                  disable=not progress) as bar:
+            for block in todo:
+                journal.save(decode_block(store.read, block, params=params, margin=grid.margin))
+                bar.update(1)
     load = BlockCache(journal.load, size=min(len(grid.cols) + 4, 16))
-    stitching = stitch(grid, load)
-    _save_cores(grid, stitching, load, journal.folder, _OUTPUT_TILE)
+    numbering = number_blocks(grid, load)
+    sums = _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE, store)
+    areas = [load(block.index).area for block in grid.blocks]
+    areas = np.concatenate(areas) if areas else np.zeros(0)
     if geojson is not None:
         with GeoJSONWriter(geojson, modality=modality, pixel_size=pixel_size, image=Path(out_path).stem) as out:
-            for label, mask, top_left, area in kept_objects(grid, stitching, load):
+            for label, mask, top_left, area in kept_objects(grid, numbering, load):
                 out.add(label, mask, top_left, area)
     # the label file last: its presence marks the input as done for a resumed batch
     if before_write is not None:
         before_write()
-    write_pyramid(out_path, grid.shape, stitching.dtype(),
-                  _row_reader(grid, journal.folder, _OUTPUT_TILE, stitching.dtype()), tile=_OUTPUT_TILE,
+    write_pyramid(out_path, grid.shape, numbering.dtype(),
+                  _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
                   pixel_size=pixel_size, name=Path(out_path).stem)
-    sums, areas = _quality_sums(grid, stitching, load)
     journal.remove()
-    return {"objects": stitching.n_objects, "blocks": len(grid), "computed": len(todo),
-            "candidates": stitching.candidates, "conflicted": stitching.conflicted, "cut": stitching.cut,
+    if numbering.oversized:
+        logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
+                       "be cut where blocks meet", name, numbering.oversized, GROW_LIMIT)
+    return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
+            "grown": numbering.grown, "oversized": numbering.oversized,
             "quality_sums": sums, "median_area": float(np.median(areas)) if len(areas) else None}
-
-
-def _quality_sums(grid: BlockGrid, stitching, load) -> tuple[np.ndarray, np.ndarray]:
-    """The image's quality pixel sums (each block's core) and the areas of the kept objects."""
-    sums, areas = np.zeros(6), []
-    for block in grid.blocks:
-        result = load(block.index)
-        sums = sums + result.sums
-        kept = np.flatnonzero(stitching.luts[block.index][1:])
-        if kept.size:
-            areas.append(result.area[kept])
-    return sums, (np.concatenate(areas) if areas else np.zeros(0))
 
 
 # --------------------------------------------------------------------------- files
@@ -319,7 +350,7 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
-        "overlap": pipe.overlap, "tta": pipe.tta,
+        "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
     }
 
 
@@ -370,11 +401,9 @@ def segment_large_file(
         used = state["used_model"]
         row = routing_row(path, name, state["modality"], state["confidence"], used, state["decision"],
                           mode="blocks", ood_score=state.get("ood_score"))
-        tile, overlap, scale = pipe.tiling(used)
-        grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin,
-                           align=(tile / scale, (tile - overlap) / scale))
+        grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
         summary = segment_blocks(
-            source, out_dir / f"{name}.tif", probabilities=functools.partial(pipe.probabilities, used_model=used),
+            source, out_dir / f"{name}.tif", stream=pipe.probability_stream(used, name=str(path)),
             params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),

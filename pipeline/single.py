@@ -262,6 +262,31 @@ class Pipeline:
             scale=config.scale,
         )
 
+    def probability_stream(self, used_model: str, *, name: str = "<array>"):
+        """:meth:`probabilities` band by band, for the block path (``segmenters.predict.stream_probabilities``).
+
+        Returns:
+            ``stream(read_rows, shape, start=0)`` yielding ``(y0, y1, probs)``, bit for bit
+            the rows :meth:`probabilities` gives for the whole image.
+
+        Raises:
+            DataError: segmenter ``used_model`` resizes its input (scale != 1), which the
+                block path does not do.
+        """
+        import functools
+
+        from triageseg.segmenters.predict import stream_probabilities
+
+        model = self.segmenter(used_model)[0]
+        tile_size, overlap, scale = self.tiling(used_model)
+        if self.overlap is None and overlap >= tile_size // 2:
+            overlap = tile_size // 4  # as probabilities()
+        if scale != 1.0:
+            raise DataError(name, f"segmenter {used_model!r} resizes its input (scale {scale:g}); the block path "
+                                  "for huge images needs scale 1 (segment it whole, or use a segmenter at scale 1)")
+        return functools.partial(stream_probabilities, model, tile_size=tile_size, overlap=overlap,
+                                 batch_size=self.batch_size, tta=self.tta, device=self.device)
+
     def params(self, used_model: str) -> WatershedParams:
         """Tuned watershed parameters of segmenter ``used_model``."""
         return self.segmenter(used_model)[2]

@@ -20,6 +20,10 @@ The decoder shared by every specialist:
    is quantised to 256 levels and, within a level, pixels nearer to a marker (chamfer
    distance) flood first: flat stretches (one-hot or saturated maps) are then split
    by proximity instead of by queue order; on real maps this changes nothing visible.
+   **Locality**: the result for a foreground component depends only on that component's
+   probabilities (markers, the plateau test and the distances are taken within it and its
+   bounding box), so any window that holds a component whole decodes it exactly as the
+   whole image does; the block path (``pipeline.blocks``) relies on this.
 4. Objects smaller than ``min_size`` pixels are removed; labels are renumbered
    1..n (uint32).
 
@@ -173,6 +177,21 @@ def _drop_small(labels: np.ndarray, min_count: int, where: np.ndarray) -> np.nda
 
 def _decode(p: np.ndarray, params: WatershedParams) -> np.ndarray:
     """Watershed without the final size filter; returns int32 labels (not consecutive)."""
+    return decode_components(p, params)[0]
+
+
+def decode_components(p: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, np.ndarray]:
+    """Watershed without the final size filter, and the foreground components it decoded one by one.
+
+    Args:
+        p: float32 3xHxW probabilities (already checked).
+        params: watershed parameters.
+
+    Returns:
+        ``(labels, components)``: int32 object labels (unique, not consecutive) and the
+        int32 8-connected foreground components (1..n). Each object lies in one component,
+        and a component's objects depend on that component's probabilities alone.
+    """
     interior, boundary = p[1], p[2]
     fg = (interior + boundary) > params.mask_threshold
     seeds = (interior - boundary) > params.marker_threshold
@@ -181,7 +200,7 @@ def _decode(p: np.ndarray, params: WatershedParams) -> np.ndarray:
     _drop_small(markers, params.min_marker_size, seeds)
     comps, n_comps = ndi.label(fg, structure=_EIGHT)
     if n_comps == 0:
-        return comps
+        return comps, comps
     # Which component each marker lies in, and how many markers each component holds.
     comp_of_marker = np.zeros(n_markers + 1, np.int64)
     comp_of_marker[markers[seeds]] = comps[seeds]
@@ -202,22 +221,34 @@ def _decode(p: np.ndarray, params: WatershedParams) -> np.ndarray:
         cols = np.flatnonzero(region.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         sub = region[box]
-        out[box][sub] = _flood(interior[box], markers[box], sub)[sub]
-    return out
+        out[box][sub] = _flood(interior[box], markers[box], comps[box], multi)[sub]
+    return out, comps
 
 
-def _flood(interior: np.ndarray, markers: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Flood ``region`` from ``markers`` over ``1 - interior`` (skimage watershed).
+# Order among a component's queued marker pixels of one elevation (raster order), far below any elevation step.
+_TIE = 2.0**-36
 
-    The elevation is quantised to 256 levels. Where many pixels to flood share one
-    level (a plateau: one-hot or saturated maps), the chamfer distance to the nearest
-    marker is added as a fraction of a level: it orders pixels only *within* a level,
-    so plateaus are split by proximity to the markers instead of by queue order.
-    Only marker pixels next to a pixel to flood enter the queue (the rest cannot
-    reach anything), which keeps the queue short.
+
+def _flood(interior: np.ndarray, markers: np.ndarray, comps: np.ndarray, multi: np.ndarray) -> np.ndarray:
+    """Flood the components marked in ``multi`` from their ``markers`` over ``1 - interior`` (skimage watershed).
+
+    The elevation is quantised to 256 levels. In a component where many pixels to flood
+    share one level (a plateau: one-hot or saturated maps), the chamfer distance to the
+    component's nearest marker, over its bounding box, is added as a fraction of a level:
+    it orders pixels only *within* a level, so plateaus are split by proximity to the
+    markers instead of by queue order. Only marker pixels next to a pixel to flood enter
+    the queue (the rest cannot reach anything), which keeps the queue short.
+
+    One flood runs over all components at once, and each component's result depends on
+    it alone: the components are separate regions of the mask, the plateau test and the
+    distances are per component, and skimage's queue orders pixels by (elevation, arrival)
+    except the markers, which all arrive at once and whose ties it breaks by heap position
+    (that is, by the other regions' pixels too); so the markers of a component get
+    distinct elevations, lowered by ``_TIE`` steps in their raster order within it.
     """
     from skimage.segmentation import watershed as skimage_watershed
 
+    region = multi[comps]
     seeds = np.where(region, markers, 0)
     seeded = seeds > 0
     todo = region & ~seeded
@@ -225,10 +256,29 @@ def _flood(interior: np.ndarray, markers: np.ndarray, region: np.ndarray) -> np.
         return seeds
     rim = seeded & _dilate8(todo)
     elevation = np.rint((1.0 - interior) * 255.0).astype(np.float64)
-    levels = np.bincount(elevation[todo].astype(np.intp), minlength=256)
-    if levels.max() > 0.25 * levels.sum():
-        dist = ndi.distance_transform_cdt(~seeded, metric="taxicab")
-        elevation += dist / (float(dist.max()) + 1.0)
+    flooding = np.flatnonzero(multi)
+    rank = np.zeros(multi.size, np.intp)
+    rank[flooding] = np.arange(flooding.size)
+    levels = np.bincount(rank[comps[todo]] * 256 + elevation[todo].astype(np.intp),
+                         minlength=flooding.size * 256).reshape(flooding.size, 256)
+    plateau = flooding[levels.max(axis=1) > 0.25 * levels.sum(axis=1)]
+    if plateau.size:
+        slices = ndi.find_objects(np.where(np.isin(comps, plateau), comps, 0))
+        for k in plateau.tolist():
+            box = slices[k - 1]
+            own = comps[box] == k
+            dist = ndi.distance_transform_cdt(~(seeded[box] & own), metric="taxicab")
+            part = elevation[box]
+            part[own] += (dist / (float(dist.max()) + 1.0))[own]
+    # markers of one component: distinct elevations in raster order (below their level, so still first in it)
+    where = np.flatnonzero(rim)
+    owner = comps.ravel()[where]
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=multi.size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.empty(where.size, np.float64)
+    pos[order] = np.arange(where.size) - starts[owner[order]] - counts[owner[order]]
+    elevation.ravel()[where] += pos * _TIE
     flooded = skimage_watershed(elevation, markers=np.where(rim, seeds, 0), mask=rim | todo, connectivity=2)
     flooded[seeded] = seeds[seeded]
     return flooded

@@ -15,8 +15,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +27,8 @@ from triageseg.segmenters.scale import check_scale, resize_image, resize_probabi
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+RowReader = Callable[[int, int], np.ndarray]  # (y0, y1) -> float32 rows y0:y1 of a normalised HxWxC image
 
 # Smallest blending weight: keeps every pixel's weight sum positive and tile edges usable.
 WINDOW_FLOOR = 1e-3
@@ -90,6 +93,32 @@ def _input_channels(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _check_tiling(tile_size: int, overlap: int, batch_size: int) -> None:
+    if tile_size < 32 or tile_size % 32:
+        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
+    if not 0 <= overlap < tile_size // 2:
+        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _run_batch(model, arr: np.ndarray, dev, channels_last: bool, transforms: list, amp: bool) -> np.ndarray:
+    """Softmax probabilities of a batch of tiles (B x C x h x w), averaged over ``transforms`` (D4 TTA)."""
+    import torch
+
+    with torch.inference_mode(), autocast_context(dev, amp):
+        xb = torch.from_numpy(arr).to(dev, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        probs = None
+        for k, flip in transforms:
+            logits = model(_d4(xb, k, flip) if (k or flip) else xb)
+            p = torch.softmax(logits.float(), dim=1)
+            p = _d4_inverse(p, k, flip) if (k or flip) else p
+            probs = p if probs is None else probs + p
+        return (probs / len(transforms)).cpu().numpy()
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -132,8 +161,6 @@ def predict(
     Raises:
         ValueError: an image that is not HxWxC float, or bad tiling options.
     """
-    import torch
-
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
     expected_c = _input_channels(model)
@@ -145,12 +172,7 @@ def predict(
         )
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image is empty: shape {image.shape}")
-    if tile_size < 32 or tile_size % 32:
-        raise ValueError(f"tile_size must be a positive multiple of 32, got {tile_size}")
-    if not 0 <= overlap < tile_size // 2:
-        raise ValueError(f"overlap must be in [0, tile_size/2), got {overlap} for tile {tile_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_tiling(tile_size, overlap, batch_size)
     scale = check_scale(scale)
     if scale != 1.0:
         resized = resize_image(np.asarray(image, dtype=np.float32), scaled_shape(image.shape, scale))
@@ -158,6 +180,90 @@ def predict(
                         device=device, amp=amp)
         return resize_probabilities(probs, image.shape[:2])
 
+    h, w = image.shape[:2]
+    image = np.asarray(image, dtype=np.float32)
+    out: np.ndarray | None = None
+    for y0, y1, rows in stream_probabilities(model, lambda a, b: image[a:b], (h, w), tile_size=tile_size,
+                                             overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp):
+        if out is None:
+            out = np.empty((rows.shape[0], h, w), np.float32)
+        out[:, y0:y1] = rows
+    assert out is not None  # at least one tile always exists
+    return out
+
+
+def _reflect_index(length: int, padded: int) -> np.ndarray:
+    """Source index of each position of ``np.pad(..., (0, padded - length), mode="reflect")``."""
+    return np.pad(np.arange(length), (0, padded - length), mode="reflect")
+
+
+class _PaddedRows:
+    """Rows of the reflect-padded image (multiples of 32), read from the caller's row reader and kept while needed."""
+
+    def __init__(self, read_rows: RowReader, shape: tuple[int, int], padded: tuple[int, int]):
+        self._read = read_rows
+        self._iy = _reflect_index(shape[0], padded[0])
+        self._ix = _reflect_index(shape[1], padded[1]) if padded[1] != shape[1] else None
+        self._start, self._rows = 0, None
+
+    def get(self, y0: int, y1: int) -> np.ndarray:
+        """Padded rows ``y0:y1`` (``y0`` never decreases between calls); rows already read are not read again."""
+        end = self._start + (0 if self._rows is None else self._rows.shape[0])
+        keep = self._rows[y0 - self._start :] if self._rows is not None and self._start <= y0 < end else None
+        if y1 > end or keep is None:
+            lo = y0 if keep is None else end
+            src = self._iy[lo:y1]
+            raw = np.asarray(self._read(int(src.min()), int(src.max()) + 1), dtype=np.float32)
+            rows = raw[src - src.min()]
+            # C-contiguous HxWxC, as np.pad gives: the tiles' memory layout decides the convolutions' rounding
+            rows = np.ascontiguousarray(rows if self._ix is None else rows[:, self._ix])
+            keep = rows if keep is None else np.concatenate([keep, rows])
+        self._start, self._rows = y0, keep
+        return keep[: y1 - y0]
+
+
+def stream_probabilities(
+    model: torch.nn.Module,
+    read_rows: RowReader,
+    shape: tuple[int, int],
+    *,
+    tile_size: int = 512,
+    overlap: int = 64,
+    batch_size: int = 4,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    start: int = 0,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`predict` band by band: the same tiles, batches and blending, rows yielded as they are final.
+
+    The tiles are those :func:`predict` uses for the whole image (reflect padding to a
+    multiple of 32, :func:`tile_starts`, the same ramps) and run in the same batches, so
+    the rows are bit for bit those of :func:`predict` (scale 1). Memory holds one band of
+    tile rows: the input rows the pending tiles need and the accumulator of the rows
+    they still add to.
+
+    Args:
+        model: as for :func:`predict`.
+        read_rows: ``(y0, y1) -> float32 (y1 - y0) x W x C`` rows of the normalised image
+            (called with increasing ``y0``).
+        shape: the image's (H, W).
+        tile_size, overlap, batch_size, tta, device, amp: as for :func:`predict`.
+        start: skip the rows above this one (resume): only the batches that add to rows
+            ``>= start`` run.
+
+    Yields:
+        ``(y0, y1, probs)``: float32 ``(classes, y1 - y0, W)`` for consecutive row ranges
+        from ``start`` to H.
+    """
+    import torch
+
+    h, w = int(shape[0]), int(shape[1])
+    _check_tiling(tile_size, overlap, batch_size)
+    if not 0 <= start <= h:
+        raise ValueError(f"start must be in [0, {h}], got {start}")
+    if start == h:
+        return
     if device is None:
         param = next(model.parameters(), None)
         dev = param.device if param is not None else torch.device("cpu")
@@ -168,45 +274,47 @@ def predict(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
         for p in model.parameters()
     )
-
-    h, w = image.shape[:2]
     hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
-    padded = np.pad(np.asarray(image, dtype=np.float32), ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
     th, tw = min(tile_size, hp), min(tile_size, wp)
     stride = tile_size - overlap
     ys, xs = tile_starts(hp, th, stride), tile_starts(wp, tw, stride)
     tiles = [(y, x) for y in ys for x in xs]
-
+    first = next(i for i, (y, _) in enumerate(tiles) if y + th > start)
+    tiles = tiles[first - first % batch_size :]  # whole batches, as the whole image runs them
+    source = _PaddedRows(read_rows, (h, w), (hp, wp))
+    ramps_x = {x: _ramp_1d(tw, overlap, x > 0, x + tw < wp) for x in xs}
     acc: np.ndarray | None = None
-    wsum = np.zeros((hp, wp), dtype=np.float32)
+    wsum = np.zeros((0, wp), np.float32)
+    top = tiles[0][0]  # padded row where acc and wsum begin
+    emitted = start
     transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast_context(dev, amp):
-            for batch in _batches(tiles, batch_size):
-                arr = np.stack([padded[y : y + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
-                xb = torch.from_numpy(arr).to(dev, non_blocking=True)
-                if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                probs = None
-                for k, flip in transforms:
-                    logits = model(_d4(xb, k, flip) if (k or flip) else xb)
-                    p = torch.softmax(logits.float(), dim=1)
-                    p = _d4_inverse(p, k, flip) if (k or flip) else p
-                    probs = p if probs is None else probs + p
-                probs = (probs / len(transforms)).cpu().numpy()
-                if acc is None:
-                    acc = np.zeros((probs.shape[1], hp, wp), dtype=np.float32)
-                for (y, x), p in zip(batch, probs):
-                    win = np.outer(
-                        _ramp_1d(th, overlap, y > 0, y + th < hp), _ramp_1d(tw, overlap, x > 0, x + tw < wp)
-                    )
-                    acc[:, y : y + th, x : x + tw] += p * win
-                    wsum[y : y + th, x : x + tw] += win
+        for n_done, batch in zip(itertools.count(batch_size, batch_size), _batches(tiles, batch_size)):
+            y_lo, y_hi = batch[0][0], batch[-1][0] + th
+            band = source.get(y_lo, y_hi)
+            arr = np.stack([band[y - y_lo : y - y_lo + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
+            probs = _run_batch(model, arr, dev, channels_last, transforms, amp)
+            if acc is None:
+                acc = np.zeros((probs.shape[1], 0, wp), np.float32)
+            if y_hi - top > acc.shape[1]:  # grow the accumulator down to the batch's last row
+                grow = y_hi - top - acc.shape[1]
+                acc = np.concatenate([acc, np.zeros((acc.shape[0], grow, wp), np.float32)], axis=1)
+                wsum = np.concatenate([wsum, np.zeros((grow, wp), np.float32)])
+            for (y, x), p in zip(batch, probs):
+                win = np.outer(_ramp_1d(th, overlap, y > 0, y + th < hp), ramps_x[x])
+                acc[:, y - top : y - top + th, x : x + tw] += p * win
+                wsum[y - top : y - top + th, x : x + tw] += win
+            # rows above the next pending tile get nothing more: they are final
+            final = tiles[n_done][0] if n_done < len(tiles) else hp
+            if final > top:
+                lo, hi = max(emitted, top), min(final, h)
+                if hi > lo:
+                    out = acc[:, lo - top : hi - top, :w]
+                    out /= wsum[None, lo - top : hi - top, :w]
+                    yield lo, hi, np.ascontiguousarray(out, dtype=np.float32)
+                    emitted = hi
+                acc, wsum, top = acc[:, final - top :].copy(), wsum[final - top :].copy(), final
     finally:
         model.train(was_training)
-    assert acc is not None  # at least one tile always exists
-    out = acc[:, :h, :w]
-    out /= wsum[None, :h, :w]
-    return np.ascontiguousarray(out, dtype=np.float32)

@@ -290,3 +290,46 @@ def test_all_background_and_tiny_specks_give_empty_labels():
     assert out.shape == (40, 30) and out.dtype == np.uint32 and not out.any()
     probs[:, 5, 5] = (0.0, 1.0, 0.0)  # a single-pixel nucleus, below min_size
     assert not watershed(probs).any()
+
+
+def test_each_component_decodes_as_it_would_alone():
+    """Locality (what the block path relies on): a component's objects depend on that component alone.
+
+    Cropped to its box with every other component made background, each component of
+    one-hot maps (plateaus, ties everywhere) and of smooth noisy maps decodes to the same
+    objects as in the whole image.
+    """
+    from scipy import ndimage as ndi
+    from skimage.draw import ellipse
+    from triageseg.postprocess.targets import make_targets
+    from triageseg.postprocess.watershed import decode_components
+
+    rng = np.random.default_rng(1)
+    labels = np.zeros((320, 320), np.uint32)
+    centres = rng.uniform(30, 290, (10, 2))
+    for k in range(1, 161):  # touching ellipses in ten clusters, each mostly visible
+        cy, cx = centres[rng.integers(10)] + rng.normal(0, 16, 2)
+        rr, cc = ellipse(cy, cx, rng.uniform(5, 9), rng.uniform(5, 9), shape=labels.shape,
+                         rotation=rng.uniform(0, np.pi))
+        free = labels[rr, cc] == 0
+        if free.size and free.mean() > 0.7:
+            labels[rr[free], cc[free]] = k
+    one_hot = np.eye(3, dtype=np.float32)[make_targets(labels, width=2, mode="all")].transpose(2, 0, 1)
+    logits = 6.0 * ndi.gaussian_filter(one_hot, (0, 1.2, 1.2))
+    logits += 1.5 * ndi.gaussian_filter(rng.normal(0, 1, logits.shape).astype(np.float32), (0, 2.0, 2.0))
+    smooth = np.exp(logits - logits.max(axis=0))
+    smooth /= smooth.sum(axis=0)
+    params = WatershedParams()
+    flooded = 0
+    for probs in (one_hot, smooth.astype(np.float32)):
+        raw, comps = decode_components(probs, params)
+        for k, sl in enumerate(ndi.find_objects(comps), start=1):
+            y0, y1, x0, x1 = max(0, sl[0].start - 2), sl[0].stop + 2, max(0, sl[1].start - 2), sl[1].stop + 2
+            alone = probs[:, y0:y1, x0:x1].copy()
+            other = comps[y0:y1, x0:x1] != k
+            alone[:, other] = np.array([1, 0, 0], np.float32)[:, None]
+            a, b = raw[y0:y1, x0:x1][~other], decode_components(alone, params)[0][~other]
+            pairs = np.unique(a.astype(np.int64) * (int(b.max()) + 1) + b)
+            assert np.unique(a).size == np.unique(b).size == pairs.size, f"component {k} decodes differently alone"
+            flooded += np.unique(a).size > 1
+    assert flooded > 10  # many components hold several nuclei (the flooded case)
