@@ -12,25 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from triageseg.pipeline.large import _load_array as _zload  # zstd-compressed .npy, as the block journal keeps them
+from triageseg.pipeline.large import _save_array as _zsave
+
 _TIFF_TILE = 512
-
-
-def _zsave(path: Path, array: np.ndarray) -> None:
-    import io
-
-    import imagecodecs
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    path.write_bytes(imagecodecs.zstd_encode(buf.getvalue(), level=1))
-
-
-def _zload(path: Path) -> np.ndarray:
-    import io
-
-    import imagecodecs
-
-    return np.load(io.BytesIO(imagecodecs.zstd_decode(path.read_bytes())))
 
 
 def _tiff_tiles(rows, size: int, tile: int, channels: int | None):
