@@ -132,9 +132,21 @@ def run_mosaic(args, work: Path, bundle: Path, run: bool = True) -> dict:
     grid = plan_blocks((args.size, args.size), block_size=args.block_size, margin=DEFAULT_MARGIN)  # as segment plans it
     pred = out / "mosaic.tif"
     seams = seam_defects(work / "mosaic_gt.tif", lambda *b: _read(pred, *b), grid)
+    # the same count on lines through the middle of every core (no block boundary there): the model's own rate
+    control = seam_defects(work / "mosaic_gt.tif", lambda *b: _read(pred, *b), midlines(grid))
     consecutive, n_ids = ids_consecutive(pred)
-    return {"wall": wall, "rss": rss, "row": row, "grid": grid, "seams": seams, "consecutive": consecutive,
-            "n_ids": n_ids, "margin": DEFAULT_MARGIN}
+    return {"wall": wall, "rss": rss, "row": row, "grid": grid, "seams": seams, "control": control,
+            "consecutive": consecutive, "n_ids": n_ids, "margin": DEFAULT_MARGIN}
+
+
+def midlines(grid):
+    """A stand-in grid for :func:`seam_defects` whose boundaries are the middle lines of ``grid``'s cores."""
+    from types import SimpleNamespace
+
+    def mids(spans):
+        return [(0,)] + [((span[0] + span[1]) // 2,) for span in spans]
+
+    return SimpleNamespace(shape=grid.shape, rows=mids(grid.rows), cols=mids(grid.cols))
 
 
 def _measured(work: Path, name: str, run, rerun: bool):
@@ -244,6 +256,10 @@ def report(args, m: dict | None, t: dict | None, c: dict | None, used: str) -> N
             own = defects - (ts["split"] | ts["cut"])
             print(f"  the same nuclei, tiles one by one      split {len(ts['split'])} / cut {len(ts['cut'])} (the model's "
                   f"own errors); defects of the block path only: {len(own)}")
+        if m.get("control") is not None:
+            cs = m["control"]
+            print(f"  control: the same count on the cores' middle lines (no boundary there): {cs['crossing']} "
+                  f"crossing, split {len(cs['split'])} / cut {len(cs['cut'])} = {len(cs['split'] | cs['cut'])}")
         print(f"  predicted ids in two pieces across it  {s['pieces']};  ids 1..{m['n_ids']} consecutive: "
               f"{m['consecutive']};  no duplicates: {_goal(s['pieces'] == 0 and m['consecutive'])}")
     if t is not None:
