@@ -126,12 +126,17 @@ class Journal:
         result.save(self.block_path(result.index))
 
     def load(self, index: int) -> BlockResult:
-        """A finished block's result."""
+        """A finished block's result.
+
+        Raises:
+            DataError: the block's file is missing or damaged (it is removed: the block is then not done).
+        """
         try:
             return BlockResult.load(self.block_path(index))
-        except Exception as err:  # noqa: BLE001 - a damaged journal file: say which, the rerun redoes it
+        except Exception as err:  # noqa: BLE001 - a damaged journal file: say which; it is computed again
             self.block_path(index).unlink(missing_ok=True)
-            raise DataError(self.block_path(index), f"damaged journal entry ({err}); rerun to recompute it") from None
+            problem = f"damaged block journal entry ({type(err).__name__}: {err})"
+            raise DataError(self.block_path(index), problem) from None
 
     def remove(self) -> None:
         """Delete the journal (after the outputs are in place)."""

@@ -178,6 +178,25 @@ def _probabilities(source, stream: Stream, store: ProbabilityStore, norm: NormSt
         return compute_probabilities(stream, read_rows, store, progress=bar.update)
 
 
+def _block_loader(journal: Journal, store: ProbabilityStore, grid: BlockGrid,
+                  params: WatershedParams) -> Callable[[int], BlockResult]:
+    """``index -> BlockResult`` from the journal, decoding again a block whose file went missing or was damaged.
+
+    Decoding is deterministic: the block decoded again from the stored probabilities is the one lost.
+    """
+
+    def load(index: int) -> BlockResult:
+        try:
+            return journal.load(index)
+        except DataError as err:
+            logger.warning("%s; decoding that block again", err)
+            result = decode_block(store.read, grid.blocks[index], params=params, margin=grid.margin)
+            journal.save(result)
+            return result
+
+    return load
+
+
 def segment_blocks(
     source,
     out_path: str | os.PathLike,
@@ -238,7 +257,7 @@ def segment_blocks(
             for block in todo:
                 journal.save(decode_block(store.read, block, params=params, margin=grid.margin))
                 bar.update(1)
-    load = BlockCache(journal.load, size=min(len(grid.cols) + 4, 16))
+    load = BlockCache(_block_loader(journal, store, grid, params), size=min(len(grid.cols) + 4, 16))
     numbering = number_blocks(grid, load)
     sums = _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE, store)
     areas = [load(block.index).area for block in grid.blocks]

@@ -65,6 +65,9 @@ class ProbabilityStore:
         self.n_chunk_cols = math.ceil(self.shape[1] / CHUNK_COLS)
         self._state = self.folder.parent / f"{self.folder.name}.json"
         self._done = self._read_state()
+        if self._done is None and self._state.exists():
+            logger.warning("%s: unreadable or foreign state file %s in the block journal; computing every probability "
+                           "row again", self.folder, self._state.name)
         if self._done is None or not self.folder.is_dir():
             self.array = zarr.create_array(self.folder, shape=(self.classes, *self.shape), dtype="float32",
                                            chunks=(self.classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0,

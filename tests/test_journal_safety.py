@@ -92,6 +92,27 @@ def test_a_damaged_probability_journal_is_repaired_and_gives_the_undamaged_file(
     assert ("zarr.json" if row is None else f"c/0/{row}/0") in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["garbage block", "garbage state"])
+def test_a_damaged_block_or_state_file_costs_time_not_a_failure(tmp_path, monkeypatch, caplog, damage):
+    """A finished block's file spoiled: decoded again; the probabilities' state file spoiled: all rows again."""
+    image = class_image(draw_labels(seed=7))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    run_blocks(clean, image, name="img")
+    with monkeypatch.context() as m:
+        interrupt_after(m)
+        with pytest.raises(KeyboardInterrupt):
+            run_blocks(tmp_path, image, name="img")
+    folder = tmp_path / ".img.blocks"
+    spoilt = folder / ("block_00002.npz" if damage == "garbage block" else "probs.zarr.json")
+    spoilt.write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    with caplog.at_level(logging.WARNING):
+        summary, _ = run_blocks(tmp_path, image, name="img")
+    assert (tmp_path / "img.tif").read_bytes() == (clean / "img.tif").read_bytes()
+    assert summary["rows"] == (0 if damage == "garbage block" else 768)
+    assert str(spoilt if damage == "garbage block" else folder / "probs.zarr") in caplog.text
+
+
 def test_damaged_chunks_found_while_computing_probabilities_are_filled_in_too(tmp_path, monkeypatch):
     """Interrupted in the probabilities (rows 0:512 recorded), chunk row 0 deleted: rows 0:256 and 512:768 computed."""
     image = class_image(draw_labels(seed=6))
