@@ -115,8 +115,8 @@ class ProbabilityStore:
         path = self.folder / "zarr.json"
         expected = self._expected_metadata()
         try:
-            ok = path.read_bytes() == expected
-        except OSError:
+            ok = json.loads(path.read_bytes()) == json.loads(expected)
+        except (OSError, ValueError):
             ok = False
         if not ok:
             logger.warning("%s: damaged array metadata (zarr.json) in the block journal; rewritten, the recorded "
