@@ -8,7 +8,8 @@ beside the output; then :func:`~triageseg.pipeline.blocks.decode_block` over the
 (:mod:`triageseg.pipeline.stitch`), and the labels streamed to a tiled pyramidal TIFF (and
 optionally a GeoJSON of outlines) that appear under their names only when complete. The
 labels equal the in-memory path's up to the numbering. An interrupted run resumes from
-the finished probability rows and blocks; the journal is removed on success.
+the finished probability rows and blocks (checked: :mod:`triageseg.pipeline.probstore`,
+:mod:`triageseg.pipeline.journal`); the journal is removed on success.
 
 :func:`segment_large_file` adds what a file needs: a lazy reader (TIFF / BigTIFF /
 OME-TIFF / SVS at a pyramid level), one pass for the normalisation statistics and the
@@ -20,17 +21,14 @@ sends images above :attr:`BlockOptions.threshold_mp` here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blocks import (
     DEFAULT_BLOCK_SIZE,
@@ -43,6 +41,12 @@ from triageseg.pipeline.blocks import (
     plan_blocks,
     scan_image,
 )
+from triageseg.pipeline.journal import (  # noqa: F401 - Journal, JOURNAL_FORMAT re-exported (the block path's API)
+    JOURNAL_FORMAT,
+    Journal,
+    claim_outputs,
+    content_fingerprint,
+)
 from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
 from triageseg.pipeline.records import routing_row
 from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
@@ -52,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 # 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
 DEFAULT_THRESHOLD_MP = 16.8
-JOURNAL_FORMAT = 2  # 2: probabilities on disk, blocks own whole objects (1: candidates, stitched)
 _OUTPUT_TILE = 512
 
 
@@ -94,68 +97,6 @@ def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
         return True
     size = image_size(path)
     return size is not None and size[0] * size[1] > options.threshold_mp * 1e6
-
-
-# --------------------------------------------------------------------------- journal
-
-
-class Journal:
-    """Finished blocks of one huge image, kept beside its output until the output is complete.
-
-    ``journal.json`` holds a key (what the blocks were computed from: input file, settings)
-    and a state (routing decision, normalisation). A journal with another key is discarded,
-    so a changed input or setting never mixes old and new blocks.
-    """
-
-    def __init__(self, folder: str | os.PathLike, key: dict):
-        self.folder = Path(folder)
-        self.key = json.loads(json.dumps(key))
-        self.state: dict | None = None
-        manifest = self.folder / "journal.json"
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {}
-            if data.get("format") == JOURNAL_FORMAT and data.get("key") == self.key:
-                self.state = data.get("state")
-                return
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
-        self._write()
-
-    def _write(self) -> None:
-        write_json_atomic(self.folder / "journal.json", {"format": JOURNAL_FORMAT, "key": self.key, "state": self.state})
-
-    def set_state(self, state: dict) -> None:
-        """Record the state (JSON-ready) that every later block of this run must agree with."""
-        self.state = json.loads(json.dumps(state))
-        self._write()
-
-    def block_path(self, index: int) -> Path:
-        """Where block ``index``'s result lives."""
-        return self.folder / f"block_{index:05d}.npz"
-
-    def done(self) -> set[int]:
-        """Indices of the finished blocks."""
-        return {int(p.stem.split("_")[1]) for p in self.folder.glob("block_*.npz")}
-
-    def save(self, result: BlockResult) -> None:
-        """Record a finished block (atomically: a block file is complete or absent)."""
-        result.save(self.block_path(result.index))
-
-    def load(self, index: int) -> BlockResult:
-        """A finished block's result."""
-        try:
-            return BlockResult.load(self.block_path(index))
-        except Exception as err:  # noqa: BLE001 - a damaged journal file: say which, the rerun redoes it
-            self.block_path(index).unlink(missing_ok=True)
-            raise DataError(self.block_path(index), f"damaged journal entry ({err}); rerun to recompute it") from None
-
-    def remove(self) -> None:
-        """Delete the journal (after the outputs are in place)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- stitched labels on disk
@@ -232,9 +173,28 @@ def _probabilities(source, stream: Stream, store: ProbabilityStore, norm: NormSt
     def read_rows(y0: int, y1: int) -> np.ndarray:
         return norm.apply(source[y0:y1, 0:width], name=name)
 
-    with tqdm(total=store.shape[0], initial=store.rows, unit="row", desc=f"{str(name)[-24:]} probs", leave=False,
+    with tqdm(total=store.shape[0], initial=store.finished, unit="row", desc=f"{str(name)[-24:]} probs", leave=False,
               disable=not progress) as bar:
         return compute_probabilities(stream, read_rows, store, progress=bar.update)
+
+
+def _block_loader(journal: Journal, store: ProbabilityStore, grid: BlockGrid,
+                  params: WatershedParams) -> Callable[[int], BlockResult]:
+    """``index -> BlockResult`` from the journal, decoding again a block whose file went missing or was damaged.
+
+    Decoding is deterministic: the block decoded again from the stored probabilities is the one lost.
+    """
+
+    def load(index: int) -> BlockResult:
+        try:
+            return journal.load(index)
+        except DataError as err:
+            logger.warning("%s; decoding that block again", err)
+            result = decode_block(store.read, grid.blocks[index], params=params, margin=grid.margin)
+            journal.save(result)
+            return result
+
+    return load
 
 
 def segment_blocks(
@@ -288,16 +248,16 @@ def segment_blocks(
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    rows = 0
     store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
+    # always: the stored rows are read again below (quality sums), and a damaged chunk is computed again here
+    rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
     if todo:
-        rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
         with tqdm(total=len(grid), initial=len(grid) - len(todo), unit="block", desc=str(name)[-30:], leave=False,
                   disable=not progress) as bar:
             for block in todo:
                 journal.save(decode_block(store.read, block, params=params, margin=grid.margin))
                 bar.update(1)
-    load = BlockCache(journal.load, size=min(len(grid.cols) + 4, 16))
+    load = BlockCache(_block_loader(journal, store, grid, params), size=min(len(grid.cols) + 4, 16))
     numbering = number_blocks(grid, load)
     sums = _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE, store)
     areas = [load(block.index).area for block in grid.blocks]
@@ -342,11 +302,15 @@ def open_source(path: str | os.PathLike, *, level: int = 0) -> Iterator[tuple[ob
 
 
 def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, channel) -> dict:
-    """What a journal's blocks depend on: the input file, the bundle (retrained in place: new key), the settings."""
+    """What a journal's blocks depend on: the input (path, size, time, content), the bundle, the settings.
+
+    The bundle is known by its manifest's time stamp too: retrained in place, it gives a new key.
+    """
     stat = path.stat()
     manifest = (Path(pipe.path) / "bundle.json").stat()
     return {
-        "input": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "level": options.level,
+        "input": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "content": content_fingerprint(path), "level": options.level,
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
@@ -369,7 +333,9 @@ def segment_large_file(
 
     Routing uses an overview of the whole image and full-resolution crops; the router,
     segmenter and fallback policy are ``pipe``'s, as for small images. The journal
-    ``out_dir/.<name>.blocks/`` keeps finished blocks until the outputs are complete.
+    ``out_dir/.<name>.blocks/`` keeps finished blocks until the outputs are complete. The
+    image's outputs are claimed first (:func:`~triageseg.pipeline.journal.claim_outputs`: a
+    lock, and the temporaries an interrupted run left removed).
 
     ``before_write`` is called with the ``routing.csv`` row (without ``objects``) just
     before the label file is written.
@@ -379,10 +345,12 @@ def segment_large_file(
         the blocks' summed signals; None without a quality model) and ``mode = blocks``.
 
     Raises:
-        DataError: unreadable, truncated or non-tiled input (naming the file), bad channels.
+        DataError: unreadable, truncated or non-tiled input (naming the file), bad channels,
+            another run segmenting the same image into ``out_dir`` (naming the lock).
     """
     path, out_dir = Path(path), Path(out_dir)
-    with open_source(path, level=options.level) as (source, pixel_size):
+    # the lock of this image's outputs (one writer; a killed run's temporaries removed), then the input
+    with claim_outputs(out_dir, name), open_source(path, level=options.level) as (source, pixel_size):
         shape = (int(source.shape[0]), int(source.shape[1]))
         journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
         if journal.state is None:

@@ -6,8 +6,15 @@ batches and blending, band of tile rows by band) over the normalised rows of an
 array-like image and writes the rows into a :class:`ProbabilityStore`, a zarr 3 array of
 float32 (the in-memory path's dtype) in the image's journal folder. The blocks are then
 decoded from it (:func:`~triageseg.pipeline.blocks.decode_block`). Rows are written in
-whole chunk rows and the number of finished rows is recorded after each, so an
-interrupted run resumes at the first unfinished chunk row.
+whole chunk rows, and each finished chunk row is recorded with a checksum of every chunk
+file it wrote, so an interrupted run resumes at the unfinished chunk rows.
+
+A journal is a folder a user can damage (a deleted, truncated or overwritten file, a
+disk error). Reopening a store therefore checks it: the array's metadata against the
+one this module writes (put back when it differs), and every recorded chunk file for
+presence and checksum. A chunk row with a missing or damaged chunk is forgotten and
+computed again (the stream starts at any row and gives the same rows bit for bit), so
+a damaged journal costs time, never wrong labels; each repair is logged naming the store.
 
 Example:
     >>> store = ProbabilityStore(journal.folder / "probs.zarr", (16000, 16000))     # doctest: +SKIP
@@ -19,76 +26,189 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from triageseg.datasets.atomic import write_json_atomic
+from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
+from triageseg.datasets.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 # Rows per chunk row of the store (and per resume step); columns per chunk.
 CHUNK_ROWS = 256
 CHUNK_COLS = 1024
+STATE_FORMAT = 2  # 2: finished chunk rows with a CRC-32 per chunk file (1: a count of finished rows)
 
 Stream = Callable[..., Iterator[tuple[int, int, np.ndarray]]]  # (read_rows, shape, start=) -> (y0, y1, probs)
 
 
 class ProbabilityStore:
-    """float32 ``3 x H x W`` class probabilities on disk (zarr 3, zstd), with the count of finished rows."""
+    """float32 ``3 x H x W`` class probabilities on disk (zarr 3, zstd), with the finished chunk rows.
+
+    ``<folder>.json`` (beside the store) records, for each finished chunk row, the CRC-32
+    of each of its chunk files (``None``: no file, zarr keeps no chunk that is all fill
+    value). Opening an existing store verifies both (see the module docstring).
+    """
 
     def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int = 3):
         import zarr
 
         self.folder = Path(folder)
         self.shape = (int(shape[0]), int(shape[1]))
+        self.classes = int(classes)
+        self.n_chunk_rows = math.ceil(self.shape[0] / CHUNK_ROWS)
+        self.n_chunk_cols = math.ceil(self.shape[1] / CHUNK_COLS)
         self._state = self.folder.parent / f"{self.folder.name}.json"
-        rows = self._read_state()
-        if rows is None or not (self.folder / "zarr.json").is_file():
-            self.array = zarr.create_array(self.folder, shape=(classes, *self.shape), dtype="float32",
-                                           chunks=(classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0, overwrite=True)
-            self._write_state(0)
-        else:
-            self.array = zarr.open_array(self.folder, mode="r+")
-            if tuple(self.array.shape[1:]) != self.shape:
-                raise ValueError(f"{self.folder}: stored probabilities have shape {self.array.shape}, "
-                                 f"expected {(classes, *self.shape)}")
+        self._done = self._read_state()
+        if self._done is None and self._state.exists():
+            logger.warning("%s: unreadable or foreign state file %s in the block journal; computing every probability "
+                           "row again", self.folder, self._state.name)
+        if self._done is None or not self.folder.is_dir():
+            self.array = zarr.create_array(self.folder, shape=(self.classes, *self.shape), dtype="float32",
+                                           chunks=(self.classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0,
+                                           overwrite=True)
+            self._done = {}
+            self._write_state()
+            return
+        self._check_metadata()
+        self.array = zarr.open_array(self.folder, mode="r+")
+        self._verify_chunks()
 
-    def _read_state(self) -> int | None:
+    # ---- state
+
+    def _read_state(self) -> dict[int, list[int | None]] | None:
+        """The recorded chunk rows, or None when the state file is absent, unreadable or of another store."""
         try:
             data = json.loads(self._state.read_text(encoding="utf-8"))
-            rows = int(data["rows"])
-        except (OSError, ValueError, KeyError, TypeError):
+            if data.get("format") != STATE_FORMAT or data.get("shape") != list(self.shape):
+                return None
+            done = {int(r): [None if s is None else int(s) for s in sums] for r, sums in data["chunks"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        return rows if 0 <= rows <= self.shape[0] else None
+        if any(not 0 <= r < self.n_chunk_rows or len(s) != self.n_chunk_cols for r, s in done.items()):
+            return None
+        return done
 
-    def _write_state(self, rows: int) -> None:
-        write_json_atomic(self._state, {"rows": int(rows), "shape": list(self.shape)})
+    def _write_state(self) -> None:
+        write_json_atomic(self._state, {"format": STATE_FORMAT, "rows": self.rows, "shape": list(self.shape),
+                                        "chunk": [CHUNK_ROWS, CHUNK_COLS],
+                                        "chunks": {str(r): self._done[r] for r in sorted(self._done)}})
+
+    # ---- verification
+
+    def _expected_metadata(self) -> bytes:
+        """The ``zarr.json`` this module writes for this shape (made in memory)."""
+        import zarr
+        from zarr.core.buffer import default_buffer_prototype
+
+        array = zarr.create_array(zarr.storage.MemoryStore(), shape=(self.classes, *self.shape), dtype="float32",
+                                  chunks=(self.classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0)
+        return array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+    def _check_metadata(self) -> None:
+        """Put back the array's metadata when it is not what this module writes (the chunks are checked apart)."""
+        path = self.folder / "zarr.json"
+        expected = self._expected_metadata()
+        try:
+            ok = json.loads(path.read_bytes()) == json.loads(expected)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            logger.warning("%s: damaged array metadata (zarr.json) in the block journal; rewritten, the recorded "
+                           "chunks are verified by their checksums", self.folder)
+            write_text_atomic(path, expected.decode("utf-8"))
+
+    def _chunk_path(self, r: int, c: int) -> Path:
+        return self.folder / self.array.metadata.encode_chunk_key((0, r, c))
+
+    def _chunk_sum(self, r: int, c: int) -> int | None:
+        """CRC-32 of chunk file ``(r, c)``; None when there is no such file."""
+        try:
+            return zlib.crc32(self._chunk_path(r, c).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def _verify_chunks(self) -> None:
+        """Forget every recorded chunk row with a chunk file missing or not matching its checksum."""
+        bad = {r: [c for c in range(self.n_chunk_cols) if self._chunk_sum(r, c) != sums[c]]
+               for r, sums in self._done.items()}
+        bad = {r: cols for r, cols in bad.items() if cols}
+        if not bad:
+            return
+        for r in bad:
+            del self._done[r]
+        self._write_state()
+        where = ", ".join(f"rows {r * CHUNK_ROWS}:{min(self.shape[0], (r + 1) * CHUNK_ROWS)} (chunk(s) "
+                          f"{', '.join(self.array.metadata.encode_chunk_key((0, r, c)) for c in cols)})"
+                          for r, cols in sorted(bad.items()))
+        logger.warning("%s: probability chunk(s) missing or damaged in the block journal: %s; computing those rows "
+                       "again", self.folder, where)
+
+    # ---- rows
 
     @property
     def rows(self) -> int:
-        """Rows finished (all rows above this one are final)."""
-        rows = self._read_state()
-        return 0 if rows is None else rows
+        """Rows finished from the top (all rows above this one are final)."""
+        r = 0
+        while r in self._done:
+            r += 1
+        return min(self.shape[0], r * CHUNK_ROWS)
 
     @property
     def complete(self) -> bool:
         """Whether every row is finished."""
-        return self.rows == self.shape[0]
+        return len(self._done) == self.n_chunk_rows
+
+    @property
+    def finished(self) -> int:
+        """Rows finished, wherever they are."""
+        return sum(min(self.shape[0], (r + 1) * CHUNK_ROWS) - r * CHUNK_ROWS for r in self._done)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The unfinished rows, as ``(y0, y1)`` runs of consecutive unfinished chunk rows, top to bottom."""
+        runs: list[tuple[int, int]] = []
+        for r in range(self.n_chunk_rows):
+            if r in self._done:
+                continue
+            y0, y1 = r * CHUNK_ROWS, min(self.shape[0], (r + 1) * CHUNK_ROWS)
+            if runs and runs[-1][1] == y0:
+                runs[-1] = (runs[-1][0], y1)
+            else:
+                runs.append((y0, y1))
+        return runs
 
     def write_rows(self, y0: int, probs: np.ndarray) -> None:
         """Store rows ``y0 : y0 + n`` and record them (whole chunk rows from ``y0`` on, the last may be short)."""
         y1 = y0 + probs.shape[1]
-        if y0 != self.rows or y0 % CHUNK_ROWS or (y1 % CHUNK_ROWS and y1 != self.shape[0]):
-            raise ValueError(f"rows {y0}:{y1} are not the next whole chunk rows after row {self.rows}")
+        if y0 % CHUNK_ROWS or (y1 % CHUNK_ROWS and y1 != self.shape[0]) or not 0 <= y0 < y1 <= self.shape[0]:
+            raise ValueError(f"rows {y0}:{y1} are not whole chunk rows of {self.folder} ({CHUNK_ROWS} rows each)")
         self.array[:, y0:y1, :] = probs
-        self._write_state(y1)
+        # the checksums of the files as written (read back: zarr chose their bytes), recorded after them
+        for r in range(y0 // CHUNK_ROWS, math.ceil(y1 / CHUNK_ROWS)):
+            self._done[r] = [self._chunk_sum(r, c) for c in range(self.n_chunk_cols)]
+        self._write_state()
 
     def read(self, box: tuple[int, int, int, int]) -> np.ndarray:
-        """The probabilities of a box ``(y0, y1, x0, x1)`` of finished rows: float32 ``3 x h x w``."""
+        """The probabilities of a box ``(y0, y1, x0, x1)`` of finished rows: float32 ``3 x h x w``.
+
+        Raises:
+            ValueError: rows not computed yet.
+            DataError: a chunk file damaged since the store was opened (naming the store; a rerun
+                computes it again).
+        """
         y0, y1, x0, x1 = box
-        if y1 > self.rows:
-            raise ValueError(f"rows {y0}:{y1} are not all computed yet (finished: {self.rows})")
-        return np.asarray(self.array[:, y0:y1, x0:x1], dtype=np.float32)
+        if any(r not in self._done for r in range(y0 // CHUNK_ROWS, math.ceil(y1 / CHUNK_ROWS))):
+            raise ValueError(f"rows {y0}:{y1} are not all computed yet in {self.folder}")
+        try:
+            return np.asarray(self.array[:, y0:y1, x0:x1], dtype=np.float32)
+        except Exception as err:  # noqa: BLE001 - zarr/zstd errors: a damaged journal, not a bad input
+            raise DataError(self.folder, f"damaged probability chunk in the block journal ({type(err).__name__}: "
+                                         f"{err}); run again to compute it again") from err
 
 
 def compute_probabilities(
@@ -102,7 +222,8 @@ def compute_probabilities(
 
     Args:
         stream: ``stream(read_rows, shape, start=row)`` yielding ``(y0, y1, probs)`` from
-            ``row`` on (e.g. ``Pipeline.probability_stream``).
+            ``row`` on (e.g. ``Pipeline.probability_stream``); it is started once per run of
+            unfinished rows and closed at the run's end.
         read_rows: ``(y0, y1) -> float32 (y1 - y0) x W x 3`` normalised rows.
         store: where the rows go; rows it has already are not computed again.
         progress: called with the number of rows written each time some are.
@@ -110,25 +231,36 @@ def compute_probabilities(
     Returns:
         The number of rows computed now.
     """
-    h = store.shape[0]
-    start = store.rows
-    if start >= h:
-        return 0
+    computed = sum(_compute_run(stream, read_rows, store, start, stop, progress) for start, stop in store.missing())
+    if not store.complete:
+        raise ValueError(f"probability stream ended early: rows {store.missing()} of {store.shape[0]} missing")
+    return computed
+
+
+def _compute_run(stream: Stream, read_rows: Callable[[int, int], np.ndarray], store: ProbabilityStore, start: int,
+                 stop: int, progress: Callable[[int], None] | None) -> int:
+    """Rows ``start:stop`` (whole chunk rows) from the stream started at ``start``; rows computed."""
     pending: list[np.ndarray] = []
     pending_rows, at = 0, start
-    for y0, y1, probs in stream(read_rows, store.shape, start=start):
-        if y0 != at + pending_rows:
-            raise ValueError(f"probability stream gave rows {y0}:{y1}, expected them from row {at + pending_rows}")
-        pending.append(probs)
-        pending_rows += y1 - y0
-        ready = h - at if y1 == h else (at + pending_rows) // CHUNK_ROWS * CHUNK_ROWS - at
-        if ready > 0:
-            block = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
-            store.write_rows(at, block[:, :ready])
-            rest = block[:, ready:]
-            pending, pending_rows, at = ([rest] if rest.shape[1] else []), rest.shape[1], at + ready
-            if progress is not None:
-                progress(ready)
-    if store.rows != h:
-        raise ValueError(f"probability stream ended at row {store.rows} of {h}")
-    return h - start
+    rows = stream(read_rows, store.shape, start=start)
+    try:
+        for y0, y1, probs in rows:
+            if y0 != at + pending_rows:
+                raise ValueError(f"probability stream gave rows {y0}:{y1}, expected them from row {at + pending_rows}")
+            pending.append(probs)
+            pending_rows += y1 - y0
+            end = min(stop, at + pending_rows)
+            ready = end - at if end == stop else end // CHUNK_ROWS * CHUNK_ROWS - at
+            if ready > 0:
+                block = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+                store.write_rows(at, block[:, :ready])
+                rest = block[:, ready:]
+                pending, pending_rows, at = ([rest] if rest.shape[1] else []), rest.shape[1], at + ready
+                if progress is not None:
+                    progress(ready)
+            if at >= stop:  # the rows below are finished already
+                break
+    finally:
+        if hasattr(rows, "close"):
+            rows.close()
+    return at - start
