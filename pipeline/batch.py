@@ -197,7 +197,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
     routing_path = out_dir / ROUTING_CSV
     # spawn, not fork: forking a process that holds torch threads can deadlock
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init) if workers > 0 else None
+                               initializer=_worker_init, initargs=(os.getpid(),)) if workers > 0 else None
     pending: list[tuple[Path, str, dict, Future]] = []
 
     def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
@@ -333,10 +333,14 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: the main process shuts the workers down
     # after their current job, so a worker must not die of it mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:  # a SIGKILLed main process leaves no orphan worker behind
+        from triageseg.pipeline.procs import die_with_parent
+
+        die_with_parent(parent_pid)
 
 
 def output_names(inputs: Sequence, names: Sequence[str] | None = None) -> list[str]:
