@@ -175,8 +175,11 @@ def check_settings(out_dir: str | os.PathLike, settings: Mapping[str, Any], *, o
 def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str | None:
     """Why the label file at ``path`` cannot count as the output for an input of ``shape``; None when it can.
 
-    Reads the TIFF structure only (no pixels): the file must open, its image data must lie
-    within the file (a cut-off write is caught) and its height and width must be ``shape``.
+    Reads the TIFF structure and a few tiles, not the whole image: the file must open;
+    every pyramid level's IFD must read and its image data lie within the file (a cut-off
+    write is caught); the first and last tile or strip of every level must decode; a
+    pyramidal file must hold its OME-XML (written last, so the first thing a cut loses);
+    level 0's height and width must be ``shape``.
     """
     import tifffile
 
@@ -191,14 +194,51 @@ def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str |
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             found = (int(page.imagelength), int(page.imagewidth))
-            extents = zip(page.dataoffsets, page.databytecounts, strict=True)
-            end = max((int(o) + int(n) for o, n in extents), default=0)
+            problem = _check_levels(tif, page, size)
     except Exception as err:  # noqa: BLE001 - tifffile raises many types for broken files
         return f"not a readable TIFF ({err})"
-    if end > size:
-        return f"truncated ({size} bytes; its image data runs to byte {end})"
+    if problem:
+        return problem
     if shape is not None and found != tuple(shape[:2]):
         return f"shape {found} differs from its input's {tuple(shape[:2])}"
+    return None
+
+
+def _check_levels(tif, page, size: int) -> str | None:
+    """The problem of the first damaged pyramid level of ``tif`` (level 0 = ``page``), or None."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    levels = [page]
+    for i, offset in enumerate(page.subifds or ()):
+        if not 0 < int(offset) < size:
+            return f"truncated ({size} bytes; pyramid level {i + 1} starts at byte {offset})"
+        tif.filehandle.seek(int(offset))
+        try:
+            levels.append(tifffile.TiffPage(tif, index=(0, i)))
+        except Exception as err:  # noqa: BLE001
+            return f"pyramid level {i + 1} unreadable ({err})"
+    for level, lvl in enumerate(levels):
+        extents = list(zip(lvl.dataoffsets, lvl.databytecounts, strict=True))
+        end = max((int(o) + int(n) for o, n in extents), default=0)
+        if end > size:
+            return f"truncated ({size} bytes; the image data of level {level} runs to byte {end})"
+        for index in {0, len(extents) - 1} if extents else ():
+            offset, count = (int(v) for v in extents[index])
+            if count == 0:
+                continue
+            tif.filehandle.seek(offset)
+            try:
+                lvl.decode(tif.filehandle.read(count), index, jpegtables=lvl.jpegtables)
+            except Exception as err:  # noqa: BLE001 - codecs raise their own types (DeflateError...)
+                return f"pyramid level {level} does not decode ({type(err).__name__}: {err})"
+    if len(levels) > 1:  # our pyramids are OME-TIFFs: without the OME-XML, readers lose the levels
+        description = page.description or ""
+        try:
+            ET.fromstring(description)
+        except ET.ParseError:
+            return "its OME-XML metadata is missing or cut off (truncated file)"
     return None
 
 
