@@ -55,6 +55,69 @@ def _read_routing(path: Path) -> dict[str, dict]:
     return {Path(r.get("output", "")).stem: r for r in rows if r.get("output")}
 
 
+def read_routing(path: str | os.PathLike) -> dict[str, dict]:
+    """Rows of an existing routing.csv keyed by output name; {} when there is none.
+
+    Raises:
+        OutputConflict: the file cannot be read (not UTF-8, not a CSV with an ``output``
+            column): a rerun would replace it by the rows of this run only, so the error
+            says how to get every row back (delete it and rerun: rows are rebuilt from the
+            label files, see :func:`rebuild_rows`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        problem = str(err)
+    else:
+        if "output" in columns:
+            return {Path(r["output"]).stem: r for r in rows if r.get("output")}
+        problem = f"no 'output' column (columns: {', '.join(columns) or 'none'})"
+    raise OutputConflict(path, f"unreadable ({problem}); every label file keeps its own row, so delete it and "
+                               "rerun the same command: routing.csv is rebuilt from the label files")
+
+
+def label_record(row: Mapping[str, Any]) -> dict:
+    """What a label file stores about itself (the ``record`` of :func:`~triageseg.datasets.io.write_labels`): its routing.csv row.
+
+    ``seconds`` is left empty (not known until the file is written); ``quality`` is
+    formatted as in routing.csv.
+    """
+    cells = {k: row.get(k, "") for k in ROUTING_COLUMNS}
+    quality = cells["quality"]
+    cells["quality"] = "" if quality is None else (f"{quality:.3f}" if isinstance(quality, (float, np.floating)) else quality)
+    cells["seconds"] = ""
+    return {"routing": {k: "" if v is None else v for k, v in cells.items()}}
+
+
+def rebuild_rows(out_dir: str | os.PathLike, rows: dict[str, dict]) -> list[str]:
+    """Add to ``rows`` the routing row of every verified label file in ``out_dir`` that has none; the names added.
+
+    Each label file carries its own row (:func:`label_record`), so rows lost from
+    routing.csv (the file deleted, or overwritten by another run's) come back. A label
+    file without a record (written before records were) or that does not verify is left
+    out. ``rows`` is changed in place; the caller writes routing.csv.
+    """
+    from triageseg.datasets.tiffrecord import read_record
+
+    added = []
+    for target in sorted(Path(out_dir).glob("*.tif")):
+        if target.stem in rows:
+            continue
+        record = read_record(target)
+        row = record.get("routing") if record else None
+        if not isinstance(row, dict) or row.get("output") != target.name or verify_output(target, None):
+            continue
+        rows[target.stem] = {k: str(row.get(k, "")) for k in ROUTING_COLUMNS}
+        added.append(target.stem)
+    return added
+
+
 def _write_routing(path: Path, rows: dict[str, dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ROUTING_COLUMNS, extrasaction="ignore")
