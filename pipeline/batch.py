@@ -111,7 +111,10 @@ def segment_files(
     interrupted run resumes where it stopped. The settings are recorded in
     ``segment_config.json`` and a resumed run must use the same ones. Failures skipped
     under ``on_error="skip"`` are listed in ``failures.csv``. SIGTERM stops the run like
-    Ctrl-C: the worker processes are shut down and finished rows kept.
+    Ctrl-C: the worker processes are shut down and finished rows kept (and a worker whose
+    parent dies exits). Outputs asked for but missing or damaged beside a verified label
+    file are made from it; rows missing from ``routing.csv`` are rebuilt from the label
+    files (each stores its row). A second run into ``out_dir`` is refused while one runs.
 
     Args:
         inputs: image files.
@@ -122,7 +125,8 @@ def segment_files(
         workers: processes for watershed + writing (0: in this process).
         overlays: also write ``overlays/<name>.png`` with outlines on the image (a subfolder,
             so ``out_dir`` stays a folder of label images that ``evaluate`` can read).
-        rois: also write ``<name>.rois.zip`` (ImageJ/Fiji ROI set).
+        rois: also write ``<name>.rois.zip`` (ImageJ/Fiji ROI set). ``blocks.geojson``: also
+            ``<name>.geojson`` (QuPath outlines), in memory and block-wise.
         channel: channel to use for images with 2 or more than 3 channels (or for the pages
             of a 2-4 page TIFF without axis metadata).
         page: plane to read from multi-page TIFFs (see :func:`~triageseg.datasets.io.read_image`).
@@ -132,7 +136,8 @@ def segment_files(
             to go block-wise (``mode`` = ``blocks`` in routing.csv) and how.
 
     Raises:
-        OutputConflict: an output would overwrite or shadow an input, or ``out_dir`` holds
+        OutputConflict: another run is writing into ``out_dir``; ``routing.csv`` is
+            unreadable; an output would overwrite or shadow an input, or ``out_dir`` holds
             outputs made with other settings (and not ``overwrite``).
         DataError: a bad input under ``on_error="fail"``; two inputs with one output name.
     """
