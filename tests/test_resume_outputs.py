@@ -142,6 +142,12 @@ def test_outputs_asked_for_on_a_rerun_are_made_from_the_label_files(tiny_bundle,
         with Image.open(out / "overlays" / f"{path.stem}.png") as im:
             assert im.size == (72, 80)
     assert json.loads((out / "segment_config.json").read_text())["geojson"] is True
+    # what a first run with those options writes
+    fresh = tmp_path / "fresh"
+    assert _segment([tmp_path / "d", "--geojson", "--overlays"], tiny_bundle, fresh).exit_code == 0
+    for path in files:
+        for rel in (f"{path.stem}.geojson", f"overlays/{path.stem}.png"):
+            assert (out / rel).read_bytes() == (fresh / rel).read_bytes(), rel
 
     # damaged or deleted extras are noticed and made again; good ones are left alone
     geo = (out / "img00.geojson").read_bytes()
