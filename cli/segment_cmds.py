@@ -155,7 +155,7 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
               help="Side of a block core in pixels, for block-wise images.")
 @click.option("--block-margin", type=click.IntRange(min=0), default=DEFAULT_MARGIN, show_default=True,
               help="Context around each block in pixels (at least twice the largest nucleus diameter).")
-@click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines) for block-wise images.")
+@click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines).")
 @click.option("--review", "review_n", type=click.IntRange(min=0), default=10, show_default=True,
               help="End the summary with this many images of lowest predicted quality, to check first (0: none).")
 @click.option("--min-quality", type=click.FloatRange(0, 1), default=None,
@@ -175,7 +175,10 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     objects (no ground truth): the summary ends with the --review N lowest, and
     --min-quality Q writes every image below Q to review.csv.
     Inputs whose outputs exist and verify are skipped unless --overwrite, so an
-    interrupted run resumes (with the settings recorded in segment_config.json).
+    interrupted run resumes (with the settings recorded in segment_config.json); outputs
+    asked for now (--overlays, --rois, --geojson) but missing or damaged are made from
+    their label files. Rows missing from routing.csv are rebuilt from the label files.
+    One run at a time per --out: a second is refused, naming the first one's pid.
     --out may not overwrite or shadow an input. Images above --blocks-above megapixels
     (and every --level > 0 or SVS input) are read lazily and segmented block by block
     into a tiled pyramidal TIFF, resumable from their finished blocks. Exit code 0 when
@@ -282,6 +285,10 @@ def _summary(report, out, *, pipe=None, review_n: int = 0, min_quality: float | 
     )
     if per_model:
         click.echo("models used: " + ", ".join(f"{k}: {v}" for k, v in per_model.items()))
+    if getattr(report, "remade", None):
+        click.echo(f"made {len(report.remade)} missing output(s) from the label files of skipped images")
+    if getattr(report, "rebuilt", 0):
+        click.echo(f"note: rebuilt {report.rebuilt} routing.csv row(s) from their label files", err=True)
     _unknown_summary(report)
     if pipe is not None:
         _review(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)

@@ -451,6 +451,7 @@ def write_labels(
     labels: np.ndarray,
     *,
     pixel_size: float | tuple[float, float] | None = None,
+    record: dict | None = None,
 ) -> Path:
     """Write instance labels as a zlib-compressed TIFF, atomically.
 
@@ -463,11 +464,15 @@ def write_labels(
         path: destination (.tif / .tiff).
         labels: HxW non-negative integer array, 0 = background.
         pixel_size: microns per pixel, one number or (y, x).
+        record: JSON-ready facts about how the labels were made (e.g. their routing.csv
+            row), stored in the file itself (:mod:`triageseg.datasets.tiffrecord`).
 
     Returns:
         The path written.
     """
     import tifffile
+
+    from triageseg.datasets.tiffrecord import record_tags
 
     path = Path(path)
     labels = check_labels(labels, name=str(path))
@@ -485,6 +490,7 @@ def write_labels(
         if pair is not None:
             kwargs["resolutionunit"] = "CENTIMETER"
             kwargs["resolution"] = (1e4 / pair[1], 1e4 / pair[0])
+    kwargs["extratags"] = record_tags(record)
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, data, **kwargs)
     return path

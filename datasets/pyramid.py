@@ -100,6 +100,7 @@ def write_pyramid(
     tile: int = DEFAULT_TILE,
     pixel_size: float | tuple[float, float] | None = None,
     name: str = "labels",
+    record: dict | None = None,
 ) -> Path:
     """Write a label image given by a row reader as a tiled pyramidal OME-TIFF, atomically.
 
@@ -113,6 +114,7 @@ def write_pyramid(
         tile: tile side (multiple of 16).
         pixel_size: microns per pixel at full resolution, one number or (y, x).
         name: image name stored in the OME metadata.
+        record: JSON-ready facts stored in level 0 (:mod:`triageseg.datasets.tiffrecord`).
 
     Returns:
         The path written. The file's content depends only on its pixels and arguments
@@ -120,6 +122,7 @@ def write_pyramid(
     """
     import tifffile
     from triageseg.datasets.io import _pixel_size_pair
+    from triageseg.datasets.tiffrecord import record_tags
 
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
@@ -146,7 +149,7 @@ def write_pyramid(
             if pair is not None:
                 kwargs.update(resolution=(1e4 / (pair[1] * step), 1e4 / (pair[0] * step)), resolutionunit="CENTIMETER")
             if level == 0:
-                kwargs.update(subifds=len(shapes) - 1, metadata=metadata)
+                kwargs.update(subifds=len(shapes) - 1, metadata=metadata, extratags=record_tags(record))
             else:
                 kwargs.update(subfiletype=1, metadata=None)
             strips = _strips(read_rows, scratch, level, level_shape, tile)

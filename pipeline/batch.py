@@ -29,6 +29,8 @@ import numpy as np
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.large import BlockOptions, segment_large_file, use_blocks
+from triageseg.pipeline.geojson import write_geojson
+from triageseg.pipeline.outlock import out_dir_lock
 from triageseg.pipeline.outputs import write_overlay, write_rois
 from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names batch callers import
     FAILURES_CSV,
@@ -44,11 +46,15 @@ from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names 
     _write_routing,
     check_outputs_apart,
     check_settings,
+    label_record,
     output_settings,
+    read_routing,
+    rebuild_rows,
     routing_row,
     verify_output,
     write_failures,
 )
+from triageseg.pipeline.remake import OVERLAY, ROIS, Extras, missing_outputs, output_path, remake_outputs
 from triageseg.postprocess.watershed import watershed
 from triageseg.router.policy import UNKNOWN_DECISION
 
@@ -66,6 +72,8 @@ class BatchReport:
     incomplete: list[tuple[Path, str]] = field(default_factory=list)  # existing outputs that failed verification
     unknown: list[tuple[Path, str]] = field(default_factory=list)  # (input, decision) called an unknown modality
     unknown_skipped: list[Path] = field(default_factory=list)  # of those, the ones skipped (--unknown skip)
+    remade: list[Path] = field(default_factory=list)  # outputs made from the label files of skipped inputs
+    rebuilt: int = 0  # routing.csv rows rebuilt from the label files
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -103,7 +111,10 @@ def segment_files(
     interrupted run resumes where it stopped. The settings are recorded in
     ``segment_config.json`` and a resumed run must use the same ones. Failures skipped
     under ``on_error="skip"`` are listed in ``failures.csv``. SIGTERM stops the run like
-    Ctrl-C: the worker processes are shut down and finished rows kept.
+    Ctrl-C: the worker processes are shut down and finished rows kept (and a worker whose
+    parent dies exits). Outputs asked for but missing or damaged beside a verified label
+    file are made from it; rows missing from ``routing.csv`` are rebuilt from the label
+    files (each stores its row). A second run into ``out_dir`` is refused while one runs.
 
     Args:
         inputs: image files.
@@ -114,7 +125,8 @@ def segment_files(
         workers: processes for watershed + writing (0: in this process).
         overlays: also write ``overlays/<name>.png`` with outlines on the image (a subfolder,
             so ``out_dir`` stays a folder of label images that ``evaluate`` can read).
-        rois: also write ``<name>.rois.zip`` (ImageJ/Fiji ROI set).
+        rois: also write ``<name>.rois.zip`` (ImageJ/Fiji ROI set). ``blocks.geojson``: also
+            ``<name>.geojson`` (QuPath outlines), in memory and block-wise.
         channel: channel to use for images with 2 or more than 3 channels (or for the pages
             of a 2-4 page TIFF without axis metadata).
         page: plane to read from multi-page TIFFs (see :func:`~triageseg.datasets.io.read_image`).
@@ -124,7 +136,8 @@ def segment_files(
             to go block-wise (``mode`` = ``blocks`` in routing.csv) and how.
 
     Raises:
-        OutputConflict: an output would overwrite or shadow an input, or ``out_dir`` holds
+        OutputConflict: another run is writing into ``out_dir``; ``routing.csv`` is
+            unreadable; an output would overwrite or shadow an input, or ``out_dir`` holds
             outputs made with other settings (and not ``overwrite``).
         DataError: a bad input under ``on_error="fail"``; two inputs with one output name.
     """
@@ -141,22 +154,34 @@ def segment_files(
         pipe.check_modality(modality)  # fail fast, before any file is read
     settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
                                channel=channel, page=page, level=blocks.level)
-    check_settings(out_dir, settings, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / SEGMENT_CONFIG, {**settings, "device": str(pipe.device), "batch_size": pipe.batch_size,
-                                                  "workers": workers, "n_inputs": len(paths),
-                                                  **blocks.to_config()})
+    with out_dir_lock(out_dir):  # a second run into out_dir is refused: it would lose this run's rows
+        check_settings(out_dir, settings, overwrite=overwrite)
+        write_json_atomic(out_dir / SEGMENT_CONFIG, {**settings, "device": str(pipe.device),
+                                                      "batch_size": pipe.batch_size, "workers": workers,
+                                                      "n_inputs": len(paths), **blocks.to_config()})
+        return _segment_locked(pipe, paths, names, out_dir, modality=modality, overwrite=overwrite,
+                               on_error=on_error, workers=workers, extras=Extras(overlays, rois, blocks.geojson),
+                               channel=channel, page=page, progress=progress, blocks=blocks)
 
+
+def _segment_locked(pipe, paths, names, out_dir: Path, *, modality, overwrite, on_error, workers, extras: Extras,
+                    channel, page, progress, blocks: BlockOptions) -> BatchReport:
+    """:func:`segment_files` once the output folder is locked and its settings checked."""
     report = BatchReport()
     journal = RoutingJournal(out_dir)
-    rows = journal.recover(_read_routing(out_dir / ROUTING_CSV))
-    todo = _plan(paths, names, out_dir, rows, report, overwrite=overwrite, page=page, level=blocks.level,
-                 progress=progress)
+    rows = journal.recover(read_routing(out_dir / ROUTING_CSV))
+    report.rebuilt = len(rebuild_rows(out_dir, rows))  # rows lost from routing.csv, from their label files
+    if report.rebuilt:
+        _write_routing(out_dir / ROUTING_CSV, rows)
+    todo, done = _plan(paths, names, out_dir, rows, report, overwrite=overwrite, page=page, level=blocks.level)
     start = time.perf_counter()
+    _remake(done, out_dir, rows, report, extras=extras, channel=channel, page=page, blocks=blocks,
+            on_error=on_error, progress=progress)
     try:
         with _sigterm_as_interrupt():
             _run(pipe, todo, out_dir, rows, journal, report, modality=modality, on_error=on_error, workers=workers,
-                 overlays=overlays, rois=rois, channel=channel, page=page, progress=progress, blocks=blocks)
+                 extras=extras, channel=channel, page=page, progress=progress, blocks=blocks)
     finally:
         journal.close()
     journal.clear()  # the run was not interrupted: routing.csv holds every row
@@ -166,12 +191,13 @@ def segment_files(
 
 
 def _plan(paths, names, out_dir: Path, rows: dict[str, dict], report: BatchReport, *, overwrite: bool,
-          page: int | None, level: int = 0, progress) -> list[tuple[Path, str]]:
-    """The inputs to segment: those without a verified output (all of them with ``overwrite``)."""
+          page: int | None, level: int = 0) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(to segment, done): the inputs without a verified label file (all of them with ``overwrite``), the others."""
     from triageseg.datasets.lazy import image_size
     from triageseg.datasets.shapes import image_shape
 
     todo: list[tuple[Path, str]] = []
+    done: list[tuple[Path, str]] = []
     for p, n in zip(paths, names):
         target = out_dir / f"{n}.tif"
         if target.exists() and not overwrite:
@@ -181,23 +207,39 @@ def _plan(paths, names, out_dir: Path, rows: dict[str, dict], report: BatchRepor
                 problem = ""  # the input itself is bad: segmenting it again reports why
             if problem is None:
                 report.skipped.append(p)
-                if progress:
-                    progress(p)
+                done.append((p, n))
                 continue
             if problem:
                 report.incomplete.append((target, problem))
         rows.pop(n, None)
         todo.append((p, n))
-    return todo
+    return todo, done
+
+
+def _remake(done, out_dir: Path, rows: dict[str, dict], report: BatchReport, *, extras: Extras, channel, page,
+            blocks: BlockOptions, on_error: str, progress) -> None:
+    """Make the outputs of skipped inputs that are asked for now but missing or damaged, from their label files."""
+    for path, name in done:
+        try:
+            blockwise = use_blocks(path, blocks)
+            kinds = missing_outputs(out_dir, name, extras.kinds(blockwise=blockwise))
+            if kinds:
+                report.remade += remake_outputs(
+                    path, name, out_dir, kinds, rows.get(name), blockwise=blockwise, level=blocks.level,
+                    read_input=lambda p: read_input(p, channel=channel, page=page))
+        except Exception as err:  # noqa: BLE001 - reported per file, policy decides
+            _fail(report, path, err, on_error)
+        if progress:
+            progress(path)
 
 
 def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJournal, report: BatchReport, *,
-         modality, on_error, workers, overlays, rois, channel, page, progress, blocks: BlockOptions) -> None:
+         modality, on_error, workers, extras: Extras, channel, page, progress, blocks: BlockOptions) -> None:
     """Segment ``todo``: read ahead, run the segmenter here, decode and write here or in workers."""
     routing_path = out_dir / ROUTING_CSV
     # spawn, not fork: forking a process that holds torch threads can deadlock
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init) if workers > 0 else None
+                               initializer=_worker_init, initargs=(os.getpid(),)) if workers > 0 else None
     pending: list[tuple[Path, str, dict, Future]] = []
 
     def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
@@ -271,8 +313,8 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                 if progress:
                     progress(path)
                 continue
-            job = (probs, pipe.params(used), out_dir, name, pixel_size, image if (overlays or rois) else None,
-                   overlays, rois, pipe.quality_model(used), conf)
+            job = (probs, pipe.params(used), out_dir, name, pixel_size, image if extras.overlays else None,
+                   extras.kinds(blockwise=False), pipe.quality_model(used), conf, row)
             journal.start(name, row, out_dir / f"{name}.tif")
             if pool is not None:
                 pending.append((path, name, row, pool.submit(_decode_and_write, *job)))
@@ -333,10 +375,14 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: the main process shuts the workers down
     # after their current job, so a worker must not die of it mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:  # a SIGKILLed main process leaves no orphan worker behind
+        from triageseg.pipeline.procs import die_with_parent
+
+        die_with_parent(parent_pid)
 
 
 def output_names(inputs: Sequence, names: Sequence[str] | None = None) -> list[str]:
@@ -410,13 +456,15 @@ def _prefetch(todo: Iterable[tuple[Path, str]], prepare: Callable[[Path], object
                 thread.join(timeout=0.05)
 
 
-def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays, rois, quality=None,
-                      confidence=None) -> tuple[int, float | None]:
+def _decode_and_write(probs, params, out_dir, name, pixel_size, image, kinds=(), quality=None,
+                      confidence=None, row=None) -> tuple[int, float | None]:
     """Watershed + atomic writes; runs in a worker process.
 
+    ``kinds`` are the outputs besides the label file (:class:`~triageseg.pipeline.remake.Extras`);
     ``quality`` is the segmenter's :class:`~triageseg.postprocess.quality.QualityModel` (or
     None) and ``confidence`` the router's; the predicted quality is computed here, where the
-    probabilities and the labels both are.
+    probabilities and the labels both are. ``row`` (the routing row so far) is stored,
+    completed, in the label file, so routing.csv can be rebuilt from the label files.
 
     Returns:
         (number of objects, predicted quality or None).
@@ -426,11 +474,18 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, overlays,
 
     labels = watershed(probs, params)
     out_dir = Path(out_dir)
-    if overlays:
-        write_overlay(out_dir / "overlays" / f"{name}.png", image, labels)
-    if rois:
-        write_rois(out_dir / f"{name}.rois.zip", labels)
+    row = dict(row or {})
+    for kind in kinds:
+        where = output_path(out_dir, name, kind)
+        if kind == OVERLAY:
+            write_overlay(where, image, labels)
+        elif kind == ROIS:
+            write_rois(where, labels)
+        else:
+            write_geojson(where, labels, modality=str(row.get("modality", "")), pixel_size=pixel_size, image=name)
     score = predict_quality(quality, probs, labels, router_confidence=confidence)
+    n_objects = _n_objects(labels)
     # the label file last: its presence marks the input as done for a resumed run
-    write_labels(out_dir / f"{name}.tif", labels, pixel_size=pixel_size)
-    return _n_objects(labels), score
+    write_labels(out_dir / f"{name}.tif", labels, pixel_size=pixel_size,
+                 record=label_record({**row, "objects": n_objects, "quality": score}))
+    return n_objects, score

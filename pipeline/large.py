@@ -48,7 +48,7 @@ from triageseg.pipeline.journal import (  # noqa: F401 - Journal, JOURNAL_FORMAT
     content_fingerprint,
 )
 from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
-from triageseg.pipeline.records import routing_row
+from triageseg.pipeline.records import label_record, routing_row
 from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.postprocess.watershed import WatershedParams
 
@@ -212,6 +212,7 @@ def segment_blocks(
     progress: bool = False,
     name: str = "<array>",
     before_write: Callable[[], None] | None = None,
+    record: Callable[[dict], dict | None] | None = None,
 ) -> dict:
     """The block path for an array-like image: probabilities, every block, numbered, streamed to ``out_path``.
 
@@ -234,6 +235,9 @@ def segment_blocks(
         name: the image's name in messages and metadata.
         before_write: called just before the label file is written (e.g. to log its
             routing row, so a crash right after the write loses nothing).
+        record: called with the summary (``objects``, ``quality_sums``, ``median_area``) just
+            before the label file is written; what it returns is stored in the file
+            (:func:`triageseg.datasets.tiffrecord.read_record`).
 
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
@@ -266,19 +270,22 @@ def segment_blocks(
         with GeoJSONWriter(geojson, modality=modality, pixel_size=pixel_size, image=Path(out_path).stem) as out:
             for label, mask, top_left, area in kept_objects(grid, numbering, load):
                 out.add(label, mask, top_left, area)
+    median_area = float(np.median(areas)) if len(areas) else None
+    stored = None if record is None else record({"objects": numbering.n_objects, "quality_sums": sums,
+                                                 "median_area": median_area})
     # the label file last: its presence marks the input as done for a resumed batch
     if before_write is not None:
         before_write()
     write_pyramid(out_path, grid.shape, numbering.dtype(),
                   _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
-                  pixel_size=pixel_size, name=Path(out_path).stem)
+                  pixel_size=pixel_size, name=Path(out_path).stem, record=stored)
     journal.remove()
     if numbering.oversized:
         logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
                        "be cut where blocks meet", name, numbering.oversized, GROW_LIMIT)
     return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
             "grown": numbering.grown, "oversized": numbering.oversized,
-            "quality_sums": sums, "median_area": float(np.median(areas)) if len(areas) else None}
+            "quality_sums": sums, "median_area": median_area}
 
 
 # --------------------------------------------------------------------------- files
@@ -370,17 +377,28 @@ def segment_large_file(
         row = routing_row(path, name, state["modality"], state["confidence"], used, state["decision"],
                           mode="blocks", ood_score=state.get("ood_score"))
         grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
-        summary = segment_blocks(
+        made: dict = {}
+
+        def record(summary: dict) -> dict:
+            # the finished row, stored in the label file: routing.csv can be rebuilt from it
+            made.update(row, objects=summary["objects"], quality=_predict_quality(pipe, used, state, summary))
+            return label_record(made)
+
+        segment_blocks(
             source, out_dir / f"{name}.tif", stream=pipe.probability_stream(used, name=str(path)),
             params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
-            before_write=None if before_write is None else lambda: before_write(dict(row)),
+            before_write=None if before_write is None else lambda: before_write(dict(row)), record=record,
         )
+    return made
+
+
+def _predict_quality(pipe, used: str, state: dict, summary: dict) -> float | None:
+    """The predicted quality of a block-wise image from its summed signals; None without a quality model."""
     from triageseg.postprocess.quality import signals_from_sums
 
     quality = pipe.quality_model(used)
-    score = None if quality is None else quality.predict(signals_from_sums(
+    return None if quality is None else quality.predict(signals_from_sums(
         summary["quality_sums"], n_objects=summary["objects"], median_area=summary["median_area"],
         stats=quality.stats, router_confidence=state["confidence"], ood_score=state.get("ood_score")))
-    return {**row, "objects": summary["objects"], "quality": score}

@@ -232,6 +232,7 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     gets the same files written to a node-local folder, then uploaded, label file last.
     """
     from triageseg.pipeline.batch import _decode_and_write
+    from triageseg.pipeline.remake import Extras
     from triageseg.postprocess.quality import QualityModel
     from triageseg.postprocess.watershed import WatershedParams
 
@@ -244,6 +245,7 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     name = row["name"]
     pixel = None if np.isnan(row["px_y"]) else (float(row["px_y"]), float(row["px_x"]))
     image = row["image"] if (options.overlays or options.rois) else None
+    kinds = Extras(options.overlays, options.rois).kinds(blockwise=False)
     job = (_writable(row["probs"]), WatershedParams.from_dict(json.loads(row["params"])))
     confidence = float(row["confidence"])
     scoring = (QualityModel.from_dict(json.loads(row["quality_model"])) if row.get("quality_model") else None,
@@ -251,13 +253,11 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     try:
         if is_uri(options.out):
             with tempfile.TemporaryDirectory(prefix="triageseg-out-") as tmp:
-                objects, quality = _decode_and_write(*job, tmp, name, pixel, image, options.overlays, options.rois,
-                                                     *scoring)
+                objects, quality = _decode_and_write(*job, tmp, name, pixel, image, kinds, *scoring)
                 for local in _produced(Path(tmp), name, options):
                     storage.upload(local, storage.join(options.out, local.relative_to(tmp).as_posix()))
         else:
-            objects, quality = _decode_and_write(*job, options.out, name, pixel, image, options.overlays,
-                                                 options.rois, *scoring)
+            objects, quality = _decode_and_write(*job, options.out, name, pixel, image, kinds, *scoring)
         out["objects"] = objects
         out["quality"] = np.nan if quality is None else float(quality)
     except Exception as err:  # noqa: BLE001

@@ -55,6 +55,69 @@ def _read_routing(path: Path) -> dict[str, dict]:
     return {Path(r.get("output", "")).stem: r for r in rows if r.get("output")}
 
 
+def read_routing(path: str | os.PathLike) -> dict[str, dict]:
+    """Rows of an existing routing.csv keyed by output name; {} when there is none.
+
+    Raises:
+        OutputConflict: the file cannot be read (not UTF-8, not a CSV with an ``output``
+            column): a rerun would replace it by the rows of this run only, so the error
+            says how to get every row back (delete it and rerun: rows are rebuilt from the
+            label files, see :func:`rebuild_rows`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        problem = str(err)
+    else:
+        if "output" in columns:
+            return {Path(r["output"]).stem: r for r in rows if r.get("output")}
+        problem = f"no 'output' column (columns: {', '.join(columns) or 'none'})"
+    raise OutputConflict(path, f"unreadable ({problem}); every label file keeps its own row, so delete it and "
+                               "rerun the same command: routing.csv is rebuilt from the label files")
+
+
+def label_record(row: Mapping[str, Any]) -> dict:
+    """What a label file stores about itself (the ``record`` of :func:`~triageseg.datasets.io.write_labels`): its routing.csv row.
+
+    ``seconds`` is left empty (not known until the file is written); ``quality`` is
+    formatted as in routing.csv.
+    """
+    cells = {k: row.get(k, "") for k in ROUTING_COLUMNS}
+    quality = cells["quality"]
+    cells["quality"] = "" if quality is None else (f"{quality:.3f}" if isinstance(quality, (float, np.floating)) else quality)
+    cells["seconds"] = ""
+    return {"routing": {k: "" if v is None else v for k, v in cells.items()}}
+
+
+def rebuild_rows(out_dir: str | os.PathLike, rows: dict[str, dict]) -> list[str]:
+    """Add to ``rows`` the routing row of every verified label file in ``out_dir`` that has none; the names added.
+
+    Each label file carries its own row (:func:`label_record`), so rows lost from
+    routing.csv (the file deleted, or overwritten by another run's) come back. A label
+    file without a record (written before records were) or that does not verify is left
+    out. ``rows`` is changed in place; the caller writes routing.csv.
+    """
+    from triageseg.datasets.tiffrecord import read_record
+
+    added = []
+    for target in sorted(Path(out_dir).glob("*.tif")):
+        if target.stem in rows:
+            continue
+        record = read_record(target)
+        row = record.get("routing") if record else None
+        if not isinstance(row, dict) or row.get("output") != target.name or verify_output(target, None):
+            continue
+        rows[target.stem] = {k: str(row.get(k, "")) for k in ROUTING_COLUMNS}
+        added.append(target.stem)
+    return added
+
+
 def _write_routing(path: Path, rows: dict[str, dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ROUTING_COLUMNS, extrasaction="ignore")
@@ -175,8 +238,11 @@ def check_settings(out_dir: str | os.PathLike, settings: Mapping[str, Any], *, o
 def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str | None:
     """Why the label file at ``path`` cannot count as the output for an input of ``shape``; None when it can.
 
-    Reads the TIFF structure only (no pixels): the file must open, its image data must lie
-    within the file (a cut-off write is caught) and its height and width must be ``shape``.
+    Reads the TIFF structure and a few tiles, not the whole image: the file must open;
+    every pyramid level's IFD must read and its image data lie within the file (a cut-off
+    write is caught); the first and last tile or strip of every level must decode; a
+    pyramidal file must hold its OME-XML (written last, so the first thing a cut loses);
+    level 0's height and width must be ``shape``.
     """
     import tifffile
 
@@ -191,14 +257,51 @@ def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str |
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             found = (int(page.imagelength), int(page.imagewidth))
-            extents = zip(page.dataoffsets, page.databytecounts, strict=True)
-            end = max((int(o) + int(n) for o, n in extents), default=0)
+            problem = _check_levels(tif, page, size)
     except Exception as err:  # noqa: BLE001 - tifffile raises many types for broken files
         return f"not a readable TIFF ({err})"
-    if end > size:
-        return f"truncated ({size} bytes; its image data runs to byte {end})"
+    if problem:
+        return problem
     if shape is not None and found != tuple(shape[:2]):
         return f"shape {found} differs from its input's {tuple(shape[:2])}"
+    return None
+
+
+def _check_levels(tif, page, size: int) -> str | None:
+    """The problem of the first damaged pyramid level of ``tif`` (level 0 = ``page``), or None."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    levels = [page]
+    for i, offset in enumerate(page.subifds or ()):
+        if not 0 < int(offset) < size:
+            return f"truncated ({size} bytes; pyramid level {i + 1} starts at byte {offset})"
+        tif.filehandle.seek(int(offset))
+        try:
+            levels.append(tifffile.TiffPage(tif, index=(0, i)))
+        except Exception as err:  # noqa: BLE001
+            return f"pyramid level {i + 1} unreadable ({err})"
+    for level, lvl in enumerate(levels):
+        extents = list(zip(lvl.dataoffsets, lvl.databytecounts, strict=True))
+        end = max((int(o) + int(n) for o, n in extents), default=0)
+        if end > size:
+            return f"truncated ({size} bytes; the image data of level {level} runs to byte {end})"
+        for index in {0, len(extents) - 1} if extents else ():
+            offset, count = (int(v) for v in extents[index])
+            if count == 0:
+                continue
+            tif.filehandle.seek(offset)
+            try:
+                lvl.decode(tif.filehandle.read(count), index, jpegtables=lvl.jpegtables)
+            except Exception as err:  # noqa: BLE001 - codecs raise their own types (DeflateError...)
+                return f"pyramid level {level} does not decode ({type(err).__name__}: {err})"
+    if len(levels) > 1:  # our pyramids are OME-TIFFs: without the OME-XML, readers lose the levels
+        description = page.description or ""
+        try:
+            ET.fromstring(description)
+        except ET.ParseError:
+            return "its OME-XML metadata is missing or cut off (truncated file)"
     return None
 
 
