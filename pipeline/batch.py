@@ -337,6 +337,9 @@ def _worker_init() -> None:
     # Ctrl-C reaches the whole process group: the main process shuts the workers down
     # after their current job, so a worker must not die of it mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from triageseg.segmenters.backends import limit_worker_threads
+
+    limit_worker_threads()  # one thread per worker: the network process has the other cores
 
 
 def output_names(inputs: Sequence, names: Sequence[str] | None = None) -> list[str]:
