@@ -153,7 +153,7 @@ class _Timed:
 class TriagesegTool:
     """The routed pipeline with one backend and precision; times each stage of each image."""
 
-    def __init__(self, name: str, bundle: Path, device: str):
+    def __init__(self, name: str, bundle: Path, device: str, **tiling):
         from triageseg.pipeline import Pipeline
         from triageseg.segmenters.backends import BackendNote
 
@@ -161,7 +161,7 @@ class TriagesegTool:
         self.name = name
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always", BackendNote)
-            self.pipe = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32")
+            self.pipe = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32", **tiling)
         self.skip = next((str(w.message) for w in seen if issubclass(w.category, BackendNote)), None)
         self.timer = _Timed()
         self._wrapped: set[str] = set()
@@ -232,11 +232,11 @@ class StarDistTool:
                 "e2e": (t2 - t0) + (t4 - t3)}, out
 
 
-def make_tools(names: list[str], bundle: Path, device: str) -> list:
+def make_tools(names: list[str], bundle: Path, device: str, **tiling) -> list:
     tools = []
     for name in names:
         try:
-            tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device)
+            tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
         except Exception as err:  # noqa: BLE001 - a peer that does not load is skipped, said plainly
             print(f"  {name}: skipped ({type(err).__name__}: {err})")
             continue
@@ -370,6 +370,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved rounds; medians are printed (0: no timing, e.g. with --accuracy)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tile-size", type=int, default=None, help="tile side (default: the models')")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (segment's default 4)")
     parser.add_argument("--threads", type=int, default=None, help="torch/ORT/OpenVINO threads (default: all cores)")
     parser.add_argument("--busy", type=int, default=0, help="run this many busy-looping processes meanwhile")
     parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also score the tools on DATA's test split")
@@ -390,15 +392,16 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, native bf16: {cpu_bf16_support()}, "
           f"busy processes: {args.busy}")
     for size in args.sizes:
-        print(f"  tiling at {size}²: the network computes {tiling_overhead(size, 512, 64):.2f}x the image's pixels "
-              f"(tile 512, overlap 64)")
+        tile = args.tile_size or 512
+        print(f"  tiling at {size}²: the network computes {tiling_overhead(size, tile, 64):.2f}x the image's pixels "
+              f"(tile {tile}, overlap 64), batches of {args.batch_size} tiles")
     stop = multiprocessing.Event()
     busy = [multiprocessing.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.busy)]
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         tmp = Path(tmp)
         bundle = args.bundle or random_bundle(tmp / "bundle")
         inputs = write_inputs(tmp, args.sizes, dict(zip(args.sizes, args.images))) if args.repeats > 0 else {}
-        tools = make_tools(args.tools, bundle, args.device)
+        tools = make_tools(args.tools, bundle, args.device, tile_size=args.tile_size, batch_size=args.batch_size)
         for p in busy:
             p.start()
         try:

@@ -200,3 +200,20 @@ def test_labels_identical_on_synthetic_images(tiny_bundle, synth_data):
         plain = watershed(predict(model, image, tile_size=cfg.tile_size, overlap=cfg.overlap), params)
         for name, pipe in pipes.items():
             assert np.array_equal(pipe.segment(image, modality=sample.modality).labels, plain), (name, sample.id)
+
+
+def test_benchmark_counts_the_tiling_overhead():
+    """bench_inference.py loads, and counts the pixels the network computes as predict tiles them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.tiling_overhead(512, 512, 64) == 1.0  # one tile
+    assert bench.tiling_overhead(2048, 512, 64) == (5 * 512) ** 2 / 2048**2  # starts 0, 448, 896, 1344, 1536
+    image, labels = bench.synthetic_image(300, seed=0)
+    assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and labels.shape == (300, 300)
+    left, right = set(np.unique(labels[:256, :256])), set(np.unique(labels[:256, 256:]))
+    assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
