@@ -217,3 +217,29 @@ def test_benchmark_counts_the_tiling_overhead():
     assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and labels.shape == (300, 300)
     left, right = set(np.unique(labels[:256, :256])), set(np.unique(labels[:256, 256:]))
     assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
+
+
+def test_segment_cli_backend_option(tiny_bundle, synth_data, tmp_path, monkeypatch):
+    """`segment --backend`: an exported backend writes the torch labels; a missing library gives one note."""
+    from click.testing import CliRunner
+
+    from triageseg.cli.main import cli
+    from triageseg.datasets.io import read_labels
+
+    images = sorted((synth_data / "images").iterdir())[:3]
+    runner = CliRunner()
+    base = ["segment", *map(str, images), "--bundle", str(tiny_bundle), "--quiet"]
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "torch"), "--backend", "torch"])
+    assert res.exit_code == 0, res.output
+    if B.available("onnx"):
+        res = runner.invoke(cli, [*base, "--out", str(tmp_path / "onnx"), "--backend", "onnx"])
+        assert res.exit_code == 0, res.output
+        for image in images:
+            assert np.array_equal(read_labels(tmp_path / "onnx" / f"{image.stem}.tif"),
+                                  read_labels(tmp_path / "torch" / f"{image.stem}.tif"))
+    monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "fallback"), "--backend", "openvino"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("note: backend 'openvino' needs the Python package 'openvino'") == 1
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "bad"), "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "tensorrt" in res.output
