@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -229,46 +230,51 @@ def backend_of(net: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ wrappers
-def _module_base():
+@functools.cache
+def _wrappers():
+    """The wrapper module classes, made on first use so that importing this module does not import torch
+    (watershed worker processes import it for :func:`limit_worker_threads`)."""
     import torch
 
-    return torch.nn.Module
+    class Bf16Net(torch.nn.Module):
+        """The eager network under CPU bf16 autocast; logits back in fp32 for the softmax."""
+
+        backend_name = "torch-bf16"
+
+        def __init__(self, eager):
+            super().__init__()
+            self.eager = eager
+
+        def forward(self, x):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                return self.eager(x).float()
+
+    class ExportedNet(torch.nn.Module):
+        """An exported network behind the module interface ``predict`` expects.
+
+        The eager module stays a submodule: ``predict`` reads the input channels and the
+        device from its parameters. Only the exported runner computes.
+        """
+
+        def __init__(self, eager, runner, name: str):
+            super().__init__()
+            self.eager = eager
+            self._runner = runner
+            self.backend_name = name
+
+        def forward(self, x):
+            arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+            return torch.from_numpy(self._runner(arr))
+
+    return Bf16Net, ExportedNet
 
 
-class _Bf16Net(_module_base()):
-    """The eager network under CPU bf16 autocast; logits back in fp32 for the softmax."""
-
-    backend_name = "torch-bf16"
-
-    def __init__(self, eager):
-        super().__init__()
-        self.eager = eager
-
-    def forward(self, x):
-        import torch
-
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            return self.eager(x).float()
+def _Bf16Net(eager):  # noqa: N802 - reads as the class it makes
+    return _wrappers()[0](eager)
 
 
-class _ExportedNet(_module_base()):
-    """An exported network behind the module interface ``predict`` expects.
-
-    The eager module stays a submodule: ``predict`` reads the input channels and the
-    device from its parameters. Only the exported runner computes.
-    """
-
-    def __init__(self, eager, runner, name: str):
-        super().__init__()
-        self.eager = eager
-        self._runner = runner
-        self.backend_name = name
-
-    def forward(self, x):
-        import torch
-
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(self._runner(arr))
+def _ExportedNet(eager, runner, name: str):  # noqa: N802
+    return _wrappers()[1](eager, runner, name)
 
 
 def _ort_runner(path: Path, threads: int):

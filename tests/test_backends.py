@@ -243,3 +243,14 @@ def test_segment_cli_backend_option(tiny_bundle, synth_data, tmp_path, monkeypat
     assert res.output.count("note: backend 'openvino' needs the Python package 'openvino'") == 1
     res = runner.invoke(cli, [*base, "--out", str(tmp_path / "bad"), "--backend", "tensorrt"])
     assert res.exit_code == 2 and "tensorrt" in res.output
+
+
+def test_worker_thread_limit_does_not_import_torch():
+    """A watershed worker calls limit_worker_threads; it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from triageseg.segmenters.backends import limit_worker_threads; limit_worker_threads(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
