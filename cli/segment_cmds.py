@@ -168,8 +168,9 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
-            workers, tta, backend, precision, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
-            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson):
+            workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
+            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
+            backend, precision):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and

@@ -57,8 +57,8 @@ PRECISIONS = ("fp32", "bf16")
 # side on a quiet machine (benchmarks/bench_inference.py prints the order to put here):
 # exported backends change probabilities by up to ~1e-5, so they must earn the default.
 AUTO_ORDER: tuple[str, ...] = ("torch",)
-# The Python module each optional backend needs.
-_MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
+# The Python modules each optional backend needs (onnx: the exporter both read from).
+_MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
 # Largest difference from eager fp32 probabilities that the tests accept per backend.
 FP32_PROB_TOLERANCE = 1e-4
 BF16_PROB_TOLERANCE = 0.1  # bf16 keeps 8 mantissa bits: ~0.4% per op, a few % after a deep net
@@ -80,9 +80,12 @@ def note(message: str) -> None:
 
 
 def available(backend: str) -> bool:
-    """Whether the library of ``backend`` is installed (torch always is)."""
-    module = _MODULES.get(backend)
-    return module is None or importlib.util.find_spec(module) is not None
+    """Whether the libraries of ``backend`` are installed (torch always is)."""
+    return not _missing(backend)
+
+
+def _missing(backend: str) -> list[str]:
+    return [m for m in _MODULES.get(backend, ()) if importlib.util.find_spec(m) is None]
 
 
 def cpu_flags() -> set[str]:
@@ -183,13 +186,17 @@ def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.
     if backend == "auto":
         backend = next((b for b in AUTO_ORDER if available(b)), "torch") if on_cpu else "torch"
     elif backend != "torch" and not available(backend):
-        note(f"backend {backend!r} needs the Python package {_MODULES[backend]!r}, which is not installed "
+        missing = _missing(backend) or list(_MODULES[backend])
+        note(f"backend {backend!r} needs the Python package {' and '.join(map(repr, missing))}, not installed "
              f"(pip install 'triageseg[{backend}]'); running on torch")
         backend = "torch"
     elif backend != "torch" and not on_cpu:
         note(f"backend {backend!r} runs on the CPU only; running on torch on {device}")
         backend = "torch"
-    if precision == "bf16" and on_cpu and cpu_bf16_support() is None:
+    if precision == "bf16" and not on_cpu:
+        note(f"precision bf16 is for the CPU; on {device} the network already runs in half precision (AMP)")
+        precision = "fp32"
+    elif precision == "bf16" and cpu_bf16_support() is None:
         note("precision bf16 needs a CPU with AMX or AVX512-BF16 (emulated bf16 is slower than fp32); running fp32")
         precision = "fp32"
     return Choice(backend, precision)

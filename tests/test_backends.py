@@ -104,6 +104,8 @@ def test_auto_without_extra_libraries_is_pure_torch(monkeypatch):
 def test_exported_backends_run_on_cpu_only():
     with pytest.warns(B.BackendNote, match="CPU only"):
         assert B.resolve("onnx", device="cuda:0").backend == "torch"
+    with pytest.warns(B.BackendNote, match="AMP"):
+        assert B.resolve("torch", "bf16", device="cuda") == B.Choice("torch", "fp32")
 
 
 def test_unknown_backend_lists_the_valid_ones():
