@@ -1,146 +1,419 @@
-"""Inference speed of a specialist: bare Unet forward vs predict (tiled) + watershed.
+"""CPU/GPU inference speed: each backend (and StarDist when installed), network only and end to end.
 
-Prints images/s (best of ``--repeats`` runs) for each image size and device, and
-the share of the end-to-end time spent in post-processing (watershed). On CUDA the
-forward runs batched with AMP (bf16 where supported) and channels_last.
+For each image size (default 512² x 8 images and 2048² x 1) and each tool, prints the
+median over ``--repeats`` rounds, the tools interleaved within each round (so a load
+change on the machine hits every tool alike), of:
+
+* ``net``: seconds in the segmenter network alone (its forward calls inside ``predict``);
+* ``e2e``: end to end per image: read the file + normalise + route + tiles, network and
+  blending + watershed;
+* both per image and per megapixel (``s/MP``), the stage split of ``e2e`` (read, route,
+  network, tiling + blending + softmax, watershed), the ``s/MP`` growth from the smallest
+  to the largest size, and each tool's ratio to torch fp32 and to StarDist.
+
+It also prints the tiling overhead by counting (pixels the network computes / image pixels)
+and, with ``--accuracy DATA``, the cost of each backend on the test split: mean F1 per
+modality against torch fp32 (goal for bf16: within 0.002 on every modality) and the
+largest probability difference (goal for fp32 backends: <= 1e-4; labels identical).
+
+Tools (``--tools``): ``torch`` (eager, channels_last, inference_mode), ``torch-bf16`` (CPU
+autocast; only on CPUs with AMX/AVX512-BF16), ``onnx`` (ONNX Runtime), ``openvino``,
+``openvino-bf16``, ``stardist`` (2D, grid 2, random weights: the same compute as a trained
+model; its end to end adds its NMS run on outputs made from the ground truth, as a trained
+model would give, because NMS on random outputs is 5-8x slower). Missing libraries skip
+their tool with a line saying so.
+
+This script installs nothing. StarDist runs from a throwaway folder, as for
+``bench_evaluator.py``::
+
+    .venv/bin/pip install --target /tmp/peers stardist csbdeep tensorflow-cpu
+    PYTHONPATH=/tmp/peers .venv/bin/python benchmarks/bench_inference.py --bundle B
 
 Usage:
-    python benchmarks/bench_inference.py                       # CPU (+ CUDA when present)
-    python benchmarks/bench_inference.py --sizes 512 --repeats 3 --run-dir bundle/segmenters/he
-    python benchmarks/bench_inference.py --device cuda --json results.json
+    python benchmarks/bench_inference.py --bundle /work/demo_base/bundle            # timings
+    python benchmarks/bench_inference.py --bundle B --accuracy /work/demo_base/data  # + F1 cost
+    python benchmarks/bench_inference.py --threads 2 --busy 2    # two other busy processes
 
-Without ``--run-dir`` the network is untrained (random weights); its probability maps
-are then noisier than a trained model's, which changes the watershed's share a little.
-Images are synthetic fluorescence tiles (datasets.synth) so the watershed sees nuclei.
+Without ``--bundle`` the models are untrained (random weights, same compute); then the
+watershed sees noisy probabilities and its share is not representative. Measure on a
+quiet machine (nothing else running), and say which machine gave each number.
+``OMP_WAIT_POLICY=PASSIVE`` in the environment makes idle OpenMP threads sleep (better
+when the cores are shared, see README "Speed"); it must be set before Python starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
+import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+TOOLS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "stardist")
 
 
-def _image(size: int, seed: int = 0) -> np.ndarray:
-    """A size x size synthetic fluorescence image (float32 HxWx3 in [0, 1]), tiled from 256 px samples."""
-    from triageseg.datasets.io import normalize_image
+# ------------------------------------------------------------------ inputs
+def synthetic_image(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size synthetic fluorescence image (uint8 HxWx3) and its labels, tiled from 256 px samples."""
     from triageseg.datasets.synth import synth_sample
 
     rng = np.random.default_rng(seed)
     n = -(-size // 256)
-    rows = [np.concatenate([synth_sample("fluorescence", size=256, rng=rng)[0] for _ in range(n)], axis=1)
-            for _ in range(n)]
-    return normalize_image(np.concatenate(rows, axis=0)[:size, :size])
+    img_rows, lab_rows, offset = [], [], 0
+    for _ in range(n):
+        imgs, labs = [], []
+        for _ in range(n):
+            img, lab = synth_sample("fluorescence", size=256, rng=rng)
+            labs.append(np.where(lab > 0, lab + offset, 0))  # unique ids across the samples
+            offset += int(lab.max())
+            imgs.append(img)
+        img_rows.append(np.concatenate(imgs, axis=1))
+        lab_rows.append(np.concatenate(labs, axis=1))
+    return np.concatenate(img_rows)[:size, :size], np.concatenate(lab_rows)[:size, :size]
 
 
-def _time(fn, repeats: int, device) -> float:
-    """Best (minimum) seconds of ``fn()`` over ``repeats`` runs, after one warm-up run.
+def write_inputs(folder: Path, sizes: list[int], per_size: dict[int, int]) -> dict[int, list[tuple[Path, np.ndarray]]]:
+    """Synthetic images written as TIFF (so end to end includes reading), with their labels."""
+    import tifffile
 
-    The minimum, as ``timeit`` advises: on a shared machine slower runs measure the
-    other processes, not this code.
-    """
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(min(times))
+    out = {}
+    for size in sizes:
+        out[size] = []
+        for i in range(per_size[size]):
+            image, labels = synthetic_image(size, seed=1000 * size + i)
+            path = folder / f"img_{size}_{i}.tif"
+            tifffile.imwrite(path, image)
+            out[size].append((path, labels))
+    return out
 
 
-def bench(device_spec: str, sizes: list[int], repeats: int, run_dir: str | None, batch: int, tile: int) -> list[dict]:
+def random_bundle(folder: Path) -> Path:
+    """A bundle of untrained full-size models (router + one fluorescence specialist): the same compute."""
     import torch
 
-    from triageseg.postprocess.watershed import watershed
-    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, load_segmenter
-    from triageseg.segmenters.predict import autocast_context, predict, resolve_device
+    from triageseg import bundle as B
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter
 
-    device = resolve_device(device_spec)
-    if run_dir:
-        model, _, params = load_segmenter(run_dir, device=device)
-    else:
-        torch.manual_seed(0)
-        model, params = create_segmenter(SegmenterConfig()).eval().to(device), None
-    cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    rcfg = RouterConfig(class_names=("fluorescence",))
+    save_router(B.router_dir(folder), create_router(rcfg), rcfg)
+    cfg = SegmenterConfig(modality="fluorescence")
+    save_segmenter(B.segmenter_dir(folder, "fluorescence"), create_segmenter(cfg), cfg, params=None)
+    B.update_manifest(folder, modalities=["fluorescence"])
+    return folder
+
+
+def tiling_overhead(size: int, tile: int, overlap: int) -> float:
+    """Pixels the network computes / image pixels, by counting the tiles ``predict`` makes."""
+    from triageseg.segmenters.predict import tile_starts
+
+    padded = 32 * -(-size // 32)
+    t = min(tile, padded)
+    n = len(tile_starts(padded, t, tile - overlap))
+    return (n * t) ** 2 / size**2
+
+
+# ------------------------------------------------------------------ tools
+class _Timed:
+    """Wraps a segmenter module: counts the seconds spent in its forward (network only)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, net):
+        import torch
+
+        timer = self
+
+        class TimedNet(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = net
+                self.backend_name = getattr(net, "backend_name", "torch")
+
+            def forward(self, x):
+                t0 = time.perf_counter()
+                y = self.inner(x)
+                if y.device.type == "cuda":
+                    torch.cuda.synchronize(y.device)
+                timer.seconds += time.perf_counter() - t0
+                return y
+
+        return TimedNet()
+
+
+class TriagesegTool:
+    """The routed pipeline with one backend and precision; times each stage of each image."""
+
+    def __init__(self, name: str, bundle: Path, device: str, **tiling):
+        from triageseg.pipeline import Pipeline
+        from triageseg.segmenters.backends import BackendNote
+
+        backend, _, precision = name.partition("-")
+        self.name = name
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", BackendNote)
+            self.pipe = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32", **tiling)
+        self.skip = next((str(w.message) for w in seen if issubclass(w.category, BackendNote)), None)
+        self.timer = _Timed()
+        self._wrapped: set[str] = set()
+
+    def _prepare(self, used: str) -> None:
+        if used not in self._wrapped:
+            net, cfg, params = self.pipe.segmenter(used)
+            self.pipe._segmenters[used] = (self.timer.wrap(net), cfg, params)
+            self._wrapped.add(used)
+
+    def run(self, path: Path) -> tuple[dict, np.ndarray]:
+        """Stage seconds and labels of one image file."""
+        from triageseg.datasets.io import read_image
+        from triageseg.postprocess.watershed import watershed
+
+        t0 = time.perf_counter()
+        image = read_image(path)
+        t1 = time.perf_counter()
+        d = self.pipe.decide(image)
+        t2 = time.perf_counter()
+        self._prepare(d.used_model)
+        self.timer.seconds = 0.0
+        probs = self.pipe.probabilities(image, d.used_model)
+        t3 = time.perf_counter()
+        labels = watershed(probs, self.pipe.params(d.used_model))
+        t4 = time.perf_counter()
+        net = self.timer.seconds
+        return {"read": t1 - t0, "route": t2 - t1, "net": net, "tiling": t3 - t2 - net, "watershed": t4 - t3,
+                "e2e": t4 - t0}, labels
+
+
+class StarDistTool:
+    """StarDist 2D (grid 2, 32 rays, random weights); NMS on outputs made from the ground truth.
+
+    Not run in this project's CI (TensorFlow is not a dependency); a failure skips the tool.
+    """
+
+    name = "stardist"
+
+    def __init__(self):
+        from stardist.models import Config2D, StarDist2D
+
+        self.skip = None
+        cfg = Config2D(n_rays=32, grid=(2, 2), n_channel_in=1)
+        self.model = StarDist2D(cfg, name="bench", basedir=tempfile.mkdtemp(prefix="stardist-"))
+
+    def run(self, path: Path, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+        import tifffile
+        from csbdeep.utils import normalize
+        from stardist import edt_prob, star_dist
+        from stardist.geometry import polygons_to_label
+        from stardist.nms import non_maximum_suppression
+
+        t0 = time.perf_counter()
+        image = tifffile.imread(path)
+        image = normalize(image.mean(axis=2) if image.ndim == 3 else image, 1, 99.8)
+        t1 = time.perf_counter()
+        x = image[None, ..., None].astype(np.float32)
+        self.model.keras_model.predict(x, verbose=0)  # the network on the whole image, as predict_instances does
+        t2 = time.perf_counter()
+        prob = edt_prob(labels)[::2, ::2]  # trained-like outputs (not timed: a trained network gives them)
+        dist = star_dist(labels, 32)[::2, ::2]
+        t3 = time.perf_counter()
+        points, probi, disti = non_maximum_suppression(dist, prob, grid=(2, 2), prob_thresh=0.5, nms_thresh=0.4)
+        out = polygons_to_label(disti, points, prob=probi, shape=labels.shape)
+        t4 = time.perf_counter()
+        return {"read": t1 - t0, "route": 0.0, "net": t2 - t1, "tiling": 0.0, "watershed": t4 - t3,
+                "e2e": (t2 - t0) + (t4 - t3)}, out
+
+
+def make_tools(names: list[str], bundle: Path, device: str, **tiling) -> list:
+    tools = []
+    for name in names:
+        try:
+            tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
+        except Exception as err:  # noqa: BLE001 - a peer that does not load is skipped, said plainly
+            print(f"  {name}: skipped ({type(err).__name__}: {err})")
+            continue
+        if tool.skip:
+            print(f"  {name}: skipped ({tool.skip})")
+            continue
+        tools.append(tool)
+    return tools
+
+
+# ------------------------------------------------------------------ timing
+def _busy(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        x = (x * 1103515245 + 12345) % 2147483648
+
+
+def run_rounds(tools: list, inputs: dict, repeats: int) -> dict:
+    """Median stage seconds per image, per tool and size; tools interleaved in every round."""
+    for tool in tools:  # warm-up: exports, first-call allocations, lazy loads
+        for size, items in inputs.items():
+            _call(tool, items[0])
+    per = {(t.name, s): {} for t in tools for s in inputs}
+    for r in range(repeats):
+        order = tools if r % 2 == 0 else tools[::-1]  # alternate so no tool always runs right after another
+        for size, items in inputs.items():
+            for tool in order:
+                sums: dict[str, float] = {}
+                for item in items:
+                    stages, _ = _call(tool, item)
+                    for k, v in stages.items():
+                        sums[k] = sums.get(k, 0.0) + v / len(items)
+                for k, v in sums.items():
+                    per[(tool.name, size)].setdefault(k, []).append(v)
+    return {key: {k: statistics.median(v) for k, v in stages.items()} for key, stages in per.items()}
+
+
+def _call(tool, item):
+    path, labels = item
+    return tool.run(path, labels) if tool.name == "stardist" else tool.run(path)
+
+
+def print_table(medians: dict, tools: list, sizes: list[int]) -> list[dict]:
     rows = []
+    names = [t.name for t in tools]
+    print(f"\n{'tool':<14} {'size':>5} {'net s/img':>10} {'e2e s/img':>10} {'net s/MP':>9} {'e2e s/MP':>9}  "
+          f"{'read':>6} {'route':>6} {'net':>6} {'tiling':>6} {'wshed':>6}  {'vs torch':>8} {'vs StarDist':>11}")
     for size in sizes:
-        image = _image(size)
-        fwd_batch = batch if cuda and size <= 1024 else 1
-        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].repeat(fwd_batch, 1, 1, 1)
-        x = x.to(device)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        def forward():
-            with torch.inference_mode(), autocast_context(device, True):
-                model(x)
-
-        t_fwd = _time(forward, repeats, device) / fwd_batch
-        state = {}
-
-        def run_predict():
-            state["probs"] = predict(model, image, tile_size=tile, overlap=64, batch_size=batch, amp=True)
-
-        t_pred = _time(run_predict, repeats, device)
-        t_ws = _time(lambda: watershed(state["probs"], params), repeats, device)
-        total = t_pred + t_ws
-        row = {
-            "device": str(device),
-            "size": size,
-            "forward_images_per_s": 1 / t_fwd,
-            "forward_batch": fwd_batch,
-            "predict_images_per_s": 1 / t_pred,
-            "predict_watershed_images_per_s": 1 / total,
-            "watershed_s": t_ws,
-            "postprocess_share": t_ws / total,
-        }
-        rows.append(row)
-        print(
-            f"{row['device']:>6} {size:>5}px  forward {row['forward_images_per_s']:8.3f} img/s (batch {fwd_batch})"
-            f"  predict {row['predict_images_per_s']:8.3f} img/s  predict+watershed "
-            f"{row['predict_watershed_images_per_s']:8.3f} img/s  watershed {t_ws:6.3f}s "
-            f"= {100 * row['postprocess_share']:4.1f}% of end-to-end",
-            flush=True,
-        )
+        mp = size * size / 1e6
+        base = medians.get(("torch", size))
+        star = medians.get(("stardist", size))
+        for name in names:
+            m = medians[(name, size)]
+            row = {"tool": name, "size": size, **m, "net_s_per_mp": m["net"] / mp, "e2e_s_per_mp": m["e2e"] / mp}
+            vs_torch = f"{m['e2e'] / base['e2e']:.2f}x" if base else "-"
+            vs_star = f"{m['e2e'] / star['e2e']:.2f}x" if star else "-"
+            print(f"{name:<14} {size:>5} {m['net']:>10.3f} {m['e2e']:>10.3f} {m['net'] / mp:>9.3f} "
+                  f"{m['e2e'] / mp:>9.3f}  {m['read']:>6.3f} {m['route']:>6.3f} {m['net']:>6.3f} "
+                  f"{m['tiling']:>6.3f} {m['watershed']:>6.3f}  {vs_torch:>8} {vs_star:>11}")
+            rows.append(row)
+    if len(sizes) > 1:
+        lo, hi = min(sizes), max(sizes)
+        print(f"\ns/MP growth {lo}² -> {hi}² (goal <= 1.15x):")
+        for name in names:
+            a, b = medians[(name, lo)], medians[(name, hi)]
+            lo_mp, hi_mp = lo * lo / 1e6, hi * hi / 1e6
+            print(f"  {name:<14} e2e {b['e2e'] / hi_mp / (a['e2e'] / lo_mp):.2f}x   "
+                  f"net {b['net'] / hi_mp / (a['net'] / lo_mp):.2f}x")
     return rows
 
 
-def main() -> None:
-    import torch
+# ------------------------------------------------------------------ accuracy
+def accuracy(bundle: Path, data: Path, names: list[str], device: str, split: str = "test") -> dict:
+    """Mean F1 per modality of each tool against torch fp32 on ``split``; probability and label differences."""
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline
+    from triageseg.postprocess.folders import report_from_results
+    from triageseg.postprocess.metrics import match_image
+    from triageseg.postprocess.watershed import watershed
 
+    ds = Dataset(data)
+    samples = ds.select(split=split)
+    names = ["torch"] + [n for n in names if n not in ("torch", "stardist")]
+    pipes = {}
+    for n in names:
+        backend, _, precision = n.partition("-")
+        pipes[n] = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32")
+    results = {n: [] for n in names}
+    max_prob = {n: 0.0 for n in names}
+    same_labels = {n: 0 for n in names}
+    modality_of = {}
+    for sample in samples:
+        image, gt = ds.load(sample)
+        d = pipes["torch"].decide(image)  # the same segmenter for every tool: only the network differs
+        modality_of[sample.id] = sample.modality or "unknown"
+        ref = None
+        for n, pipe in pipes.items():
+            probs = pipe.probabilities(image, d.used_model)
+            labels = watershed(probs, pipe.params(d.used_model))
+            if ref is None:
+                ref = (probs, labels)
+            max_prob[n] = max(max_prob[n], float(np.abs(probs - ref[0]).max()))
+            same_labels[n] += bool(np.array_equal(labels, ref[1]))
+            results[n].append(match_image(gt, labels, id=sample.id))
+    reports = {n: report_from_results(results[n], modality_of) for n in names}
+    mods = sorted(reports["torch"].per_modality)
+    print(f"\naccuracy on {data} split {split!r} ({len(samples)} images): mean F1 per modality, "
+          f"difference to torch fp32 (goal: |bf16 - fp32| <= 0.002 on every modality)")
+    print(f"{'tool':<14} " + " ".join(f"{m:>22}" for m in mods) + f" {'max |dp|':>9} {'labels same':>11}")
+    out = {}
+    for n in names:
+        per = {m: reports[n].per_modality[m].mean_f1 for m in mods}
+        diff = {m: per[m] - reports["torch"].per_modality[m].mean_f1 for m in mods}
+        ok = all(abs(v) <= 0.002 for v in diff.values())
+        cells = " ".join(f"{per[m]:>12.4f} ({diff[m]:+.4f})" for m in mods)
+        print(f"{n:<14} {cells} {max_prob[n]:>9.2e} {same_labels[n]:>5}/{len(samples):<5}"
+              + ("" if n == "torch" else ("  ok" if ok else "  OVER 0.002")))
+        out[n] = {"mean_f1": per, "diff_to_fp32": diff, "max_prob_diff": max_prob[n],
+                  "labels_identical": same_labels[n], "images": len(samples), "within_0.002": ok}
+    return out
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, help="a trained bundle (default: untrained models, same compute)")
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--device", action="append", help="cpu, cuda, ... (repeatable; default cpu + cuda if any)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass (and forward batch on CUDA)")
-    parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--run-dir", help="a trained segmenter run folder (default: untrained efficientnet-b3)")
+    parser.add_argument("--images", type=int, nargs="+", default=[8, 1],
+                        help="images per size (one number per --sizes entry)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds; medians are printed (0: no timing, e.g. with --accuracy)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tile-size", type=int, default=None, help="tile side (default: the models')")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (segment's default 4)")
+    parser.add_argument("--threads", type=int, default=None, help="torch/ORT/OpenVINO threads (default: all cores)")
+    parser.add_argument("--busy", type=int, default=0, help="run this many busy-looping processes meanwhile")
+    parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also score the tools on DATA's test split")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    import torch
+
+    from triageseg.segmenters.backends import configure_threads, cpu_bf16_support
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        configure_threads()
+    if len(args.images) != len(args.sizes):
+        parser.error("--images needs one count per --sizes entry")
     print(f"triageseg inference benchmark: {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    rows = []
-    for dev in devices:
-        rows += bench(dev, args.sizes, args.repeats, args.run_dir, args.batch, args.tile)
+          f"{os.cpu_count()} logical CPUs, torch {torch.__version__} at {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, native bf16: {cpu_bf16_support()}, "
+          f"busy processes: {args.busy}")
+    for size in args.sizes:
+        tile = args.tile_size or 512
+        print(f"  tiling at {size}²: the network computes {tiling_overhead(size, tile, 64):.2f}x the image's pixels "
+              f"(tile {tile}, overlap 64), batches of {args.batch_size} tiles")
+    stop = multiprocessing.Event()
+    busy = [multiprocessing.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.busy)]
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        tmp = Path(tmp)
+        bundle = args.bundle or random_bundle(tmp / "bundle")
+        inputs = write_inputs(tmp, args.sizes, dict(zip(args.sizes, args.images))) if args.repeats > 0 else {}
+        tools = make_tools(args.tools, bundle, args.device, tile_size=args.tile_size, batch_size=args.batch_size)
+        for p in busy:
+            p.start()
+        try:
+            medians = run_rounds(tools, inputs, args.repeats) if args.repeats > 0 else None
+        finally:
+            stop.set()
+            for p in busy:
+                p.join()
+        rows = print_table(medians, tools, args.sizes) if medians else []
+        acc = accuracy(bundle, args.accuracy, [t.name for t in tools], args.device) if args.accuracy else None
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "accuracy": acc}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

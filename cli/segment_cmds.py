@@ -140,6 +140,11 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes for watershed and writing (0: in the main process).")
 @click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto",
+              show_default=True, help="How the segmenters run (README: Speed); a missing library falls back to "
+              "torch with a note.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 on CPUs with AMX or AVX512-BF16 (slightly different answers; fp32 elsewhere).")
 @click.option("--overwrite", is_flag=True,
               help="Redo inputs whose label file exists, whatever settings made it (default: skip them, i.e. resume).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
@@ -164,7 +169,8 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
             workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
-            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson):
+            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
+            backend, precision):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -213,8 +219,14 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
                                 recursive=recursive)
     except OutputConflict as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from None
-    pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
-                                batch_size=batch_size, tta=tta, unknown=unknown)
+    if not on_ray:  # Ray actors set their own threads (--cpus-per-actor)
+        from triageseg.segmenters.backends import configure_threads
+
+        configure_threads(workers=workers)  # the network gets the cores the watershed workers leave
+    with _backend_notes():
+        pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
+                                    batch_size=batch_size, tta=tta, unknown=unknown, backend=backend,
+                                    precision=precision)
     if modality is None:
         _notes(pipe)
     if on_ray:
@@ -298,6 +310,27 @@ def _summary(report, out, *, pipe=None, review_n: int = 0, min_quality: float | 
         listed = f"{out}/failures.csv" if is_uri(str(out)) else Path(out) / "failures.csv"
         click.echo(f"failures listed in {listed}", err=True)
         raise SystemExit(1)
+
+
+def _backend_notes():
+    """Print a backend fallback (segmenters.backends.BackendNote) as one `note:` line, not a Python warning."""
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def catch():
+        from triageseg.segmenters.backends import BackendNote
+
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", BackendNote)
+            yield
+        for w in seen:
+            if issubclass(w.category, BackendNote):
+                click.echo(f"note: {w.message}", err=True)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    return catch()
 
 
 def _notes(pipe) -> None:

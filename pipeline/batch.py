@@ -383,6 +383,9 @@ def _worker_init(parent_pid: int | None = None) -> None:
         from triageseg.pipeline.procs import die_with_parent
 
         die_with_parent(parent_pid)
+    from triageseg.segmenters.backends import limit_worker_threads
+
+    limit_worker_threads()  # one thread per worker: the network process has the other cores
 
 
 def output_names(inputs: Sequence, names: Sequence[str] | None = None) -> list[str]:

@@ -386,6 +386,7 @@ def segment_files_ray(
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                       "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
+                      "backend": pipe.backend, "precision": pipe.precision,
                       "unknown": pipe.unknown},
         )
         run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)

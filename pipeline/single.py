@@ -82,7 +82,12 @@ class Result:
 
 
 class Pipeline:
-    """A loaded bundle: the router, the specialists (loaded on first use) and their watershed parameters."""
+    """A loaded bundle: the router, the specialists (loaded on first use) and their watershed parameters.
+
+    ``backend`` (``auto|torch|onnx|openvino``) and ``precision`` (``fp32|bf16``) say how the
+    specialists run (:mod:`triageseg.segmenters.backends`); one that cannot run here falls
+    back to torch / fp32 with one :class:`~triageseg.segmenters.backends.BackendNote`.
+    """
 
     def __init__(
         self,
@@ -94,7 +99,10 @@ class Pipeline:
         batch_size: int = 4,
         tta: bool = False,
         unknown: str = "generalist",
+        backend: str = "auto",
+        precision: str = "fp32",
     ):
+        from triageseg.segmenters.backends import resolve
         from triageseg.segmenters.predict import resolve_device
 
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
@@ -104,6 +112,9 @@ class Pipeline:
         self.path = Path(path)
         self.manifest = _bundle.read_manifest(self.path)
         self.device = resolve_device(device)
+        # the segmenters' inference backend (segmenters.backends), resolved once: a fallback is noted here
+        self.backend, self.precision = backend, precision
+        self.choice = resolve(backend, precision, self.device)
         self.tile_size = tile_size
         self.overlap = overlap
         self.batch_size = batch_size
@@ -184,9 +195,14 @@ class Pipeline:
             )
         with self._lock:
             if name not in self._segmenters:
+                from triageseg.segmenters.backends import prepare_network
                 from triageseg.segmenters.model import load_segmenter
 
-                self._segmenters[name] = load_segmenter(_bundle.segmenter_dir(self.path, name), device=self.device)
+                run_dir = _bundle.segmenter_dir(self.path, name)
+                model, config, params = load_segmenter(run_dir, device=self.device)
+                net = prepare_network(model, run_dir, backend=self.choice.backend, precision=self.choice.precision,
+                                      device=self.device)
+                self._segmenters[name] = (net, config, params)
         return self._segmenters[name]
 
     def quality_model(self, name: str) -> QualityModel | None:

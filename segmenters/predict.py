@@ -115,8 +115,10 @@ def _run_batch(model, arr: np.ndarray, dev, channels_last: bool, transforms: lis
             logits = model(_d4(xb, k, flip) if (k or flip) else xb)
             p = torch.softmax(logits.float(), dim=1)
             p = _d4_inverse(p, k, flip) if (k or flip) else p
-            probs = p if probs is None else probs + p
-        return (probs / len(transforms)).cpu().numpy()
+            probs = p if probs is None else probs.add_(p)
+        if len(transforms) > 1:  # x / 1 is x: no copy of the whole batch for the usual single pass
+            probs /= len(transforms)
+        return probs.cpu().numpy()
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -214,7 +216,9 @@ class _PaddedRows:
             lo = y0 if keep is None else end
             src = self._iy[lo:y1]
             raw = np.asarray(self._read(int(src.min()), int(src.max()) + 1), dtype=np.float32)
-            rows = raw[src - src.min()]
+            # rows inside the image are read as they are (a view), only reflected rows are gathered
+            in_order = src.size == raw.shape[0] and src[0] == src.min() and bool(np.all(np.diff(src) == 1))
+            rows = raw if in_order else raw[src - src.min()]
             # C-contiguous HxWxC, as np.pad gives: the tiles' memory layout decides the convolutions' rounding
             rows = np.ascontiguousarray(rows if self._ix is None else rows[:, self._ix])
             keep = rows if keep is None else np.concatenate([keep, rows])
@@ -304,7 +308,7 @@ def stream_probabilities(
                 wsum = np.concatenate([wsum, np.zeros((grow, wp), np.float32)])
             for (y, x), p in zip(batch, probs):
                 win = np.outer(_ramp_1d(th, overlap, y > 0, y + th < hp), ramps_x[x])
-                acc[:, y - top : y - top + th, x : x + tw] += p * win
+                acc[:, y - top : y - top + th, x : x + tw] += np.multiply(p, win, out=p)  # in place: no temporary
                 wsum[y - top : y - top + th, x : x + tw] += win
             # rows above the next pending tile get nothing more: they are final
             final = tiles[n_done][0] if n_done < len(tiles) else hp
@@ -315,6 +319,7 @@ def stream_probabilities(
                     out /= wsum[None, lo - top : hi - top, :w]
                     yield lo, hi, np.ascontiguousarray(out, dtype=np.float32)
                     emitted = hi
-                acc, wsum, top = acc[:, final - top :].copy(), wsum[final - top :].copy(), final
+                # views: the next growth copies anyway, and the emitted rows above are never written again
+                acc, wsum, top = acc[:, final - top :], wsum[final - top :], final
     finally:
         model.train(was_training)

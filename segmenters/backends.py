@@ -1,0 +1,403 @@
+"""Inference backends for a specialist: eager PyTorch, ONNX Runtime, OpenVINO; fp32 or bf16.
+
+A backend is applied to a loaded segmenter by :func:`prepare_network`, which returns a
+``torch.nn.Module`` that :func:`triageseg.segmenters.predict.predict` runs like any
+other: the exported networks are wrapped in a module that keeps the eager one as a
+submodule (for its parameters: input channels, device) and whose ``forward`` hands the
+tile batch to the other runtime. So tiling, batching, D4 test-time augmentation, the
+softmax and the blending are the same code for every backend.
+
+Backends:
+
+* ``torch``: eager PyTorch under ``torch.inference_mode`` (``predict``), in the
+  channels_last memory format on CPU as on CUDA.
+* ``onnx``: ONNX Runtime (``pip install triageseg[onnx]``), CPU only. The network is
+  exported once per weights into a cache (:func:`cache_dir`), never into the bundle.
+* ``openvino``: OpenVINO (``pip install triageseg[openvino]``), CPU only; it reads the
+  same cached ONNX file. Its precision hint is pinned to f32 (OpenVINO would otherwise
+  pick bf16 by itself on CPUs with AMX or AVX512-BF16).
+* ``auto``: the backend of :data:`AUTO_ORDER` that is installed (CPU), torch on CUDA/MPS.
+
+Precision ``bf16`` (autocast on CPU; OpenVINO's bf16 hint) runs only where the CPU has
+native bf16 (AMX or AVX512-BF16, :func:`cpu_bf16_support`); elsewhere fp32 with a note.
+It changes the answers slightly (``BF16_PROB_TOLERANCE``); its F1 cost is what
+``benchmarks/bench_inference.py --accuracy`` measures.
+
+A backend whose library is missing (or that cannot run on the device) falls back to torch
+with one note (``warnings.warn(..., BackendNote)``, once per process and reason).
+
+Example:
+    >>> model, cfg, params = load_segmenter("bundle/segmenters/he")         # doctest: +SKIP
+    >>> net = prepare_network(model, "bundle/segmenters/he", backend="onnx")  # doctest: +SKIP
+    >>> probs = predict(net, image, tile_size=cfg.tile_size)                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from triageseg.datasets.atomic import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16")
+# What `auto` picks, first installed wins. Only torch until the backends are timed side by
+# side on a quiet machine (benchmarks/bench_inference.py prints the order to put here):
+# exported backends change probabilities by up to ~1e-5, so they must earn the default.
+AUTO_ORDER: tuple[str, ...] = ("torch",)
+# The Python modules each optional backend needs (onnx: the exporter both read from).
+_MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
+# Largest difference from eager fp32 probabilities that the tests accept per backend.
+FP32_PROB_TOLERANCE = 1e-4
+BF16_PROB_TOLERANCE = 0.1  # bf16 keeps 8 mantissa bits: ~0.4% per op, a few % after a deep net
+ONNX_OPSET = 17
+ONNX_FILE = "model.onnx"
+CHECKSUM_FILE = "model.onnx.sha256"
+_noted: set[str] = set()
+
+
+class BackendNote(UserWarning):
+    """A backend or precision could not be honoured; inference goes on with what can run."""
+
+
+def note(message: str) -> None:
+    """Warn once per process per message (a fallback is said once, not per image)."""
+    if message not in _noted:
+        _noted.add(message)
+        warnings.warn(message, BackendNote, stacklevel=3)
+
+
+def available(backend: str) -> bool:
+    """Whether the libraries of ``backend`` are installed (torch always is)."""
+    return not _missing(backend)
+
+
+def _missing(backend: str) -> list[str]:
+    return [m for m in _MODULES.get(backend, ()) if importlib.util.find_spec(m) is None]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_support() -> str | None:
+    """The native bf16 instructions of this CPU (``"amx_bf16"``, ``"avx512_bf16"``), or None.
+
+    Without them bf16 is emulated and slower than fp32, so bf16 is refused there.
+    """
+    flags = cpu_flags()
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return flag
+    import torch
+
+    # no /proc/cpuinfo: ask torch's dispatcher which kernels it picked
+    if "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper():
+        return "amx_bf16"
+    return None
+
+
+# ------------------------------------------------------------------ threads
+def network_threads(workers: int = 0, cores: int | None = None) -> int:
+    """Threads for the network: the cores this process may use, less one per watershed worker.
+
+    ``OMP_NUM_THREADS``, when set, wins (the user or a scheduler decided). Each ``--workers``
+    process gets one thread (:func:`limit_worker_threads`), the network the rest, at least 1,
+    so the two never ask for more threads than cores.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))  # cgroup/taskset aware, unlike os.cpu_count()
+        except AttributeError:  # pragma: no cover - macOS, Windows
+            cores = os.cpu_count() or 1
+    return max(1, int(cores) - max(0, int(workers)))
+
+
+def configure_threads(workers: int = 0) -> int:
+    """Set torch's intra-op threads to :func:`network_threads` (ONNX Runtime/OpenVINO read it too); returns it."""
+    import torch
+
+    n = network_threads(workers)
+    torch.set_num_threads(n)
+    return n
+
+
+def limit_worker_threads() -> None:
+    """In a watershed worker process: one thread for every thread pool already loaded."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return
+    threadpool_limits(1)
+
+
+def _spinning() -> bool:
+    """Whether idle runtime threads may spin: not when the user asked OpenMP for passive waiting."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+# ------------------------------------------------------------------ choice
+@dataclass(frozen=True)
+class Choice:
+    """The backend and precision that will run, after fallbacks."""
+
+    backend: str  # torch | onnx | openvino
+    precision: str  # fp32 | bf16
+
+
+def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.device = "cpu") -> Choice:
+    """What runs for a requested ``backend`` and ``precision`` on ``device``; a fallback is noted once.
+
+    Raises:
+        ValueError: an unknown backend or precision (the message lists the valid ones).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    on_cpu = str(getattr(device, "type", device)).split(":")[0] == "cpu"
+    if backend == "auto":
+        backend = next((b for b in AUTO_ORDER if available(b)), "torch") if on_cpu else "torch"
+    elif backend != "torch" and not available(backend):
+        missing = _missing(backend) or list(_MODULES[backend])
+        note(f"backend {backend!r} needs the Python package {' and '.join(map(repr, missing))}, not installed "
+             f"(pip install 'triageseg[{backend}]'); running on torch")
+        backend = "torch"
+    elif backend != "torch" and not on_cpu:
+        note(f"backend {backend!r} runs on the CPU only; running on torch on {device}")
+        backend = "torch"
+    if precision == "bf16" and not on_cpu:
+        note(f"precision bf16 is for the CPU; on {device} the network already runs in half precision (AMP)")
+        precision = "fp32"
+    elif precision == "bf16" and cpu_bf16_support() is None:
+        note("precision bf16 needs a CPU with AMX or AVX512-BF16 (emulated bf16 is slower than fp32); running fp32")
+        precision = "fp32"
+    return Choice(backend, precision)
+
+
+def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, backend: str = "auto",
+                    precision: str = "fp32", device: str | torch.device = "cpu",
+                    threads: int | None = None) -> torch.nn.Module:
+    """The module ``predict`` should run for ``model`` with the chosen backend and precision.
+
+    Args:
+        model: the eager segmenter (eval mode, on ``device``).
+        run_dir: its run folder (``config.json`` + ``model.safetensors``), which keys the
+            export cache; ``None`` keys it by the weights in memory.
+        backend, precision: as for :func:`resolve`.
+        device: where ``model`` runs.
+        threads: intra-op threads of an exported backend (default: torch's current count).
+
+    Returns:
+        ``model`` itself (torch fp32; moved to channels_last), or a wrapping module.
+    """
+    import torch
+
+    choice = resolve(backend, precision, device)
+    if choice.backend == "torch":
+        model = model.to(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU too
+        return _Bf16Net(model) if choice.precision == "bf16" else model
+    onnx_path = export_onnx(model, run_dir)
+    threads = threads or torch.get_num_threads()
+    if choice.backend == "onnx":
+        return _ExportedNet(model, _ort_runner(onnx_path, threads), "onnx")
+    return _ExportedNet(model, _openvino_runner(onnx_path, threads, choice.precision), "openvino")
+
+
+def backend_of(net: torch.nn.Module) -> str:
+    """``torch``, ``torch-bf16``, ``onnx`` or ``openvino``: what :func:`prepare_network` made."""
+    return getattr(net, "backend_name", "torch")
+
+
+# ------------------------------------------------------------------ wrappers
+@functools.cache
+def _wrappers():
+    """The wrapper module classes, made on first use so that importing this module does not import torch
+    (watershed worker processes import it for :func:`limit_worker_threads`)."""
+    import torch
+
+    class Bf16Net(torch.nn.Module):
+        """The eager network under CPU bf16 autocast; logits back in fp32 for the softmax."""
+
+        backend_name = "torch-bf16"
+
+        def __init__(self, eager):
+            super().__init__()
+            self.eager = eager
+
+        def forward(self, x):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                return self.eager(x).float()
+
+    class ExportedNet(torch.nn.Module):
+        """An exported network behind the module interface ``predict`` expects.
+
+        The eager module stays a submodule: ``predict`` reads the input channels and the
+        device from its parameters. Only the exported runner computes.
+        """
+
+        def __init__(self, eager, runner, name: str):
+            super().__init__()
+            self.eager = eager
+            self._runner = runner
+            self.backend_name = name
+
+        def forward(self, x):
+            arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+            return torch.from_numpy(self._runner(arr))
+
+    return Bf16Net, ExportedNet
+
+
+def _Bf16Net(eager):  # noqa: N802 - reads as the class it makes
+    return _wrappers()[0](eager)
+
+
+def _ExportedNet(eager, runner, name: str):  # noqa: N802
+    return _wrappers()[1](eager, runner, name)
+
+
+def _ort_runner(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1  # one graph at a time: all threads go to its operators
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if _spinning() else "0")
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return run
+
+
+def _openvino_runner(path: Path, threads: int, precision: str):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.array(request.infer({0: x})[compiled.output(0)], dtype=np.float32, copy=True)
+
+    return run
+
+
+# ------------------------------------------------------------------ export cache
+def cache_root() -> Path:
+    """``$TRIAGESEG_CACHE``, else ``$XDG_CACHE_HOME/triageseg``, else ``~/.cache/triageseg``."""
+    if os.environ.get("TRIAGESEG_CACHE"):
+        return Path(os.environ["TRIAGESEG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "triageseg"
+
+
+def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> str:
+    """Hash of the weights, the config and the versions an export depends on (16 hex digits)."""
+    import torch
+
+    from triageseg._version import __version__
+    from triageseg.bundle import CONFIG, WEIGHTS
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"torch": torch.__version__, "triageseg": __version__, "opset": ONNX_OPSET}).encode())
+    files = [Path(run_dir) / WEIGHTS, Path(run_dir) / CONFIG] if run_dir is not None else []
+    if files and all(f.is_file() for f in files):
+        for f in files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    else:  # weights in memory only
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> Path:
+    """The export cache folder of this network: :func:`cache_root` / :func:`cache_key`."""
+    return cache_root() / cache_key(model, run_dir)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> Path:
+    """The cached ONNX file of ``model``, exported (atomically) when absent or damaged.
+
+    The file's SHA-256 is kept beside it; a file that does not match (truncated, edited,
+    a half-written copy) is noted and exported again.
+    """
+    folder = cache_dir(model, run_dir)
+    path, checksum = folder / ONNX_FILE, folder / CHECKSUM_FILE
+    if path.is_file() and checksum.is_file():
+        try:
+            recorded = checksum.read_text(encoding="ascii").split()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            recorded = ""
+        if recorded == _sha256(path):
+            return path
+        note(f"{path}: the cached export does not match its checksum (damaged); exporting it again")
+    folder.mkdir(parents=True, exist_ok=True)
+    _export(model, path)
+    write_text_atomic(checksum, f"{_sha256(path)}  {ONNX_FILE}\n")
+    return path
+
+
+def _export(model: torch.nn.Module, path: Path) -> None:
+    """torch -> ONNX (TorchScript exporter, dynamic batch and sides), written atomically."""
+    import torch
+
+    try:
+        import onnx  # noqa: F401 - the exporter needs it; say so plainly rather than deep in torch
+    except ImportError:
+        raise RuntimeError("exporting to ONNX needs the Python package 'onnx' (pip install 'triageseg[onnx]')") \
+            from None
+    param = next(model.parameters())
+    channels = next(m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    example = torch.zeros(1, channels, 64, 64, device=param.device)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
+        torch.onnx.export(model.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch", 2: "height", 3: "width"}})

@@ -1,0 +1,258 @@
+"""Inference backends (segmenters.backends): same probabilities as eager PyTorch, fallbacks, the export cache."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from triageseg.segmenters import backends as B  # noqa: E402
+from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter  # noqa: E402
+from triageseg.segmenters.predict import _ramp_1d, _run_batch, predict, tile_starts  # noqa: E402
+
+SHAPES = [(64, 64), (300, 517)]
+TILING = {"tile_size": 128, "overlap": 32, "batch_size": 3}  # 300 x 517 runs in 3 x 5 tiles, 64 x 64 whole
+FP32 = [b for b in ("torch", "onnx", "openvino") if B.available(b)]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Exports go to a per-test cache, never to the user's; notes are fresh in every test."""
+    monkeypatch.setenv("TRIAGESEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(B, "_noted", set())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A saved untrained specialist (efficientnet-b3, narrow decoder): config.json + model.safetensors."""
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32)
+    model = create_segmenter(cfg).eval()
+    with torch.no_grad():  # BatchNorm statistics away from identity, as in a trained model
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return save_segmenter(tmp_path_factory.mktemp("seg") / "run", model, cfg, params=None)
+
+
+def _eager(run_dir):
+    from triageseg.segmenters.model import load_segmenter
+
+    return load_segmenter(run_dir)[0]
+
+
+def _image(shape, seed=0):
+    return np.random.default_rng(seed).random((*shape, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("backend", FP32)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_backend_matches_eager(run_dir, backend, shape):
+    eager = _eager(run_dir)
+    image = _image(shape)
+    want = predict(eager, image, **TILING)
+    net = B.prepare_network(_eager(run_dir), run_dir, backend=backend, threads=1)
+    assert B.backend_of(net) == backend
+    got = predict(net, image, **TILING)
+    assert got.shape == want.shape == (3, *shape)
+    assert np.abs(got - want).max() <= B.FP32_PROB_TOLERANCE
+
+
+@pytest.mark.skipif(B.cpu_bf16_support() is None, reason="no native bf16 on this CPU")
+@pytest.mark.parametrize("backend", [b for b in ("torch", "openvino") if B.available(b)])
+def test_bf16_within_its_tolerance(run_dir, backend):
+    eager = _eager(run_dir)
+    image = _image((300, 517), seed=1)
+    want = predict(eager, image, **TILING)
+    net = B.prepare_network(_eager(run_dir), run_dir, backend=backend, precision="bf16", threads=1)
+    got = predict(net, image, **TILING)
+    err = np.abs(got - want)
+    assert err.max() <= B.BF16_PROB_TOLERANCE
+    assert err.max() > 0  # bf16 really ran (fp32 would give the eager answer within 1e-5)
+
+
+def test_bf16_refused_without_native_support(monkeypatch):
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: None)
+    with pytest.warns(B.BackendNote, match="AMX or AVX512-BF16"):
+        assert B.resolve("torch", "bf16") == B.Choice("torch", "fp32")
+
+
+def test_missing_library_falls_back_to_torch_with_one_note(monkeypatch, run_dir):
+    monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first = B.prepare_network(_eager(run_dir), run_dir, backend="onnx")
+        again = B.resolve("onnx")
+    notes = [w for w in seen if issubclass(w.category, B.BackendNote)]
+    assert len(notes) == 1 and "onnxruntime" in str(notes[0].message)
+    assert B.backend_of(first) == "torch" and again.backend == "torch"
+
+
+def test_auto_without_extra_libraries_is_pure_torch(monkeypatch):
+    monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
+    monkeypatch.setattr(B, "AUTO_ORDER", ("openvino", "onnx", "torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto says nothing when it simply takes torch
+        assert B.resolve("auto") == B.Choice("torch", "fp32")
+
+
+def test_exported_backends_run_on_cpu_only():
+    with pytest.warns(B.BackendNote, match="CPU only"):
+        assert B.resolve("onnx", device="cuda:0").backend == "torch"
+    with pytest.warns(B.BackendNote, match="AMP"):
+        assert B.resolve("torch", "bf16", device="cuda") == B.Choice("torch", "fp32")
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="auto, torch, onnx, openvino"):
+        B.resolve("tensorrt")
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        B.resolve("torch", "fp16")
+
+
+@pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
+@pytest.mark.parametrize("damage", ["truncate", "flip", "checksum"])
+def test_corrupt_cache_is_rebuilt(run_dir, damage):
+    model = _eager(run_dir)
+    path = B.export_onnx(model, run_dir)
+    assert path.parent.parent == B.cache_root() and run_dir not in path.parents  # never into the bundle
+    good = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "flip":
+        path.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    else:
+        (path.parent / B.CHECKSUM_FILE).write_text("0" * 64)
+    with pytest.warns(B.BackendNote, match="exporting it again"):
+        again = B.export_onnx(model, run_dir)
+    assert again == path and B._sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0]
+    net = B.prepare_network(model, run_dir, backend="onnx", threads=1)
+    image = _image((64, 64))
+    assert np.abs(predict(net, image, **TILING) - predict(_eager(run_dir), image, **TILING)).max() <= 1e-4
+
+
+@pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
+def test_cache_is_reused_and_keyed_by_weights(run_dir, tmp_path):
+    model = _eager(run_dir)
+    path = B.export_onnx(model, run_dir)
+    stamp = path.stat().st_mtime_ns
+    assert B.export_onnx(model, run_dir).stat().st_mtime_ns == stamp  # not exported again
+    cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32)
+    torch.manual_seed(1)
+    other = save_segmenter(tmp_path / "other", create_segmenter(cfg), cfg, params=None)
+    assert B.cache_key(model, other) != B.cache_key(model, run_dir)
+
+
+def test_thread_plan(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert B.network_threads(0, cores=2) == 2
+    assert B.network_threads(2, cores=2) == 1  # never below one
+    assert B.network_threads(4, cores=64) == 60
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert B.network_threads(4, cores=64) == 3  # the user's choice wins
+
+
+def _reference_probabilities(model, image, *, tile_size, overlap, batch_size):
+    """The tiled blend written plainly (whole-image accumulators, copies everywhere): what predict must equal."""
+    h, w = image.shape[:2]
+    hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
+    padded = np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
+    th, tw = min(tile_size, hp), min(tile_size, wp)
+    tiles = [(y, x) for y in tile_starts(hp, th, tile_size - overlap) for x in tile_starts(wp, tw, tile_size - overlap)]
+    acc, wsum = np.zeros((3, hp, wp), np.float32), np.zeros((hp, wp), np.float32)
+    for i in range(0, len(tiles), batch_size):
+        batch = tiles[i : i + batch_size]
+        arr = np.stack([padded[y : y + th, x : x + tw].transpose(2, 0, 1) for y, x in batch])
+        probs = _run_batch(model, arr, torch.device("cpu"), False, [(0, False)], False)
+        for (y, x), p in zip(batch, probs):
+            win = np.outer(_ramp_1d(th, overlap, y > 0, y + th < hp), _ramp_1d(tw, overlap, x > 0, x + tw < wp))
+            acc[:, y : y + th, x : x + tw] = acc[:, y : y + th, x : x + tw] + p * win
+            wsum[y : y + th, x : x + tw] = wsum[y : y + th, x : x + tw] + win
+    return (acc / wsum[None])[:, :h, :w]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (300, 517), (97, 400)])
+def test_in_place_blending_gives_the_plain_blend_bit_for_bit(run_dir, shape):
+    model = _eager(run_dir)
+    image = _image(shape, seed=2)
+    want = _reference_probabilities(model, image, **TILING)
+    assert np.array_equal(predict(model, image, **TILING), want)
+
+
+def test_labels_identical_on_synthetic_images(tiny_bundle, synth_data):
+    """Every backend in fp32 gives the plain eager path's labels on the test split (modality forced)."""
+    from triageseg import bundle
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline
+    from triageseg.postprocess.watershed import watershed
+    from triageseg.segmenters.model import load_segmenter
+
+    ds = Dataset(synth_data)
+    samples = ds.select(split="test")
+    assert samples
+    pipes = {b: Pipeline(tiny_bundle, device="cpu", backend=b) for b in FP32}
+    for sample in samples:
+        image, _ = ds.load(sample)
+        model, cfg, params = load_segmenter(bundle.segmenter_dir(tiny_bundle, sample.modality))
+        plain = watershed(predict(model, image, tile_size=cfg.tile_size, overlap=cfg.overlap), params)
+        for name, pipe in pipes.items():
+            assert np.array_equal(pipe.segment(image, modality=sample.modality).labels, plain), (name, sample.id)
+
+
+def test_benchmark_counts_the_tiling_overhead():
+    """bench_inference.py loads, and counts the pixels the network computes as predict tiles them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.tiling_overhead(512, 512, 64) == 1.0  # one tile
+    assert bench.tiling_overhead(2048, 512, 64) == (5 * 512) ** 2 / 2048**2  # starts 0, 448, 896, 1344, 1536
+    image, labels = bench.synthetic_image(300, seed=0)
+    assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and labels.shape == (300, 300)
+    left, right = set(np.unique(labels[:256, :256])), set(np.unique(labels[:256, 256:]))
+    assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
+
+
+def test_segment_cli_backend_option(tiny_bundle, synth_data, tmp_path, monkeypatch):
+    """`segment --backend`: an exported backend writes the torch labels; a missing library gives one note."""
+    from click.testing import CliRunner
+
+    from triageseg.cli.main import cli
+    from triageseg.datasets.io import read_labels
+
+    images = sorted((synth_data / "images").iterdir())[:3]
+    runner = CliRunner()
+    base = ["segment", *map(str, images), "--bundle", str(tiny_bundle), "--quiet"]
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "torch"), "--backend", "torch"])
+    assert res.exit_code == 0, res.output
+    if B.available("onnx"):
+        res = runner.invoke(cli, [*base, "--out", str(tmp_path / "onnx"), "--backend", "onnx"])
+        assert res.exit_code == 0, res.output
+        for image in images:
+            assert np.array_equal(read_labels(tmp_path / "onnx" / f"{image.stem}.tif"),
+                                  read_labels(tmp_path / "torch" / f"{image.stem}.tif"))
+    monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "fallback"), "--backend", "openvino"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("note: backend 'openvino' needs the Python package 'openvino'") == 1
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "bad"), "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "tensorrt" in res.output
+
+
+def test_worker_thread_limit_does_not_import_torch():
+    """A watershed worker calls limit_worker_threads; it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from triageseg.segmenters.backends import limit_worker_threads; limit_worker_threads(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
