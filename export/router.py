@@ -41,7 +41,7 @@ def export_router(bundle_dir: str | os.PathLike, out: str | os.PathLike, *, over
     import torch
 
     from triageseg.export.architecture import triageseg_router
-    from triageseg.export.specialist import _Float16Storage
+    from triageseg.export.specialist import fp16_storage
     from triageseg.router.model import background_colour, load_router, make_thumbnail
 
     t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def export_router(bundle_dir: str | os.PathLike, out: str | os.PathLike, *, over
                  "torchscript": work / "weights_torchscript.pt", "input": work / "test_input.npy",
                  "output": work / "test_output.npy", "cover": work / "cover.png", "readme": work / "README.md"}
         torch.save(state, files["weights"])
-        module = _Float16Storage.build(net) if float16 else net
+        module = fp16_storage(net) if float16 else net
         with torch.no_grad():
             torch.jit.save(torch.jit.trace(module.eval(), torch.from_numpy((x - mean) / std), check_trace=False),
                            str(files["torchscript"]))

@@ -51,37 +51,36 @@ def _state_dict(model, float16: bool) -> dict:
     return out
 
 
-class _Float16Storage:
-    """Wraps a module whose parameters are stored in fp16 and computes in fp32 (traceable).
+def fp16_storage(net):
+    """A copy of ``net`` whose parameters are stored in fp16 and used in fp32 (traceable).
 
-    TorchScript keeps the fp16 tensors (half the file) and records their upcast, so it computes
-    exactly what the fp32 network with fp16-rounded weights computes: the state dict's result.
+    Each parameter becomes an fp16 tensor behind a parametrization that upcasts it, so the
+    TorchScript file keeps the fp16 tensors (about half the file) and records their upcast:
+    it computes exactly what the fp32 network with fp16-rounded weights computes, the state
+    dict's result. Buffers (BatchNorm statistics) stay fp32: they are small.
     """
-
-    @staticmethod
-    def build(net):
-        import torch
-        from torch.func import functional_call
-
-        class Upcast(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner.half()
-
-            def forward(self, x):
-                tensors = {k: (v.float() if v.is_floating_point() else v)
-                           for k, v in [*self.inner.named_parameters(), *self.inner.named_buffers()]}
-                return functional_call(self.inner, tensors, (x,))
-
-        return Upcast(net)
-
-
-def _torchscript(net, float16: bool, example, path: Path) -> None:
     import copy
 
     import torch
+    from torch.nn.utils import parametrize
 
-    module = _Float16Storage.build(copy.deepcopy(net)) if float16 else net
+    class Upcast(torch.nn.Module):
+        def forward(self, x):
+            return x.float()
+
+    net = copy.deepcopy(net)
+    for module in list(net.modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                setattr(module, name, torch.nn.Parameter(p.detach().half(), requires_grad=False))
+                parametrize.register_parametrization(module, name, Upcast(), unsafe=True)
+    return net
+
+
+def _torchscript(net, float16: bool, example, path: Path) -> None:
+    import torch
+
+    module = fp16_storage(net) if float16 else net
     with torch.no_grad():
         traced = torch.jit.trace(module.eval(), example, check_trace=False)
     torch.jit.save(traced, str(path))
