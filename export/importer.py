@@ -116,9 +116,20 @@ def _io_spec(pkg: Path, descr) -> dict[str, Any]:
     if not probabilistic:
         raise DataError(pkg, f"output {out.id!r} is not declared as probabilities (data range {rng}, no sigmoid/"
                              f"softmax postprocessing); supported: {SUPPORTED}")
-    return {"in_channels": n_in, "preprocessing": pre, "postprocessing": post,
+    tile = _tile_size(pkg, inp)
+    return {"in_channels": n_in, "preprocessing": pre, "postprocessing": post, "tile_size": tile,
             "mapping": "three_class" if n_out == 3 else "foreground_boundary",
             "channel_names": [str(c) for c in channel.channel_names]}
+
+
+def _tile_size(pkg: Path, inp) -> int:
+    """A tile side (multiple of 32, about 256) that the package's y and x sizes allow."""
+    sizes = [a.size for a in inp.axes if str(a.id) in ("y", "x")]
+    for tile in (256, 288, 320, 384, 448, 512, 224, 192, 160, 128, 96, 64):
+        if all((s == tile) if isinstance(s, int) else
+               (tile >= s.min and (tile - s.min) % s.step == 0) if hasattr(s, "step") else True for s in sizes):
+            return tile
+    raise DataError(pkg, f"input sizes {sizes} allow no square tile that is a multiple of 32 (64..512)")
 
 
 def _open_in_zip(pkg: Path, source) -> bytes:
@@ -246,7 +257,8 @@ def _from_zoo(pkg: Path, ts, io: dict, name: str, stage: Path):
         inner = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001
         raise DataError(pkg, f"torchscript weights cannot be loaded ({err})") from None
-    config = SegmenterConfig(encoder=f"bioimageio:{name}", tile_size=256, overlap=32, modality=name)
+    config = SegmenterConfig(encoder=f"bioimageio:{name}", tile_size=io["tile_size"],
+                             overlap=min(32, io["tile_size"] // 4), modality=name)
     return zoo_segmenter.build_wrapper(inner, io).eval(), config, WatershedParams()
 
 

@@ -306,3 +306,20 @@ def test_float16_package_passes_and_is_half_the_size(tiny_bundle, he_package, tm
     for wf in ("pytorch_state_dict", "torchscript"):
         ok, summary = core_test(r.path, wf)
         assert ok, summary[-3000:]
+
+
+def test_cli_import_foreign_asks_for_trust_then_adds_it(foreign_package, tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from triageseg.cli.main import cli
+
+    bundle = _copy_bundle(tiny_bundle, tmp_path)
+    args = ["import", "bioimageio", str(foreign_package), "--bundle", str(bundle), "--as", "fluorescence",
+            "--overwrite"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and "--trust" in refused.output
+    assert (bundle / "segmenters" / "fluorescence" / "model.safetensors").is_file()  # untouched
+    added = CliRunner().invoke(cli, [*args, "--trust"])
+    assert added.exit_code == 0, added.output
+    assert "zoo-torchscript" in added.output and "foreground_boundary" in added.output
+    assert not (bundle / "segmenters" / "fluorescence" / "model.safetensors").exists()
