@@ -164,8 +164,6 @@ def import_package(
         DataError: the package is corrupt or foreign in an unsupported way (naming the problem),
             a foreign package without ``trust``, ``name`` exists without ``overwrite``.
     """
-    import torch
-
     pkg, bundle_dir = Path(pkg), Path(bundle_dir)
     manifest = _bundle.read_manifest(bundle_dir)
     if not _bundle.is_run_name(name):

@@ -42,8 +42,6 @@ class ExportResult:
 
 def _state_dict(model, float16: bool) -> dict:
     """The Unet's tensors under the ``net.`` prefix of :class:`~.architecture.SoftmaxUnet`; floats to fp16 if asked."""
-    import torch
-
     out = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
