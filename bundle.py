@@ -31,6 +31,7 @@ MANIFEST = "bundle.json"
 GENERALIST = "_generalist"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+ZOO_TORCHSCRIPT = "model.torchscript.pt"  # imported bioimage.io model, trusted at import (export.zoo_segmenter)
 
 
 def segmenter_dir(bundle: str | os.PathLike, modality: str) -> Path:
@@ -181,7 +182,9 @@ def update_manifest(bundle: str | os.PathLike, **fields: Any) -> dict[str, Any]:
         else:
             manifest[key] = value
     seg_root = bundle / "segmenters"
-    found = sorted(p.name for p in seg_root.iterdir() if (p / WEIGHTS).is_file()) if seg_root.is_dir() else []
+    # A run folder counts when it holds weights: safetensors, or an imported zoo model's trusted TorchScript.
+    found = sorted(p.name for p in seg_root.iterdir() if (p / WEIGHTS).is_file() or (p / ZOO_TORCHSCRIPT).is_file()
+                   ) if seg_root.is_dir() else []
     manifest["segmenters"] = found
     manifest["modalities"] = sorted(set(manifest.get("modalities", [])) | {m for m in found if m != GENERALIST})
     manifest["has_router"] = (router_dir(bundle) / WEIGHTS).is_file()

@@ -6,6 +6,7 @@ import os
 
 # Importing the command modules registers their commands on the groups.
 from triageseg.cli import (  # noqa: F401
+    bioimageio_cmds,
     cluster_cmd,
     data_cmds,
     demo_cmd,

@@ -288,6 +288,10 @@ def load_segmenter(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BundleError(run_dir, "segmenter run folder does not exist")
+    from triageseg.export.zoo_segmenter import is_zoo_run, load_zoo_segmenter
+
+    if is_zoo_run(run_dir):  # an imported bioimage.io model (TorchScript the user trusted at import)
+        return load_zoo_segmenter(run_dir, device=device)
     config = SegmenterConfig.from_json(run_dir / bundle.CONFIG)
     pp_path = run_dir / POSTPROCESS
     bundle.read_json(pp_path)  # missing / corrupt JSON -> BundleError naming it
