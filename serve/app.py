@@ -142,6 +142,43 @@ def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modal
     return result
 
 
+async def _segment(request, name: str, modality: str | None, pipe, config: ServeConfig, workspace: Workspace,
+                   queue: DeviceQueue) -> JSONResponse | dict:
+    """``POST /api/segment``: check the request, receive the file, check its header, queue its analysis."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in UPLOAD_TYPES and not kind.startswith("image/"):
+        return _error(415, f"{name}: send the image file as the request body with Content-Type: "
+                           f"application/octet-stream (got {kind or 'no content type'!r})", close=True)
+    forced = None if modality is None or modality.strip().lower() in AUTO else modality.strip()
+    token, folder = workspace.new_upload()
+    future = None
+    try:
+        path = folder / name
+        size, kept, complete = await _receive(request, path, config.max_upload_bytes)
+        if not kept:
+            return _error(413, _too_large(name, size, config, complete), close=not complete)
+        if forced is not None:
+            pipe.check_modality(forced)  # before the image is queued and decoded
+        refused = await asyncio.to_thread(upload_problem, path, name, config.max_pixels)
+        if refused is not None:  # too many pixels or a bomb: never decoded
+            return _error(*refused)
+        future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if future is None or not future.cancelled():
+            raise
+        return _error(503, f"{name}: the server is shutting down; the upload was dropped before its "
+                           "analysis started")
+    except ShuttingDown:
+        return _error(503, f"{name}: the server is shutting down; send the file again when it is back")
+    except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
+        return _failure(name, err)
+    finally:
+        if future is None or future.cancelled():  # a job that ran removed its upload itself
+            workspace.discard_upload(token)
+        future = None  # the future holds a failed job's exception, whose traceback holds this frame
+
+
 def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: DeviceQueue) -> FastAPI:
     """The FastAPI application serving ``pipe`` (a loaded :class:`~triageseg.pipeline.single.Pipeline`).
 
@@ -178,39 +215,7 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
 
     @app.post("/api/segment")
     async def segment(request: Request, filename: str = "upload", modality: str | None = None):
-        name = safe_filename(filename)
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in UPLOAD_TYPES and not kind.startswith("image/"):
-            return _error(415, f"{name}: send the image file as the request body with Content-Type: "
-                               f"application/octet-stream (got {kind or 'no content type'!r})", close=True)
-        forced = None if modality is None or modality.strip().lower() in AUTO else modality.strip()
-        token, folder = workspace.new_upload()
-        future = None
-        try:
-            path = folder / name
-            size, kept, complete = await _receive(request, path, config.max_upload_bytes)
-            if not kept:
-                return _error(413, _too_large(name, size, config, complete), close=not complete)
-            if forced is not None:
-                pipe.check_modality(forced)  # before the image is queued and decoded
-            refused = await asyncio.to_thread(upload_problem, path, name, config.max_pixels)
-            if refused is not None:  # too many pixels or a bomb: never decoded
-                return _error(*refused)
-            future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if future is None or not future.cancelled():
-                raise
-            return _error(503, f"{name}: the server is shutting down; the upload was dropped before its "
-                               "analysis started")
-        except ShuttingDown:
-            return _error(503, f"{name}: the server is shutting down; send the file again when it is back")
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
-            return _failure(name, err)
-        finally:
-            if future is None or future.cancelled():  # a job that ran removed its upload itself
-                workspace.discard_upload(token)
-            future = None  # the future holds a failed job's exception, whose traceback holds this frame
+        return await _segment(request, safe_filename(filename), modality, pipe, config, workspace, queue)
 
     @app.get("/api/results/{token}/{name}")
     def result_file(token: str, name: str):

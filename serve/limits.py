@@ -19,8 +19,9 @@ from triageseg.datasets.errors import DataError
 from triageseg.datasets.headers import read_header
 
 MAX_PIXELS_CAP = 100_000_000  # the default never exceeds 100 MP, however much memory there is
-# Peak resident memory of one analysis per pixel of the image: 8-bit RGB in, float32 image,
-# probabilities, distance map, labels, outputs. Measured by benchmarks/bench_serve_limits.py.
+# Peak resident memory of one analysis per pixel of the image (float32 image, probabilities,
+# distance map, labels, outputs): 85 measured for 8-bit RGB by benchmarks/bench_serve_limits.py;
+# 120 leaves room for 16-bit input. The default limit keeps one analysis within half the memory.
 BYTES_PER_PIXEL = 120
 # No real compression expands this much: deflate stops at 1032:1, LZW near 2700:1 only for
 # flat images. Applied above BOMB_MIN_BYTES decoded, where a flat image is not worth analysing.
