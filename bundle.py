@@ -104,6 +104,12 @@ def load_into(model, path: str | os.PathLike) -> None:
         if shape_bad:
             parts.append(f"{len(shape_bad)} shape mismatches (e.g. {shape_bad[0]})")
         raise BundleError(path, "weights do not match the config beside them: " + "; ".join(parts))
+    # NaN weights give NaN probabilities, and NaN < threshold is False: a NaN router would
+    # send every image to one specialist past the low-confidence fallback
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise BundleError(path, f"{len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. {bad[0]}): "
+                                "the training diverged or the file is damaged; retrain this model")
     model.load_state_dict(state, strict=True)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from triageseg.datasets.atomic import atomic_path
 from triageseg.datasets.errors import DataError
+from triageseg.datasets.headers import png_stream_problem
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -73,6 +74,11 @@ def _decode_png_jpeg(path: Path) -> np.ndarray:
     # Decode with the codec the extension names: imagecodecs.imread would otherwise try
     # every codec it has and report a page of unrelated failures.
     codec = "png" if path.suffix.lower() == ".png" else "jpeg8"
+    # libpng keeps its output buffer for good when a PNG fails half way (~the decoded size per
+    # file): check the structure first, with bounded memory, and hand it only PNGs that decode
+    problem = png_stream_problem(data) if codec == "png" else None
+    if problem is not None:
+        raise DataError(path, f"cannot decode PNG image: {problem}")
     try:
         array = np.asarray(imagecodecs.imread(data, codec=codec))
     except Exception as err:  # imagecodecs raises codec-specific errors

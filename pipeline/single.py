@@ -152,7 +152,7 @@ class Pipeline:
             if not self.manifest.get("has_router"):
                 raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
             router = load_router(_bundle.router_dir(self.path), device=self.device)
-            self._ood = self._load_ood()
+            self._ood = self._load_ood(*router)
             self._router = router
         return self._router
 
@@ -169,11 +169,17 @@ class Pipeline:
             self._load_router()
         return [str(w.message) for w in seen if issubclass(w.category, OODOffWarning)]
 
-    def _load_ood(self):
-        """The router's OOD statistics, with bundle.json's ``ood.threshold`` when set (it wins); None if absent."""
-        from triageseg.router.ood import load_ood
+    def _load_ood(self, model, config):
+        """The router's OOD statistics, with bundle.json's ``ood.threshold`` when set (it wins); None if absent.
+
+        Statistics that do not fit ``model`` (other classes, other feature width) are a BundleError.
+        """
+        from triageseg.router.ood import check_fits_router, load_ood, router_feature_dim
 
         ood = load_ood(_bundle.router_dir(self.path))
+        if ood is not None:
+            check_fits_router(ood, _bundle.router_dir(self.path), class_names=config.class_names,
+                              feature_dim=router_feature_dim(model, config.class_names))
         if ood is None:
             warnings.warn(f"{_bundle.router_dir(self.path)}: no OOD statistics (a router trained before them); "
                           "the unknown-modality check is off. Retrain the router to turn it on.", OODOffWarning,

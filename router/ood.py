@@ -147,6 +147,9 @@ def thumbnail_stats(thumbs: np.ndarray) -> np.ndarray:
     return np.concatenate(cols, axis=1).astype(np.float64)
 
 
+THUMBSTAT_DIM = 19  # columns of thumbnail_stats
+
+
 def mahalanobis_fit(x: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means and the precision of one shared Ledoit-Wolf covariance of the class-centred samples.
 
@@ -338,18 +341,72 @@ def load_ood(run_dir: str | os.PathLike) -> OODModel | None:
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(tensor_path, f"corrupt or truncated safetensors file ({err})") from None
     tensors.pop("_empty", None)
+    # NaN statistics would make every score NaN, and NaN > threshold is False: the check
+    # would be silently off
+    bad = [key for key, value in sorted(tensors.items()) if not np.isfinite(value).all()]
+    if bad:
+        raise BundleError(tensor_path, f"non-finite values (NaN or inf) in {', '.join(bad)}: the unknown-modality "
+                                       "check cannot work with them; retrain the router")
+    scales = [key for key, value in sorted(tensors.items()) if key.endswith(".scale") and not (value > 0).all()]
+    if scales:
+        raise BundleError(tensor_path, f"{scales[0]} must be positive, got {tensors[scales[0]].reshape(-1)[:3]}")
     try:
         names = meta["tensors"]
         if sorted(tensors) != sorted(names):
             raise ValueError(f"{OOD_WEIGHTS} holds {sorted(tensors)}, {OOD_JSON} lists {sorted(names)}")
+        temperature = float(meta.get("temperature", 1.0))
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         return OODModel(method=meta["method"], class_names=tuple(meta["class_names"]),
-                        threshold=float(meta["threshold"]), temperature=float(meta.get("temperature", 1.0)),
+                        threshold=float(meta["threshold"]), temperature=temperature,
                         tensors=tensors, calibration=dict(meta.get("calibration", {})))
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(meta_path, f"not valid OOD statistics ({type(err).__name__}: {err})") from None
 
 
+def router_feature_dim(model, class_names) -> int:
+    """Width of the pooled features :func:`~triageseg.router.model.router_outputs` gives for ``model``.
+
+    A timm ViT: its head's input (the pre-logits); any other classifier: its logits.
+    """
+    if all(hasattr(model, a) for a in ("forward_features", "forward_head", "head")):
+        width = getattr(model.head, "in_features", None) or getattr(model, "head_hidden_size", None)
+        return int(width or model.num_features)
+    return len(class_names)
+
+
+def check_fits_router(ood: OODModel, run_dir: str | os.PathLike, *, class_names, feature_dim: int) -> None:
+    """Refuse OOD statistics made for another router: other classes, or features of another width.
+
+    Scoring would otherwise fail at the first image with a broadcasting error naming no file.
+
+    Args:
+        ood: the statistics from :func:`load_ood`.
+        run_dir: the router folder (named in the error).
+        class_names: the router's modalities, in its order.
+        feature_dim: the width of the router's pooled features.
+
+    Raises:
+        BundleError: naming ``ood.json`` or ``ood.safetensors`` and what does not match.
+    """
+    run_dir = Path(run_dir)
+    if tuple(ood.class_names) != tuple(class_names):
+        raise BundleError(run_dir / OOD_JSON, f"OOD statistics for the classes {list(ood.class_names)}, but the "
+                                              f"router beside them has {list(class_names)}; retrain the router")
+    expected = {"features": feature_dim, "thumbstats": THUMBSTAT_DIM}
+    for comp in _components(ood.method):
+        width = ood.tensors[f"{comp}.means"].shape[-1]
+        if width != expected[comp]:
+            raise BundleError(run_dir / OOD_WEIGHTS, f"{comp}.means has {width} columns, but the router gives "
+                                                     f"{expected[comp]} {comp} values per image; retrain the router")
+        scale = ood.tensors.get(f"{comp}.scale")
+        if scale is not None and scale.size != 1:
+            raise BundleError(run_dir / OOD_WEIGHTS, f"{comp}.scale must hold one number, got shape {scale.shape}")
+
+
 __all__ = [
+    "check_fits_router",
+    "router_feature_dim",
     "DEFAULT_METHOD",
     "KEEP",
     "METHODS",

@@ -5,15 +5,20 @@ HTTP interface (the page uses nothing else, so scripts can too):
 - ``GET /``: the page; ``GET /static/...``: its script and style.
 - ``GET /api/info``: the bundle's models, the device, the upload limit, the queue length.
 - ``POST /api/segment?filename=NAME[&modality=M]`` with the image file as the raw request
-  body: routes and segments it and answers the result as JSON (see
-  :func:`triageseg.serve.jobs.analyse_file`) plus ``id`` and ``files`` (download URLs).
-  Errors answer ``{"error": message}``: 413 over the upload limit, 422 an unreadable or
-  unsupported image or an unknown modality, 500 anything unexpected; the server goes on.
+  body (``Content-Type: application/octet-stream`` or ``image/*``): routes and segments it
+  and answers the result as JSON (see :func:`triageseg.serve.jobs.analyse_file`) plus ``id``
+  and ``files`` (download URLs). Errors answer ``{"error": message}``: 400 a ``Host`` that
+  is not this server's, 403 an upload from another site's page, 413 over the upload limit
+  or ``--max-pixels``, 415 another content type, 422 an unreadable or unsupported image, a
+  decompression bomb or an unknown modality, 503 the server is stopping, 500 anything
+  unexpected; the server goes on.
 - ``GET /api/results/<id>/<file>``: ``labels.tif``, ``rois.zip``, ``nuclei.csv``,
   ``overlay.png`` (downloads) and ``image.png``, ``outlines.png``, ``filled.png`` (page layers).
 
 The body is streamed to the temp folder and counted as it arrives, so an upload over the
-limit is never held in memory nor kept on disk.
+limit is never held in memory nor kept on disk; reading stops a little past the limit. The
+image's header is read before the job is queued, so a file with too many pixels is refused
+without being decoded.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import logging
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,41 +37,85 @@ from fastapi.staticfiles import StaticFiles
 from triageseg._version import __version__
 from triageseg.datasets.errors import BundleError, DataError
 from triageseg.serve.config import ServeConfig
-from triageseg.serve.jobs import RESULT_FILES, DeviceQueue, Workspace, analyse_file, safe_filename
+from triageseg.serve.jobs import RESULT_FILES, DeviceQueue, ShuttingDown, Workspace, analyse_file, safe_filename
+from triageseg.serve.limits import RequestGuard, allowed_hosts, upload_problem
 
 PAGE_DIR = Path(__file__).parent / "page"
 AUTO = ("", "auto")
+# read this much past the upload limit so a client that sends a little too much gets the
+# answer rather than a reset; then stop reading (and close the connection)
+DRAIN_BYTES = 4 * 2**20
+UPLOAD_TYPES = ("application/octet-stream",)  # besides image/*: none a form or a simple fetch can send
 log = logging.getLogger("triageseg.serve")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    """``{"error": message}``; ``close`` when the request body was not read to its end."""
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
-async def _receive(request, dest: Path, limit: int) -> tuple[int, bool]:
-    """Stream the request body into ``dest``: (bytes received, whether kept); over ``limit`` bytes nothing is kept."""
+async def _receive(request, dest: Path, limit: int) -> tuple[int, bool, bool]:
+    """Stream the request body into ``dest``: (bytes received, whether kept, whether read to the end).
+
+    Over ``limit`` bytes nothing is kept, and reading stops :data:`DRAIN_BYTES` past the limit
+    (at once when the declared length is beyond that): an endless chunked upload is cut off.
+    """
     declared = request.headers.get("content-length", "")
-    over = declared.isdigit() and int(declared) > limit
-    size = 0
+    declared = int(declared) if declared.isdigit() else None
+    if declared is not None and declared > limit + DRAIN_BYTES:
+        return declared, False, False
+    size, over, cut = 0, declared is not None and declared > limit, False
     with dest.open("wb") as fh:
-        # read to the end even when over the limit, so the client gets the answer, not a reset
         async for chunk in request.stream():
             size += len(chunk)
             over = over or size > limit
             if not over:
                 fh.write(chunk)
+            elif size > limit + DRAIN_BYTES:
+                cut = True
+                break
     if over:
         dest.unlink(missing_ok=True)
-    return max(size, int(declared) if declared.isdigit() else 0), not over
+    return max(size, declared or 0), not over, not cut
+
+
+def _release(err: BaseException) -> None:
+    """Drop the locals of the finished frames in ``err``'s tracebacks (and its causes'), e.g. decoded images.
+
+    The exception outlives the request in reference cycles (the future holds it, its traceback
+    holds the frame that holds the future), so without this a failed analysis keeps its
+    arrays until the next full garbage collection.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 // 10 else f"{n / 1024:.1f} KB"
 
 
-def _too_large(name: str, size: int, config: ServeConfig) -> str:
+def _too_large(name: str, size: int, config: ServeConfig, complete: bool = True) -> str:
+    sent = f"{_size(size)} sent" if complete else f"more than {_size(size)} sent; the server stopped reading"
     return (f"{name}: the file is larger than the upload limit of {config.max_upload_mb:g} MB "
-            f"({_size(size)} sent); start the server with a larger --max-upload-mb")
+            f"({sent}); start the server with a larger --max-upload-mb")
+
+
+def _failure(name: str, err: Exception) -> JSONResponse:
+    """The answer to a failed request; the exception's frames are released on the way."""
+    try:
+        if isinstance(err, BundleError):  # a broken model file: the message names it
+            return _error(500, str(err))
+        if isinstance(err, DataError):
+            return _error(422, str(err) if err.path == name else f"{name}: {err.problem}")
+        if isinstance(err, ValueError):  # e.g. no segmenter for the router's choice
+            return _error(422, f"{name}: {err}")
+        log.error("analysis of %s failed", name, exc_info=err)
+        return _error(500, f"{name}: {type(err).__name__}: {err}")
+    finally:
+        _release(err)
 
 
 def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modality: str | None,
@@ -75,8 +125,9 @@ def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modal
     out = workspace.result_dir(token)
     try:
         result = analyse_file(pipe, path, out, filename=name, modality=modality)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)
+        _release(err)  # the decoded image goes now, not at the next garbage collection
         raise
     finally:
         workspace.discard_upload(token)
@@ -91,6 +142,43 @@ def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modal
     return result
 
 
+async def _segment(request, name: str, modality: str | None, pipe, config: ServeConfig, workspace: Workspace,
+                   queue: DeviceQueue) -> JSONResponse | dict:
+    """``POST /api/segment``: check the request, receive the file, check its header, queue its analysis."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in UPLOAD_TYPES and not kind.startswith("image/"):
+        return _error(415, f"{name}: send the image file as the request body with Content-Type: "
+                           f"application/octet-stream (got {kind or 'no content type'!r})", close=True)
+    forced = None if modality is None or modality.strip().lower() in AUTO else modality.strip()
+    token, folder = workspace.new_upload()
+    future = None
+    try:
+        path = folder / name
+        size, kept, complete = await _receive(request, path, config.max_upload_bytes)
+        if not kept:
+            return _error(413, _too_large(name, size, config, complete), close=not complete)
+        if forced is not None:
+            pipe.check_modality(forced)  # before the image is queued and decoded
+        refused = await asyncio.to_thread(upload_problem, path, name, config.max_pixels)
+        if refused is not None:  # too many pixels or a bomb: never decoded
+            return _error(*refused)
+        future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if future is None or not future.cancelled():
+            raise
+        return _error(503, f"{name}: the server is shutting down; the upload was dropped before its "
+                           "analysis started")
+    except ShuttingDown:
+        return _error(503, f"{name}: the server is shutting down; send the file again when it is back")
+    except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
+        return _failure(name, err)
+    finally:
+        if future is None or future.cancelled():  # a job that ran removed its upload itself
+            workspace.discard_upload(token)
+        future = None  # the future holds a failed job's exception, whose traceback holds this frame
+
+
 def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: DeviceQueue) -> FastAPI:
     """The FastAPI application serving ``pipe`` (a loaded :class:`~triageseg.pipeline.single.Pipeline`).
 
@@ -103,6 +191,7 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
     # the interactive API docs load their script from a CDN; this server works offline
     app = FastAPI(title="triageseg", version=__version__, docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+    app.add_middleware(RequestGuard, hosts=allowed_hosts(config.host, config.allow_hosts))
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -120,37 +209,13 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
             "device": str(pipe.device),
             "max_upload_mb": config.max_upload_mb,
             "max_upload_bytes": config.max_upload_bytes,
+            "max_pixels": config.max_pixels,
             "queue": queue.pending,
         }
 
     @app.post("/api/segment")
     async def segment(request: Request, filename: str = "upload", modality: str | None = None):
-        name = safe_filename(filename)
-        forced = None if modality is None or modality.strip().lower() in AUTO else modality.strip()
-        token, folder = workspace.new_upload()
-        submitted = False
-        try:
-            path = folder / name
-            size, kept = await _receive(request, path, config.max_upload_bytes)
-            if not kept:
-                return _error(413, _too_large(name, size, config))
-            if forced is not None:
-                pipe.check_modality(forced)  # before the image is queued and decoded
-            future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
-            submitted = True
-            return await asyncio.wrap_future(future)
-        except BundleError as err:  # a broken model file: the message names it
-            return _error(500, str(err))
-        except DataError as err:
-            return _error(422, str(err) if err.path == name else f"{name}: {err.problem}")
-        except ValueError as err:  # e.g. no segmenter for the router's choice
-            return _error(422, f"{name}: {err}")
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
-            log.exception("analysis of %s failed", name)
-            return _error(500, f"{name}: {type(err).__name__}: {err}")
-        finally:
-            if not submitted:  # a submitted job removes its upload itself, when it ends
-                workspace.discard_upload(token)
+        return await _segment(request, safe_filename(filename), modality, pipe, config, workspace, queue)
 
     @app.get("/api/results/{token}/{name}")
     def result_file(token: str, name: str):

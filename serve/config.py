@@ -25,6 +25,8 @@ class ServeConfig:
     tile_size: int | None = None  # segmenter tile side in pixels (None: each model's own)
     temp_dir: str | os.PathLike | None = None  # parent of the server's temp folder (None: the system's)
     keep_results: int = 100  # result folders kept for download; older ones are deleted
+    max_pixels: int | None = None  # largest image accepted, pixels of all planes (None: default_max_pixels())
+    allow_hosts: tuple[str, ...] = ()  # Host header names accepted besides the bound address and localhost
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -33,6 +35,13 @@ class ServeConfig:
             raise ValueError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
         if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32):
             raise ValueError(f"tile_size must be a positive multiple of 32, got {self.tile_size}")
+        if self.max_pixels is None:
+            from triageseg.serve.limits import default_max_pixels
+
+            object.__setattr__(self, "max_pixels", default_max_pixels())
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
         if self.keep_results < 1:
             raise ValueError(f"keep_results must be at least 1, got {self.keep_results}")
 

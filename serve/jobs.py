@@ -102,6 +102,7 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
     routing = route_image(pipe, image, modality=modality)
     labels = segment_image(pipe, image, routing.used_model)
     table = measure_nuclei(labels, _intensity(raw), pixel_size=pixel_size)
+    del raw  # the largest array; the rest go when the outputs are written
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_labels(out_dir / "labels.tif", labels, pixel_size=pixel_size)
@@ -123,34 +124,53 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
     }
 
 
+class ShuttingDown(RuntimeError):
+    """The server is stopping: the job was dropped before it started, or was never queued."""
+
+
 class DeviceQueue:
     """Runs jobs one at a time, in the order they arrive, on one thread that owns the device."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triageseg-device")
         self._lock = threading.Lock()
-        self._pending = 0
+        self._futures: set[Future] = set()
+        self._closing = False
 
     @property
     def pending(self) -> int:
         """Jobs waiting or running."""
         with self._lock:
-            return self._pending
+            return len(self._futures)
 
     def submit(self, fn: Callable, *args, **kwargs) -> Future:
-        """Queue ``fn(*args, **kwargs)``; the future's result is its return value."""
+        """Queue ``fn(*args, **kwargs)``; the future's result is its return value.
+
+        Raises:
+            ShuttingDown: the queue is closing (:meth:`drop_pending` was called).
+        """
         with self._lock:
-            self._pending += 1
-        future = self._pool.submit(fn, *args, **kwargs)
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            future = self._pool.submit(fn, *args, **kwargs)
+            self._futures.add(future)
         future.add_done_callback(self._done)
         return future
 
-    def _done(self, _future: Future) -> None:
+    def _done(self, future: Future) -> None:
         with self._lock:
-            self._pending -= 1
+            self._futures.discard(future)
+
+    def drop_pending(self) -> int:
+        """Refuse new jobs and cancel the waiting ones (the running one goes on); how many were dropped."""
+        with self._lock:
+            self._closing = True
+            waiting = list(self._futures)
+        return sum(future.cancel() for future in waiting)
 
     def close(self) -> None:
         """Let the running job finish, drop the waiting ones, stop the thread."""
+        self.drop_pending()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -42,6 +42,21 @@ def _exit_on_sigterm(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _server(app, config: ServeConfig, queue):
+    """A uvicorn server that, on Ctrl-C or SIGTERM, drops the queued jobs before it waits for the running one."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # the waiting requests answer 503 at once; uvicorn then waits for the running job
+            # only, and removes nothing its answer still links to before that answer is sent
+            queue.drop_pending()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                 access_log=False, lifespan="off"))
+
+
 def serve(config: ServeConfig, *, echo: Callable[[str], None] = print) -> None:
     """Run the web page for ``config.bundle`` until interrupted; the temp folder is removed on the way out.
 
@@ -53,8 +68,6 @@ def serve(config: ServeConfig, *, echo: Callable[[str], None] = print) -> None:
         BundleError: the bundle is missing, corrupt or has a broken model file.
         OSError: the address cannot be bound (port taken, unknown host).
     """
-    import uvicorn
-
     from triageseg.pipeline import Pipeline
     from triageseg.serve.app import create_app
     from triageseg.serve.jobs import DeviceQueue, Workspace
@@ -71,11 +84,12 @@ def serve(config: ServeConfig, *, echo: Callable[[str], None] = print) -> None:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app = create_app(pipe, config, workspace=workspace, queue=queue)
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                               access_log=False, lifespan="off"))
+        server = _server(app, config, queue)
         host = f"[{config.host}]" if ":" in config.host else config.host
         echo(f"triageseg serve: bundle {pipe.path} ({', '.join(pipe.available)}) on {pipe.device}")
         echo(f"open http://{host}:{config.port}/ (Ctrl-C to stop)")
+        echo(f"limits: uploads up to {config.max_upload_mb:g} MB, images up to {config.max_pixels / 1e6:g} MP "
+             "(--max-upload-mb, --max-pixels)")
         if not config.is_loopback:
             echo(f"warning: listening on {config.host}: anyone who can reach this machine can use the page "
                  "(there is no login)")

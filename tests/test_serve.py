@@ -91,9 +91,13 @@ class Server:
         return [p for p in self.temp_parent.glob("*/uploads/**/*")]
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 120.0):
-    """(status, headers, body bytes) of one request; HTTP errors are answers too."""
-    req = urllib.request.Request(url, data=body, method=method)
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 120.0, headers: dict | None = None):
+    """(status, headers, body bytes) of one request; HTTP errors are answers too.
+
+    A body goes as ``application/octet-stream`` (the API's type) unless ``headers`` say otherwise.
+    """
+    headers = {"Content-Type": "application/octet-stream", **(headers or {})} if body is not None else headers
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, dict(resp.headers), resp.read()

@@ -25,7 +25,8 @@ async function loadInfo() {
     `bundle ${info.bundle} \u00b7 models: ${info.models.join(", ")} \u00b7 device ${info.device}` +
     (info.has_router ? "" : " \u00b7 no router: choose a modality");
   $("#limits").textContent =
-    `PNG, JPEG, TIFF (8/16-bit), gray or RGB, up to ${info.max_upload_mb} MB each`;
+    `PNG, JPEG, TIFF (8/16-bit), gray or RGB, up to ${info.max_upload_mb} MB and ` +
+    `${info.max_pixels / 1e6} megapixels each`;
   const select = $("#modality");
   for (const name of info.models) {
     const option = document.createElement("option");
