@@ -8,7 +8,7 @@ Hoechst image that stardist and mahotas ship; never trained on) and is drawn her
   some barely stained ones; the brightest saturate the camera (1-3 % of nucleus pixels);
 - chromatin texture: fine speckles, a brighter rim of heterochromatin, dark nucleoli;
 - out-of-focus nuclei (blurred, dimmer, still labelled: they are nuclei);
-- camera physics: a signal in photons (30-3000 per unit intensity, Poisson), a dark
+- camera physics: a signal in photons (100-5000 per unit intensity, Poisson), a dark
   offset and read noise (Gaussian), an uneven background, and small unlabelled debris.
 
 Every range below is documented in :data:`FLUO_RANGES` and checked by the tests.
@@ -23,7 +23,7 @@ from triageseg.datasets.synth.textures import _cell_bodies, _illumination, _smoo
 # Documented ranges (tests check that the renderer stays inside them).
 FLUO_RANGES = {
     "nucleus_brightness": (0.01, 1.0),  # per-nucleus mean emission relative to the brightest, before noise
-    "photons": (30.0, 3000.0),  # photons per unit intensity (Poisson)
+    "photons": (100.0, 5000.0),  # photons per unit intensity (Poisson)
     "background": (0.0, 0.2),  # offset + autofluorescence relative to the display maximum
     "saturated_nucleus_fraction": (0.0, 0.08),  # nucleus pixels clipped at 255
 }
@@ -38,9 +38,9 @@ def _nucleus_brightness(rng: np.random.Generator, labels: np.ndarray) -> np.ndar
     bright *= np.where(rng.random(n + 1) < rng.uniform(0.1, 0.4), 2.0, 1.0).astype(np.float32)
     # Condensed chromatin (mitotic, apoptotic): the small nuclei, much brighter.
     small = area <= np.percentile(area[1:], 35) if n > 0 else np.zeros(n + 1, bool)
-    condensed = small & (rng.random(n + 1) < rng.uniform(0.0, 0.25))
+    condensed = small & (rng.random(n + 1) < rng.uniform(0.0, 0.15))
     bright[condensed] *= rng.uniform(3.0, 12.0, int(condensed.sum())).astype(np.float32)
-    faint = rng.random(n + 1) < rng.uniform(0.0, 0.2)  # barely stained nuclei
+    faint = rng.random(n + 1) < rng.uniform(0.0, 0.1)  # barely stained nuclei
     bright[faint] *= rng.uniform(0.08, 0.4, int(faint.sum())).astype(np.float32)
     bright[0] = 0.0
     top = float(bright.max()) if n > 0 else 1.0
@@ -57,9 +57,9 @@ def _chromatin(rng: np.random.Generator, labels: np.ndarray, nrad: np.ndarray) -
     nucleoli = _spots(rng, inside & (nrad < 0.7), density=rng.uniform(0.002, 0.008), sigma=rng.uniform(1.0, 2.0))
     tex[inside] = (
         1.0
-        + rng.uniform(0.05, 0.35) * speckle[inside]
-        + rng.uniform(0.0, 0.5) * rim[inside]
-        - rng.uniform(0.2, 0.6) * nucleoli[inside]
+        + rng.uniform(0.03, 0.2) * speckle[inside]
+        + rng.uniform(0.0, 0.35) * rim[inside]
+        - rng.uniform(0.1, 0.5) * nucleoli[inside]
     )
     # Smooth interior falloff: thicker in the middle, so nuclei are brighter there.
     tex[inside] *= 0.75 + 0.25 * np.sqrt(np.clip(1.0 - nrad[inside] ** 2, 0.0, 1.0))

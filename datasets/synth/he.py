@@ -77,7 +77,7 @@ def _tissue_od(rng: np.random.Generator, labels: np.ndarray) -> tuple[np.ndarray
     eosin += rng.uniform(0.05, 0.25) * fibres
     cyto = _cell_bodies(rng, labels, rng.uniform(3, 7))  # lilac: a little of both stains
     eosin += rng.uniform(0.0, 0.15) * cyto
-    hema = rng.uniform(0.02, 0.12) * cyto + rng.uniform(0.01, 0.08)  # counterstain haze: lilac, not magenta
+    hema = rng.uniform(0.04, 0.16) * cyto + rng.uniform(0.02, 0.1)  # counterstain haze: lilac, not magenta
     far = ndimage.gaussian_filter((labels > 0).astype(np.float32), 3.0) < 0.05
     holes = (_smooth_noise(rng, shape, rng.uniform(8, 24)) > rng.uniform(1.0, 2.6)) & far  # lumina, fat
     eosin[holes] *= 0.05

@@ -33,7 +33,7 @@ from triageseg.datasets.synth.textures import (
 IHC_RANGES = {
     "nucleus_hematoxylin": (0.12, 0.7),  # OD of hematoxylin at a nucleus's centre
     "dab": (0.0, 1.2),  # OD of DAB anywhere (cytoplasm, membrane, positive nuclei)
-    "positive_area": (0.0, 0.7),  # fraction of the image in DAB-positive regions
+    "positive_area": (0.05, 0.8),  # fraction of the image in DAB-positive regions
 }
 
 
@@ -59,8 +59,8 @@ def _dab_od(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     # Positive epithelium is continuous: the cytoplasm fills the region between the nuclei.
     cyto = (labels == 0).astype(np.float32)
     dab = positive * (
-        rng.uniform(0.15, 0.6) * cyto * (1.0 + 0.3 * _smooth_noise(rng, labels.shape, 1.5))
-        + rng.uniform(0.1, 0.5) * membrane
+        rng.uniform(0.2, 0.8) * cyto * (1.0 + 0.3 * _smooth_noise(rng, labels.shape, 1.5))
+        + rng.uniform(0.1, 0.6) * membrane
     )
     nuclear = (rng.random(n + 1) < rng.uniform(0.0, 0.4)) * rng.uniform(0.2, 0.8, n + 1)
     nuclear[0] = 0.0
