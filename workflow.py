@@ -373,8 +373,8 @@ def scores_to_dict(scores: BundleScores) -> dict[str, Any]:
     }
 
 
-# The demo's splits: 70 training and 15 validation images of its 130, and a test split of
-# 45 (27 fluorescence, 9 brightfield, 9 H&E) so that per-modality scores are not three images.
+# The demo's splits: 70 training and 14 validation images of its 130, and a test split of
+# 46 (25 fluorescence, 7 brightfield, 7 H&E, 7 IHC) so that per-modality scores are not three images.
 DEMO_SPLITS = (0.54, 0.115, 0.345)
 
 
