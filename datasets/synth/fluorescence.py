@@ -8,7 +8,7 @@ Hoechst image that stardist and mahotas ship; never trained on) and is drawn her
   some barely stained ones; the brightest saturate the camera (1-3 % of nucleus pixels);
 - chromatin texture: fine speckles, a brighter rim of heterochromatin, dark nucleoli;
 - out-of-focus nuclei (blurred, dimmer, still labelled: they are nuclei);
-- camera physics: a signal in photons (100-5000 per unit intensity, Poisson), a dark
+- camera physics: a signal in photons (300-10000 per unit intensity, Poisson), a dark
   offset and read noise (Gaussian), an uneven background, and small unlabelled debris.
 
 Every range below is documented in :data:`FLUO_RANGES` and checked by the tests.
@@ -23,7 +23,7 @@ from triageseg.datasets.synth.textures import _cell_bodies, _illumination, _smoo
 # Documented ranges (tests check that the renderer stays inside them).
 FLUO_RANGES = {
     "nucleus_brightness": (0.01, 1.0),  # per-nucleus mean emission relative to the brightest, before noise
-    "photons": (100.0, 5000.0),  # photons per unit intensity (Poisson)
+    "photons": (300.0, 10000.0),  # photons per unit intensity (Poisson)
     "background": (0.0, 0.2),  # offset + autofluorescence relative to the display maximum
     "saturated_nucleus_fraction": (0.0, 0.08),  # nucleus pixels clipped at 255
 }
@@ -34,13 +34,13 @@ def _nucleus_brightness(rng: np.random.Generator, labels: np.ndarray) -> np.ndar
     n = int(labels.max())
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float32)
     # DNA content: G1 (1x) or G2 (2x) with a lognormal spread of staining and size.
-    bright = rng.lognormal(0.0, rng.uniform(0.15, 0.4), n + 1).astype(np.float32)
+    bright = rng.lognormal(0.0, rng.uniform(0.1, 0.3), n + 1).astype(np.float32)
     bright *= np.where(rng.random(n + 1) < rng.uniform(0.1, 0.4), 2.0, 1.0).astype(np.float32)
     # Condensed chromatin (mitotic, apoptotic): the small nuclei, much brighter.
     small = area <= np.percentile(area[1:], 35) if n > 0 else np.zeros(n + 1, bool)
     condensed = small & (rng.random(n + 1) < rng.uniform(0.0, 0.15))
     bright[condensed] *= rng.uniform(3.0, 12.0, int(condensed.sum())).astype(np.float32)
-    faint = rng.random(n + 1) < rng.uniform(0.0, 0.1)  # barely stained nuclei
+    faint = rng.random(n + 1) < rng.uniform(0.0, 0.06)  # barely stained nuclei
     bright[faint] *= rng.uniform(0.08, 0.4, int(faint.sum())).astype(np.float32)
     bright[0] = 0.0
     top = float(bright.max()) if n > 0 else 1.0
@@ -57,9 +57,9 @@ def _chromatin(rng: np.random.Generator, labels: np.ndarray, nrad: np.ndarray) -
     nucleoli = _spots(rng, inside & (nrad < 0.7), density=rng.uniform(0.002, 0.008), sigma=rng.uniform(1.0, 2.0))
     tex[inside] = (
         1.0
-        + rng.uniform(0.03, 0.2) * speckle[inside]
-        + rng.uniform(0.0, 0.35) * rim[inside]
-        - rng.uniform(0.1, 0.5) * nucleoli[inside]
+        + rng.uniform(0.02, 0.12) * speckle[inside]
+        + rng.uniform(0.0, 0.25) * rim[inside]
+        - rng.uniform(0.1, 0.35) * nucleoli[inside]
     )
     # Smooth interior falloff: thicker in the middle, so nuclei are brighter there.
     tex[inside] *= 0.75 + 0.25 * np.sqrt(np.clip(1.0 - nrad[inside] ** 2, 0.0, 1.0))
@@ -91,11 +91,11 @@ def _render_fluorescence(rng: np.random.Generator, labels: np.ndarray, nrad: np.
     scale = 1.0
     if n:
         nuc = signal[labels > 0]
-        q_sat, q_mid = np.percentile(nuc, [rng.uniform(97.0, 99.9), 50.0])
-        # Users expose so that ordinary nuclei are visible (>= 10 % of the range), even if
+        q_sat, q_mid = np.percentile(nuc, [rng.uniform(98.5, 99.95), 50.0])
+        # Users expose so that ordinary nuclei are visible (>= 8 % of the range), even if
         # that saturates more of the brightest (at most 8 % of nucleus pixels).
         q_cap = np.percentile(nuc, 92.0)
-        scale = min(max(1.0 / max(q_sat, 1e-6), 0.1 / max(q_mid, 1e-6)), 1.0 / max(q_cap, 1e-6))
+        scale = min(max(1.0 / max(q_sat, 1e-6), 0.08 / max(q_mid, 1e-6)), 1.0 / max(q_cap, 1e-6))
     photons = float(np.exp(rng.uniform(*np.log(FLUO_RANGES["photons"]))))
     counts = rng.poisson(np.clip(signal * scale + background, 0.0, None) * photons).astype(np.float32)
     gray = counts / photons + rng.normal(0.0, rng.uniform(0.002, 0.015), labels.shape).astype(np.float32)
