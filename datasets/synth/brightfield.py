@@ -2,8 +2,9 @@
 
 The DSB 2018 stained-brightfield images (its "purple" classes) are mostly hematoxylin-
 stained cells and thin sections: purple nuclei with chromatin granules on a white or
-lilac background, pale purple cytoplasm around them, sometimes a pink counterstain, and
-a few unstained-looking grey images. Our old generator also drew brown DAB-only nuclei;
+lilac background, pale purple cytoplasm around them, and a few grey images. Sections
+with an eosin counterstain look like (and are routed as) H&E, so brightfield keeps to
+cells on glass. Our old generator also drew brown DAB-only nuclei;
 DAB is now its own modality (IHC), so brightfield is hematoxylin or grey only.
 :data:`BRIGHTFIELD_RANGES` documents the stain amounts (OD base 10 per unit vector).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from triageseg.datasets.synth.textures import (
-    _EOSIN,
     _HEMATOXYLIN,
     _absorbance_to_rgb,
     _cell_bodies,
@@ -38,8 +38,8 @@ def _render_brightfield(rng: np.random.Generator, labels: np.ndarray, nrad: np.n
     n = int(labels.max())
     grey = rng.random() < 0.25
     nuc_vec = _jitter_stain(rng, np.ones(3) if grey else _HEMATOXYLIN, 0.06)
-    pink = (not grey) and rng.random() < 0.4  # an eosin-like counterstain tints the background
-    bg_vec = nuc_vec if not pink else _jitter_stain(rng, 0.5 * _EOSIN + 0.5 * _HEMATOXYLIN, 0.06)
+    # The background takes the nuclear stain faintly (cells on glass, no eosin tissue: that is H&E).
+    bg_vec = nuc_vec
     lo, hi = BRIGHTFIELD_RANGES["nucleus_od"]
     dens = np.clip(rng.uniform(0.3, 0.8) * rng.lognormal(0.0, 0.3, n + 1), lo, hi).astype(np.float32)
     dens[0] = 0.0

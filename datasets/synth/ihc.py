@@ -33,7 +33,7 @@ from triageseg.datasets.synth.textures import (
 IHC_RANGES = {
     "nucleus_hematoxylin": (0.12, 0.7),  # OD of hematoxylin at a nucleus's centre
     "dab": (0.0, 1.2),  # OD of DAB anywhere (cytoplasm, membrane, positive nuclei)
-    "positive_area": (0.05, 0.8),  # fraction of the image in DAB-positive regions
+    "positive_area": (0.15, 0.8),  # fraction of the image in DAB-positive regions
 }
 
 
@@ -53,14 +53,17 @@ def _dab_od(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 
     n = int(labels.max())
     _, membrane = _cells(labels, rng.uniform(4.0, 12.0))
-    region = _smooth_noise(rng, labels.shape, rng.uniform(20.0, 45.0))
+    # Positive regions are cellular (glands, nests): where nuclei are dense, plus chance.
+    crowd = ndimage.gaussian_filter((labels > 0).astype(np.float32), 10.0)
+    crowd = (crowd - crowd.mean()) / max(float(crowd.std()), 1e-6)
+    region = _smooth_noise(rng, labels.shape, rng.uniform(20.0, 45.0)) + rng.uniform(0.5, 1.5) * crowd
     area = rng.uniform(*IHC_RANGES["positive_area"])
     positive = ndimage.gaussian_filter((region > np.quantile(region, 1.0 - area)).astype(np.float32), 2.0)
     # Positive epithelium is continuous: the cytoplasm fills the region between the nuclei.
     cyto = (labels == 0).astype(np.float32)
     dab = positive * (
-        rng.uniform(0.2, 0.8) * cyto * (1.0 + 0.3 * _smooth_noise(rng, labels.shape, 1.5))
-        + rng.uniform(0.1, 0.6) * membrane
+        rng.uniform(0.15, 0.55) * cyto * (1.0 + 0.3 * _smooth_noise(rng, labels.shape, 1.5))
+        + rng.uniform(0.1, 0.5) * membrane
     )
     nuclear = (rng.random(n + 1) < rng.uniform(0.0, 0.4)) * rng.uniform(0.2, 0.8, n + 1)
     nuclear[0] = 0.0
