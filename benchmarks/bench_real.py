@@ -25,7 +25,7 @@ once, into ``--cache``; only the image files are kept). For each image it prints
 
 Usage:
     python benchmarks/bench_real.py [--bundle B] [--cache .bench/real] [--docs docs]
-        [--before 68a6e42] [--n-synth 8] [--no-overlays]
+        [--before 68a6e42] [--n-synth 8] [--no-overlays] [--tag _before] [--no-realism]
 """
 
 from __future__ import annotations
@@ -121,7 +121,17 @@ def _overlay(image: np.ndarray, labels: np.ndarray, out: Path, title: str) -> No
     print(f"    overlay: {out} ({title})")
 
 
-def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None) -> None:
+def _display(path: Path, normalised: np.ndarray) -> np.ndarray:
+    """What a user sees: the stored colours of an 8-bit RGB image, else the normalised one."""
+    from triageseg.datasets.io import read_image_raw
+
+    raw = read_image_raw(path)
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] >= 3:
+        return raw[..., :3].astype(np.float32) / 255.0
+    return normalised
+
+
+def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None, tag: str = "") -> None:
     from triageseg.datasets.io import read_image, read_labels
     from triageseg.postprocess.classical import classical_segment
 
@@ -149,7 +159,8 @@ def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None
               f"quality {res.quality if res.quality is None else round(res.quality, 3)}")
         print(f"  bundle: {_scores(res.labels, gt)}")
         if docs is not None:
-            _overlay(image, res.labels, docs / f"real_{item.name}.png", f"{res.modality}, {int(res.labels.max())} nuclei")
+            _overlay(_display(item.path, image), res.labels, docs / f"real_{item.name}{tag}.png",
+                     f"{res.modality}, {int(res.labels.max())} nuclei")
 
 
 def realism(images: list[RealImage], before: str | None, n: int) -> None:
@@ -180,12 +191,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".bench/real"), help="where the real images are kept")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="folder for the overlay PNGs")
     parser.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
+    parser.add_argument("--tag", default="", help="suffix of the overlay names (real_<name><tag>.png)")
+    parser.add_argument("--no-realism", action="store_true", help="skip the realism statistics")
     parser.add_argument("--before", default="68a6e42", help="commit of the 'before' generator ('' skips)")
     parser.add_argument("--n-synth", type=int, default=8, help="synthetic samples per modality for the realism check")
     args = parser.parse_args()
     images = fetch(args.cache)
-    segment_real(images, args.bundle, None if args.no_overlays else args.docs)
-    realism(images, args.before or None, args.n_synth)
+    segment_real(images, args.bundle, None if args.no_overlays else args.docs, args.tag)
+    if not args.no_realism:
+        realism(images, args.before or None, args.n_synth)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def _nucleus_brightness(rng: np.random.Generator, labels: np.ndarray) -> np.ndar
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float32)
     # DNA content: G1 (1x) or G2 (2x) with a lognormal spread of staining and size.
     bright = rng.lognormal(0.0, rng.uniform(0.1, 0.3), n + 1).astype(np.float32)
-    bright *= np.where(rng.random(n + 1) < rng.uniform(0.1, 0.4), 2.0, 1.0).astype(np.float32)
+    bright *= np.where(rng.random(n + 1) < rng.uniform(0.05, 0.3), 2.0, 1.0).astype(np.float32)
     # Condensed chromatin (mitotic, apoptotic): the small nuclei, much brighter.
     small = area <= np.percentile(area[1:], 35) if n > 0 else np.zeros(n + 1, bool)
     condensed = small & (rng.random(n + 1) < rng.uniform(0.0, 0.15))
@@ -74,17 +74,17 @@ def _render_fluorescence(rng: np.random.Generator, labels: np.ndarray, nrad: np.
     bright = _nucleus_brightness(rng, labels)
     signal = bright[labels] * _chromatin(rng, labels, nrad)
     # Out-of-focus nuclei: another focal plane, blurred and dimmer (still labelled).
-    blurred = rng.random(n + 1) < rng.uniform(0.0, 0.25)
+    blurred = rng.random(n + 1) < rng.uniform(0.0, 0.15)
     blurred[0] = False
     if blurred.any():
         away = blurred[labels]
-        soft = ndimage.gaussian_filter(np.where(away, signal * rng.uniform(0.4, 0.8), 0.0), rng.uniform(1.5, 3.5))
+        soft = ndimage.gaussian_filter(np.where(away, signal * rng.uniform(0.6, 0.9), 0.0), rng.uniform(1.5, 3.5))
         signal = np.where(away, 0.0, signal) + soft.astype(np.float32)
     signal += rng.uniform(0.0, 0.06) * (float(bright[1:].mean()) if n else 0.2) * _cell_bodies(rng, labels, rng.uniform(3, 7))
     # Debris: small bright unlabelled specks away from nuclei.
     far = ndimage.distance_transform_edt(labels == 0) > 3
     signal += rng.uniform(0.1, 1.0) * _spots(rng, far, density=rng.uniform(0.0, 2e-4), sigma=rng.uniform(0.7, 1.5))
-    signal *= _illumination(rng, size, rng.uniform(0.1, 0.6))
+    signal *= _illumination(rng, size, rng.uniform(0.05, 0.3))  # mostly flat-field corrected
     signal = ndimage.gaussian_filter(signal, rng.uniform(0.5, 1.5))  # the optics' point spread
     background = rng.uniform(0.005, 0.08) * (1.0 + 0.3 * _smooth_noise(rng, labels.shape, size / 6))
     # Exposure: the brightest nuclei saturate; photons and read noise in units of the display maximum.
