@@ -72,4 +72,5 @@ def draw(modalities, *, n: int, size: int, seed: int, rev: str | None = None) ->
 def _modalities(path: Path) -> list[str]:
     code = "from triageseg.datasets.synth import MODALITIES; print(','.join(MODALITIES))"
     env = {**os.environ, "PYTHONPATH": str(path)}
-    return subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout.strip().split(",")
+    done = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
+    return done.stdout.strip().split(",")

@@ -80,7 +80,8 @@ def _render_fluorescence(rng: np.random.Generator, labels: np.ndarray, nrad: np.
         away = blurred[labels]
         soft = ndimage.gaussian_filter(np.where(away, signal * rng.uniform(0.6, 0.9), 0.0), rng.uniform(1.5, 3.5))
         signal = np.where(away, 0.0, signal) + soft.astype(np.float32)
-    signal += rng.uniform(0.0, 0.06) * (float(bright[1:].mean()) if n else 0.2) * _cell_bodies(rng, labels, rng.uniform(3, 7))
+    glow = rng.uniform(0.0, 0.06) * (float(bright[1:].mean()) if n else 0.2)  # cytoplasmic autofluorescence
+    signal += glow * _cell_bodies(rng, labels, rng.uniform(3, 7))
     # Debris: small bright unlabelled specks away from nuclei.
     far = ndimage.distance_transform_edt(labels == 0) > 3
     signal += rng.uniform(0.1, 1.0) * _spots(rng, far, density=rng.uniform(0.0, 2e-4), sigma=rng.uniform(0.7, 1.5))
