@@ -1,9 +1,11 @@
 """Time the synthetic generator: 100 images of 256x256 on one core (goal: < 20 s).
 
-Usage: python benchmarks/bench_synth.py [--n 100] [--size 256] [--out DIR]
+Usage: python benchmarks/bench_synth.py [--n 100] [--size 256] [--out DIR] [--before REV]
 
 Prints the wall time of ``make_dataset`` (generation + PNG/TIFF writing + index),
-then the generation time alone per modality.
+then the generation time alone per modality, and with ``--before REV`` (default
+68a6e42, the generator before issue 19) the ms per sample of that commit's generator
+beside this one's, both drawn in subprocesses on the same seeds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="keep the dataset here (default: a temp dir)")
+    parser.add_argument("--before", default="68a6e42", help="commit whose generator to time beside this one ('' skips)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -56,6 +59,24 @@ def main() -> None:
             f"  synth_sample {modality:12s} {ms:6.1f} ms/image, nuclei per image {min(nuclei)}-{max(nuclei)} "
             f"(mean {np.mean(nuclei):.0f})"
         )
+    if args.before:
+        _before_after(args.before, args.size, MODALITIES)
+
+
+def _before_after(rev: str, size: int, modalities) -> None:
+    """ms per sample of the generator at ``rev`` and of this checkout, same seeds, one subprocess each."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from old_generator import draw
+
+    k = 10
+    old = draw(modalities, n=k, size=size, seed=0, rev=rev)
+    new = draw(modalities, n=k, size=size, seed=0, rev=None)
+    print(f"  ms per {size}x{size} sample (median of {k}), generator at {rev} -> this checkout:")
+    for m in modalities:
+        before = f"{np.median(old[m]['ms']):6.1f}" if m in old else "   (none)"
+        print(f"    {m:12s} {before} -> {np.median(new[m]['ms']):6.1f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from triageseg.cli.groups import data
 
 # Kept here (not imported from datasets.synth) so `--help` stays import-light; a test
 # checks they agree.
-_MODALITIES = ("fluorescence", "brightfield", "he")
+_MODALITIES = ("fluorescence", "brightfield", "he", "ihc")
 _MAX_SIZE = 8192  # datasets.synth.MAX_SIZE
 
 
@@ -66,12 +66,12 @@ def _parse_weights(ctx, param, value: str | None):
     callback=_parse_weights,
     default=None,
     metavar="W1,W2,...",
-    help="Modality proportions, one per modality in --modalities order (default 0.6,0.2,0.2, DSB-like).",
+    help="Modality proportions, one per modality in --modalities order (default 0.55,0.15,0.15,0.15, DSB-like).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same dataset).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out.")
 def synth_cmd(out: Path, n: int, size: int, modalities: tuple[str, ...], weights, seed: int, overwrite: bool) -> None:
-    """Generate a synthetic nuclei dataset (fluorescence, brightfield, H&E) with labels and splits.
+    """Generate a synthetic nuclei dataset (fluorescence, brightfield, H&E, IHC) with labels and splits.
 
     Writes images/<id>.png, labels/<id>.tif, modalities.csv, splits.csv and synth.json.
     """

@@ -197,7 +197,8 @@ def images(tmp_path_factory):
     """24 synthetic 96x96 images (14 fluorescence, 5 brightfield, 5 he) plus a corrupt PNG, in one folder."""
     from triageseg.datasets.synth import make_dataset
 
-    data = make_dataset(tmp_path_factory.mktemp("dist_data") / "data", n=N_IMAGES, size=96, seed=0)
+    data = make_dataset(tmp_path_factory.mktemp("dist_data") / "data", n=N_IMAGES, size=96, seed=0,
+                        modalities=MODS, weights=(0.6, 0.2, 0.2))
     folder = data / "images"
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     return folder

@@ -24,7 +24,7 @@ def _touching_ids(labels):
 
 
 def test_modalities():
-    assert MODALITIES == ("fluorescence", "brightfield", "he")
+    assert MODALITIES == ("fluorescence", "brightfield", "he", "ihc")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -77,7 +77,7 @@ def test_modalities_look_different():
 
 
 def test_unknown_modality_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid modalities: fluorescence, brightfield, he"):
+    with pytest.raises(ValueError, match="valid modalities: fluorescence, brightfield, he, ihc"):
         synth_sample("phase", rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="valid modalities"):
         make_dataset("unused", n=2, modalities=("he", "xray"))
@@ -100,7 +100,7 @@ def test_synth_data_fixture_layout(synth_data):
     ds.check()
     assert len(ds) == 24 and ds.modalities == ["brightfield", "fluorescence", "he"]
     assert {m: sum(v.values()) for m, v in ds.counts().items()} == {"fluorescence": 14, "brightfield": 5, "he": 5}
-    for m in MODALITIES:
+    for m in ("fluorescence", "brightfield", "he"):
         splits = {s.split for s in ds.select(modality=m)}
         assert splits == {"train", "val", "test"}
     s = ds.samples[0]

@@ -181,7 +181,7 @@ def test_default_spaces_are_valid_and_cover_every_tunable(modality):
 
 def test_stained_modalities_get_wider_augmentation():
     fluo = spaces.resolve_space("fluorescence")["aug_strength"]
-    for stained in ("brightfield", "he"):
+    for stained in ("brightfield", "he", "ihc"):
         spec = spaces.resolve_space(stained)["aug_strength"]
         assert spec["high"] > fluo["high"] and spec["high"] - spec["low"] >= fluo["high"] - fluo["low"] - 1e-9
     assert spaces.resolve_space("he")["boundary_weight"]["high"] > spaces.resolve_space("fluorescence")[

@@ -90,6 +90,11 @@ MODALITY_SPACES: dict[str, dict[str, Any]] = {
         "aug_strength": {"type": "uniform", "low": 0.3, "high": 1.0},
         "boundary_weight": {"type": "uniform", "low": 2.0, "high": 12.0},
     },
+    # IHC: stain variation like H&E (DAB strength varies most between slides), crowded glands.
+    "ihc": {
+        "aug_strength": {"type": "uniform", "low": 0.3, "high": 1.0},
+        "boundary_weight": {"type": "uniform", "low": 2.0, "high": 12.0},
+    },
 }
 
 

@@ -89,7 +89,7 @@ def make_dataset(
         modalities: which of ``MODALITIES`` to generate.
         seed: random seed.
         weights: modality proportions (dict or one value per modality); default is
-            DSB-like imbalance, fluorescence 0.6, brightfield 0.2, he 0.2.
+            DSB-like imbalance, fluorescence 0.55, brightfield, he and ihc 0.15 each.
         splits: (train, val, test) fractions.
         overwrite: replace the images, labels and index of an existing dataset in ``out``.
 

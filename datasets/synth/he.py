@@ -1,4 +1,18 @@
-"""H&E histology: hematoxylin nuclei in eosin tissue with fibres and empty spaces."""
+"""H&E histology: hematoxylin nuclei in eosin tissue, coloured in optical-density space.
+
+Colour comes from Beer-Lambert with stain vectors (Ruifrok & Johnston 2001, the vectors
+``skimage.color.rgb2hed`` unmixes with), jittered per image (stain batch, scanner) and
+per nucleus (the hematoxylin of each nucleus carries a little eosin). What real H&E
+shows (measured on the TCIA H&E image stardist ships; never trained on) and is drawn:
+
+- muted colours: pale pink stroma with thin darker fibres, lilac cytoplasm around nuclei;
+- dense dark nuclei beside pale vesicular ones (a darker rim and a nucleolus);
+- red blood cells (small eosin-dense disks, unlabelled), white lumina and fat;
+- tissue folds (tissue lying twice: denser stain along a band);
+- scanner blur and JPEG compression.
+
+Stain amounts are in OD (base 10) per unit stain vector; :data:`HE_RANGES` documents them.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +20,91 @@ import numpy as np
 
 from triageseg.datasets.synth.textures import (
     _EOSIN,
+    _EOSIN_SLIDE,
     _HEMATOXYLIN,
+    _HEMATOXYLIN_SLIDE,
     _absorbance_to_rgb,
+    _cell_bodies,
+    _fold,
     _illumination,
     _jitter_stain,
+    _jpeg,
     _profile,
     _smooth_noise,
+    _spots,
     _to_uint8,
 )
+
+HE_RANGES = {
+    "nucleus_hematoxylin": (0.15, 1.2),  # OD of hematoxylin at a nucleus's centre (pale vesicular .. dense)
+    "stroma_eosin": (0.04, 0.25),  # mean OD of eosin in stroma
+    "jpeg_quality": (60, 95),
+}
+
+
+def _nuclei_od(rng: np.random.Generator, labels: np.ndarray, nrad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hematoxylin OD of the nuclei and the per-nucleus eosin mix (both HxW float32)."""
+    n = int(labels.max())
+    lo, hi = HE_RANGES["nucleus_hematoxylin"]
+    dense = rng.uniform(0.45, 0.9) * rng.lognormal(0.0, 0.2, n + 1)
+    vesicular = rng.random(n + 1) < rng.uniform(0.1, 0.7)
+    dens = np.clip(np.where(vesicular, dense * rng.uniform(0.3, 0.55), dense), lo, hi).astype(np.float32)
+    dens[0] = 0.0
+    inside = labels > 0
+    chromatin = 1.0 + rng.uniform(0.15, 0.4) * _smooth_noise(rng, labels.shape, rng.uniform(0.7, 1.3))
+    # Vesicular nuclei: chromatin along the envelope and a nucleolus; dense ones nearly flat.
+    rim = np.exp(-(((1.0 - np.clip(nrad, 0.0, 1.0)) / 0.2) ** 2))
+    nucleoli = _spots(rng, inside & (nrad < 0.5), density=0.01, sigma=1.0)
+    ves = vesicular[labels]
+    shape = np.where(ves, 0.6 + 0.9 * rim + 1.2 * nucleoli, _profile(nrad, labels, rng.uniform(0.7, 0.95), 0.4))
+    hema = dens[labels] * shape * chromatin * inside
+    mix = rng.uniform(0.0, 0.35, n + 1).astype(np.float32)  # each nucleus's hue: blue .. purple
+    return np.clip(hema, 0.0, 1.6).astype(np.float32), mix[labels] * inside
+
+
+def _tissue_od(rng: np.random.Generator, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eosin, hematoxylin) OD of stroma, fibres, cytoplasm and red blood cells, with empty spaces."""
+    from scipy import ndimage
+
+    shape = labels.shape
+    fibre_sigma = (rng.uniform(0.8, 1.5), rng.uniform(4.0, 10.0))
+    if rng.random() < 0.5:
+        fibre_sigma = fibre_sigma[::-1]
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), fibre_sigma)
+    field /= max(float(field.std()), 1e-6)
+    fibres = np.exp(-((field / 0.25) ** 2))  # thin lines where the oriented field crosses zero
+    eosin = rng.uniform(*HE_RANGES["stroma_eosin"]) * (1.0 + 0.3 * _smooth_noise(rng, shape, 8.0))
+    eosin += rng.uniform(0.05, 0.25) * fibres
+    cyto = _cell_bodies(rng, labels, rng.uniform(3, 7))  # lilac: a little of both stains
+    eosin += rng.uniform(0.0, 0.15) * cyto
+    hema = rng.uniform(0.04, 0.16) * cyto + rng.uniform(0.02, 0.1)  # counterstain haze: lilac, not magenta
+    far = ndimage.gaussian_filter((labels > 0).astype(np.float32), 3.0) < 0.05
+    holes = (_smooth_noise(rng, shape, rng.uniform(8, 24)) > rng.uniform(1.0, 2.6)) & far  # lumina, fat
+    eosin[holes] *= 0.05
+    hema[holes] *= 0.05
+    rbc = _spots(rng, far & ~holes, density=rng.uniform(0.0, 4e-4) * (rng.random() < 0.6), sigma=rng.uniform(1.4, 2.2))
+    eosin += rng.uniform(0.5, 0.9) * np.clip(rbc, 0.0, 1.0)
+    return ndimage.gaussian_filter(np.clip(eosin, 0.0, None), 0.7), hema
+
 
 def _render_he(rng: np.random.Generator, labels: np.ndarray, nrad: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     size = labels.shape[0]
-    n = int(labels.max())
-    h_vec = _jitter_stain(rng, _HEMATOXYLIN, 0.06)
-    e_vec = _jitter_stain(rng, _EOSIN, 0.06)
-    shape = labels.shape
-    # Eosin tissue: a smooth stroma field plus anisotropic fibres, with empty spaces.
-    fibre_sigma = (rng.uniform(0.8, 1.5), rng.uniform(4.0, 10.0))
-    if rng.random() < 0.5:
-        fibre_sigma = fibre_sigma[::-1]
-    fibres = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), fibre_sigma)
-    fibres /= max(float(fibres.std()), 1e-6)
-    tissue = rng.uniform(0.12, 0.4) * (1.0 + 0.25 * _smooth_noise(rng, shape, 8.0) + rng.uniform(0.1, 0.3) * fibres)
-    holes = _smooth_noise(rng, shape, rng.uniform(10, 24)) > rng.uniform(0.9, 2.5)
-    holes &= ndimage.gaussian_filter((labels > 0).astype(np.float32), 3.0) < 0.05
-    tissue[holes] *= 0.08
-    tissue = ndimage.gaussian_filter(tissue, 1.0)
-    dens = rng.uniform(0.5, 1.0) * rng.lognormal(0.0, 0.3, n + 1).astype(np.float32)
-    dens[0] = 0.0
-    chromatin = 1.0 + rng.uniform(0.2, 0.5) * _smooth_noise(rng, shape, rng.uniform(0.7, 1.3))
-    hema = dens[labels] * _profile(nrad, labels, rng.uniform(0.6, 0.95), 0.4) * chromatin
-    hema += rng.uniform(0.02, 0.1) * (1.0 + 0.5 * _smooth_noise(rng, shape, 4.0)) * (tissue > 0.05)
-    od = np.clip(hema, 0, None)[..., None] * h_vec + np.clip(tissue, 0, None)[..., None] * e_vec
-    od *= rng.uniform(0.8, 1.3)  # staining strength varies between slides
-    white = rng.uniform(0.9, 1.0) * _illumination(rng, size, rng.uniform(0.0, 0.15))
-    rgb = _absorbance_to_rgb(od.astype(np.float32), white[..., None])
-    rgb = ndimage.gaussian_filter(rgb, (rng.uniform(0.4, 1.3),) * 2 + (0,))
-    rgb += rng.normal(0.0, rng.uniform(0.005, 0.02), rgb.shape).astype(np.float32)
+    t = rng.uniform(0.0, 1.0)  # this slide's stains: between the Ruifrok and the slide-estimated vectors
+    h_vec = _jitter_stain(rng, (1 - t) * _HEMATOXYLIN + t * _HEMATOXYLIN_SLIDE, 0.05)
+    e_vec = _jitter_stain(rng, (1 - t) * _EOSIN + t * _EOSIN_SLIDE, 0.05)
+    nuc_h, mix = _nuclei_od(rng, labels, nrad)
+    eosin, hema = _tissue_od(rng, labels)
+    eosin = eosin + mix * nuc_h
+    od = (np.maximum(nuc_h, hema)[..., None] * h_vec + eosin[..., None] * e_vec).astype(np.float32)
+    if rng.random() < 0.2:
+        od *= 1.0 + rng.uniform(0.5, 1.0) * _fold(rng, labels.shape, rng.uniform(8, 30))[..., None]
+    od *= rng.uniform(0.75, 1.25)  # staining strength varies between slides
+    white = rng.uniform(0.88, 1.0) * _illumination(rng, size, rng.uniform(0.0, 0.12))
+    rgb = _absorbance_to_rgb(od, white[..., None])
+    rgb = ndimage.gaussian_filter(rgb, (rng.uniform(0.4, 1.2),) * 2 + (0,))  # scanner optics
+    rgb += rng.normal(0.0, rng.uniform(0.003, 0.015), rgb.shape).astype(np.float32)
+    if rng.random() < 0.7:
+        rgb = _jpeg(rgb, int(rng.integers(HE_RANGES["jpeg_quality"][0], HE_RANGES["jpeg_quality"][1] + 1)))
     return _to_uint8(rgb)
-

@@ -7,10 +7,16 @@ import numpy as np
 from triageseg.datasets.synth.brightfield import _render_brightfield
 from triageseg.datasets.synth.fluorescence import _render_fluorescence
 from triageseg.datasets.synth.he import _render_he
+from triageseg.datasets.synth.ihc import _render_ihc
 from triageseg.datasets.synth.layout import _place_nuclei
 from triageseg.datasets.synth.styles import MAX_SIZE, MIN_SIZE, STYLES, _check_modality
 
-_RENDERERS = {"fluorescence": _render_fluorescence, "brightfield": _render_brightfield, "he": _render_he}
+_RENDERERS = {
+    "fluorescence": _render_fluorescence,
+    "brightfield": _render_brightfield,
+    "he": _render_he,
+    "ihc": _render_ihc,
+}
 
 
 def _check_size(size: int) -> None:

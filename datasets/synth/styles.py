@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODALITIES = ("fluorescence", "brightfield", "he")
+MODALITIES = ("fluorescence", "brightfield", "he", "ihc")
 # Largest image side: drawing one image takes ~80 bytes per pixel (~5 GB at 8192 x 8192).
 MIN_SIZE, MAX_SIZE = 16, 8192
-# Like the 2018 Data Science Bowl: fluorescence is the large majority.
-DEFAULT_WEIGHTS = {"fluorescence": 0.6, "brightfield": 0.2, "he": 0.2}
+# Like the 2018 Data Science Bowl: fluorescence is the large majority (IHC is not in the
+# DSB; it gets the share of a stained modality taken from the others).
+DEFAULT_WEIGHTS = {"fluorescence": 0.55, "brightfield": 0.15, "he": 0.15, "ihc": 0.15}
 SPLITS = ("train", "val", "test")
 
 
@@ -52,6 +53,17 @@ STYLES = {
         clustered=(0.4, 0.9),
         cluster_spread=1.4,
         max_overlap=0.3,
+    ),
+    # IHC sections: crowded, often elongated epithelial nuclei (columnar glands) and
+    # scattered stromal ones, a little larger than in the synthetic H&E.
+    "ihc": NucleusStyle(
+        radius=(4.5, 10.0),
+        aspect=(1.0, 2.6),
+        roughness=0.1,
+        coverage=(0.1, 0.35),
+        clustered=(0.3, 0.9),
+        cluster_spread=1.5,
+        max_overlap=0.25,
     ),
 }
 

@@ -8,6 +8,10 @@ import numpy as np
 _HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 _EOSIN = np.array([0.07, 0.99, 0.11])
 _DAB = np.array([0.27, 0.57, 0.78])
+# Stain vectors as estimated from real slides (the Macenko method's usual reference):
+# real eosin absorbs more blue, real hematoxylin more red, than the Ruifrok vectors.
+_HEMATOXYLIN_SLIDE = np.array([0.5626, 0.7201, 0.4062])
+_EOSIN_SLIDE = np.array([0.2159, 0.8012, 0.5581])
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with correlation length ~sigma (float32)."""
@@ -65,3 +69,36 @@ def _jitter_stain(rng: np.random.Generator, vec: np.ndarray, amount: float) -> n
     v = np.clip(vec + rng.normal(0, amount, 3), 0.02, None)
     return (v / np.linalg.norm(v)).astype(np.float32)
 
+
+
+def _spots(rng: np.random.Generator, mask: np.ndarray, *, density: float, sigma: float) -> np.ndarray:
+    """Gaussian spots of peak ~1 at random pixels of ``mask`` (``density`` spots per pixel), float32.
+
+    Nucleoli, chromatin granules, debris and red blood cells are all drawn this way: one
+    uniform draw per pixel and one blur, whatever the number of spots.
+    """
+    from scipy import ndimage
+
+    seeds = (rng.random(mask.shape, dtype=np.float32) < density) & mask
+    spots = ndimage.gaussian_filter(seeds.astype(np.float32), sigma)
+    return np.clip(spots * (2.0 * np.pi * sigma * sigma), 0.0, 1.5)
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """float RGB in [0, 1] through a JPEG round trip at ``quality`` (whole-slide scanners store JPEG)."""
+    import imagecodecs
+
+    data = imagecodecs.jpeg8_encode(_to_uint8(rgb), level=int(quality))
+    return imagecodecs.jpeg8_decode(data).astype(np.float32) / 255.0
+
+
+def _fold(rng: np.random.Generator, shape: tuple[int, int], width: float) -> np.ndarray:
+    """A tissue fold: a soft band (0..1) along a random wavy line, where tissue lies twice."""
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    c = rng.uniform(0.2, 0.8) * np.array([h, w])
+    d = (x - c[1]) * np.sin(theta) - (y - c[0]) * np.cos(theta)
+    along = (x - c[1]) * np.cos(theta) + (y - c[0]) * np.sin(theta)
+    d += rng.uniform(0.0, 0.5) * width * np.sin(along / rng.uniform(10.0, 40.0) + rng.uniform(0, 6.3))
+    return np.clip(1.0 - np.abs(d) / (0.5 * width), 0.0, 1.0) ** 0.5
