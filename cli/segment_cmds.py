@@ -240,7 +240,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
         try:
             report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
                                      connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
-                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page)
+                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page,
+                                     blocks=blocks)
         except OutputConflict as err:
             raise click.UsageError(str(err)) from None
         _summary(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)
