@@ -23,13 +23,10 @@ is applied per file; a task on a lost worker or node is retried by Ray (tasks
 ``max_retries``, actors ``max_restarts``), and rewriting an output under the same name
 leaves no duplicate. Temporary files of killed writers are removed at the end.
 
-Huge images (block processing, ``pipeline/blocks.py``) plug in at one point,
-:func:`pass_dataset`'s read stage, the only stage that sees an image's size: there an
-image over the block threshold becomes one row per block (``flat_map`` of the block
-function's windows with their margins) instead of one row per image; the segment actors
-treat a block as they treat an image, and the write stage becomes the block function's
-stitching writer keyed by the image's name. The routing pass and the driver stay as
-they are (the router reads an overview).
+Huge images (local inputs above the block threshold, a pyramid level, slide formats)
+go the block path as Ray tasks instead, one after another before the pass
+(:mod:`~triageseg.pipeline.ray_blocks`: scan + route, probability bands on an actor pool,
+block decodes as CPU tasks; the labels are the local block path's).
 """
 
 from __future__ import annotations
@@ -264,7 +261,6 @@ def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: Clu
                  stage: StageOptions, *, write: bool):
     """The Ray Data graph of a pass: read tasks -> an actor pool -> (write tasks).
 
-    The read map is where a huge image would fan out into block rows (module docstring).
     """
     import ray.data as rd
 

@@ -178,7 +178,7 @@ def segment_large_file_ray(
     with claim_outputs(out_dir, name):
         journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
         if journal.state is None:
-            task = ray.remote(num_cpus=1)(_scan_and_route)
+            task = ray.remote(num_cpus=1, max_retries=-1)(_scan_and_route)
             state = ray.get(task.remote(bundle, settings, str(path), options.level, channel, modality))
             if state.pop("skipped"):  # an unknown modality under --unknown skip: the local path writes its row
                 journal.remove()
@@ -207,7 +207,8 @@ def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions,
     store = ProbabilityStore(journal.folder / "probs.zarr", shape)
     bands = band_spans(store.missing(), shape[0], band_chunk_rows)
     if bands:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus or None)(BandActor)
+        # a lost actor is restarted and its band retried (a band writes the same bytes again), as Ray Data's pools are
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus or None, max_restarts=-1, max_task_retries=-1)(BandActor)
         bundle = str(Path(pipe.path).resolve())
         band_actors = [remote.remote(bundle, settings, max(1, int(cpus))) for _ in range(max(1, min(actors, len(bands))))]
         args = (str(path), options.level, state["norm"], state["used_model"], str(store.folder), shape)
@@ -223,7 +224,7 @@ def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions,
     grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
     params = pipe.params(state["used_model"]).to_dict()
     done = journal.done()
-    decode = ray.remote(num_cpus=1)(_decode)
+    decode = ray.remote(num_cpus=1, max_retries=-1)(_decode)  # retried on a lost worker or node
     pending = [decode.remote(str(store.folder), shape, grid.to_dict(), b.index, params)
                for b in grid.blocks if b.index not in done]
     while pending:
