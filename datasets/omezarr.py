@@ -62,6 +62,13 @@ def _is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def _join(base, *parts: str):
+    """``base/part/...``: a Path for a local folder, a string for a URI (Path would fold ``s3://`` to ``s3:/``)."""
+    if _is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return Path(base).joinpath(*parts)
+
+
 def _check_root(path: str | os.PathLike) -> None:
     """Refuse a local folder without zarr metadata, naming the missing file."""
     if _is_uri(path):
@@ -115,9 +122,9 @@ class OmeZarrImage:
         self.level = int(level)
         root = _open_group(path)
         group = root
-        where = Path(str(path))
+        where = path
         if labels is not None:
-            where = where / "labels" / labels
+            where = _join(path, "labels", labels)
             _check_root(where)
             try:
                 group = root[f"labels/{labels}"]
@@ -125,7 +132,7 @@ class OmeZarrImage:
                 raise DataError(where, f"no labels image {labels!r}: {err}") from None
         multiscales = _ngff(dict(group.attrs)).get("multiscales")
         if not multiscales:
-            raise DataError(where / "zarr.json", "no NGFF 'multiscales' metadata: not an OME-Zarr image")
+            raise DataError(_join(where, "zarr.json"), "no NGFF 'multiscales' metadata: not an OME-Zarr image")
         ms = multiscales[0]
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", ["y", "x"])]
         units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes", [])] or [None] * len(axes)
@@ -139,12 +146,12 @@ class OmeZarrImage:
             try:
                 arrays.append(group[ds["path"]])
             except Exception as err:  # noqa: BLE001 - a level whose array metadata are gone
-                raise DataError(where / ds["path"] / "zarr.json",
+                raise DataError(_join(where, ds["path"], "zarr.json"),
                                 f"missing or unreadable array metadata of level {ds['path']!r}: {err}") from None
         self._axes = axes
         self.levels = [(int(a.shape[axes.index("y")]), int(a.shape[axes.index("x")])) for a in arrays]
         self._array = arrays[self.level]
-        self._where = where / datasets[self.level]["path"]
+        self._where = _join(where, datasets[self.level]["path"])
         full = tuple(int(n) for n in self._array.shape)
         other = [ax for ax, n in zip(axes, full) if ax not in "yx" and n > 1]
         if len(other) > 1 or (other and other[0] != "c"):

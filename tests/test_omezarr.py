@@ -171,3 +171,14 @@ def test_segment_format_ome_zarr_equals_the_tiff_labels_and_resumes(tmp_path, ti
     res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "zarr"), "--format", "ome-zarr"])
     assert res.exit_code == 0, res.output
     assert verify_zarr(out, (384, 576)) is None
+
+
+def test_labels_to_a_uri_through_fsspec():
+    labels = _labels(300, 200).astype(np.uint16)
+    uri = "memory://bucket/run7/slide.ome.zarr"
+    write_labels_zarr(uri, labels.shape, labels.dtype, lambda a, b: labels[a:b], tile=128, pixel_size=0.5,
+                      record={"k": 1}, smallest=100)
+    with OmeZarrImage(uri, labels="slide") as image:
+        assert np.array_equal(image[0:300, 0:200], labels) and image.pixel_size == pytest.approx((0.5, 0.5))
+    assert verify_zarr(uri, (300, 200)) is None and read_record(uri) == {"k": 1}
+    assert verify_zarr("memory://bucket/run7/none.ome.zarr") is not None
