@@ -383,8 +383,10 @@ def segment_files_ray(
     start = time.perf_counter()
     if big:
         try:
-            _segment_big(pipe, big, out, journal, report, options, blocks, modality=modality, channel=channel,
-                         on_error=on_error, log=log)
+            from triageseg.pipeline.ray_blocks import segment_slides
+
+            segment_slides(pipe, big, out, journal, report, options, blocks, modality=modality, channel=channel,
+                           on_error=on_error, log=log)
         finally:
             journal.flush()
     if todo:
@@ -414,40 +416,6 @@ def _blockwise(todo: list[dict], blocks) -> list[dict]:
 
     blocks = BlockOptions() if blocks is None else blocks
     return [item for item in todo if not is_uri(item["file"]) and use_blocks(Path(item["source"]), blocks)]
-
-
-def _segment_big(pipe, big: list[dict], out: str, journal: _Journal, report: DistributedReport,
-                 options: ClusterOptions, blocks, *, modality, channel, on_error: str, log: Log) -> None:
-    """Huge images one after another, each as Ray tasks (scan, bands, blocks); rows to routing.csv."""
-    from triageseg.pipeline.large import BlockOptions
-    from triageseg.pipeline.ray_blocks import segment_large_file_ray
-
-    blocks = BlockOptions() if blocks is None else blocks
-    low, high = pool_size(options, cluster_info())
-    for item in big:
-        t0 = time.perf_counter()
-        try:
-            if is_uri(out):
-                raise DataError(item["file"], "block-wise images on Ray need --out on a shared folder (the block "
-                                              "journal lives beside the labels), not a URI")
-            log(f"blocks: {item['file']}, {high} band actor(s)")
-            row = segment_large_file_ray(pipe, item["source"], out, item["name"], modality=modality, channel=channel,
-                                         options=blocks, actors=high, cpus_per_actor=options.cpus_per_actor,
-                                         gpus_per_actor=options.gpus_per_actor)
-        except Exception as err:  # noqa: BLE001 - reported per file, policy decides
-            if on_error == "fail":
-                journal.flush()
-            _fail(report, _as_input(item["file"]), err, on_error)
-            continue
-        row["file"] = item["file"]
-        row["quality"] = format_quality(row.get("quality"))
-        row["seconds"] = f"{time.perf_counter() - t0:.3f}"
-        journal.add(item["name"], row)
-        if row.get("used_model"):
-            report.rows.append(row)
-            report.written.append(Path(out) / row["output"])
-        else:
-            report.unknown_skipped.append(_as_input(item["file"]))
 
 
 class _Run:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -230,3 +231,43 @@ def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions,
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         journal.save(BlockResult.from_bytes(ray.get(ready[0])))
+
+
+def segment_slides(pipe, big: list[dict], out: str, journal, report, options, blocks, *, modality, channel,
+                   on_error: str, log: Callable[[str], None]) -> None:
+    """Huge images of a :func:`~triageseg.pipeline.distributed.segment_files_ray` run, one after another.
+
+    Each is segmented as Ray tasks (:func:`segment_large_file_ray`); its routing.csv row goes
+    to the run's ``journal`` and ``report``, a failure to ``on_error`` as for the other images.
+    """
+    from triageseg.datasets.errors import DataError
+    from triageseg.pipeline.batch import _fail, format_quality
+    from triageseg.pipeline.distributed import _as_input, pool_size
+    from triageseg.ray_cluster import cluster_info, is_uri
+
+    blocks = BlockOptions() if blocks is None else blocks
+    low, high = pool_size(options, cluster_info())
+    for item in big:
+        t0 = time.perf_counter()
+        try:
+            if is_uri(out):
+                raise DataError(item["file"], "block-wise images on Ray need --out on a shared folder (the block "
+                                              "journal lives beside the labels), not a URI")
+            log(f"blocks: {item['file']}, {high} band actor(s)")
+            row = segment_large_file_ray(pipe, item["source"], out, item["name"], modality=modality, channel=channel,
+                                         options=blocks, actors=high, cpus_per_actor=options.cpus_per_actor,
+                                         gpus_per_actor=options.gpus_per_actor)
+        except Exception as err:  # noqa: BLE001 - reported per file, policy decides
+            if on_error == "fail":
+                journal.flush()
+            _fail(report, _as_input(item["file"]), err, on_error)
+            continue
+        row["file"] = item["file"]
+        row["quality"] = format_quality(row.get("quality"))
+        row["seconds"] = f"{time.perf_counter() - t0:.3f}"
+        journal.add(item["name"], row)
+        if row.get("used_model"):
+            report.rows.append(row)
+            report.written.append(Path(out) / row["output"])
+        else:
+            report.unknown_skipped.append(_as_input(item["file"]))

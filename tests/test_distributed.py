@@ -325,8 +325,10 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
     from triageseg.datasets.synth import synth_sample
     from triageseg.pipeline import Pipeline, large
     from triageseg.pipeline.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
     from triageseg.pipeline.ray_blocks import segment_large_file_ray
 
+    messages: list[str] = []
     rng = np.random.default_rng(3)
     tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(6)]
     image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
@@ -353,8 +355,17 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         monkeypatch.setattr(large, "compute_probabilities", nothing_here)
         row = segment_large_file_ray(pipe, path, tmp_path / "ray", "slide", options=options, actors=2,
                                      band_chunk_rows=1)  # 320 rows: two bands of 256 and 64 rows
+        # what `segment --address` runs: the image above the threshold goes the block path as Ray tasks
+        report = segment_files_ray(pipe, [path], tmp_path / "run", blocks=options, log=messages.append,
+                                   cluster_options=ClusterOptions(actors="1", progress=False))
     finally:
         ray.shutdown()
+    assert report.per_model() == {local["used_model"]: 1} and not report.failures
+    assert any(m.startswith("blocks: ") for m in messages)
+    np.testing.assert_array_equal(read_labels(tmp_path / "run" / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
+    got = _rows(tmp_path / "run")[0]
+    keys = ("file", "output", "modality", "used_model", "decision", "objects", "mode")
+    assert {k: got[k] for k in keys} == {k: str(local[k]) for k in keys}
     np.testing.assert_array_equal(read_labels(tmp_path / "ray" / "slide.tif"),
                                   read_labels(tmp_path / "local" / "slide.tif"))
     assert row == local and row["mode"] == "blocks" and row["objects"] > 0
