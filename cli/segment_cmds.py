@@ -164,7 +164,7 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines).")
 @click.option("--format", "label_format", type=click.Choice(["ome-tiff", "ome-zarr"]), default="ome-tiff",
               show_default=True, help="Label files: <name>.tif, or <name>.ome.zarr (an NGFF labels pyramid, every "
-              "image block-wise; not yet with --address/--ray).")
+              "image block-wise; with --address/--ray, --out a shared folder).")
 @click.option("--review", "review_n", type=click.IntRange(min=0), default=10, show_default=True,
               help="End the summary with this many images of lowest predicted quality, to check first (0: none).")
 @click.option("--min-quality", type=click.FloatRange(0, 1), default=None,
@@ -210,8 +210,9 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--block-margin") from None
     on_ray = address is not None or use_ray
-    if on_ray and label_format != "ome-tiff":
-        raise click.UsageError("--format ome-zarr is not yet available on the Ray path (--address/--ray)")
+    if on_ray and label_format != "ome-tiff" and is_uri(out_dir):
+        raise click.UsageError("--format ome-zarr on Ray needs --out on a shared folder, not a URI (images go "
+                               "block-wise, and the block journal lives beside the labels)")
     if label_format == "ome-zarr":
         from triageseg.datasets.omezarr import ome_zarr_writer
 

@@ -228,7 +228,7 @@ def _as_input(file: str):
 
 
 def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overwrite: bool, page: int | None,
-          report) -> list[dict]:
+          report, suffix: str = ".tif") -> list[dict]:
     """Inputs still to do: no label file, one that does not verify, no routing.csv row, or ``overwrite``.
 
     A local label file is verified as the local command does (it opens, is whole and has
@@ -239,11 +239,14 @@ def _plan(files: list[str], names: list[str], out: str, journal: _Journal, overw
     existing = storage.names_in(out)
     todo = []
     for index, (file, name) in enumerate(zip(files, names)):
-        done = not overwrite and f"{name}.tif" in existing and name in journal.rows
+        label = f"{name}{suffix}"  # <name>.tif, or the folder <name>.ome.zarr (--format ome-zarr)
+        present = label in existing or (not is_uri(out) and suffix != ".tif" and (Path(out) / label).is_dir())
+        done = not overwrite and present and name in journal.rows
         if done and not is_uri(out):
-            target = Path(out) / f"{name}.tif"
+            target = Path(out) / label
             try:
-                problem = verify_output(target, None if is_uri(file) else image_shape(file, page=page))
+                problem = verify_output(target, None if is_uri(file) or file.endswith(".zarr")
+                                        else image_shape(file, page=page))
             except DataError:
                 problem = ""  # the input itself is bad: segmenting it again reports why
             if problem:
@@ -375,7 +378,7 @@ def segment_files_ray(
 
     report = DistributedReport()
     journal = _Journal(out, options.flush_seconds)
-    todo = _plan(shown, names, out, journal, overwrite, page, report)
+    todo = _plan(shown, names, out, journal, overwrite, page, report, ".tif" if blocks is None else blocks.suffix)
     for item in todo:
         item["source"] = item["file"] if is_uri(item["file"]) else str(Path(item["file"]).resolve())
     big = _blockwise(todo, blocks)

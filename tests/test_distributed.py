@@ -358,8 +358,17 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         # what `segment --address` runs: the image above the threshold goes the block path as Ray tasks
         report = segment_files_ray(pipe, [path], tmp_path / "run", blocks=options, log=messages.append,
                                    cluster_options=ClusterOptions(actors="1", progress=False))
+        # --format ome-zarr on Ray: every image block-wise, the labels as an NGFF pyramid; a rerun skips it
+        zarr_options = BlockOptions(block_size=160, margin=32, format="ome-zarr")
+        zarr_run = [segment_files_ray(pipe, [path], tmp_path / "zarr", blocks=zarr_options,
+                                      cluster_options=ClusterOptions(actors="1", progress=False)) for _ in range(2)]
     finally:
         ray.shutdown()
+    from triageseg.datasets.omezarr import OmeZarrImage
+
+    with OmeZarrImage(tmp_path / "zarr" / "slide.ome.zarr", labels="slide") as labels:
+        np.testing.assert_array_equal(labels[0:320, 0:480], read_labels(tmp_path / "local" / "slide.tif"))
+    assert len(zarr_run[0].written) == 1 and len(zarr_run[1].skipped) == 1 and not zarr_run[1].written
     assert report.per_model() == {local["used_model"]: 1} and not report.failures
     assert any(m.startswith("blocks: ") for m in messages)
     np.testing.assert_array_equal(read_labels(tmp_path / "run" / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
