@@ -355,6 +355,25 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         monkeypatch.setattr(large, "compute_probabilities", nothing_here)
         row = segment_large_file_ray(pipe, path, tmp_path / "ray", "slide", options=options, actors=2,
                                      band_chunk_rows=1)  # 320 rows: two bands of 256 and 64 rows
+        # the driver dies once the cluster has filled the journal: a rerun (here: local) computes nothing again
+        from triageseg.pipeline import ray_blocks
+
+        def driver_dies(*_args, **_kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ray_blocks, "segment_large_file", driver_dies)
+        with pytest.raises(KeyboardInterrupt):
+            segment_large_file_ray(pipe, path, tmp_path / "died", "slide", options=options, actors=1)
+        monkeypatch.undo()
+        assert (tmp_path / "died" / ".slide.blocks").is_dir() and not (tmp_path / "died" / "slide.tif").exists()
+        monkeypatch.setattr(large, "decode_block", nothing_here)
+        monkeypatch.setattr(large, "compute_probabilities", nothing_here)
+        assert segment_large_file(pipe, path, tmp_path / "died", "slide", options=options) == {
+            **local, "file": str(path.resolve())}
+        np.testing.assert_array_equal(read_labels(tmp_path / "died" / "slide.tif"),
+                                      read_labels(tmp_path / "local" / "slide.tif"))
+        for key, value in RAY_ENV.items():
+            monkeypatch.setenv(key, value)
         # what `segment --address` runs: the image above the threshold goes the block path as Ray tasks
         report = segment_files_ray(pipe, [path], tmp_path / "run", blocks=options, log=messages.append,
                                    cluster_options=ClusterOptions(actors="1", progress=False))
