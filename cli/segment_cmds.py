@@ -35,16 +35,22 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
             names.extend(found_names)
             continue
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and path.name.lower().endswith(".zarr"):  # an OME-Zarr image is a folder
+            files.append(path)
+            names.append(path.name[: -len(".zarr")].removesuffix(".ome"))
+        elif path.is_dir():
             pattern = "**/*" if recursive else "*"
             found = sorted(
-                p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                p for p in path.glob(pattern) if not p.name.startswith(".")
+                and not any(part.lower().endswith(".zarr") for part in p.relative_to(path).parts[:-1])
+                and ((p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) or (p.is_dir() and p.name.lower().endswith(".zarr")))
             )
             if not found:
                 raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
                                 + ("" if recursive else "; use --recursive for subfolders"))
             for p in found:
                 rel = p.relative_to(path).with_suffix("")
+                rel = rel.with_suffix("") if p.suffix.lower() == ".zarr" else rel
                 files.append(p)
                 names.append("__".join(rel.parts))
         elif path.is_file():
@@ -161,6 +167,9 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--block-margin", type=click.IntRange(min=0), default=DEFAULT_MARGIN, show_default=True,
               help="Context around each block in pixels (at least twice the largest nucleus diameter).")
 @click.option("--geojson", is_flag=True, help="Also write <name>.geojson (QuPath outlines).")
+@click.option("--format", "label_format", type=click.Choice(["ome-tiff", "ome-zarr"]), default="ome-tiff",
+              show_default=True, help="Label files: <name>.tif, or <name>.ome.zarr (an NGFF labels pyramid, every "
+              "image block-wise; with --address/--ray, --out a shared folder).")
 @click.option("--review", "review_n", type=click.IntRange(min=0), default=10, show_default=True,
               help="End the summary with this many images of lowest predicted quality, to check first (0: none).")
 @click.option("--min-quality", type=click.FloatRange(0, 1), default=None,
@@ -170,7 +179,7 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
             workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
             cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
-            backend, precision):
+            backend, precision, label_format):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -202,10 +211,20 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
 
     try:
         blocks = BlockOptions(block_size=block_size, margin=block_margin, threshold_mp=blocks_above, level=level,
-                              geojson=geojson, progress=not quiet)
+                              geojson=geojson, progress=not quiet, format=label_format)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--block-margin") from None
     on_ray = address is not None or use_ray
+    if on_ray and label_format != "ome-tiff" and is_uri(out_dir):
+        raise click.UsageError("--format ome-zarr on Ray needs --out on a shared folder, not a URI (images go "
+                               "block-wise, and the block journal lives beside the labels)")
+    if label_format == "ome-zarr":
+        from triageseg.datasets.omezarr import ome_zarr_writer
+
+        try:
+            ome_zarr_writer()
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
     cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
                                        gpus_per_actor) if on_ray else None
     files, names = expand_inputs(inputs, recursive=recursive)
@@ -233,7 +252,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
         try:
             report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,
                                      connect_timeout=connect_timeout, modality=modality, overwrite=overwrite,
-                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page)
+                                     on_error=on_error, overlays=overlays, rois=rois, channel=channel, page=page,
+                                     blocks=blocks)
         except OutputConflict as err:
             raise click.UsageError(str(err)) from None
         _summary(report, out, pipe=pipe, review_n=review_n, min_quality=min_quality)

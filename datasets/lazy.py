@@ -247,6 +247,10 @@ def image_size(path: str | os.PathLike, *, level: int = 0) -> tuple[int, int] | 
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if suffix == ".zarr":
+            from triageseg.datasets.omezarr import OmeZarrImage
+
+            return OmeZarrImage(path, level=level).levels[level]
         if suffix in _TIFF_SUFFIXES:
             import tifffile
 

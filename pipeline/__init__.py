@@ -7,9 +7,10 @@
   block into the whole image's labels, streamed to disk.
 - :mod:`~triageseg.pipeline.outputs`: overlays and ROI sets beside the label images.
 - :mod:`~triageseg.pipeline.interactive`: one image as the web page and napari show it (every probability).
-- :mod:`~triageseg.pipeline.distributed`: many files on a Ray cluster (Ray Data passes;
-  stages in :mod:`~triageseg.pipeline.ray_stages`, paths and URIs in
-  :mod:`~triageseg.pipeline.storage`). Imported on use, not here.
+- :mod:`~triageseg.pipeline.distributed`: many files on a Ray cluster (one Ray Data pass;
+  stages in :mod:`~triageseg.pipeline.ray_stages`, huge images as Ray tasks in
+  :mod:`~triageseg.pipeline.ray_blocks`, paths and URIs in :mod:`~triageseg.pipeline.storage`).
+  Imported on use, not here.
 """
 
 from triageseg.pipeline.batch import ROUTING_COLUMNS, BatchReport, segment_files

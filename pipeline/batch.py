@@ -174,7 +174,8 @@ def _segment_locked(pipe, paths, names, out_dir: Path, *, modality, overwrite, o
     report.rebuilt = len(rebuild_rows(out_dir, rows))  # rows lost from routing.csv, from their label files
     if report.rebuilt:
         _write_routing(out_dir / ROUTING_CSV, rows)
-    todo, done = _plan(paths, names, out_dir, rows, report, overwrite=overwrite, page=page, level=blocks.level)
+    todo, done = _plan(paths, names, out_dir, rows, report, overwrite=overwrite, page=page, level=blocks.level,
+                       suffix=blocks.suffix)
     start = time.perf_counter()
     _remake(done, out_dir, rows, report, extras=extras, channel=channel, page=page, blocks=blocks,
             on_error=on_error, progress=progress)
@@ -191,7 +192,7 @@ def _segment_locked(pipe, paths, names, out_dir: Path, *, modality, overwrite, o
 
 
 def _plan(paths, names, out_dir: Path, rows: dict[str, dict], report: BatchReport, *, overwrite: bool,
-          page: int | None, level: int = 0) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+          page: int | None, level: int = 0, suffix: str = ".tif") -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """(to segment, done): the inputs without a verified label file (all of them with ``overwrite``), the others."""
     from triageseg.datasets.lazy import image_size
     from triageseg.datasets.shapes import image_shape
@@ -199,10 +200,11 @@ def _plan(paths, names, out_dir: Path, rows: dict[str, dict], report: BatchRepor
     todo: list[tuple[Path, str]] = []
     done: list[tuple[Path, str]] = []
     for p, n in zip(paths, names):
-        target = out_dir / f"{n}.tif"
+        target = out_dir / f"{n}{suffix}"
         if target.exists() and not overwrite:
             try:
-                problem = verify_output(target, image_size(p, level=level) if level else image_shape(p, page=page))
+                problem = verify_output(target, image_size(p, level=level) if level or str(p).endswith(".zarr")
+                                        else image_shape(p, page=page))
             except DataError:
                 problem = ""  # the input itself is bad: segmenting it again reports why
             if problem is None:
@@ -254,7 +256,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
             _write_routing(routing_path, rows)
             return
         report.rows.append(row)
-        report.written.append(out_dir / f"{name}.tif")
+        report.written.append(out_dir / (row.get("output") or f"{name}.tif"))
         if write:
             _write_routing(routing_path, rows)
             journal.done(name)
@@ -288,7 +290,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                         raise DataError(path, "page selection is not available for images segmented block-wise")
                     row = segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel,
                                              options=blocks, before_write=lambda r, n=name: journal.start(
-                                                 n, r, out_dir / f"{n}.tif"))
+                                                 n, r, out_dir / f"{n}{blocks.suffix}"))
                 except Exception as err:  # noqa: BLE001
                     _fail(report, path, err, on_error)
                 else:

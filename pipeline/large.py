@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 # 4096 x 4096: the largest image the in-memory path handles in about 2.6 GiB.
 DEFAULT_THRESHOLD_MP = 16.8
 _OUTPUT_TILE = 512
+LABEL_FORMATS = {"ome-tiff": ".tif", "ome-zarr": ".ome.zarr"}  # segment --format -> label file suffix
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,11 @@ class BlockOptions:
     level: int = 0  # pyramid level of TIFF inputs; > 0 always reads block-wise
     geojson: bool = False  # also write <name>.geojson (QuPath outlines) for block-wise images
     progress: bool = False  # a progress bar over the blocks of each image
+    format: str = "ome-tiff"  # label files: "ome-tiff" (<name>.tif) or "ome-zarr" (<name>.ome.zarr, every image block-wise)
 
     def __post_init__(self) -> None:
+        if self.format not in LABEL_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(LABEL_FORMATS)}, got {self.format!r}")
         if self.block_size < 64:
             raise ValueError(f"block_size must be >= 64, got {self.block_size}")
         if self.margin < 0 or self.margin * 2 >= self.block_size:
@@ -84,7 +88,12 @@ class BlockOptions:
         """The settings as recorded in segment_config.json (JSON-ready: no threshold is ``None``)."""
         return {"level": self.level, "block_size": self.block_size, "block_margin": self.margin,
                 "blocks_above_mp": self.threshold_mp if math.isfinite(self.threshold_mp) else None,
-                "geojson": self.geojson}
+                "geojson": self.geojson, "format": self.format}
+
+    @property
+    def suffix(self) -> str:
+        """The label files' suffix: ``.tif`` or ``.ome.zarr``."""
+        return LABEL_FORMATS[self.format]
 
 
 def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
@@ -92,7 +101,12 @@ def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
     from triageseg.datasets.io import IMAGE_SUFFIXES
     from triageseg.datasets.lazy import image_size, is_tiff
 
+    from triageseg.datasets.omezarr import is_zarr
+
     path = Path(path)
+    # OME-Zarr in or out: the block path reads and writes it chunk by chunk (same labels as in memory)
+    if options.format == "ome-zarr" or is_zarr(path):
+        return True
     if options.level > 0 or (is_tiff(path) and path.suffix.lower() not in IMAGE_SUFFIXES):
         return True
     size = image_size(path)
@@ -247,7 +261,6 @@ def segment_blocks(
         ``quality_sums`` / ``median_area`` (:func:`triageseg.postprocess.quality.signals_from_sums`).
     """
     from tqdm import tqdm
-    from triageseg.datasets.pyramid import write_pyramid
     from triageseg.pipeline.geojson import GeoJSONWriter
 
     done = journal.done()
@@ -276,9 +289,9 @@ def segment_blocks(
     # the label file last: its presence marks the input as done for a resumed batch
     if before_write is not None:
         before_write()
-    write_pyramid(out_path, grid.shape, numbering.dtype(),
-                  _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
-                  pixel_size=pixel_size, name=Path(out_path).stem, record=stored)
+    write_labels_file(out_path, grid.shape, numbering.dtype(),
+                      _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
+                      pixel_size=pixel_size, record=stored)
     journal.remove()
     if numbering.oversized:
         logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
@@ -288,14 +301,33 @@ def segment_blocks(
             "quality_sums": sums, "median_area": median_area}
 
 
+def write_labels_file(out_path, shape, dtype, read_rows, *, tile: int, pixel_size, record) -> None:
+    """The label file from strips of rows: an OME-Zarr labels pyramid for ``*.zarr``, else a pyramidal OME-TIFF."""
+    from triageseg.datasets.omezarr import is_zarr, write_labels_zarr
+    from triageseg.datasets.pyramid import write_pyramid
+
+    if is_zarr(out_path):
+        name = Path(str(out_path).rstrip("/")).name.removesuffix(".zarr").removesuffix(".ome")
+        write_labels_zarr(out_path, shape, dtype, read_rows, tile=tile, pixel_size=pixel_size, name=name,
+                          record=record)
+    else:
+        write_pyramid(out_path, shape, dtype, read_rows, tile=tile, pixel_size=pixel_size, name=Path(out_path).stem,
+                      record=record)
+
+
 # --------------------------------------------------------------------------- files
 
 
 @contextlib.contextmanager
 def open_source(path: str | os.PathLike, *, level: int = 0) -> Iterator[tuple[object, tuple[float, float] | None]]:
-    """``(array-like image, pixel size)`` of a file: lazy for TIFFs, in memory (raw pixels) otherwise."""
+    """``(array-like image, pixel size)`` of a file: lazy for TIFFs and OME-Zarr, in memory (raw pixels) otherwise."""
     from triageseg.datasets.lazy import LazyImage, is_tiff
+    from triageseg.datasets.omezarr import OmeZarrImage, is_zarr
 
+    if is_zarr(path):
+        with OmeZarrImage(path, level=level) as image:
+            yield image, image.pixel_size
+        return
     path = Path(path)
     if is_tiff(path):
         with LazyImage(path, level=level) as image:
@@ -313,11 +345,13 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
 
     The bundle is known by its manifest's time stamp too: retrained in place, it gives a new key.
     """
+    from triageseg.datasets.omezarr import zarr_fingerprint
+
     stat = path.stat()
     manifest = (Path(pipe.path) / "bundle.json").stat()
     return {
         "input": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-        "content": content_fingerprint(path), "level": options.level,
+        "content": zarr_fingerprint(path) if path.is_dir() else content_fingerprint(path), "level": options.level,
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
@@ -381,11 +415,11 @@ def segment_large_file(
 
         def record(summary: dict) -> dict:
             # the finished row, stored in the label file: routing.csv can be rebuilt from it
-            made.update(row, objects=summary["objects"], quality=_predict_quality(pipe, used, state, summary))
+            made.update(row, output=f"{name}{options.suffix}", objects=summary["objects"], quality=_predict_quality(pipe, used, state, summary))
             return label_record(made)
 
         segment_blocks(
-            source, out_dir / f"{name}.tif", stream=pipe.probability_stream(used, name=str(path)),
+            source, out_dir / f"{name}{options.suffix}", stream=pipe.probability_stream(used, name=str(path)),
             params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),

@@ -1,8 +1,7 @@
 """The stages of a cluster run, as Ray Data executes them on the nodes.
 
 ```
-read + normalise (task)  ->  route (RouteActor pool)                          [routing pass]
-read + normalise (task)  ->  segment (SegmentActor pool, one model)  ->  watershed + write (task)
+read + normalise (task)  ->  route + segment (SegmentActor pool, every model)  ->  watershed + write (task)
 ```
 
 Each stage calls the functions the local path calls (:func:`~triageseg.pipeline.batch.read_input`,
@@ -28,6 +27,7 @@ import numpy as np
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline import storage
 from triageseg.ray_cluster import is_uri
+from triageseg.router.policy import SKIPPED
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.float32)
 # Columns a row keeps from stage to stage (the input and its routing decision).
@@ -141,86 +141,72 @@ def _columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-class RouteActor:
-    """Routes images with the bundle's router, loaded once per actor (``Pipeline.decide``)."""
+class SegmentActor:
+    """Routes and segments images: the router and every segmenter the images need, each loaded once per actor.
+
+    One pool of these serves all the bundle's models side by side: an image is routed
+    (``Pipeline.decide``; with a forced modality, the forced decision) and its class
+    probabilities computed with the segmenter it was routed to
+    (``Pipeline.probabilities``), in the same actor. A model loads on the first image
+    that needs it and stays for the actor's life, so a run pays actor start and each
+    model's load once per actor, not once per model pass.
+    """
 
     def __init__(self, bundle: BundleSource, options: StageOptions):
         from triageseg.pipeline.single import Pipeline
 
         _set_threads(options.threads)
-        # The router loads on the first image and stays for the actor's life; a corrupt
-        # file then fails each image with the message naming it, as it does locally.
-        self.pipe = Pipeline(bundle.open(), **options.pipeline)
-        self.loaded = False
-
-    def __call__(self, batch: dict) -> dict:
-        rows = []
-        for row in _rows(batch):
-            out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
-                   "decision": "", "t_read": float(row["t_read"]), "t_load": 0.0}
-            t0 = time.perf_counter()
-            if not row["error"]:
-                try:
-                    if not self.loaded:
-                        self.pipe._load_router()
-                        self.loaded = True
-                        out["t_load"] = time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                    d = self.pipe.decide(_writable(row["image"]))
-                    out.update(modality=d.modality, confidence=float(d.confidence), used_model=d.used_model,
-                               decision=d.decision, ood_score=_nan(d.ood_score))
-                except Exception as err:  # noqa: BLE001
-                    out.update(error_fields(err, row["file"]))
-            out["t_route"] = time.perf_counter() - t0
-            rows.append(out)
-        return _columns(rows)
-
-
-class SegmentActor:
-    """Class probabilities with one segmenter, loaded once per actor (``Pipeline.probabilities``).
-
-    With a forced modality it also makes the (forced) decision, as ``Pipeline.decide`` does.
-    """
-
-    def __init__(self, bundle: BundleSource, model: str, options: StageOptions):
-        from triageseg.pipeline.single import Pipeline
-
-        _set_threads(options.threads)
-        self.model = model
         self.options = options
-        self.pipe = Pipeline(bundle.open(), **options.pipeline)  # the model loads on the first image
-        self.params: str | None = None
-        self.quality = ""  # the segmenter's quality model as JSON ("" without one)
+        # A corrupt model file fails each image routed to it, with the message naming it, as it does locally.
+        self.pipe = Pipeline(bundle.open(), **options.pipeline)
+        self.router_loaded = False
+        self.models: dict[str, tuple[str, str]] = {}  # model -> (watershed params, quality model) as JSON
+
+    def _decide(self, image: np.ndarray, out: dict) -> str:
+        """Route ``image`` (timed as ``t_route``, the router's first load as ``t_load``); the model it goes to."""
+        t0 = time.perf_counter()
+        if self.options.modality is None and not self.router_loaded:
+            self.pipe._load_router()
+            self.router_loaded = True
+            out["t_load"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        d = self.pipe.decide(image, self.options.modality)
+        out.update(modality=d.modality, confidence=_nan(d.confidence), used_model=d.used_model, decision=d.decision,
+                   ood_score=_nan(d.ood_score))
+        if self.options.modality is None:
+            out["t_route"] = time.perf_counter() - t0
+        return d.used_model
+
+    def _load(self, model: str, out: dict) -> tuple[str, str]:
+        if model not in self.models:
+            t0 = time.perf_counter()
+            params = json.dumps(self.pipe.params(model).to_dict())  # loads the model
+            quality = self.pipe.quality_model(model)
+            self.models[model] = (params, "" if quality is None else json.dumps(quality.to_dict()))
+            out["t_load"] += time.perf_counter() - t0
+        return self.models[model]
 
     def __call__(self, batch: dict) -> dict:
         keep_image = self.options.overlays or self.options.rois
         rows = []
         for row in _rows(batch):
-            out = {**_carry(row), "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
+            out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
+                   "decision": "", "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
                    "px_y": row["px_y"], "px_x": row["px_x"], "image": EMPTY_IMAGE, "t_read": float(row["t_read"]),
-                   "t_load": 0.0}
-            t0 = time.perf_counter()
+                   "t_load": 0.0, "t_route": 0.0, "t_segment": 0.0}
             if not row["error"]:
                 try:
-                    if self.params is None:
-                        self.params = json.dumps(self.pipe.params(self.model).to_dict())  # loads the model
-                        quality = self.pipe.quality_model(self.model)
-                        self.quality = "" if quality is None else json.dumps(quality.to_dict())
-                        out["t_load"] = time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                    out["params"] = self.params
-                    out["quality_model"] = self.quality
                     image = _writable(row["image"])
-                    if self.options.modality is not None:
-                        d = self.pipe.decide(image, self.options.modality)
-                        out.update(modality=d.modality, confidence=_nan(d.confidence), used_model=d.used_model,
-                                   decision=d.decision, ood_score=_nan(d.ood_score))
-                    out["probs"] = self.pipe.probabilities(image, self.model)
-                    if keep_image:
-                        out["image"] = image
+                    model = self._decide(image, out)
+                    if model != SKIPPED:  # an unknown modality under --unknown skip: a row, no label file
+                        out["params"], out["quality_model"] = self._load(model, out)
+                        t0 = time.perf_counter()
+                        out["probs"] = self.pipe.probabilities(image, model)
+                        out["t_segment"] = time.perf_counter() - t0
+                        if keep_image:
+                            out["image"] = image
                 except Exception as err:  # noqa: BLE001
                     out.update(error_fields(err, row["file"]))
-            out["t_segment"] = time.perf_counter() - t0
             rows.append(out)
         return _columns(rows)
 
@@ -238,9 +224,12 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
 
     t0 = time.perf_counter()
     out = {**_carry(row), "objects": -1, "quality": np.nan, "t_write": 0.0}
-    for key in ("t_read", "t_load", "t_segment"):
+    for key in ("t_read", "t_load", "t_route", "t_segment"):
         out[key] = float(row.get(key, 0.0))
     if row["error"]:
+        return out
+    if row["used_model"] == SKIPPED:  # routed to no segmenter: the driver records its row, nothing is written
+        out["objects"] = 0
         return out
     name = row["name"]
     pixel = None if np.isnan(row["px_y"]) else (float(row["px_y"]), float(row["px_x"]))

@@ -52,7 +52,7 @@ def _read_routing(path: Path) -> dict[str, dict]:
             rows = list(csv.DictReader(fh))
     except (OSError, csv.Error, UnicodeDecodeError):
         return {}
-    return {Path(r.get("output", "")).stem: r for r in rows if r.get("output")}
+    return {output_stem(r.get("output", "")): r for r in rows if r.get("output")}
 
 
 def read_routing(path: str | os.PathLike) -> dict[str, dict]:
@@ -76,10 +76,16 @@ def read_routing(path: str | os.PathLike) -> dict[str, dict]:
         problem = str(err)
     else:
         if "output" in columns:
-            return {Path(r["output"]).stem: r for r in rows if r.get("output")}
+            return {output_stem(r["output"]): r for r in rows if r.get("output")}
         problem = f"no 'output' column (columns: {', '.join(columns) or 'none'})"
     raise OutputConflict(path, f"unreadable ({problem}); every label file keeps its own row, so delete it and "
                                "rerun the same command: routing.csv is rebuilt from the label files")
+
+
+def output_stem(output: str) -> str:
+    """The image name of a label file name: ``a.tif`` -> ``a``, ``a.ome.zarr`` -> ``a``."""
+    name = Path(output).name
+    return name[: -len(".ome.zarr")] if name.lower().endswith(".ome.zarr") else Path(name).stem
 
 
 def label_record(row: Mapping[str, Any]) -> dict:
@@ -246,6 +252,10 @@ def verify_output(path: str | os.PathLike, shape: Sequence[int] | None) -> str |
     """
     import tifffile
 
+    from triageseg.datasets.omezarr import is_zarr, verify_zarr
+
+    if is_zarr(path):
+        return verify_zarr(path, shape)
     path = Path(path)
     try:
         size = path.stat().st_size

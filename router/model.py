@@ -526,17 +526,10 @@ def router_outputs(
     return np.concatenate(logits), np.concatenate(feats)
 
 
-# The fallback policy lives in router/policy.py; re-exported here, where callers have imported it from.
-from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION, UNKNOWN_POLICIES, UnknownModality, decide  # noqa: E402
-
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_MODEL",
-    "UNKNOWN_POLICIES",
     "Prediction",
-    "UnknownModality",
-    "UNKNOWN_DECISION",
-    "SKIPPED",
     "RouterConfig",
     "background_colour",
     "classify",
@@ -544,7 +537,6 @@ __all__ = [
     "combine_views",
     "create_router",
     "crop_boxes",
-    "decide",
     "image_views",
     "load_router",
     "make_thumbnail",

@@ -18,13 +18,13 @@ from triageseg.router.model import (  # noqa: E402
     classify,
     create_router,
     crop_boxes,
-    decide,
     image_views,
     load_router,
     make_thumbnail,
     save_router,
     to_tensor,
 )
+from triageseg.router.policy import decide  # noqa: E402
 from triageseg.router.train import fit_temperature, score_predictions, train_router  # noqa: E402
 
 CLASSES = ("brightfield", "fluorescence", "he")
