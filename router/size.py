@@ -1,0 +1,206 @@
+"""Size triage: the median nucleus diameter of an image, in pixels, before any segmenter runs.
+
+A specialist is trained at one nucleus size (its ``SegmenterConfig.diameter``); an image
+whose nuclei are 4x larger is resized by 1/4 before the network (:func:`size_scale`), and
+its probabilities back to the native grid before the watershed. This module finds the
+size; :mod:`triageseg.pipeline.single` applies it.
+
+How (a classical scale-space estimate; ``benchmarks/bench_scale.py`` measures it against a
+probe that runs the segmenter): the nucleus signal (the grey image, inverted when nuclei
+are dark on a bright background) is filtered by the scale-normalised Laplacian of Gaussian
+``-sigma^2 LoG`` at sigmas a quarter octave apart. A disk of diameter ``d`` answers most
+strongly at its centre at ``sigma = d / (2 sqrt 2)``. The blobs are the local maxima over
+space and scale; the median sigma of the strongest ones, times ``2 sqrt 2`` and a
+calibration factor (:data:`CALIBRATION`, the median ratio of the label diameter to the
+raw estimate on synthetic images of every modality), is the diameter. Large sigmas are
+computed on a 2x, 4x, ... downsampled image (a pyramid), so the cost is about that of
+the first octave at full resolution.
+
+The diameter is the equivalent-circle diameter ``2 sqrt(area / pi)`` of a nucleus, median
+over the nuclei (:func:`median_diameter`), as Cellpose's ``diameter``.
+
+Example:
+    >>> est = estimate_diameter(image)            # doctest: +SKIP
+    >>> est.diameter, est.blobs                   # doctest: +SKIP
+    (23.8, 141)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Diameters the estimator can report (pixels); images outside get the fallback.
+MIN_DIAMETER, MAX_DIAMETER = 3.0, 400.0
+# Sigmas per octave of the scale space.
+LEVELS_PER_OCTAVE = 4
+# Multiplier from 2 sqrt(2) sigma of the strongest blobs to the label diameter (measured, see module docstring).
+CALIBRATION = 1.0
+# Fewer blobs than this: too little to estimate from (an empty image), the caller falls back.
+MIN_BLOBS = 1
+# Size sources recorded in routing.csv.
+SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """An image's estimated nucleus size.
+
+    Attributes:
+        diameter: median nucleus diameter in pixels; None when the image is (nearly) empty.
+        blobs: how many blobs the estimate rests on.
+    """
+
+    diameter: float | None
+    blobs: int
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent-circle diameter ``2 sqrt(area / pi)`` of the objects of a label image (None: no object)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    area = np.bincount(labels.ravel().astype(np.int64))[1:]
+    area = area[area > 0]
+    if area.size == 0:
+        return None
+    return float(2.0 * np.sqrt(np.median(area) / np.pi))
+
+
+def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(grey float32 image where nuclei are bright, whether it was inverted: nuclei dark on a bright background).
+
+    Nuclei are the minority phase, so the intensity distribution has its long tail toward
+    them: a mean below the median means dark objects on a bright background (stained
+    brightfield, H&E).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    grey = img.mean(axis=2) if img.ndim == 3 else img
+    sample = grey[:: max(1, grey.shape[0] // 256), :: max(1, grey.shape[1] // 256)]
+    dark = float(sample.mean()) < float(np.median(sample))
+    if dark:
+        grey = 1.0 - grey
+    return np.ascontiguousarray(grey, dtype=np.float32), dark
+
+
+def _downsample2(img: np.ndarray) -> np.ndarray:
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    v = img[:h, :w]
+    return 0.25 * (v[0::2, 0::2] + v[1::2, 0::2] + v[0::2, 1::2] + v[1::2, 1::2])
+
+
+def _blobs(signal: np.ndarray, *, min_diameter: float, max_diameter: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma in full-resolution pixels, response) of the scale-space maxima of ``signal``.
+
+    Level ``k`` is filtered on the image downsampled by ``f = 2^floor(log2(sigma_k / 1.5))``,
+    so every sigma is 1.5 to 3 pixels of the image it runs on; a level is compared with its
+    scale neighbours computed at its own resolution.
+    """
+    from scipy import ndimage as ndi
+
+    sig_lo, sig_hi = min_diameter / (2 * math.sqrt(2)), max_diameter / (2 * math.sqrt(2))
+    n = int(math.ceil(LEVELS_PER_OCTAVE * math.log2(sig_hi / sig_lo))) + 1
+    sigmas = sig_lo * 2.0 ** (np.arange(n) / LEVELS_PER_OCTAVE)
+    octave = np.maximum(0, np.floor(np.log2(sigmas / 1.5))).astype(int)
+    pyramid = [signal]
+    sigmas_out, responses = [], []
+    for o in np.unique(octave):
+        while len(pyramid) <= o:
+            pyramid.append(_downsample2(pyramid[-1]))
+        img, factor = pyramid[o], 2.0**o
+        if min(img.shape) < 8:
+            break
+        levels = np.nonzero(octave == o)[0]
+        idx = list(range(max(0, levels[0] - 1), min(n, levels[-1] + 2)))
+        stack = np.stack([-((s / factor) ** 2) * ndi.gaussian_laplace(img, s / factor, mode="reflect")
+                          for s in sigmas[idx]])
+        peak = (ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest") == stack) & (stack > 0)
+        peak[:, 0], peak[:, -1], peak[:, :, 0], peak[:, :, -1] = False, False, False, False
+        for i, k in enumerate(idx):
+            if octave[k] != o:
+                continue
+            ys, xs = np.nonzero(peak[i])
+            if ys.size:
+                responses.append(stack[i][ys, xs])
+                sigmas_out.append(np.full(ys.size, sigmas[k]))
+    if not responses:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(sigmas_out), np.concatenate(responses)
+
+
+def estimate_diameter(image: np.ndarray, *, method: str = "mask") -> SizeEstimate:
+    """Median nucleus diameter (pixels) of a normalised image (see the module docstring).
+
+    Args:
+        image: HxWxC (or HxW) float image in [0, 1] (``datasets.io.read_image``).
+        method: ``mask`` (the nuclei's inscribed radii; the default) or ``log`` (scale-space blobs).
+
+    Returns:
+        A :class:`SizeEstimate`; its diameter is None when fewer than :data:`MIN_BLOBS`
+        objects stand out (an empty or flat image).
+
+    Raises:
+        ValueError: an image that is not 2-D or 3-D.
+    """
+    img = np.asarray(image)
+    if img.ndim not in (2, 3) or img.shape[0] < 8 or img.shape[1] < 8:
+        raise ValueError(f"image must be HxW or HxWxC with sides >= 8, got shape {img.shape}")
+    signal, dark = nucleus_signal(img)
+    if float(np.percentile(signal, 99.5) - np.percentile(signal, 0.5)) < 0.05:
+        return SizeEstimate(None, 0)
+    if method == "log":
+        return _estimate_log(signal)
+    if method != "mask":
+        raise ValueError(f"unknown method {method!r}; valid: mask, log")
+    return _estimate_mask(signal, classes=3 if dark else 2)
+
+
+def _estimate_mask(signal: np.ndarray, *, classes: int) -> SizeEstimate:
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    smooth = ndi.gaussian_filter(signal, 1.0)
+    sample = smooth[:: max(1, smooth.shape[0] // 512), :: max(1, smooth.shape[1] // 512)]
+    if classes > 2:  # dark nuclei on a stained background: nuclei, stained tissue, background
+        from skimage.filters import threshold_multiotsu
+
+        thr = threshold_multiotsu(sample, classes=classes)[-1]
+    else:
+        thr = threshold_otsu(sample)
+    fg = smooth > thr
+    if fg.mean() > 0.7:  # the threshold found the background, not nuclei
+        return SizeEstimate(None, 0)
+    fg = ndi.binary_fill_holes(fg)
+    lab, n = ndi.label(fg)
+    if n < 1:
+        return SizeEstimate(None, 0)
+    dist = ndi.distance_transform_edt(fg)
+    radius = ndi.maximum(dist, lab, index=np.arange(1, n + 1))
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    ok = radius >= 1.5
+    if int(ok.sum()) < MIN_BLOBS:
+        return SizeEstimate(None, int(ok.sum()))
+    radius, area = np.asarray(radius)[ok], area[ok]
+    # Area-weighted median: specks of noise weigh little, clumps of nuclei count per pixel.
+    order = np.argsort(radius)
+    cum = np.cumsum(area[order])
+    r = float(radius[order][np.searchsorted(cum, 0.5 * cum[-1])])
+    diameter = 2.0 * r * CALIBRATION
+    return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(ok.sum()))
+
+
+def _estimate_log(signal: np.ndarray, *, strongest: float = 0.25) -> SizeEstimate:
+    max_diameter = min(240.0, 0.5 * min(signal.shape))
+    if max_diameter <= 4.0:
+        return SizeEstimate(None, 0)
+    sig, resp = _blobs(signal, min_diameter=4.0, max_diameter=max_diameter)
+    if resp.size == 0:
+        return SizeEstimate(None, 0)
+    top = float(np.percentile(resp, 99))
+    keep = resp >= strongest * top
+    if int(keep.sum()) < MIN_BLOBS or top < 0.02:
+        return SizeEstimate(None, int(keep.sum()))
+    diameter = float(np.median(sig[keep])) * 2 * math.sqrt(2)
+    return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(keep.sum()))
