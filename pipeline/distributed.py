@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline import storage
@@ -360,7 +361,7 @@ def segment_files_ray(
         check_outputs_apart([f for f, _ in local], [n for _, n in local], out)
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
-    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta, diameter=pipe.diameter,
                                channel=channel, page=page)
     storage.check_settings_at(out, settings, overwrite=overwrite)
     cluster = cluster_info()
@@ -386,7 +387,7 @@ def segment_files_ray(
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                       "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
-                      "unknown": pipe.unknown},
+                      "unknown": pipe.unknown, "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size},
         )
         run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)
         try:
@@ -415,7 +416,8 @@ class _Run:
         _configure_ray_data(self.options.progress)
         self.bundle = bundle_source(self.pipe.path, self.options, self.n_hosts, log=self.log)
         if self.stage.modality is not None:
-            blank = {"modality": "", "confidence": math.nan, "ood_score": math.nan, "used_model": "", "decision": ""}
+            blank = {"modality": "", "confidence": math.nan, "ood_score": math.nan, "used_model": "", "decision": "",
+                     "diameter": math.nan, "scale": math.nan, "size_source": ""}
             groups = {self.stage.modality: [{**item, **blank} for item in self.todo]}
         else:
             groups = self.route()
@@ -450,7 +452,8 @@ class _Run:
                           write=False)
         groups: dict[str, list[dict]] = {}
         for item, row in self._rows("route", len(self.todo), ds):
-            decided = {k: row[k] for k in ("modality", "used_model", "decision")}
+            decided = {k: row[k] for k in ("modality", "used_model", "decision", "size_source")}
+            decided.update(diameter=float(row["diameter"]), scale=float(row["scale"]))
             groups.setdefault(row["used_model"], []).append({**item, **decided, "confidence": float(row["confidence"]),
                                                              "ood_score": float(row["ood_score"])})
         return {model: sorted(items, key=lambda i: i["index"]) for model, items in groups.items()}
@@ -467,7 +470,8 @@ class _Run:
         confidence, score = float(row["confidence"]), float(row["ood_score"])
         entry = routing_row(_as_input(item["file"]), item["name"], str(row["modality"]),
                             None if math.isnan(confidence) else confidence, str(row["used_model"]),
-                            str(row["decision"]), ood_score=None if math.isnan(score) else score)
+                            str(row["decision"]), ood_score=None if math.isnan(score) else score,
+                            size=_size_of(row))
         entry["objects"] = objects
         quality = float(row.get("quality", math.nan))
         entry["quality"] = format_quality(None if math.isnan(quality) else quality)
@@ -481,3 +485,12 @@ class _Run:
         self.report.rows.append(entry)
         target = storage.join(self.stage.out, f"{item['name']}.tif")
         self.report.written.append(target if is_uri(target) else Path(target))
+
+
+def _size_of(row) -> SimpleNamespace:
+    """The size decision carried in a Ray row (NaN = none), as routing_row reads it."""
+    def num(key):
+        value = float(row.get(key, math.nan))
+        return None if math.isnan(value) else value
+
+    return SimpleNamespace(diameter=num("diameter"), scale=num("scale"), size_source=str(row.get("size_source", "")))

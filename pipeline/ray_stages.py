@@ -32,7 +32,7 @@ from triageseg.ray_cluster import is_uri
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.float32)
 # Columns a row keeps from stage to stage (the input and its routing decision).
 CARRIED = ("index", "file", "source", "name", "modality", "confidence", "ood_score", "used_model", "decision", "error",
-           "error_path")
+           "error_path", "diameter", "scale", "size_source")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ def row_error(row) -> DataError | None:
 
 def _carry(row) -> dict:
     return {k: row[k] for k in CARRIED if k in row}
+
+
+def _pixel(row) -> float | None:
+    """Microns per pixel of a read row (the mean of y and x); None when the file has none."""
+    px = float(row.get("px_y", np.nan))
+    return None if np.isnan(px) else 0.5 * (px + float(row["px_x"]))
+
+
+def _size(d) -> dict:
+    """The size decision's carried columns (NaN / "" when none)."""
+    return {"diameter": _nan(d.diameter), "scale": _nan(d.scale), "size_source": d.size_source}
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -157,7 +168,8 @@ class RouteActor:
         rows = []
         for row in _rows(batch):
             out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
-                   "decision": "", "t_read": float(row["t_read"]), "t_load": 0.0}
+                   "decision": "", "diameter": np.nan, "scale": np.nan, "size_source": "",
+                   "t_read": float(row["t_read"]), "t_load": 0.0}
             t0 = time.perf_counter()
             if not row["error"]:
                 try:
@@ -166,9 +178,9 @@ class RouteActor:
                         self.loaded = True
                         out["t_load"] = time.perf_counter() - t0
                         t0 = time.perf_counter()
-                    d = self.pipe.decide(_writable(row["image"]))
+                    d = self.pipe.decide(_writable(row["image"]), pixel_size=_pixel(row))
                     out.update(modality=d.modality, confidence=float(d.confidence), used_model=d.used_model,
-                               decision=d.decision, ood_score=_nan(d.ood_score))
+                               decision=d.decision, ood_score=_nan(d.ood_score), **_size(d))
                 except Exception as err:  # noqa: BLE001
                     out.update(error_fields(err, row["file"]))
             out["t_route"] = time.perf_counter() - t0
@@ -208,14 +220,17 @@ class SegmentActor:
                         self.quality = "" if quality is None else json.dumps(quality.to_dict())
                         out["t_load"] = time.perf_counter() - t0
                         t0 = time.perf_counter()
-                    out["params"] = self.params
                     out["quality_model"] = self.quality
                     image = _writable(row["image"])
                     if self.options.modality is not None:
-                        d = self.pipe.decide(image, self.options.modality)
+                        d = self.pipe.decide(image, self.options.modality, pixel_size=_pixel(row))
                         out.update(modality=d.modality, confidence=_nan(d.confidence), used_model=d.used_model,
-                                   decision=d.decision, ood_score=_nan(d.ood_score))
-                    out["probs"] = self.pipe.probabilities(image, self.model)
+                                   decision=d.decision, ood_score=_nan(d.ood_score), **_size(d))
+                    scale = None if not np.isfinite(float(out.get("scale", np.nan))) else float(out["scale"])
+                    # The watershed's area thresholds follow the image's own scale (Pipeline.params).
+                    out["params"] = self.params if scale is None else json.dumps(
+                        self.pipe.params(self.model, scale).to_dict())
+                    out["probs"] = self.pipe.probabilities(image, self.model, scale)
                     if keep_image:
                         out["image"] = image
                 except Exception as err:  # noqa: BLE001

@@ -204,3 +204,101 @@ def _estimate_log(signal: np.ndarray, *, strongest: float = 0.25) -> SizeEstimat
         return SizeEstimate(None, int(keep.sum()))
     diameter = float(np.median(sig[keep])) * 2 * math.sqrt(2)
     return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(keep.sum()))
+
+
+# Diameters a user may give (pixels): a nucleus narrower than 2 px or wider than 2000 px is a typo.
+GIVEN_RANGE = (2.0, 2000.0)
+
+
+def check_diameter(value) -> float:
+    """A given nucleus diameter (``--diameter``) as a float, refused when not a finite number in :data:`GIVEN_RANGE`."""
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"diameter must be a number of pixels, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(d) or not GIVEN_RANGE[0] <= d <= GIVEN_RANGE[1]:
+        raise ValueError(f"diameter must be a number of pixels in [{GIVEN_RANGE[0]:g}, {GIVEN_RANGE[1]:g}], "
+                         f"got {value!r}")
+    return d
+
+
+@dataclass(frozen=True)
+class SizeDecision:
+    """How big an image's nuclei are and how it is resized for its segmenter (recorded in routing.csv).
+
+    Attributes:
+        diameter: median nucleus diameter on the native grid (px); None when unknown (fallback, off).
+        scale: the resize factor before the network (the probabilities come back to the native grid).
+        source: ``estimated``, ``given`` (``--diameter``), ``metadata`` (pixel size x the
+            segmenter's diameter in um), ``fallback`` (no nuclei to estimate from: scale 1)
+            or ``off`` (a segmenter trained before size triage: its fixed scale).
+    """
+
+    diameter: float | None
+    scale: float
+    source: str
+
+
+def decide_size(
+    estimate,
+    *,
+    train_diameter: float | None,
+    train_diameter_um: float | None = None,
+    fixed_scale: float = 1.0,
+    given: float | None = None,
+    pixel_size: float | None = None,
+    use_pixel_size: bool = True,
+) -> SizeDecision:
+    """The :class:`SizeDecision` for one image: given sizes win, then the pixel size, then the estimate.
+
+    Args:
+        estimate: ``() -> SizeEstimate`` (called only when the size is not given).
+        train_diameter: the segmenter's ``SegmenterConfig.diameter``; None = size triage off.
+        train_diameter_um: its ``diameter_um``.
+        fixed_scale: the segmenter's own ``scale`` (used when size triage is off).
+        given: the user's diameter (px).
+        pixel_size: microns per pixel from the file's metadata.
+        use_pixel_size: whether ``pixel_size`` decides when the segmenter knows its diameter in um.
+    """
+    from triageseg.segmenters.scale import MAX_SCALE, MIN_SCALE
+
+    if train_diameter is None:
+        return SizeDecision(None, float(fixed_scale), "off")
+    if given is not None:
+        d, source = check_diameter(given), "given"
+    elif use_pixel_size and pixel_size and train_diameter_um and pixel_size > 0:
+        d, source = float(train_diameter_um) / float(pixel_size), "metadata"
+    else:
+        d, source = estimate().diameter, "estimated"
+        if d is None:
+            return SizeDecision(None, 1.0, "fallback")
+    scale = float(np.clip(train_diameter / d, MIN_SCALE, MAX_SCALE))
+    return SizeDecision(round(d, 2), round(scale, 4), source)
+
+
+def estimate_overview(overview: np.ndarray, shape: tuple[int, int], read_crop, *, crop: int = 512) -> SizeEstimate:
+    """The estimate of an image too large to hold: from native-resolution crops, else from the overview.
+
+    Four crops of ``crop`` pixels (centred on the quarter points) are estimated at native
+    resolution; their median wins when the nuclei are small enough for a crop to hold
+    several. Otherwise (large nuclei, or empty crops) the overview's estimate, times its
+    downsampling factor, is used.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    c = min(crop, h, w)
+    found = []
+    for fy in (0.25, 0.75):
+        for fx in (0.25, 0.75):
+            top, left = int(min(max(0, fy * h - c / 2), h - c)), int(min(max(0, fx * w - c / 2), w - c))
+            est = estimate_diameter(read_crop(top, left, c, c))
+            if est.diameter is not None:
+                found.append(est)
+    if found:
+        d = float(np.median([e.diameter for e in found]))
+        if d <= c / 6:
+            return SizeEstimate(d, sum(e.blobs for e in found))
+    factor = h / overview.shape[0]
+    if min(overview.shape[:2]) < 8:
+        return SizeEstimate(None, 0)
+    ov = estimate_diameter(overview)
+    return SizeEstimate(None if ov.diameter is None else ov.diameter * factor, ov.blobs)

@@ -44,6 +44,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum while training (EfficientNet's own 0.01 lags short runs)
     scale: float = 1.0  # resize images (and labels) by this factor for the network; saved in the model config
+    size_triage: bool = True  # resize each image so its nuclei have the training set's median diameter (recorded)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
     seed: int = 0  # seeds weights init, crop sampling and augmentation
     tile_size: int = 512  # inference tile size (validation and the saved model)

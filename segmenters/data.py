@@ -62,6 +62,34 @@ class CropDataset:
         )
 
 
+def canonical_diameter(labels: Sequence[np.ndarray]) -> float | None:
+    """The training set's nucleus diameter: the median over images of each image's median diameter (px)."""
+    from triageseg.router.size import median_diameter
+
+    found = [d for d in (median_diameter(lab) for lab in labels) if d is not None]
+    return round(float(np.median(found)), 2) if found else None
+
+
+def to_diameter(data: Sequence[tuple[np.ndarray, np.ndarray]], diameter: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, labels) pairs each resized so its median nucleus diameter is ``diameter`` (like Cellpose's diam_mean).
+
+    The factor is clipped to [0.25, 4]; an image without nuclei is kept as it is.
+    """
+    from triageseg.router.size import median_diameter
+    from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
+
+    out = []
+    for image, labels in data:
+        d = median_diameter(labels)
+        factor = 1.0 if d is None else float(np.clip(diameter / d, 0.25, 4.0))
+        if abs(factor - 1.0) < 0.02:
+            out.append((image, labels))
+            continue
+        shape = scaled_shape(image.shape, factor)
+        out.append((resize_image(image, shape), resize_labels(labels, shape)))
+    return out
+
+
 class RangeSampler:
     """Yields the global sample indices ``start, ..., stop - 1`` in order (torch Sampler protocol)."""
 
