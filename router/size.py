@@ -163,12 +163,12 @@ def _estimate_mask(signal: np.ndarray, *, classes: int) -> SizeEstimate:
 
     smooth = ndi.gaussian_filter(signal, 1.0)
     sample = smooth[:: max(1, smooth.shape[0] // 512), :: max(1, smooth.shape[1] // 512)]
-    if classes > 2:  # dark nuclei on a stained background: nuclei, stained tissue, background
+    thr = threshold_otsu(sample)
+    if classes > 2 and float((sample > thr).mean()) > 0.45:
+        # Dark nuclei on stained tissue covering most of the image: nuclei, tissue, background.
         from skimage.filters import threshold_multiotsu
 
         thr = threshold_multiotsu(sample, classes=classes)[-1]
-    else:
-        thr = threshold_otsu(sample)
     fg = smooth > thr
     if fg.mean() > 0.7:  # the threshold found the background, not nuclei
         return SizeEstimate(None, 0)
@@ -183,11 +183,14 @@ def _estimate_mask(signal: np.ndarray, *, classes: int) -> SizeEstimate:
     if int(ok.sum()) < MIN_BLOBS:
         return SizeEstimate(None, int(ok.sum()))
     radius, area = np.asarray(radius)[ok], area[ok]
+    # A component no larger than an ellipse of aspect 2 around its inscribed disk is one nucleus: its
+    # equivalent-circle diameter; a larger one is a clump of touching nuclei: its inscribed diameter.
+    single = area <= 2.0 * np.pi * radius**2
+    diam = np.where(single, 2.0 * np.sqrt(area / np.pi), 2.0 * radius * CALIBRATION)
     # Area-weighted median: specks of noise weigh little, clumps of nuclei count per pixel.
-    order = np.argsort(radius)
+    order = np.argsort(diam)
     cum = np.cumsum(area[order])
-    r = float(radius[order][np.searchsorted(cum, 0.5 * cum[-1])])
-    diameter = 2.0 * r * CALIBRATION
+    diameter = float(diam[order][np.searchsorted(cum, 0.5 * cum[-1])])
     return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(ok.sum()))
 
 
