@@ -188,3 +188,33 @@ def test_block_path_at_scale_2_and_half_gives_the_in_memory_labels(tmp_path, siz
     blocks, whole = read_labels(tmp_path / "blocks" / "mosaic.tif"), read_labels(tmp_path / "whole" / "mosaic.tif")
     assert whole.max() > 0
     assert same_up_to_numbering(whole, blocks)
+
+
+@pytest.mark.parametrize("modality", ["fluorescence", "brightfield", "he"])
+def test_synth_diameter_sets_the_median_nucleus_size_and_none_keeps_the_old_samples(modality):
+    from triageseg.datasets.synth import synth_sample
+
+    for diameter in (8.0, 40.0):
+        img, lab = synth_sample(modality, size=192, rng=np.random.default_rng(3), diameter=diameter)
+        assert img.shape == (192, 192, 3) and img.dtype == np.uint8
+        assert np.array_equal(np.unique(lab), np.arange(int(lab.max()) + 1))
+        assert abs(np.log2(median_diameter(lab) / diameter)) < 0.5
+    a = synth_sample(modality, size=64, rng=np.random.default_rng(5))
+    b = synth_sample(modality, size=64, rng=np.random.default_rng(5), diameter=None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_data_synth_diameter_range(tmp_path):
+    from triageseg.cli.main import cli
+    from triageseg.datasets.layout import Dataset
+
+    out = tmp_path / "d"
+    res = CliRunner().invoke(cli, ["data", "synth", "--out", str(out), "--n", "6", "--size", "96",
+                                   "--diameter-range", "8,40"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "synth.json").read_text())["diameter_range"] == [8.0, 40.0]
+    ds = Dataset(out)
+    sizes = [median_diameter(ds.load(s)[1]) for s in ds.samples]
+    assert min(sizes) >= 4 and max(sizes) <= 80
+    res = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "e"), "--diameter-range", "40,8"])
+    assert res.exit_code == 2

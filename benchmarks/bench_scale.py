@@ -1,0 +1,137 @@
+"""Size triage on a synthetic zoom series: estimate error, its cost, and F1 per zoom with and without it.
+
+Test images of each modality are drawn at zoom 0.5, 1, 2, 3, 4 and 6 of the modality's
+typical nucleus size (``synth_sample(diameter=...)``: rendered at base size and resized,
+so nuclei span ~8 to ~120 px). No hint is given to the pipeline.
+
+Printed:
+1. The size estimate per method (``mask``: the default, ``log``: scale-space blobs):
+   median and 95th percentile of |log2(estimated / true median diameter)|, per modality and overall.
+2. Its cost: milliseconds per 512 x 512 image, and the segment time of the same image (--bundle).
+3. With --bundle: mean F1 (IoU 0.5:0.95, pooled per image) per zoom, for
+   ``off`` (today's code: every image at the segmenter's own scale), ``estimated`` (size triage)
+   and ``given`` (the true diameter passed as --diameter: the ceiling of size triage).
+   A bundle trained before size triage has no training diameter; ``--data DIR`` gives each
+   segmenter the median label diameter of its modality's training images there, so the
+   old bundle's models can be measured with size triage.
+
+Usage:
+    python -m triageseg.benchmarks.bench_scale --bundle /work/demo_base/bundle --data /work/demo_base/data
+    python benchmarks/bench_scale.py --budget 2     # estimate only, 2 images per modality and zoom
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+ZOOMS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+MODALITIES = ("fluorescence", "brightfield", "he")
+
+
+def zoom_series(n: int, size: int, seed: int = 123):
+    """(modality, zoom, image float32 HxWx3, labels) for n images per modality and zoom."""
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.datasets.synth.styles import STYLES
+
+    for m in MODALITIES:
+        r_lo, r_hi = STYLES[m].radius
+        typical = 2.0 * np.sqrt(r_lo * r_hi)
+        for z in ZOOMS:
+            for i in range(n):
+                rng = np.random.default_rng([seed, MODALITIES.index(m), i])  # the same layout at every zoom
+                img, lab = synth_sample(m, size=size, rng=rng, diameter=typical * z)
+                yield m, z, img.astype(np.float32) / 255.0, lab
+
+
+def estimate_errors(series, methods=("mask", "log")) -> dict:
+    from triageseg.router.size import estimate_diameter, median_diameter
+
+    errs: dict = {}
+    for m, z, img, lab in series:
+        true = median_diameter(lab)
+        for method in methods:
+            est = estimate_diameter(img, method=method).diameter
+            err = np.inf if est is None or true is None else abs(np.log2(est / true))
+            errs.setdefault(method, {}).setdefault(m, []).append(err)
+    return errs
+
+
+def cost_ms(method: str, repeats: int = 5) -> float:
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.router.size import estimate_diameter
+
+    img = synth_sample("fluorescence", size=512, rng=np.random.default_rng(0))[0].astype(np.float32) / 255
+    estimate_diameter(img, method=method)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        estimate_diameter(img, method=method)
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
+def _train_diameters(data) -> dict[str, float]:
+    from triageseg.datasets.layout import Dataset
+    from triageseg.segmenters.data import canonical_diameter
+
+    ds = Dataset(data)
+    out = {}
+    for m in ds.modalities:
+        labels = [ds.load(s)[1] for s in ds.select(split="train", modality=m)]
+        out[m] = canonical_diameter(labels)
+    out["_generalist"] = canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
+    return out
+
+
+def f1_per_zoom(bundle, data, n: int, size: int) -> dict:
+    from triageseg.pipeline import Pipeline
+    from triageseg.postprocess.metrics import match_image
+    from triageseg.router.size import median_diameter
+
+    scores: dict = {}
+    known = _train_diameters(data) if data else {}
+    pipes = {}
+    for mode in ("off", "estimated", "given"):
+        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu")
+        for name in pipes[mode].available:
+            d, d_um, fixed = pipes[mode].size_config(name)
+            if d is None and name in known:
+                d = known[name] * fixed
+            pipes[mode]._size_configs[name] = (None if mode == "off" else d, d_um, fixed)
+    for m, z, img, lab in zoom_series(n, size):
+        for mode, pipe in pipes.items():
+            pipe.diameter = median_diameter(lab) if mode == "given" else None
+            r = pipe.segment(img)
+            scores.setdefault(mode, {}).setdefault(z, []).append(match_image(lab, r.labels).mean_f1)
+    return scores
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default=None, help="Bundle to measure F1 per zoom with (none: estimate only).")
+    ap.add_argument("--data", default=None, help="Its training data (gives an old bundle its training diameters).")
+    ap.add_argument("--budget", type=int, default=4, help="Images per modality and zoom.")
+    ap.add_argument("--size", type=int, default=256, help="Side of the test images.")
+    args = ap.parse_args(argv)
+
+    errs = estimate_errors(zoom_series(args.budget, args.size))
+    print(f"size estimate, |log2(est/true)| over {args.budget} image(s) per modality x zoom "
+          f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px; inf = no estimate)")
+    for method, per in errs.items():
+        allv = np.concatenate([np.asarray(v) for v in per.values()])
+        line = "  ".join(f"{m} {np.median(v):.3f}/{np.percentile(v, 95):.3f}" for m, v in per.items())
+        print(f"  {method:5s} median/p95: all {np.median(allv):.3f}/{np.percentile(allv, 95):.3f}  {line}  "
+              f"(goal 0.15/0.40)")
+    for method in errs:
+        print(f"  {method:5s} cost {cost_ms(method):.1f} ms per 512x512 image (a loaded machine: indicative only)")
+    if args.bundle:
+        scores = f1_per_zoom(args.bundle, args.data, args.budget, args.size)
+        print("mean F1 (IoU 0.5:0.95) per zoom; goal: every zoom within 0.03 of zoom 1")
+        print("  mode       " + " ".join(f"{z:>7g}" for z in ZOOMS))
+        for mode, per in scores.items():
+            print(f"  {mode:10s} " + " ".join(f"{np.mean(per[z]):7.3f}" for z in ZOOMS))
+
+
+if __name__ == "__main__":
+    main()
