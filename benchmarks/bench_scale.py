@@ -42,7 +42,9 @@ def zoom_series(n: int, size: int, seed: int = 123):
         for z in ZOOMS:
             for i in range(n):
                 rng = np.random.default_rng([seed, MODALITIES.index(m), i])  # the same layout at every zoom
-                img, lab = synth_sample(m, size=size, rng=rng, diameter=typical * z)
+                # larger images at high zoom, so they still hold a few dozen nuclei
+                side = int(size * max(1.0, z / 2))
+                img, lab = synth_sample(m, size=side, rng=rng, diameter=typical * z)
                 yield m, z, img.astype(np.float32) / 255.0, lab
 
 

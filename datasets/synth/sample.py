@@ -57,7 +57,7 @@ def _zoomed(modality: str, size: int, rng: np.random.Generator, diameter: float)
     r_lo, r_hi = STYLES[modality].radius
     zoom = diameter / (2.0 * np.sqrt(r_lo * r_hi))  # the style's typical diameter -> the one wanted
     canvas = int(np.clip(round(size / zoom), MIN_SIZE, MAX_SIZE))
-    labels, nrad = _place_nuclei(rng, canvas, STYLES[modality])
+    labels, nrad = _place_nuclei(rng, canvas, STYLES[modality], radius_center=np.sqrt(r_lo * r_hi))
     image = _RENDERERS[modality](rng, labels, nrad)
     if canvas == size:
         return image, labels
