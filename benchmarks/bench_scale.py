@@ -73,40 +73,54 @@ def cost_ms(method: str, repeats: int = 5) -> float:
     return 1000 * (time.perf_counter() - t0) / repeats
 
 
-def _train_diameters(data) -> dict[str, float]:
+def _train_sizes(data, limit: int = 24) -> dict[str, tuple[float | None, float]]:
+    """Segmenter name -> (training diameter, size calibration) from its training images in ``data``."""
     from triageseg.datasets.layout import Dataset
-    from triageseg.segmenters.data import canonical_diameter
+    from triageseg.segmenters.data import canonical_diameter, size_calibration
 
     ds = Dataset(data)
     out = {}
-    for m in ds.modalities:
-        labels = [ds.load(s)[1] for s in ds.select(split="train", modality=m)]
-        out[m] = canonical_diameter(labels)
-    out["_generalist"] = canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
+    groups = {m: ds.select(split="train", modality=m) for m in ds.modalities}
+    groups["_generalist"] = ds.select(split="train")
+    for name, samples in groups.items():
+        loaded = [ds.load(s) for s in samples[:limit]]
+        out[name] = (canonical_diameter([lab for _, lab in loaded]), size_calibration(loaded))
     return out
 
 
-def f1_per_zoom(bundle, data, n: int, size: int) -> dict:
+MODES = ("off", "mask", "probe", "given")  # size triage off; the mask estimate; + the probe; the true diameter
+
+
+def f1_per_zoom(bundle, data, n: int, size: int) -> tuple[dict, dict]:
+    """Mean F1 per mode and zoom, and |log2(decided / true diameter)| per mode (the pipeline's own decision)."""
     from triageseg.pipeline import Pipeline
     from triageseg.postprocess.metrics import match_image
     from triageseg.router.size import median_diameter
 
     scores: dict = {}
-    known = _train_diameters(data) if data else {}
+    errors: dict = {}
+    known = _train_sizes(data) if data else {}
+    if known:
+        print("training sizes from --data: " + ", ".join(f"{k} {d:g} px (calibration {c:g})"
+                                                       for k, (d, c) in known.items()))
     pipes = {}
-    for mode in ("off", "estimated", "given"):
-        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu")
+    for mode in MODES:
+        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu", size_probe=mode == "probe")
         for name in pipes[mode].available:
-            d, d_um, fixed = pipes[mode].size_config(name)
+            d, d_um, fixed, calibration = pipes[mode].size_config(name)
             if d is None and name in known:
-                d = known[name] * fixed
-            pipes[mode]._size_configs[name] = (None if mode == "off" else d, d_um, fixed)
+                d, calibration = known[name][0] * fixed, known[name][1]
+            pipes[mode]._size_configs[name] = (None if mode == "off" else d, d_um, fixed, calibration)
     for m, z, img, lab in zoom_series(n, size):
+        true = median_diameter(lab)
         for mode, pipe in pipes.items():
-            pipe.diameter = median_diameter(lab) if mode == "given" else None
+            pipe.diameter = true if mode == "given" else None
             r = pipe.segment(img)
             scores.setdefault(mode, {}).setdefault(z, []).append(match_image(lab, r.labels).mean_f1)
-    return scores
+            if mode in ("mask", "probe"):
+                err = np.inf if r.diameter is None else abs(np.log2(r.diameter / true))
+                errors.setdefault(mode, {}).setdefault(m, []).append(err)
+    return scores, errors
 
 
 def main(argv=None) -> None:
@@ -128,7 +142,13 @@ def main(argv=None) -> None:
     for method in errs:
         print(f"  {method:5s} cost {cost_ms(method):.1f} ms per 512x512 image (a loaded machine: indicative only)")
     if args.bundle:
-        scores = f1_per_zoom(args.bundle, args.data, args.budget, args.size)
+        scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size)
+        print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter), "
+              "|log2(decided/true)| median/p95:")
+        for mode, per in errors.items():
+            allv = np.concatenate([np.asarray(v) for v in per.values()])
+            line = "  ".join(f"{m} {np.median(v):.3f}/{np.percentile(v, 95):.3f}" for m, v in per.items())
+            print(f"  {mode:5s} all {np.median(allv):.3f}/{np.percentile(allv, 95):.3f}  {line}")
         print("mean F1 (IoU 0.5:0.95) per zoom; goal: every zoom within 0.03 of zoom 1")
         print("  mode       " + " ".join(f"{z:>7g}" for z in ZOOMS))
         for mode, per in scores.items():

@@ -103,6 +103,7 @@ class Pipeline:
         unknown: str = "generalist",
         diameter: float | None = None,
         use_pixel_size: bool = True,
+        size_probe: bool = True,
     ):
         from triageseg.router.size import check_diameter
         from triageseg.segmenters.predict import resolve_device
@@ -110,6 +111,7 @@ class Pipeline:
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
         self.diameter = None if diameter is None else check_diameter(diameter)  # --diameter: forces the size
         self.use_pixel_size = bool(use_pixel_size)
+        self.size_probe = bool(size_probe)  # the segmenter checks the estimate on one crop (pipeline.sizing)
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
         self.unknown = unknown
@@ -202,13 +204,13 @@ class Pipeline:
                 self._segmenters[name] = load_segmenter(_bundle.segmenter_dir(self.path, name), device=self.device)
         return self._segmenters[name]
 
-    def size_config(self, name: str) -> tuple[float | None, float | None, float]:
-        """(diameter, diameter_um, scale) of segmenter ``name``, from its config.json (no weights loaded)."""
+    def size_config(self, name: str) -> tuple[float | None, float | None, float, float]:
+        """(diameter, diameter_um, scale, size_calibration) of segmenter ``name``, from its config.json."""
         if name not in self._size_configs:
             from triageseg.segmenters.model import SegmenterConfig
 
             cfg = SegmenterConfig.from_json(_bundle.segmenter_dir(self.path, name) / _bundle.CONFIG)
-            self._size_configs[name] = (cfg.diameter, cfg.diameter_um, float(cfg.scale))
+            self._size_configs[name] = (cfg.diameter, cfg.diameter_um, float(cfg.scale), cfg.size_calibration)
         return self._size_configs[name]
 
     def size_notes(self) -> list[str]:
@@ -219,19 +221,27 @@ class Pipeline:
         return [f"{self.path}: size triage off for {', '.join(old)} (trained before it: no nucleus diameter in its "
                 "config); images run at the segmenter's own scale. Retrain to turn it on."]
 
-    def size(self, estimate, used_model: str, pixel_size=None):
+    def size(self, estimate, used_model: str, pixel_size=None, probe=None):
         """The :class:`~triageseg.router.size.SizeDecision` for an image going to ``used_model``.
 
         ``estimate`` is ``() -> SizeEstimate``, called only when the size is neither given
         (``diameter``) nor known from ``pixel_size`` (microns per pixel, a number or (y, x)).
+        ``probe`` is ``(shape, read_crop)`` of the image: the segmenter checks the estimate on
+        one crop (:func:`triageseg.pipeline.sizing.probe_diameter`) when ``size_probe`` is on.
         """
+        import functools
+
+        from triageseg.pipeline.sizing import probe_diameter
         from triageseg.router.size import decide_size
 
-        d, d_um, fixed = self.size_config(used_model)
+        d, d_um, fixed, calibration = self.size_config(used_model)
         if pixel_size is not None and not np.isscalar(pixel_size):
             pixel_size = float(np.mean([float(v) for v in pixel_size]))
         return decide_size(estimate, train_diameter=d, train_diameter_um=d_um, fixed_scale=fixed,
-                           given=self.diameter, pixel_size=pixel_size, use_pixel_size=self.use_pixel_size)
+                           given=self.diameter, pixel_size=pixel_size, use_pixel_size=self.use_pixel_size,
+                           calibration=calibration,
+                           refine=None if probe is None or not self.size_probe else functools.partial(
+                               _probe, probe_diameter, self, used_model, probe))
 
     def quality_model(self, name: str) -> QualityModel | None:
         """The quality model of segmenter ``name`` (its ``quality.json``), loaded once; None when it has none.
@@ -371,8 +381,12 @@ class Pipeline:
         """
         from triageseg.router.size import estimate_diameter
 
+        def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
+            return image[top : top + height, left : left + width]
+
         return self._decision(modality, lambda: self.route([image])[0],
-                              lambda used: self.size(lambda: estimate_diameter(image), used, pixel_size))
+                              lambda used: self.size(lambda: estimate_diameter(image), used, pixel_size,
+                                                     probe=(image.shape[:2], crop)))
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
         """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.
@@ -399,7 +413,7 @@ class Pipeline:
 
         return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop),
                               lambda used: self.size(lambda: estimate_overview(overview, shape, read_crop), used,
-                                                     pixel_size))
+                                                     pixel_size, probe=(shape, read_crop)))
 
     def _decision(self, modality: str | None, predict, size=None) -> Decision:
         if modality is not None:
@@ -437,6 +451,11 @@ class Pipeline:
         from triageseg.pipeline.batch import segment_files
 
         return segment_files(self, inputs, out_dir, **options)
+
+
+def _probe(probe_diameter, pipe, used_model: str, where, diameter: float) -> float:
+    shape, read_crop = where
+    return probe_diameter(pipe, used_model, diameter, shape, read_crop)
 
 
 def _check_sizes(*, tile_size: int | None, overlap: int | None, batch_size: int) -> None:

@@ -51,6 +51,7 @@ from triageseg.segmenters.config import TrainConfig, TrainResult
 from triageseg.segmenters.data import (
     CropDataset,
     canonical_diameter,
+    size_calibration,
     to_diameter,
     RangeSampler,
     balanced,
@@ -151,6 +152,7 @@ def train_segmenter(
     check_has_objects(dataset.root, config, [lab for _, lab in train_data])
     val_data = [dataset.load(s) for s in val_samples]
     diameter = canonical_diameter([lab for _, lab in train_data]) if config.size_triage else None
+    calibration = size_calibration(train_data) if diameter is not None else 1.0
     if diameter is not None:  # every image at the training set's nucleus size (size triage brings others to it)
         train_data, val_data = to_diameter(train_data, diameter), to_diameter(val_data, diameter)
         log(f"{name}: images resized to a median nucleus diameter of {diameter:g} px")
@@ -171,7 +173,8 @@ def train_segmenter(
     # ---- model and optimiser, state (fresh or resumed)
     seg_config = config.segmenter_config()
     if diameter is not None:  # what the network sees: the diameter at its own scale
-        seg_config = dataclasses.replace(seg_config, diameter=round(diameter * config.scale, 2))
+        seg_config = dataclasses.replace(seg_config, diameter=round(diameter * config.scale, 2),
+                                         size_calibration=calibration)
     model, optimizer, scaler = _build_model(seg_config, config, dev, log)
     cuda = dev.type == "cuda"
     if resume and ckpt_path.is_file():
