@@ -221,13 +221,14 @@ class Pipeline:
         return [f"{self.path}: size triage off for {', '.join(old)} (trained before it: no nucleus diameter in its "
                 "config); images run at the segmenter's own scale. Retrain to turn it on."]
 
-    def size(self, estimate, used_model: str, pixel_size=None, probe=None):
+    def size(self, estimate, used_model: str, pixel_size=None, probe=None, given: float | None = None):
         """The :class:`~triageseg.router.size.SizeDecision` for an image going to ``used_model``.
 
         ``estimate`` is ``() -> SizeEstimate``, called only when the size is neither given
         (``diameter``) nor known from ``pixel_size`` (microns per pixel, a number or (y, x)).
         ``probe`` is ``(shape, read_crop)`` of the image: the segmenter checks the estimate on
         one crop (:func:`triageseg.pipeline.sizing.probe_diameter`) when ``size_probe`` is on.
+        ``given`` overrides the pipeline's ``diameter`` for this image (the web page, napari).
         """
         import functools
 
@@ -238,7 +239,7 @@ class Pipeline:
         if pixel_size is not None and not np.isscalar(pixel_size):
             pixel_size = float(np.mean([float(v) for v in pixel_size]))
         return decide_size(estimate, train_diameter=d, train_diameter_um=d_um, fixed_scale=fixed,
-                           given=self.diameter, pixel_size=pixel_size, use_pixel_size=self.use_pixel_size,
+                           given=self.diameter if given is None else given, pixel_size=pixel_size, use_pixel_size=self.use_pixel_size,
                            calibration=calibration,
                            refine=None if probe is None or not self.size_probe else functools.partial(
                                _probe, probe_diameter, self, used_model, probe))
@@ -373,20 +374,24 @@ class Pipeline:
         quality = self.quality(probs, labels, d.used_model, confidence=d.confidence, ood_score=d.ood_score)
         return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality, *size)
 
+    def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None):
+        """The size decision of an in-memory image going to ``used_model`` (:meth:`size` with its estimate and probe)."""
+        from triageseg.router.size import estimate_diameter
+
+        def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
+            return image[top : top + height, left : left + width]
+
+        return self.size(lambda: estimate_diameter(image), used_model, pixel_size, probe=(image.shape[:2], crop),
+                         given=given)
+
     def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
         """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded).
 
         The size (``diameter``, ``scale``, ``size_source``) is decided for the chosen segmenter
         (:meth:`size`): the given diameter, the pixel size, or the estimate from ``image``.
         """
-        from triageseg.router.size import estimate_diameter
-
-        def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
-            return image[top : top + height, left : left + width]
-
         return self._decision(modality, lambda: self.route([image])[0],
-                              lambda used: self.size(lambda: estimate_diameter(image), used, pixel_size,
-                                                     probe=(image.shape[:2], crop)))
+                              lambda used: self.image_size(image, used, pixel_size=pixel_size))
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
         """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.

@@ -69,12 +69,12 @@ def _too_large(name: str, size: int, config: ServeConfig) -> str:
 
 
 def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modality: str | None,
-            queued_at: float) -> dict:
+            queued_at: float, diameter: float | None = None) -> dict:
     """One upload on the device thread: analyse it into its result folder, then remove the upload."""
     started = time.time()
     out = workspace.result_dir(token)
     try:
-        result = analyse_file(pipe, path, out, filename=name, modality=modality)
+        result = analyse_file(pipe, path, out, filename=name, modality=modality, diameter=diameter)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -124,8 +124,17 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
         }
 
     @app.post("/api/segment")
-    async def segment(request: Request, filename: str = "upload", modality: str | None = None):
+    async def segment(request: Request, filename: str = "upload", modality: str | None = None,
+                      diameter: str | None = None):
+        from triageseg.router.size import check_diameter
+
         name = safe_filename(filename)
+        given = None
+        if diameter is not None and diameter.strip() and diameter.strip().lower() not in AUTO:
+            try:  # refused before the upload is read
+                given = check_diameter(diameter.strip())
+            except ValueError as err:
+                return _error(422, f"{name}: {err}")
         forced = None if modality is None or modality.strip().lower() in AUTO else modality.strip()
         token, folder = workspace.new_upload()
         submitted = False
@@ -136,7 +145,7 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
                 return _error(413, _too_large(name, size, config))
             if forced is not None:
                 pipe.check_modality(forced)  # before the image is queued and decoded
-            future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
+            future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time(), given)
             submitted = True
             return await asyncio.wrap_future(future)
         except BundleError as err:  # a broken model file: the message names it
