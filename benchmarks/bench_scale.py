@@ -93,24 +93,12 @@ MODES = ("off", "mask", "probe", "given")  # size triage off; the mask estimate;
 
 def f1_per_zoom(bundle, data, n: int, size: int) -> tuple[dict, dict]:
     """Mean F1 per mode and zoom, and |log2(decided / true diameter)| per mode (the pipeline's own decision)."""
-    from triageseg.pipeline import Pipeline
     from triageseg.postprocess.metrics import match_image
     from triageseg.router.size import median_diameter
 
     scores: dict = {}
     errors: dict = {}
-    known = _train_sizes(data) if data else {}
-    if known:
-        print("training sizes from --data: " + ", ".join(f"{k} {d:g} px (calibration {c:g})"
-                                                       for k, (d, c) in known.items()))
-    pipes = {}
-    for mode in MODES:
-        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu", size_probe=mode == "probe")
-        for name in pipes[mode].available:
-            d, d_um, fixed, calibration = pipes[mode].size_config(name)
-            if d is None and name in known:
-                d, calibration = known[name][0] * fixed, known[name][1]
-            pipes[mode]._size_configs[name] = (None if mode == "off" else d, d_um, fixed, calibration)
+    pipes = _pipes(bundle, data)
     for m, z, img, lab in zoom_series(n, size):
         true = median_diameter(lab)
         for mode, pipe in pipes.items():
@@ -123,14 +111,62 @@ def f1_per_zoom(bundle, data, n: int, size: int) -> tuple[dict, dict]:
     return scores, errors
 
 
+def _pipes(bundle, data) -> dict:
+    """One pipeline per mode; an old bundle's segmenters get their training sizes from ``data``."""
+    from triageseg.pipeline import Pipeline
+
+    known = _train_sizes(data) if data else {}
+    pipes = _pipes(bundle, data)
+    return pipes
+
+
+def real_zooms(bundle, data, image_path: str, mask_path: str, *, max_side: int = 1024) -> dict:
+    """F1@0.5 and objects found / true per mode and zoom of a real image with its masks (check only)."""
+    from triageseg.datasets.io import read_image, read_labels
+    from triageseg.postprocess.metrics import match_image
+    from triageseg.router.size import median_diameter
+    from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
+
+    image, labels = read_image(image_path), read_labels(mask_path)
+    pipes = _pipes(bundle, data)
+    out: dict = {}
+    for z in ZOOMS:
+        shape = scaled_shape(image.shape, z)
+        img, lab = resize_image(image, shape), resize_labels(labels, shape)
+        c0, c1 = min(max_side, shape[0]), min(max_side, shape[1])
+        y0, x0 = (shape[0] - c0) // 2, (shape[1] - c1) // 2
+        img, lab = img[y0 : y0 + c0, x0 : x0 + c1], lab[y0 : y0 + c0, x0 : x0 + c1]
+        true = median_diameter(lab)
+        n_true = len(np.unique(lab[lab > 0]))
+        for mode, pipe in pipes.items():
+            pipe.diameter = true if mode == "given" else None
+            r = pipe.segment(img)
+            m = match_image(lab, r.labels)
+            out.setdefault(mode, {})[z] = (float(m.f1[0]), int(r.labels.max()), n_true, r.diameter, true)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default=None, help="Bundle to measure F1 per zoom with (none: estimate only).")
     ap.add_argument("--data", default=None, help="Its training data (gives an old bundle its training diameters).")
     ap.add_argument("--budget", type=int, default=4, help="Images per modality and zoom.")
     ap.add_argument("--size", type=int, default=256, help="Side of the test images.")
+    ap.add_argument("--real", action="append", default=[], metavar="IMAGE:MASK",
+                    help="A real image and its instance masks, checked at every zoom (never trained on).")
+    ap.add_argument("--no-synth", action="store_true", help="Skip the synthetic series (with --real).")
     args = ap.parse_args(argv)
 
+    for pair in args.real:
+        image_path, mask_path = pair.split(":")
+        res = real_zooms(args.bundle, args.data, image_path, mask_path)
+        print(f"real image {image_path}: F1@0.5 (objects found/true; decided diameter / true) per zoom")
+        for mode, per in res.items():
+            print(f"  {mode:6s} " + "  ".join(
+                f"{z:g}: {f1:.3f} ({k}/{n}; {'-' if d is None else f'{d:.0f}'}/{t:.0f})"
+                for z, (f1, k, n, d, t) in per.items()))
+    if args.no_synth:
+        return
     errs = estimate_errors(zoom_series(args.budget, args.size))
     print(f"size estimate, |log2(est/true)| over {args.budget} image(s) per modality x zoom "
           f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px; inf = no estimate)")
