@@ -37,7 +37,7 @@ def describe(analysis: Analysis) -> str:
     if r.probabilities:
         ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
         lines.append("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
-    if r.size_source:
+    if r.size_source and r.size_source != "off":  # off: a bundle trained before size triage
         size = "unknown" if r.diameter is None else f"{r.diameter:.1f} px"
         lines.append(f"nucleus diameter: {size} ({r.size_source}; scale {r.scale:g})")
     if r.ood_score is not None:

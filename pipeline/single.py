@@ -103,7 +103,7 @@ class Pipeline:
         unknown: str = "generalist",
         diameter: float | None = None,
         use_pixel_size: bool = True,
-        size_probe: bool = True,
+        size_probe: bool = False,
     ):
         from triageseg.router.size import check_diameter
         from triageseg.segmenters.predict import resolve_device
