@@ -218,3 +218,40 @@ def test_data_synth_diameter_range(tmp_path):
     assert min(sizes) >= 4 and max(sizes) <= 80
     res = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "e"), "--diameter-range", "40,8"])
     assert res.exit_code == 2
+
+
+def test_web_page_job_shows_the_size_and_takes_a_typed_diameter(tmp_path, sized_bundle):
+    from triageseg.pipeline import Pipeline
+    from triageseg.serve.jobs import analyse_file
+
+    pipe = Pipeline.from_bundle(sized_bundle, device="cpu")
+    path = _write(tmp_path, "cells.tif", _disks(16, size=128))
+    typed = analyse_file(pipe, path, tmp_path / "typed", filename="cells.tif", modality="he", diameter=8.0)
+    assert (typed["routing"]["diameter"], typed["routing"]["scale"], typed["routing"]["size_source"]) == (
+        8.0, 2.0, "given")
+    auto = analyse_file(pipe, path, tmp_path / "auto", filename="cells.tif", modality="he")
+    assert auto["routing"]["size_source"] == "estimated"
+    assert auto["routing"]["diameter"] == pytest.approx(32, rel=0.15)
+
+
+def test_napari_steps_take_a_typed_diameter_and_record_the_size(sized_bundle):
+    pytest.importorskip("qtpy")
+    from triageseg.napari_plugin.steps import Analysis, analyse_steps
+
+    gen = analyse_steps(sized_bundle, (_disks(16, size=96)[..., 0] * 255).astype(np.uint8), layer_name="cells",
+                        segment=True, modality="he", diameter=12.0)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        analysis = stop.value
+    assert isinstance(analysis, Analysis)
+    meta = analysis.metadata()
+    assert (meta["diameter"], meta["scale"], meta["size_source"]) == (12.0, pytest.approx(16 / 12, abs=1e-3), "given")
+    assert analysis.labels.shape == (96, 96)
+    bad = analyse_steps(sized_bundle, np.zeros((32, 32), np.uint8), layer_name="x", segment=False, diameter=-1)
+    try:
+        while True:
+            next(bad)
+    except StopIteration as stop:
+        assert "diameter" in stop.value.message
