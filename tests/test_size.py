@@ -255,3 +255,27 @@ def test_napari_steps_take_a_typed_diameter_and_record_the_size(sized_bundle):
             next(bad)
     except StopIteration as stop:
         assert "diameter" in stop.value.message
+
+
+def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
+    """The cluster path's route and segment actors and write task, called directly: the local path's size and labels."""
+    from triageseg.datasets.io import read_labels
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.ray_stages import BundleSource, RouteActor, SegmentActor, StageOptions, read_stage, write_stage
+
+    path = _write(tmp_path, "cells.tif", _disks(16, size=128))
+    options = StageOptions(out=str(tmp_path / "ray_out"), pipeline={"device": "cpu", "diameter": 8.0})
+    (tmp_path / "ray_out").mkdir()
+    row = read_stage({"index": 0, "file": path, "name": "cells", "modality": "", "confidence": np.nan,
+                      "used_model": "", "decision": "", "error": "", "error_path": ""}, options=options)
+    routed = RouteActor(BundleSource(path=str(sized_bundle)), options)({k: [v] for k, v in row.items()})
+    assert (routed["diameter"][0], routed["scale"][0], routed["size_source"][0]) == (8.0, 2.0, "given")
+    row = {**row, **{k: v[0] for k, v in routed.items() if k in ("modality", "confidence", "used_model", "decision",
+                                                                    "diameter", "scale", "size_source")}}
+    batch = SegmentActor(BundleSource(path=str(sized_bundle)), row["used_model"], options)(
+        {k: [v] for k, v in row.items()})
+    out = write_stage({k: v[0] for k, v in batch.items()}, options=options)
+    assert out["error"] == "" and out["size_source"] == "given"
+    local = Pipeline.from_bundle(sized_bundle, device="cpu", diameter=8.0)
+    local.segment_files([path], tmp_path / "local", modality=row["used_model"])
+    assert np.array_equal(read_labels(tmp_path / "ray_out" / "cells.tif"), read_labels(tmp_path / "local" / "cells.tif"))
