@@ -31,12 +31,12 @@ ZOOMS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 MODALITIES = ("fluorescence", "brightfield", "he")
 
 
-def zoom_series(n: int, size: int, seed: int = 123):
+def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
     """(modality, zoom, image float32 HxWx3, labels) for n images per modality and zoom."""
     from triageseg.datasets.synth import synth_sample
     from triageseg.datasets.synth.styles import STYLES
 
-    for m in MODALITIES:
+    for m in modalities:
         r_lo, r_hi = STYLES[m].radius
         typical = 2.0 * np.sqrt(r_lo * r_hi)
         for z in ZOOMS:
@@ -91,7 +91,7 @@ def _train_sizes(data, limit: int = 24) -> dict[str, tuple[float | None, float]]
 MODES = ("off", "mask", "probe", "given")  # size triage off; the mask estimate; + the probe; the true diameter
 
 
-def f1_per_zoom(bundle, data, n: int, size: int) -> tuple[dict, dict]:
+def f1_per_zoom(bundle, data, n: int, size: int, modalities=MODALITIES) -> tuple[dict, dict]:
     """Mean F1 per mode and zoom, and |log2(decided / true diameter)| per mode (the pipeline's own decision)."""
     from triageseg.postprocess.metrics import match_image
     from triageseg.router.size import median_diameter
@@ -99,7 +99,7 @@ def f1_per_zoom(bundle, data, n: int, size: int) -> tuple[dict, dict]:
     scores: dict = {}
     errors: dict = {}
     pipes = _pipes(bundle, data)
-    for m, z, img, lab in zoom_series(n, size):
+    for m, z, img, lab in zoom_series(n, size, modalities=modalities):
         true = median_diameter(lab)
         for mode, pipe in pipes.items():
             pipe.diameter = true if mode == "given" else None
@@ -154,6 +154,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=256, help="Side of the test images.")
     ap.add_argument("--real", action="append", default=[], metavar="IMAGE:MASK",
                     help="A real image and its instance masks, checked at every zoom (never trained on).")
+    ap.add_argument("--modalities", default=",".join(MODALITIES), help="Modalities of the synthetic series.")
     ap.add_argument("--no-synth", action="store_true", help="Skip the synthetic series (with --real).")
     args = ap.parse_args(argv)
 
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
                 for z, (f1, k, n, d, t) in per.items()))
     if args.no_synth:
         return
-    errs = estimate_errors(zoom_series(args.budget, args.size))
+    mods = tuple(args.modalities.split(","))
+    errs = estimate_errors(zoom_series(args.budget, args.size, modalities=mods))
     print(f"size estimate, |log2(est/true)| over {args.budget} image(s) per modality x zoom "
           f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px; inf = no estimate)")
     for method, per in errs.items():
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
     for method in errs:
         print(f"  {method:5s} cost {cost_ms(method):.1f} ms per 512x512 image (a loaded machine: indicative only)")
     if args.bundle:
-        scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size)
+        scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size, modalities=mods)
         print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter), "
               "|log2(decided/true)| median/p95:")
         for mode, per in errors.items():
