@@ -146,6 +146,30 @@ def real_zooms(bundle, data, image_path: str, mask_path: str, *, max_side: int =
     return out
 
 
+def segment_costs(bundle, data, repeats: int = 2) -> dict:
+    """Seconds per 512 x 512 image: the segment with the size given vs estimated, at zoom 1 and 4 (fluorescence)."""
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.datasets.synth.styles import STYLES
+    from triageseg.router.size import median_diameter
+
+    pipes = _pipes(bundle, data)
+    r_lo, r_hi = STYLES["fluorescence"].radius
+    out = {}
+    for z in (1.0, 4.0):
+        img, lab = synth_sample("fluorescence", size=512, rng=np.random.default_rng(9),
+                                diameter=2 * np.sqrt(r_lo * r_hi) * z)
+        img = img.astype(np.float32) / 255
+        for mode in ("given", "mask"):
+            pipe = pipes[mode]
+            pipe.diameter = median_diameter(lab) if mode == "given" else None
+            pipe.segment(img, modality="fluorescence")  # warm
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                pipe.segment(img, modality="fluorescence")
+            out[(z, mode)] = (time.perf_counter() - t0) / repeats
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default=None, help="Bundle to measure F1 per zoom with (none: estimate only).")
@@ -180,6 +204,11 @@ def main(argv=None) -> None:
     for method in errs:
         print(f"  {method:5s} cost {cost_ms(method):.1f} ms per 512x512 image (a loaded machine: indicative only)")
     if args.bundle:
+        costs = segment_costs(args.bundle, args.data)
+        for z in (1.0, 4.0):
+            given, est = costs[(z, "given")], costs[(z, "mask")]
+            print(f"  segment 512x512 at zoom {z:g}: {given:.2f} s with the size given, {est:.2f} s estimated "
+                  f"(+{100 * (est / given - 1):.0f} %); {given / 0.262144:.2f} s per megapixel")
         scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size, modalities=mods)
         print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter), "
               "|log2(decided/true)| median/p95:")

@@ -200,7 +200,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     routing.csv (file, modality, confidence, OOD score, model used, decision, objects, seconds,
     quality, diameter, scale, size_source) in --out. Each image's median nucleus diameter is
     estimated (or --diameter, or the pixel size) and the image resized so its nuclei reach
-    the size its segmenter was trained at; the labels are at the native resolution. An image unlike every modality the router was trained on gets the
+    the size its segmenter was trained at; the labels are at the native resolution. An image
+    unlike every modality the router was trained on gets the
     decision "unknown modality" and is handled as --unknown says; a forced --modality gets no
     such verdict. quality is a predicted mean F1 from the image's own probabilities and
     objects (no ground truth): the summary ends with the --review N lowest, and

@@ -139,7 +139,8 @@ def segment_files(
     check_outputs_apart(paths, names, out_dir)
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
-    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta, diameter=pipe.diameter,
+    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               diameter=pipe.diameter,
                                channel=channel, page=page, level=blocks.level)
     check_settings(out_dir, settings, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -361,7 +361,8 @@ def segment_files_ray(
         check_outputs_apart([f for f, _ in local], [n for _, n in local], out)
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
-    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta, diameter=pipe.diameter,
+    settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               diameter=pipe.diameter,
                                channel=channel, page=page)
     storage.check_settings_at(out, settings, overwrite=overwrite)
     cluster = cluster_info()

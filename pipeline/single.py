@@ -239,7 +239,8 @@ class Pipeline:
         if pixel_size is not None and not np.isscalar(pixel_size):
             pixel_size = float(np.mean([float(v) for v in pixel_size]))
         return decide_size(estimate, train_diameter=d, train_diameter_um=d_um, fixed_scale=fixed,
-                           given=self.diameter if given is None else given, pixel_size=pixel_size, use_pixel_size=self.use_pixel_size,
+                           given=self.diameter if given is None else given, pixel_size=pixel_size,
+                           use_pixel_size=self.use_pixel_size,
                            calibration=calibration,
                            refine=None if probe is None or not self.size_probe else functools.partial(
                                _probe, probe_diameter, self, used_model, probe))
@@ -375,7 +376,7 @@ class Pipeline:
         return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality, *size)
 
     def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None):
-        """The size decision of an in-memory image going to ``used_model`` (:meth:`size` with its estimate and probe)."""
+        """The size decision of an in-memory image going to ``used_model`` (:meth:`size`: estimate and probe)."""
         from triageseg.router.size import estimate_diameter
 
         def crop(top: int, left: int, height: int, width: int) -> np.ndarray:

@@ -74,7 +74,8 @@ def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:
     """(float32 image where nuclei are bright, whether it was inverted: nuclei dark on a bright background).
 
     Nuclei are the minority phase, so the median pixel is background: a median nearer the
-    bright end means dark objects on a bright background (stained brightfield, H&E). Of the channels (and their mean), the one whose two Otsu classes
+    bright end means dark objects on a bright background (stained brightfield, H&E). Of the
+    channels (and their mean), the one whose two Otsu classes
     are best apart (between-class variance over total variance) is kept: the red channel
     separates haematoxylin from eosin, the blue one DAB from the background.
     """

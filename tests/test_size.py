@@ -261,7 +261,14 @@ def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
     """The cluster path's route and segment actors and write task, called directly: the local path's size and labels."""
     from triageseg.datasets.io import read_labels
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.ray_stages import BundleSource, RouteActor, SegmentActor, StageOptions, read_stage, write_stage
+    from triageseg.pipeline.ray_stages import (
+        BundleSource,
+        RouteActor,
+        SegmentActor,
+        StageOptions,
+        read_stage,
+        write_stage,
+    )
 
     path = _write(tmp_path, "cells.tif", _disks(16, size=128))
     options = StageOptions(out=str(tmp_path / "ray_out"), pipeline={"device": "cpu", "diameter": 8.0})
@@ -278,4 +285,5 @@ def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
     assert out["error"] == "" and out["size_source"] == "given"
     local = Pipeline.from_bundle(sized_bundle, device="cpu", diameter=8.0)
     local.segment_files([path], tmp_path / "local", modality=row["used_model"])
-    assert np.array_equal(read_labels(tmp_path / "ray_out" / "cells.tif"), read_labels(tmp_path / "local" / "cells.tif"))
+    ray_labels = read_labels(tmp_path / "ray_out" / "cells.tif")
+    assert np.array_equal(ray_labels, read_labels(tmp_path / "local" / "cells.tif"))

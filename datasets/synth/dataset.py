@@ -118,7 +118,8 @@ def make_dataset(
     if diameter_range is not None:
         lo, hi = (float(v) for v in diameter_range)
         if not (2.0 <= lo <= hi <= 1000.0):
-            raise ValueError(f"diameter_range must be MIN,MAX with 2 <= MIN <= MAX <= 1000 pixels, got {diameter_range}")
+            raise ValueError(f"diameter_range must be MIN,MAX with 2 <= MIN <= MAX <= 1000 pixels, "
+                             f"got {diameter_range}")
     fractions = tuple(float(f) for f in splits)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, got {splits!r}")
