@@ -136,8 +136,14 @@ def train_bundle(
 
     counts = {m: len(ds.select(split="train", modality=m)) for m in mods}
     base_steps, rest, per_specialist = budget.split(counts)
+    from triageseg.segmenters.data import canonical_diameter
+
+    # One nucleus size for the shared base and every specialist fine-tuned from it (size triage brings
+    # each image to it): the median over all training images.
+    canonical = canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
     common = TrainConfig(
         modality=None,
+        diameter=canonical,
         batch_size=budget.batch_size,
         crop_size=budget.crop_size,
         lr=budget.lr,

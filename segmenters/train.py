@@ -151,7 +151,9 @@ def train_segmenter(
     train_data = [dataset.load(s) for s in train_samples]
     check_has_objects(dataset.root, config, [lab for _, lab in train_data])
     val_data = [dataset.load(s) for s in val_samples]
-    diameter = canonical_diameter([lab for _, lab in train_data]) if config.size_triage else None
+    diameter = None
+    if config.size_triage:
+        diameter = config.diameter or canonical_diameter([lab for _, lab in train_data])
     calibration = size_calibration(train_data) if diameter is not None else 1.0
     if diameter is not None:  # every image at the training set's nucleus size (size triage brings others to it)
         train_data, val_data = to_diameter(train_data, diameter), to_diameter(val_data, diameter)
