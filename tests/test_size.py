@@ -287,3 +287,16 @@ def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
     local.segment_files([path], tmp_path / "local", modality=row["used_model"])
     ray_labels = read_labels(tmp_path / "ray_out" / "cells.tif")
     assert np.array_equal(ray_labels, read_labels(tmp_path / "local" / "cells.tif"))
+
+
+def test_segment_prints_the_old_bundle_note_once(tmp_path, tiny_bundle):
+    from triageseg.cli.main import cli
+
+    image = _write(tmp_path, "a.tif", _disks(4, size=64))
+    res = CliRunner().invoke(cli, ["segment", image, "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"),
+                                   "--modality", "he", "--quiet"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if "size triage off" in line]  # stderr is in output
+    assert len(notes) == 1 and notes[0].startswith("note: ")
+    row = next(csv.DictReader((tmp_path / "o" / "routing.csv").open()))
+    assert (row["diameter"], row["scale"], row["size_source"]) == ("", "1", "off")
