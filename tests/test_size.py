@@ -300,3 +300,27 @@ def test_segment_prints_the_old_bundle_note_once(tmp_path, tiny_bundle):
     assert len(notes) == 1 and notes[0].startswith("note: ")
     row = next(csv.DictReader((tmp_path / "o" / "routing.csv").open()))
     assert (row["diameter"], row["scale"], row["size_source"]) == ("", "1", "off")
+
+
+def test_the_pixel_size_decides_when_the_segmenter_knows_its_nuclei_in_um(tmp_path, sized_bundle):
+    from triageseg import bundle as B
+    from triageseg.cli.main import cli
+
+    root = tmp_path / "um_bundle"
+    shutil.copytree(sized_bundle, root)
+    path = B.segmenter_dir(root, "he") / B.CONFIG
+    cfg = json.loads(path.read_text())
+    cfg["diameter_um"] = 8.0  # 16 px at 0.5 um per pixel
+    path.write_text(json.dumps(cfg))
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "cells.tif", (_disks(16, size=128) * 255).astype(np.uint8), photometric="rgb",
+                     resolution=(4.0, 4.0), resolutionunit="MICROMETER")  # 0.25 um per pixel
+    base = ["segment", str(src), "--bundle", str(root), "--modality", "he", "--quiet"]
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "meta")])
+    assert res.exit_code == 0, res.output
+    row = next(csv.DictReader((tmp_path / "meta" / "routing.csv").open()))
+    assert (row["diameter"], row["scale"], row["size_source"]) == ("32.00", "0.5", "metadata")
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "est"), "--no-use-pixel-size"])
+    assert res.exit_code == 0, res.output
+    assert next(csv.DictReader((tmp_path / "est" / "routing.csv").open()))["size_source"] == "estimated"
