@@ -116,7 +116,17 @@ def _pipes(bundle, data) -> dict:
     from triageseg.pipeline import Pipeline
 
     known = _train_sizes(data) if data else {}
-    pipes = _pipes(bundle, data)
+    if known:
+        print("training sizes from --data: " + ", ".join(f"{k} {d:g} px (calibration {c:g})"
+                                                       for k, (d, c) in known.items()))
+    pipes = {}
+    for mode in MODES:
+        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu", size_probe=mode == "probe")
+        for name in pipes[mode].available:
+            d, d_um, fixed, calibration = pipes[mode].size_config(name)
+            if d is None and name in known:
+                d, calibration = known[name][0] * fixed, known[name][1]
+            pipes[mode]._size_configs[name] = (None if mode == "off" else d, d_um, fixed, calibration)
     return pipes
 
 
