@@ -136,8 +136,14 @@ def train_bundle(
 
     counts = {m: len(ds.select(split="train", modality=m)) for m in mods}
     base_steps, rest, per_specialist = budget.split(counts)
+    from triageseg.segmenters.data import canonical_diameter
+
+    # One nucleus size for the shared base and every specialist fine-tuned from it (size triage brings
+    # each image to it): the median over all training images.
+    canonical = canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
     common = TrainConfig(
         modality=None,
+        diameter=canonical,
         batch_size=budget.batch_size,
         crop_size=budget.crop_size,
         lr=budget.lr,
@@ -376,6 +382,9 @@ def scores_to_dict(scores: BundleScores) -> dict[str, Any]:
 # The demo's splits: 70 training and 14 validation images of its 130, and a test split of
 # 46 (25 fluorescence, 7 brightfield, 7 H&E, 7 IHC) so that per-modality scores are not three images.
 DEMO_SPLITS = (0.54, 0.115, 0.345)
+# The demo's nuclei: a median diameter per image drawn log-uniform in this range (px), so that size
+# triage is trained (each segmenter at its training set's median) and tested across magnifications.
+DEMO_DIAMETERS = (8.0, 48.0)
 
 
 def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, device: str = "auto",
@@ -388,7 +397,7 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
     data = out / "data"
     bundle_dir = out / "bundle"
     log(f"[data] generating {n} synthetic images of {size}x{size} in {data}")
-    make_dataset(data, n=n, size=size, seed=seed, splits=DEMO_SPLITS)
+    make_dataset(data, n=n, size=size, seed=seed, splits=DEMO_SPLITS, diameter_range=DEMO_DIAMETERS)
     summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed,
                            progress=progress, log=log)
     log("[evaluate] segmenting the held-out test split")

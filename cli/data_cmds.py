@@ -47,6 +47,19 @@ def _parse_weights(ctx, param, value: str | None):
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", ctx=ctx, param=param) from None
 
 
+def _parse_range(ctx, param, value):
+    """MIN,MAX of --diameter-range, refused before anything is drawn."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,MAX in pixels, got {value!r}", ctx=ctx, param=param) from None
+    if not (2.0 <= lo <= hi <= 1000.0):
+        raise click.BadParameter(f"need 2 <= MIN <= MAX <= 1000 pixels, got {value!r}", ctx=ctx, param=param)
+    return lo, hi
+
+
 @data.command("synth")
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output dataset folder."
@@ -70,7 +83,11 @@ def _parse_weights(ctx, param, value: str | None):
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same dataset).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out.")
-def synth_cmd(out: Path, n: int, size: int, modalities: tuple[str, ...], weights, seed: int, overwrite: bool) -> None:
+@click.option("--diameter-range", "diameter_range", callback=lambda ctx, p, v: _parse_range(ctx, p, v), default=None,
+              metavar="MIN,MAX", help="Median nucleus diameter per image in pixels, drawn log-uniform in this range "
+                                      "(default: each modality's own sizes).")
+def synth_cmd(out: Path, n: int, size: int, modalities: tuple[str, ...], weights, seed: int, overwrite: bool,
+              diameter_range) -> None:
     """Generate a synthetic nuclei dataset (fluorescence, brightfield, H&E, IHC) with labels and splits.
 
     Writes images/<id>.png, labels/<id>.tif, modalities.csv, splits.csv and synth.json.
@@ -78,7 +95,8 @@ def synth_cmd(out: Path, n: int, size: int, modalities: tuple[str, ...], weights
     from triageseg.datasets.synth import make_dataset
 
     started = time.perf_counter()
-    root = make_dataset(out, n=n, size=size, modalities=modalities, seed=seed, weights=weights, overwrite=overwrite)
+    root = make_dataset(out, n=n, size=size, modalities=modalities, seed=seed, weights=weights, overwrite=overwrite,
+                        diameter_range=diameter_range)
     click.echo(_summary(root, time.perf_counter() - started))
 
 

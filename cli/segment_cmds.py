@@ -124,6 +124,33 @@ def _ray_options(func):
     return func
 
 
+def _diameter(ctx, param, value: float | None) -> float | None:
+    """--diameter checked before anything loads: a finite number of pixels in a sane range."""
+    from triageseg.router.size import check_diameter
+
+    if value is None:
+        return None
+    try:
+        return check_diameter(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _size_options(func):
+    for option in reversed(
+        [
+            click.option("--diameter", type=float, default=None, callback=_diameter,
+                         help="Median nucleus diameter in pixels of every input (Cellpose's convention): skips the "
+                              "size estimate; images are resized so their nuclei reach the segmenter's training size."),
+            click.option("--use-pixel-size/--no-use-pixel-size", default=True, show_default=True,
+                         help="Take the nucleus size from the file's pixel size (um) when the segmenter knows its "
+                              "training nuclei in um; otherwise the size is estimated from the image."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
 def _tile_size(ctx, param, value: int | None) -> int | None:
     if value is not None and (value < 32 or value % 32):
         raise click.BadParameter(f"{value} is not a positive multiple of 32 (e.g. 256, 512)", ctx=ctx, param=param)
@@ -175,16 +202,20 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--min-quality", type=click.FloatRange(0, 1), default=None,
               help="Write the images whose predicted quality (mean F1) is below this to review.csv in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_size_options
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
             workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
             cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
-            backend, precision, label_format):
+            backend, precision, label_format, diameter, use_pixel_size):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
     routing.csv (file, modality, confidence, OOD score, model used, decision, objects, seconds,
-    quality) in --out. An image unlike every modality the router was trained on gets the
+    quality, diameter, scale, size_source) in --out. Each image's median nucleus diameter is
+    estimated (or --diameter, or the pixel size) and the image resized so its nuclei reach
+    the size its segmenter was trained at; the labels are at the native resolution. An image
+    unlike every modality the router was trained on gets the
     decision "unknown modality" and is handled as --unknown says; a forced --modality gets no
     such verdict. quality is a predicted mean F1 from the image's own probabilities and
     objects (no ground truth): the summary ends with the --review N lowest, and
@@ -245,7 +276,9 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     with _backend_notes():
         pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
                                     batch_size=batch_size, tta=tta, unknown=unknown, backend=backend,
-                                    precision=precision)
+                                    precision=precision, diameter=diameter, use_pixel_size=use_pixel_size)
+    for note in pipe.size_notes():
+        click.echo(f"note: {note}", err=True)
     if modality is None:
         _notes(pipe)
     if on_ray:

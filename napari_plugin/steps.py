@@ -53,6 +53,9 @@ class Analysis:
             "decision": r.decision,
             "forced": r.forced,
             "ood_score": r.ood_score,
+            "diameter": r.diameter,
+            "scale": r.scale,
+            "size_source": r.size_source,
             "bundle": self.bundle,
             "source_layer": self.layer_name,
             "count": self.count,
@@ -110,6 +113,7 @@ def analyse_steps(
     modality: str | None = None,
     tile_size: int | None = None,
     cache: dict | None = None,
+    diameter: float | None = None,
 ) -> Generator[Step, None, Analysis | Failure]:
     """Route (and with ``segment``, segment) one layer's pixels with the bundle at ``bundle``.
 
@@ -121,6 +125,7 @@ def analyse_steps(
         modality: force this segmenter instead of the router's choice.
         tile_size: segmenter tile side (None: each model's own).
         cache: keeps the loaded pipeline between jobs.
+        diameter: the median nucleus diameter in pixels (None: estimated, ``router.size``).
 
     Yields:
         A :class:`Step` before each stage.
@@ -134,13 +139,17 @@ def analyse_steps(
         pipe = load_pipeline(bundle, tile_size, {} if cache is None else cache)
         image = normalize_image(pixels, name=layer_name)
         yield Step(1, total, "routing")
-        routing = route_image(pipe, image, modality=modality)
+        if diameter is not None:
+            from triageseg.router.size import check_diameter
+
+            diameter = check_diameter(diameter)
+        routing = route_image(pipe, image, modality=modality, diameter=diameter)
         labels = None
         if segment:
             yield Step(2, total, f"segmenting with {routing.used_model}")
-            probs = pipe.probabilities(image, routing.used_model)
+            probs = pipe.probabilities(image, routing.used_model, routing.scale)
             yield Step(3, total, "separating nuclei (watershed)")
-            labels = watershed(probs, pipe.params(routing.used_model))
+            labels = watershed(probs, pipe.params(routing.used_model, routing.scale))
     except ValueError as err:  # DataError included: the user can fix these, so no traceback
         return Failure(layer_name, str(err))
     return Analysis(layer_name, routing, labels, str(pipe.path))

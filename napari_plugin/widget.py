@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -36,6 +37,9 @@ def describe(analysis: Analysis) -> str:
     if r.probabilities:
         ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
         lines.append("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
+    if r.size_source and r.size_source != "off":  # off: a bundle trained before size triage
+        size = "unknown" if r.diameter is None else f"{r.diameter:.1f} px"
+        lines.append(f"nucleus diameter: {size} ({r.size_source}; scale {r.scale:g})")
     if r.ood_score is not None:
         lines.append(f"OOD score: {r.ood_score:.4g}" + (" (unknown modality)" if r.decision.startswith("unknown")
                                                          else ""))
@@ -72,6 +76,10 @@ class TriagesegWidget(QWidget):
         self.tile_spin.setRange(0, 8192)
         self.tile_spin.setSingleStep(32)
         self.tile_spin.setSpecialValueText("each model's own")
+        self.diameter_spin = QDoubleSpinBox()  # 0 = estimate it; otherwise the user's diameter (px)
+        self.diameter_spin.setRange(0, 2000)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSpecialValueText("auto (estimated)")
         self.route_button = QPushButton("Route")
         self.segment_button = QPushButton("Segment")
         self.progress = QProgressBar()
@@ -104,6 +112,7 @@ class TriagesegWidget(QWidget):
         form.addRow("image", self.layer_combo)
         form.addRow("force modality", self.modality_combo)
         form.addRow("tile size", self.tile_spin)
+        form.addRow("nucleus diameter (px)", self.diameter_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.route_button)
         buttons.addWidget(self.segment_button)
@@ -200,6 +209,7 @@ class TriagesegWidget(QWidget):
         self.worker = create_worker(
             analyse_steps, self.bundle, pixels, layer_name=layer.name, segment=segment,
             modality=self.modality_combo.currentData(), tile_size=self.tile_spin.value() or None,
+            diameter=self.diameter_spin.value() or None,
             cache=self._cache, _progress={"total": total, "desc": f"triageseg: {layer.name}"},
         )
         self.worker.yielded.connect(self._on_step)

@@ -153,6 +153,7 @@ def segment_files(
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
     settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               diameter=pipe.diameter,
                                channel=channel, page=page, level=blocks.level)
     out_dir.mkdir(parents=True, exist_ok=True)
     with out_dir_lock(out_dir):  # a second run into out_dir is refused: it would lose this run's rows
@@ -279,7 +280,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
         if use_blocks(path, blocks):
             return _BLOCKWISE
         image, pixel_size = read_input(path, channel=channel, page=page)
-        return image, pixel_size, pipe.decide(image, modality)
+        return image, pixel_size, pipe.decide(image, modality, pixel_size=pixel_size)
 
     try:
         for path, name, loaded in _prefetch(todo, prepare):
@@ -302,20 +303,21 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
             try:
                 if isinstance(loaded, BaseException):
                     raise loaded
-                image, pixel_size, (mod, conf, used, decision, score) = loaded
-                probs = None if not used else pipe.probabilities(image, used)
+                image, pixel_size, d = loaded
+                mod, conf, used, decision, score = d[:5]
+                probs = None if not used else pipe.probabilities(image, used, d.scale)
             except Exception as err:  # noqa: BLE001
                 _fail(report, path, err, on_error)
                 if progress:
                     progress(path)
                 continue
-            row = {**routing_row(path, name, mod, conf, used, decision, ood_score=score), "_t0": t0}
+            row = {**routing_row(path, name, mod, conf, used, decision, ood_score=score, size=d), "_t0": t0}
             if probs is None:  # an unknown modality under --unknown skip
                 record(name, row, 0)
                 if progress:
                     progress(path)
                 continue
-            job = (probs, pipe.params(used), out_dir, name, pixel_size, image if extras.overlays else None,
+            job = (probs, pipe.params(used, d.scale), out_dir, name, pixel_size, image if extras.overlays else None,
                    extras.kinds(blockwise=False), pipe.quality_model(used), conf, row)
             journal.start(name, row, out_dir / f"{name}.tif")
             if pool is not None:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline import storage
@@ -364,6 +365,7 @@ def segment_files_ray(
     if modality is not None:
         pipe.check_modality(modality)  # fail fast, before any file is read
     settings = output_settings(pipe.path, modality=modality, tile_size=pipe.tile_size, tta=pipe.tta,
+                               diameter=pipe.diameter,
                                channel=channel, page=page)
     storage.check_settings_at(out, settings, overwrite=overwrite)
     cluster = cluster_info()
@@ -400,7 +402,7 @@ def segment_files_ray(
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                       "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                       "backend": pipe.backend, "precision": pipe.precision,
-                      "unknown": pipe.unknown},
+                      "unknown": pipe.unknown, "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size},
         )
         run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)
         try:
@@ -471,7 +473,8 @@ class _Run:
         confidence, score = float(row["confidence"]), float(row["ood_score"])
         entry = routing_row(_as_input(item["file"]), item["name"], str(row["modality"]),
                             None if math.isnan(confidence) else confidence, str(row["used_model"]),
-                            str(row["decision"]), ood_score=None if math.isnan(score) else score)
+                            str(row["decision"]), ood_score=None if math.isnan(score) else score,
+                            size=_size_of(row))
         entry["objects"] = objects
         quality = float(row.get("quality", math.nan))
         entry["quality"] = format_quality(None if math.isnan(quality) else quality)
@@ -485,3 +488,12 @@ class _Run:
         self.report.rows.append(entry)
         target = storage.join(self.stage.out, f"{item['name']}.tif")
         self.report.written.append(target if is_uri(target) else Path(target))
+
+
+def _size_of(row) -> SimpleNamespace:
+    """The size decision carried in a Ray row (NaN = none), as routing_row reads it."""
+    def num(key):
+        value = float(row.get(key, math.nan))
+        return None if math.isnan(value) else value
+
+    return SimpleNamespace(diameter=num("diameter"), scale=num("scale"), size_source=str(row.get("size_source", "")))

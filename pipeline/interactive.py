@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +38,8 @@ class Routing:
         forced: whether the user chose the modality.
         ood_score: how unlike every trained modality the image is (None without OOD statistics);
             above the router's threshold the decision starts with "unknown modality".
+        diameter, scale, size_source: the size decision (``Pipeline.image_size``): the median
+            nucleus diameter (px), the resize factor before the network, and where it came from.
     """
 
     modality: str
@@ -45,13 +49,17 @@ class Routing:
     decision: str
     forced: bool
     ood_score: float | None = None
+    diameter: float | None = None
+    scale: float | None = None
+    size_source: str = ""
 
     def to_dict(self) -> dict:
         """The decision as a JSON-ready dict."""
         return asdict(self)
 
 
-def route_image(pipe, image: np.ndarray, *, modality: str | None = None) -> Routing:
+def route_image(pipe, image: np.ndarray, *, modality: str | None = None, diameter: float | None = None,
+                pixel_size=None) -> Routing:
     """Route one normalised HxWx3 image with ``pipe`` (a :class:`~triageseg.pipeline.single.Pipeline`).
 
     A forced ``modality`` picks that segmenter, as ``Pipeline.decide`` does; the router
@@ -62,6 +70,8 @@ def route_image(pipe, image: np.ndarray, *, modality: str | None = None) -> Rout
         pipe: the loaded pipeline.
         image: float32 HxWx3 in [0, 1] (:func:`triageseg.datasets.io.normalize_image`).
         modality: force this segmenter (a modality of the bundle or ``_generalist``).
+        diameter: the median nucleus diameter in pixels, typed by the user (None: estimated).
+        pixel_size: microns per pixel of the file (for the size, when the segmenter knows um).
 
     Raises:
         DataError: a forced modality the bundle has no segmenter for (listing those it has).
@@ -75,13 +85,19 @@ def route_image(pipe, image: np.ndarray, *, modality: str | None = None) -> Rout
             pred = pipe.route([image])[0]
             probs, score = dict(pred.probs), pred.ood_score
             note = f"; the router's top-1 was {pred.modality} ({pred.confidence:.2f})"
-        return Routing(modality, None, probs, modality, "forced" + note, True, score)
-    pred = pipe.route([image])[0]
-    used, decision = pipe.choose(pred)
-    return Routing(pred.modality, float(pred.confidence), dict(pred.probs), used, decision, False, pred.ood_score)
+        routing = Routing(modality, None, probs, modality, "forced" + note, True, score)
+    else:
+        pred = pipe.route([image])[0]
+        used, decision = pipe.choose(pred)
+        routing = Routing(pred.modality, float(pred.confidence), dict(pred.probs), used, decision, False,
+                          pred.ood_score)
+    if not routing.used_model:
+        return routing
+    size = pipe.image_size(image, routing.used_model, pixel_size=pixel_size, given=diameter)
+    return dataclasses.replace(routing, diameter=size.diameter, scale=size.scale, size_source=size.source)
 
 
-def segment_image(pipe, image: np.ndarray, used_model: str) -> np.ndarray:
-    """HxW uint32 instance labels of segmenter ``used_model`` for one normalised HxWx3 image."""
-    return watershed(pipe.probabilities(image, used_model), pipe.params(used_model))
+def segment_image(pipe, image: np.ndarray, used_model: str, scale: float | None = None) -> np.ndarray:
+    """HxW uint32 instance labels of segmenter ``used_model`` for one normalised HxWx3 image at ``scale``."""
+    return watershed(pipe.probabilities(image, used_model, scale), pipe.params(used_model, scale))
 

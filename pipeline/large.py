@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from triageseg.datasets.errors import DataError
@@ -356,6 +357,7 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
         "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
+        "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size,
     }
 
 
@@ -400,27 +402,33 @@ def segment_large_file(
             def read_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
                 return norm.apply(source[top : top + height, left : left + width], name=str(path))
 
-            d = pipe.decide_overview(overview, shape, read_crop, modality)
+            d = pipe.decide_overview(overview, shape, read_crop, modality, pixel_size=_mean_pixel(pixel_size))
             if d.skipped:  # an unknown modality under --unknown skip: no label file, nothing to resume
                 journal.remove()
                 return {**routing_row(path, name, *d[:4], mode="blocks", ood_score=d.ood_score), "objects": 0}
+            # The size is decided once per image and kept: a resumed run uses the same scale.
             journal.set_state({"norm": norm.to_dict(), "modality": d.modality, "confidence": d.confidence,
-                               "used_model": d.used_model, "decision": d.decision, "ood_score": d.ood_score})
+                               "used_model": d.used_model, "decision": d.decision, "ood_score": d.ood_score,
+                               "diameter": d.diameter, "scale": d.scale, "size_source": d.size_source})
         state = journal.state
         used = state["used_model"]
+        size = SimpleNamespace(diameter=state.get("diameter"), scale=state.get("scale"),
+                               size_source=state.get("size_source", ""))
         row = routing_row(path, name, state["modality"], state["confidence"], used, state["decision"],
-                          mode="blocks", ood_score=state.get("ood_score"))
+                          mode="blocks", ood_score=state.get("ood_score"), size=size)
         grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
         made: dict = {}
 
         def record(summary: dict) -> dict:
             # the finished row, stored in the label file: routing.csv can be rebuilt from it
-            made.update(row, output=f"{name}{options.suffix}", objects=summary["objects"], quality=_predict_quality(pipe, used, state, summary))
+            made.update(row, output=f"{name}{options.suffix}", objects=summary["objects"],
+                        quality=_predict_quality(pipe, used, state, summary))
             return label_record(made)
 
         segment_blocks(
-            source, out_dir / f"{name}{options.suffix}", stream=pipe.probability_stream(used, name=str(path)),
-            params=pipe.params(used), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
+            source, out_dir / f"{name}{options.suffix}",
+            stream=pipe.probability_stream(used, scale=size.scale, name=str(path)),
+            params=pipe.params(used, size.scale), grid=grid, norm=NormStats.from_dict(state["norm"]), journal=journal,
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
             before_write=None if before_write is None else lambda: before_write(dict(row)), record=record,
@@ -436,3 +444,10 @@ def _predict_quality(pipe, used: str, state: dict, summary: dict) -> float | Non
     return None if quality is None else quality.predict(signals_from_sums(
         summary["quality_sums"], n_objects=summary["objects"], median_area=summary["median_area"],
         stats=quality.stats, router_confidence=state["confidence"], ood_score=state.get("ood_score")))
+
+
+def _mean_pixel(pixel_size):
+    """Microns per pixel as one number (the mean of a (y, x) pair); None when unknown."""
+    if pixel_size is None:
+        return None
+    return float(np.mean([float(v) for v in np.atleast_1d(pixel_size)]))

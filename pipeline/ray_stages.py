@@ -32,7 +32,7 @@ from triageseg.router.policy import SKIPPED
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.float32)
 # Columns a row keeps from stage to stage (the input and its routing decision).
 CARRIED = ("index", "file", "source", "name", "modality", "confidence", "ood_score", "used_model", "decision", "error",
-           "error_path")
+           "error_path", "diameter", "scale", "size_source")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ def row_error(row) -> DataError | None:
 
 def _carry(row) -> dict:
     return {k: row[k] for k in CARRIED if k in row}
+
+
+def _pixel(row) -> float | None:
+    """Microns per pixel of a read row (the mean of y and x); None when the file has none."""
+    px = float(row.get("px_y", np.nan))
+    return None if np.isnan(px) else 0.5 * (px + float(row["px_x"]))
+
+
+def _size(d) -> dict:
+    """The size decision's carried columns (NaN / "" when none)."""
+    return {"diameter": _nan(d.diameter), "scale": _nan(d.scale), "size_source": d.size_source}
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -162,20 +173,25 @@ class SegmentActor:
         self.router_loaded = False
         self.models: dict[str, tuple[str, str]] = {}  # model -> (watershed params, quality model) as JSON
 
-    def _decide(self, image: np.ndarray, out: dict) -> str:
-        """Route ``image`` (timed as ``t_route``, the router's first load as ``t_load``); the model it goes to."""
+    def _decide(self, image: np.ndarray, out: dict, pixel_size) -> tuple[str, float | None]:
+        """Route and size ``image`` (timed as ``t_route``, the router's first load as ``t_load``).
+
+        Returns:
+            (the model it goes to, the scale its segmenter runs at; None = native).
+        """
         t0 = time.perf_counter()
         if self.options.modality is None and not self.router_loaded:
             self.pipe._load_router()
             self.router_loaded = True
             out["t_load"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-        d = self.pipe.decide(image, self.options.modality)
+        d = self.pipe.decide(image, self.options.modality, pixel_size=pixel_size)
         out.update(modality=d.modality, confidence=_nan(d.confidence), used_model=d.used_model, decision=d.decision,
-                   ood_score=_nan(d.ood_score))
+                   ood_score=_nan(d.ood_score), **_size(d))
         if self.options.modality is None:
             out["t_route"] = time.perf_counter() - t0
-        return d.used_model
+        scale = float(out["scale"])
+        return d.used_model, (scale if np.isfinite(scale) else None)
 
     def _load(self, model: str, out: dict) -> tuple[str, str]:
         if model not in self.models:
@@ -191,17 +207,20 @@ class SegmentActor:
         rows = []
         for row in _rows(batch):
             out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
-                   "decision": "", "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
+                   "decision": "", "diameter": np.nan, "scale": np.nan, "size_source": "",
+                   "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
                    "px_y": row["px_y"], "px_x": row["px_x"], "image": EMPTY_IMAGE, "t_read": float(row["t_read"]),
                    "t_load": 0.0, "t_route": 0.0, "t_segment": 0.0}
             if not row["error"]:
                 try:
                     image = _writable(row["image"])
-                    model = self._decide(image, out)
+                    model, scale = self._decide(image, out, _pixel(row))
                     if model != SKIPPED:  # an unknown modality under --unknown skip: a row, no label file
                         out["params"], out["quality_model"] = self._load(model, out)
+                        if scale is not None:  # the watershed's area thresholds follow the image's own scale
+                            out["params"] = json.dumps(self.pipe.params(model, scale).to_dict())
                         t0 = time.perf_counter()
-                        out["probs"] = self.pipe.probabilities(image, model)
+                        out["probs"] = self.pipe.probabilities(image, model, scale)
                         out["t_segment"] = time.perf_counter() - t0
                         if keep_image:
                             out["image"] = image

@@ -25,14 +25,14 @@ from triageseg.datasets.errors import DataError
 
 ROUTING_COLUMNS = (
     "file", "output", "modality", "confidence", "ood_score", "used_model", "decision", "objects", "seconds", "mode",
-    "quality",
+    "quality", "diameter", "scale", "size_source",
 )
 ROUTING_CSV = "routing.csv"
 SEGMENT_CONFIG = "segment_config.json"
 FAILURES_CSV = "failures.csv"
 JOURNAL = ".routing-journal.jsonl"
 # Settings that decide what the label images are: a resumed run must use the same ones.
-OUTPUT_SETTINGS = ("bundle", "modality", "tile_size", "tta", "channel", "page", "level")
+OUTPUT_SETTINGS = ("bundle", "modality", "tile_size", "tta", "channel", "page", "level", "diameter")
 
 
 class OutputConflict(DataError):
@@ -134,13 +134,16 @@ def _write_routing(path: Path, rows: dict[str, dict]) -> None:
 
 
 def routing_row(path, name: str, modality: str, confidence: float | None, used_model: str, decision: str,
-                mode: str = "memory", ood_score: float | None = None) -> dict:
+                mode: str = "memory", ood_score: float | None = None, size=None) -> dict:
     """The routing.csv columns known before segmenting (``objects`` and ``seconds`` come after).
 
     ``ood_score`` is the router's out-of-distribution score (empty without OOD statistics);
     an image skipped as an unknown modality has ``used_model`` ``""`` and no ``output``.
+    ``size`` is anything with ``diameter``, ``scale`` and ``size_source`` (a ``Decision``):
+    the size decision, recorded the same on every path.
     """
     return {
+        **size_columns(size),
         "file": str(path),
         "output": f"{name}.tif" if used_model else "",
         "modality": modality,
@@ -150,6 +153,15 @@ def routing_row(path, name: str, modality: str, confidence: float | None, used_m
         "decision": decision,
         "mode": mode,
     }
+
+
+def size_columns(size) -> dict:
+    """routing.csv's ``diameter``, ``scale`` and ``size_source`` of a size decision (empty when none)."""
+    diameter = getattr(size, "diameter", None)
+    scale = getattr(size, "scale", None)
+    return {"diameter": "" if diameter is None else f"{diameter:.2f}",
+            "scale": "" if scale is None else f"{scale:.4g}",
+            "size_source": getattr(size, "size_source", "") or ""}
 
 
 # ------------------------------------------------------------------ checks any batch path can call
@@ -207,10 +219,11 @@ def output_settings(
     channel: int | None = None,
     page: int | None = None,
     level: int = 0,
+    diameter: float | None = None,
 ) -> dict[str, Any]:
     """The settings that decide what the label images are (``OUTPUT_SETTINGS``), as recorded in segment_config.json."""
     return {"bundle": os.path.abspath(bundle), "modality": modality, "tile_size": tile_size, "tta": bool(tta),
-            "channel": channel, "page": page, "level": level}
+            "channel": channel, "page": page, "level": level, "diameter": diameter}
 
 
 def check_settings(out_dir: str | os.PathLike, settings: Mapping[str, Any], *, overwrite: bool = False) -> None:

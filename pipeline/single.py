@@ -44,6 +44,9 @@ class Decision(NamedTuple):
     used_model: str  # the segmenter to run: a modality, ``_generalist``, or ``""`` (unknown modality, skipped)
     decision: str  # why, in words ("routed to he (confidence 0.97)", "unknown modality (...)", "forced", ...)
     ood_score: float | None = None  # how unlike every trained modality (None without OOD statistics)
+    diameter: float | None = None  # median nucleus diameter on the native grid (px); None: not known
+    scale: float | None = None  # resize factor before the network (None: the segmenter's own scale)
+    size_source: str = ""  # estimated / given / metadata / fallback / off (router.size.SizeDecision)
 
     @property
     def skipped(self) -> bool:
@@ -70,6 +73,7 @@ class Result:
         ood_score: how unlike every trained modality the image is (None without OOD statistics).
         quality: predicted mean F1 of this segmentation (:mod:`triageseg.postprocess.quality`), no
             ground truth needed; None when the segmenter has no quality model (older bundles).
+        diameter, scale, size_source: the size decision (:class:`triageseg.router.size.SizeDecision`).
     """
 
     labels: np.ndarray
@@ -79,6 +83,9 @@ class Result:
     decision: str
     ood_score: float | None = None
     quality: float | None = None
+    diameter: float | None = None
+    scale: float | None = None
+    size_source: str = ""
 
 
 class Pipeline:
@@ -101,11 +108,18 @@ class Pipeline:
         unknown: str = "generalist",
         backend: str = "auto",
         precision: str = "fp32",
+        diameter: float | None = None,
+        use_pixel_size: bool = True,
+        size_probe: bool = False,
     ):
+        from triageseg.router.size import check_diameter
         from triageseg.segmenters.backends import resolve
         from triageseg.segmenters.predict import resolve_device
 
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
+        self.diameter = None if diameter is None else check_diameter(diameter)  # --diameter: forces the size
+        self.use_pixel_size = bool(use_pixel_size)
+        self.size_probe = bool(size_probe)  # the segmenter checks the estimate on one crop (pipeline.sizing)
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
         self.unknown = unknown
@@ -132,6 +146,7 @@ class Pipeline:
         self._ood = None  # the router's OOD statistics, loaded with the router (None: no unknown-modality check)
         self._segmenters: dict[str, tuple] = {}
         self._quality: dict[str, QualityModel | None] = {}
+        self._size_configs: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -211,6 +226,47 @@ class Pipeline:
                 self._segmenters[name] = (net, config, params)
         return self._segmenters[name]
 
+    def size_config(self, name: str) -> tuple[float | None, float | None, float, float]:
+        """(diameter, diameter_um, scale, size_calibration) of segmenter ``name``, from its config.json."""
+        if name not in self._size_configs:
+            from triageseg.segmenters.model import SegmenterConfig
+
+            cfg = SegmenterConfig.from_json(_bundle.segmenter_dir(self.path, name) / _bundle.CONFIG)
+            self._size_configs[name] = (cfg.diameter, cfg.diameter_um, float(cfg.scale), cfg.size_calibration)
+        return self._size_configs[name]
+
+    def size_notes(self) -> list[str]:
+        """One line when the bundle's segmenters were trained before size triage (it is off for them)."""
+        old = [name for name in self.available if self.size_config(name)[0] is None]
+        if not old:
+            return []
+        return [f"{self.path}: size triage off for {', '.join(old)} (trained before it: no nucleus diameter in its "
+                "config); images run at the segmenter's own scale. Retrain to turn it on."]
+
+    def size(self, estimate, used_model: str, pixel_size=None, probe=None, given: float | None = None):
+        """The :class:`~triageseg.router.size.SizeDecision` for an image going to ``used_model``.
+
+        ``estimate`` is ``() -> SizeEstimate``, called only when the size is neither given
+        (``diameter``) nor known from ``pixel_size`` (microns per pixel, a number or (y, x)).
+        ``probe`` is ``(shape, read_crop)`` of the image: the segmenter checks the estimate on
+        one crop (:func:`triageseg.pipeline.sizing.probe_diameter`) when ``size_probe`` is on.
+        ``given`` overrides the pipeline's ``diameter`` for this image (the web page, napari).
+        """
+        import functools
+
+        from triageseg.pipeline.sizing import probe_diameter
+        from triageseg.router.size import decide_size
+
+        d, d_um, fixed, calibration = self.size_config(used_model)
+        if pixel_size is not None and not np.isscalar(pixel_size):
+            pixel_size = float(np.mean([float(v) for v in pixel_size]))
+        return decide_size(estimate, train_diameter=d, train_diameter_um=d_um, fixed_scale=fixed,
+                           given=self.diameter if given is None else given, pixel_size=pixel_size,
+                           use_pixel_size=self.use_pixel_size,
+                           calibration=calibration,
+                           refine=None if probe is None or not self.size_probe else functools.partial(
+                               _probe, probe_diameter, self, used_model, probe))
+
     def quality_model(self, name: str) -> QualityModel | None:
         """The quality model of segmenter ``name`` (its ``quality.json``), loaded once; None when it has none.
 
@@ -264,8 +320,12 @@ class Pipeline:
                 f"unknown modality {modality!r}; this bundle has segmenters for: {', '.join(self.available)}",
             )
 
-    def probabilities(self, image: np.ndarray, used_model: str) -> np.ndarray:
-        """3xHxW class probabilities of segmenter ``used_model`` for a normalised HxWx3 image."""
+    def probabilities(self, image: np.ndarray, used_model: str, scale: float | None = None) -> np.ndarray:
+        """3xHxW class probabilities of segmenter ``used_model`` for a normalised HxWx3 image.
+
+        ``scale`` is the size decision's resize factor (``Decision.scale``); None runs the
+        segmenter at its own fixed scale.
+        """
         from triageseg.segmenters.predict import predict
 
         model, config, _ = self.segmenter(used_model)
@@ -281,57 +341,80 @@ class Pipeline:
             batch_size=self.batch_size,
             tta=self.tta,
             device=self.device,
-            scale=config.scale,
+            scale=config.scale if scale is None else scale,
         )
 
-    def probability_stream(self, used_model: str, *, name: str = "<array>"):
+    def probability_stream(self, used_model: str, *, scale: float | None = None, name: str = "<array>"):
         """:meth:`probabilities` band by band, for the block path (``segmenters.predict.stream_probabilities``).
 
         Returns:
             ``stream(read_rows, shape, start=0)`` yielding ``(y0, y1, probs)``, bit for bit
-            the rows :meth:`probabilities` gives for the whole image.
-
-        Raises:
-            DataError: segmenter ``used_model`` resizes its input (scale != 1), which the
-                block path does not do.
+            the rows :meth:`probabilities` gives for the whole image at the same ``scale``
+            (the network runs at that scale; bands are resized on the way in and out).
         """
         import functools
 
-        from triageseg.segmenters.predict import stream_probabilities
+        from triageseg.segmenters.predict import stream_probabilities_scaled
 
         model = self.segmenter(used_model)[0]
-        tile_size, overlap, scale = self.tiling(used_model)
+        tile_size, overlap, fixed = self.tiling(used_model)
         if self.overlap is None and overlap >= tile_size // 2:
             overlap = tile_size // 4  # as probabilities()
-        if scale != 1.0:
-            raise DataError(name, f"segmenter {used_model!r} resizes its input (scale {scale:g}); the block path "
-                                  "for huge images needs scale 1 (segment it whole, or use a segmenter at scale 1)")
-        return functools.partial(stream_probabilities, model, tile_size=tile_size, overlap=overlap,
-                                 batch_size=self.batch_size, tta=self.tta, device=self.device)
+        return functools.partial(stream_probabilities_scaled, model, scale=fixed if scale is None else scale,
+                                 tile_size=tile_size, overlap=overlap, batch_size=self.batch_size, tta=self.tta,
+                                 device=self.device)
 
-    def params(self, used_model: str) -> WatershedParams:
-        """Tuned watershed parameters of segmenter ``used_model``."""
-        return self.segmenter(used_model)[2]
+    def params(self, used_model: str, scale: float | None = None) -> WatershedParams:
+        """Watershed parameters of segmenter ``used_model`` for probabilities made at ``scale``.
 
-    def segment(self, image: np.ndarray, *, modality: str | None = None) -> Result:
+        The parameters were tuned on the network's grid (the segmenter's own scale); the
+        probabilities come back to the native grid, so the area thresholds follow
+        ``(own scale / scale)^2``. None: the segmenter's own scale (the tuned values).
+        """
+        params = self.segmenter(used_model)[2]
+        fixed = self.size_config(used_model)[2]
+        if scale is None or scale == fixed:
+            return params
+        area = (fixed / float(scale)) ** 2
+        return dataclasses.replace(params, min_size=int(round(params.min_size * area)),
+                                   min_marker_size=max(1, int(round(params.min_marker_size * area))))
+
+    def segment(self, image: np.ndarray, *, modality: str | None = None, pixel_size=None) -> Result:
         """Segment one normalised float32 HxWx3 image (see :func:`triageseg.datasets.io.read_image`).
 
         Args:
             image: HxWx3 float32 in [0, 1].
             modality: force this specialist and skip the router.
+            pixel_size: microns per pixel (the file's metadata), for the size decision.
         """
-        d = self.decide(image, modality)
+        d = self.decide(image, modality, pixel_size=pixel_size)
+        size = (d.diameter, d.scale, d.size_source)
         if d.skipped:
             return Result(np.zeros(image.shape[:2], np.uint32), d.modality, d.confidence, d.used_model, d.decision,
-                          d.ood_score)
-        probs = self.probabilities(image, d.used_model)
-        labels = watershed(probs, self.params(d.used_model))
+                          d.ood_score, None, *size)
+        probs = self.probabilities(image, d.used_model, d.scale)
+        labels = watershed(probs, self.params(d.used_model, d.scale))
         quality = self.quality(probs, labels, d.used_model, confidence=d.confidence, ood_score=d.ood_score)
-        return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality)
+        return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality, *size)
 
-    def decide(self, image: np.ndarray, modality: str | None = None) -> Decision:
-        """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded)."""
-        return self._decision(modality, lambda: self.route([image])[0])
+    def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None):
+        """The size decision of an in-memory image going to ``used_model`` (:meth:`size`: estimate and probe)."""
+        from triageseg.router.size import estimate_diameter
+
+        def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
+            return image[top : top + height, left : left + width]
+
+        return self.size(lambda: estimate_diameter(image), used_model, pixel_size, probe=(image.shape[:2], crop),
+                         given=given)
+
+    def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
+        """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded).
+
+        The size (``diameter``, ``scale``, ``size_source``) is decided for the chosen segmenter
+        (:meth:`size`): the given diameter, the pixel size, or the estimate from ``image``.
+        """
+        return self._decision(modality, lambda: self.route([image])[0],
+                              lambda used: self.image_size(image, used, pixel_size=pixel_size))
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
         """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.
@@ -346,20 +429,34 @@ class Pipeline:
         return classify_views(model, config, [views], device=self.device, ood=self._ood)[0]
 
     def decide_overview(
-        self, overview: np.ndarray, shape: tuple[int, int], read_crop, modality: str | None = None
+        self, overview: np.ndarray, shape: tuple[int, int], read_crop, modality: str | None = None, *,
+        pixel_size=None,
     ) -> Decision:
-        """:meth:`decide` for an image known by an overview and a crop reader (:meth:`route_overview`)."""
-        return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop))
+        """:meth:`decide` for an image known by an overview and a crop reader (:meth:`route_overview`).
 
-    def _decision(self, modality: str | None, predict) -> Decision:
+        The size is estimated once per image, from native-resolution crops or the overview
+        (:func:`triageseg.router.size.estimate_overview`).
+        """
+        from triageseg.router.size import estimate_overview
+
+        return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop),
+                              lambda used: self.size(lambda: estimate_overview(overview, shape, read_crop), used,
+                                                     pixel_size, probe=(shape, read_crop)))
+
+    def _decision(self, modality: str | None, predict, size=None) -> Decision:
         if modality is not None:
             # The user's choice: no unknown verdict, but the score is recorded when the router has one.
             self.check_modality(modality)
             score = predict().ood_score if self._scores_when_forced() else None
-            return Decision(modality, None, modality, "forced", score)
-        pred = predict()
-        used, decision = self.choose(pred)
-        return Decision(pred.modality, float(pred.confidence), used, decision, pred.ood_score)
+            d = Decision(modality, None, modality, "forced", score)
+        else:
+            pred = predict()
+            used, decision = self.choose(pred)
+            d = Decision(pred.modality, float(pred.confidence), used, decision, pred.ood_score)
+        if size is None or d.skipped:
+            return d
+        s = size(d.used_model)
+        return d._replace(diameter=s.diameter, scale=s.scale, size_source=s.source)
 
     def _scores_when_forced(self) -> bool:
         """Whether a forced image is routed anyway, for its OOD score: the bundle has a router with statistics."""
@@ -382,6 +479,11 @@ class Pipeline:
         from triageseg.pipeline.batch import segment_files
 
         return segment_files(self, inputs, out_dir, **options)
+
+
+def _probe(probe_diameter, pipe, used_model: str, where, diameter: float) -> float:
+    shape, read_crop = where
+    return probe_diameter(pipe, used_model, diameter, shape, read_crop)
 
 
 def _check_sizes(*, tile_size: int | None, overlap: int | None, batch_size: int) -> None:

@@ -27,7 +27,7 @@ MAX_EXACT_LABEL = 2**24
 class AugmentPreset:
     """Augmentation magnitudes at strength 1 (each scaled by the ``strength`` factor)."""
 
-    scale: float = 0.25  # Affine zoom range: (1 - scale, 1 + scale)
+    scale: float = 0.5  # Affine zoom range in octaves: (2^-scale, 2^scale); covers size triage's residual error
     rotate: float = 15.0  # Affine extra rotation range in degrees (D4 already gives the right angles)
     affine_p: float = 0.5  # probability of the Affine transform
     elastic_alpha: float = 40.0  # ElasticTransform displacement scale (about 2 px at sigma 7)
@@ -93,7 +93,7 @@ def build_augmentation(modality: str | None, *, crop_size: int, strength: float 
         steps += [
             A.D4(p=1.0),
             A.Affine(
-                scale=(max(0.3, 1 - p.scale * k), 1 + p.scale * k),
+                scale=(2.0 ** (-p.scale * k), 2.0 ** (p.scale * k)),
                 rotate=(-p.rotate * k, p.rotate * k),
                 interpolation=cv2.INTER_LINEAR,
                 mask_interpolation=cv2.INTER_NEAREST,

@@ -44,6 +44,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum while training (EfficientNet's own 0.01 lags short runs)
     scale: float = 1.0  # resize images (and labels) by this factor for the network; saved in the model config
+    size_triage: bool = True  # resize each image so its nuclei have the training set's median diameter (recorded)
+    diameter: float | None = None  # with size_triage: train at this median nucleus diameter (px); None: the set's median
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
     seed: int = 0  # seeds weights init, crop sampling and augmentation
     tile_size: int = 512  # inference tile size (validation and the saved model)
@@ -56,6 +58,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
+        if self.diameter is not None and not (2.0 <= float(self.diameter) <= 1000.0):
+            raise ValueError(f"diameter must be in [2, 1000] pixels (or None), got {self.diameter!r}")
         positive = ("epochs", "steps_per_epoch", "batch_size", "crop_size", "val_batch_size", "max_val_images")
         for name in positive:
             value = getattr(self, name)

@@ -62,6 +62,52 @@ class CropDataset:
         )
 
 
+def canonical_diameter(labels: Sequence[np.ndarray]) -> float | None:
+    """The training set's nucleus diameter: the median over images of each image's median diameter (px)."""
+    from triageseg.router.size import median_diameter
+
+    found = [d for d in (median_diameter(lab) for lab in labels) if d is not None]
+    return round(float(np.median(found)), 2) if found else None
+
+
+def size_calibration(data: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Label diameter over the size estimate (``router.size.estimate_diameter``), median over the images.
+
+    The estimate measures the nuclei's masks; how a modality's nuclei are shaped (elongated
+    H&E nuclei, clumps) biases it the same way on every image of that modality, so the
+    segmenter records the factor its own training images give.
+    """
+    from triageseg.router.size import estimate_diameter, median_diameter
+
+    ratios = []
+    for image, labels in data:
+        true = median_diameter(labels)
+        est = estimate_diameter(image).diameter if true is not None else None
+        if est is not None:
+            ratios.append(np.log(true / est))
+    return round(float(np.clip(np.exp(np.median(ratios)), 0.1, 10.0)), 3) if ratios else 1.0
+
+
+def to_diameter(data: Sequence[tuple[np.ndarray, np.ndarray]], diameter: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, labels) pairs each resized so its median nucleus diameter is ``diameter`` (like Cellpose's diam_mean).
+
+    The factor is clipped to [0.25, 4]; an image without nuclei is kept as it is.
+    """
+    from triageseg.router.size import median_diameter
+    from triageseg.segmenters.scale import resize_image, resize_labels, scaled_shape
+
+    out = []
+    for image, labels in data:
+        d = median_diameter(labels)
+        factor = 1.0 if d is None else float(np.clip(diameter / d, 0.25, 4.0))
+        if abs(factor - 1.0) < 0.02:
+            out.append((image, labels))
+            continue
+        shape = scaled_shape(image.shape, factor)
+        out.append((resize_image(image, shape), resize_labels(labels, shape)))
+    return out
+
+
 class RangeSampler:
     """Yields the global sample indices ``start, ..., stop - 1`` in order (torch Sampler protocol)."""
 

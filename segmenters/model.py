@@ -62,6 +62,9 @@ class SegmenterConfig:
     boundary_mode: str = "touching"  # boundary mode of the training targets (postprocess.targets)
     encoder_init: str | None = None  # local file the encoder was initialised from (None = scratch)
     scale: float = 1.0  # images are resized by this factor before the network (segmenters.scale)
+    diameter: float | None = None  # median nucleus diameter (px) the network was trained at; None: no size triage
+    diameter_um: float | None = None  # the same in microns, when the training images had a pixel size
+    size_calibration: float = 1.0  # label diameter / router.size estimate, median over the training images
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
@@ -79,6 +82,16 @@ class SegmenterConfig:
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles}")
         object.__setattr__(self, "scale", check_scale(self.scale))
+        if not (0.1 <= float(self.size_calibration) <= 10.0):
+            raise ValueError(f"size_calibration must be in [0.1, 10], got {self.size_calibration!r}")
+        object.__setattr__(self, "size_calibration", float(self.size_calibration))
+        for name in ("diameter", "diameter_um"):
+            value = getattr(self, name)
+            if value is not None:
+                value = float(value)
+                if not (value > 0 and value < 1e4):
+                    raise ValueError(f"{name} must be a positive number of pixels (microns), got {value!r}")
+                object.__setattr__(self, name, value)
         if self.encoder_init is not None and str(self.encoder_init).lower() == "imagenet":
             raise ValueError("encoder_init must be a local file path, never 'imagenet' (no hub downloads)")
 

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from triageseg.devices import DEVICE_SPECS, resolve_device  # noqa: F401 - re-exported
-from triageseg.segmenters.scale import check_scale, resize_image, resize_probabilities, scaled_shape
+from triageseg.segmenters.scale import (
+    RowResizer,
+    check_scale,
+    first_source_row,
+    resample_probability_stream,
+    resize_image,
+    resize_probabilities,
+    scaled_shape,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -323,3 +331,33 @@ def stream_probabilities(
                 acc, wsum, top = acc[:, final - top :], wsum[final - top :], final
     finally:
         model.train(was_training)
+
+
+def stream_probabilities_scaled(
+    model: torch.nn.Module,
+    read_rows: RowReader,
+    shape: tuple[int, int],
+    *,
+    scale: float = 1.0,
+    start: int = 0,
+    **options,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`stream_probabilities` with the network at ``scale``: rows bit for bit those of :func:`predict`.
+
+    The image rows are resized band by band (:class:`~triageseg.segmenters.scale.RowResizer`)
+    on their way to the network, and the probability rows back to the native grid
+    (:func:`~triageseg.segmenters.scale.resample_probability_stream`), each band exactly the
+    rows the whole image's resize gives. ``start`` and the yielded rows are native rows.
+    """
+    scale = check_scale(scale)
+    if scale == 1.0:
+        yield from stream_probabilities(model, read_rows, shape, start=start, **options)
+        return
+    h, w = int(shape[0]), int(shape[1])
+    if start >= h:
+        return
+    net = scaled_shape((h, w), scale)
+    resizer = RowResizer(read_rows, (h, w), net)
+    net_start = first_source_row(net, (h, w), start)
+    bands = stream_probabilities(model, resizer.rows, net, start=net_start, **options)
+    yield from resample_probability_stream(bands, net, (h, w), start=start)

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-MIN_SCALE, MAX_SCALE = 0.25, 4.0
+# Widest resize: nuclei of 4 px brought to 32, or of 480 px to 15 (size triage, router/size.py).
+MIN_SCALE, MAX_SCALE = 1 / 32, 8.0
 
 
 def check_scale(scale: float) -> float:
@@ -34,30 +35,136 @@ def scaled_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
 
 
-def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """HxWxC (or HxW) float image resized to ``shape``: bilinear up, area-averaged down."""
-    import cv2
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, weight), each ``n_out x k``: output pixel ``i`` is ``sum_k w[i, k] * in[idx[i, k]]``.
 
-    h, w = shape
+    Enlarging interpolates linearly between pixel centres; shrinking averages the input
+    pixels an output pixel covers, each by its covered length (area averaging).
+    """
+    if n_out >= n_in:
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
+        src = np.clip(src, 0, n_in - 1)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        frac = src - i0
+        idx = np.stack([i0, np.minimum(i0 + 1, n_in - 1)], axis=1)
+        w = np.stack([1.0 - frac, frac], axis=1)
+    else:
+        r = n_in / n_out
+        k = int(np.ceil(r)) + 1
+        lo = np.arange(n_out, dtype=np.float64) * r
+        first = np.floor(lo).astype(np.int64)
+        idx = first[:, None] + np.arange(k)[None, :]
+        left = np.maximum(idx, lo[:, None])
+        right = np.minimum(idx + 1, lo[:, None] + r)
+        w = np.clip(right - left, 0.0, None) / r
+        idx = np.minimum(idx, n_in - 1)
+    return idx.astype(np.int64), w.astype(np.float32)
+
+
+def _apply_taps(arr: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    """``arr`` resampled along ``axis`` (0 or 1) by the taps; elementwise, so any band of rows gives the same values."""
+    out = None
+    for j in range(idx.shape[1]):
+        part = np.take(arr, idx[:, j], axis=axis)
+        wj = w[:, j].reshape((-1,) + (1,) * (arr.ndim - 1)) if axis == 0 else w[:, j].reshape(
+            (1, -1) + (1,) * (arr.ndim - 2))
+        out = part * wj if out is None else out + part * wj
+    return out
+
+
+class RowResizer:
+    """Rows of an image resized to ``shape``, computed from the rows of the source that they need.
+
+    Any band ``rows(y0, y1)`` is bit for bit the same rows of :func:`resize_image` of the
+    whole image (each output value is the same weighted sum of the same inputs), which is
+    what lets the block path (``pipeline.large``) run a segmenter at a scale != 1.
+    """
+
+    def __init__(self, read_rows, src_shape: tuple[int, int], shape: tuple[int, int]):
+        self._read = read_rows
+        self.src_shape = (int(src_shape[0]), int(src_shape[1]))
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._iy, self._wy = _taps(self.src_shape[0], self.shape[0])
+        self._ix, self._wx = _taps(self.src_shape[1], self.shape[1])
+
+    def source_rows(self, y0: int, y1: int) -> tuple[int, int]:
+        """The source rows ``[lo, hi)`` that output rows ``y0:y1`` are made from."""
+        idx = self._iy[y0:y1]
+        return int(idx.min()), int(idx.max()) + 1
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """Output rows ``y0:y1`` (float32, H x W x C or H x W as the source)."""
+        lo, hi = self.source_rows(y0, y1)
+        src = np.asarray(self._read(lo, hi), dtype=np.float32)
+        out = _apply_taps(src, self._iy[y0:y1] - lo, self._wy[y0:y1], axis=0)
+        return np.ascontiguousarray(_apply_taps(out, self._ix, self._wx, axis=1), dtype=np.float32)
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """HxWxC (or HxW) float image resized to ``shape``: bilinear up, area-averaged down (see :class:`RowResizer`)."""
+    h, w = int(shape[0]), int(shape[1])
     if image.shape[:2] == (h, w):
         return image
-    shrinking = h * w < image.shape[0] * image.shape[1]
-    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    src = np.ascontiguousarray(image, dtype=np.float32)
-    out = cv2.resize(src, (w, h), interpolation=interp)
-    if src.ndim == 3 and out.ndim == 2:  # cv2 drops a single channel axis
-        out = out[..., None]
-    return out
+    src = np.asarray(image, dtype=np.float32)
+    return RowResizer(lambda a, b: src[a:b], src.shape[:2], (h, w)).rows(0, h)
 
 
 def resize_probabilities(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(classes, h, w) probabilities resized to ``shape``, still summing to 1 at every pixel."""
     if probs.shape[1:] == tuple(shape):
         return probs
-    out = resize_image(np.ascontiguousarray(probs.transpose(1, 2, 0)), shape).transpose(2, 0, 1)
+    return _renormalise(resize_image(np.ascontiguousarray(probs.transpose(1, 2, 0)), shape).transpose(2, 0, 1))
+
+
+def _renormalise(out: np.ndarray) -> np.ndarray:
+    """Resized (classes, h, w) probabilities clipped at 0 and divided by their sum (a per-pixel operation)."""
     out = np.clip(out, 0.0, None)
     out /= np.maximum(out.sum(axis=0, keepdims=True), 1e-12)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def resample_probability_stream(bands, src_shape: tuple[int, int], shape: tuple[int, int], *, start: int = 0):
+    """Bands ``(y0, y1, probs)`` of probabilities on a ``src_shape`` grid -> bands on the ``shape`` grid.
+
+    Each output band is bit for bit the same rows of :func:`resize_probabilities` of the
+    whole array. ``bands`` must begin at or above :func:`first_source_row` of ``start``.
+
+    Yields:
+        ``(y0, y1, probs)`` for consecutive output rows from ``start`` to ``shape[0]``.
+    """
+    h = int(shape[0])
+    buf: dict = {"top": None, "rows": None}  # source rows held, HxWxC
+
+    def read(a: int, b: int) -> np.ndarray:
+        return buf["rows"][a - buf["top"] : b - buf["top"]]
+
+    resizer = RowResizer(read, src_shape, shape)
+    last_tap = resizer._iy.max(axis=1)  # the last source row each output row needs (non-decreasing)
+    emitted = start
+    for y0, y1, probs in bands:
+        rows = np.ascontiguousarray(probs.transpose(1, 2, 0))
+        if buf["rows"] is None:
+            buf["top"], buf["rows"] = y0, rows
+        else:
+            if y0 != buf["top"] + buf["rows"].shape[0]:
+                raise ValueError(f"probability bands are not consecutive: rows from {y0}")
+            buf["rows"] = np.concatenate([buf["rows"], rows])
+        ready = h if y1 >= src_shape[0] else int(np.searchsorted(last_tap, y1, side="left"))
+        if ready > emitted:
+            out = _renormalise(resizer.rows(emitted, ready).transpose(2, 0, 1))
+            yield emitted, ready, out
+            emitted = ready
+            if emitted < h:  # drop the source rows no later output row needs
+                keep = int(resizer._iy[emitted:].min())
+                buf["rows"], buf["top"] = buf["rows"][keep - buf["top"] :], keep
+
+
+def first_source_row(src_shape: tuple[int, int], shape: tuple[int, int], start: int) -> int:
+    """The first row on the ``src_shape`` grid that output rows ``start:`` (on the ``shape`` grid) need."""
+    if start >= shape[0]:
+        return int(src_shape[0])
+    idx, _ = _taps(int(src_shape[0]), int(shape[0]))
+    return int(idx[start:].min())
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

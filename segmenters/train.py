@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import shutil
@@ -48,6 +50,9 @@ from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and s
 from triageseg.segmenters.config import TrainConfig, TrainResult
 from triageseg.segmenters.data import (
     CropDataset,
+    canonical_diameter,
+    size_calibration,
+    to_diameter,
     RangeSampler,
     balanced,
     check_has_objects,
@@ -146,6 +151,13 @@ def train_segmenter(
     train_data = [dataset.load(s) for s in train_samples]
     check_has_objects(dataset.root, config, [lab for _, lab in train_data])
     val_data = [dataset.load(s) for s in val_samples]
+    diameter = None
+    if config.size_triage:
+        diameter = config.diameter or canonical_diameter([lab for _, lab in train_data])
+    calibration = size_calibration(train_data) if diameter is not None else 1.0
+    if diameter is not None:  # every image at the training set's nucleus size (size triage brings others to it)
+        train_data, val_data = to_diameter(train_data, diameter), to_diameter(val_data, diameter)
+        log(f"{name}: images resized to a median nucleus diameter of {diameter:g} px")
     val = _ValData([img for img, _ in val_data], [lab for _, lab in val_data], [], None)
     val.targets = make_val_targets(val.labels, config=config)
     val.stats = training_stats([lab for _, lab in train_data])
@@ -162,6 +174,9 @@ def train_segmenter(
 
     # ---- model and optimiser, state (fresh or resumed)
     seg_config = config.segmenter_config()
+    if diameter is not None:  # what the network sees: the diameter at its own scale
+        seg_config = dataclasses.replace(seg_config, diameter=round(diameter * config.scale, 2),
+                                         size_calibration=calibration)
     model, optimizer, scaler = _build_model(seg_config, config, dev, log)
     cuda = dev.type == "cuda"
     if resume and ckpt_path.is_file():

@@ -119,12 +119,12 @@ def _failure(name: str, err: Exception) -> JSONResponse:
 
 
 def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modality: str | None,
-            queued_at: float) -> dict:
+            queued_at: float, diameter: float | None = None) -> dict:
     """One upload on the device thread: analyse it into its result folder, then remove the upload."""
     started = time.time()
     out = workspace.result_dir(token)
     try:
-        result = analyse_file(pipe, path, out, filename=name, modality=modality)
+        result = analyse_file(pipe, path, out, filename=name, modality=modality, diameter=diameter)
     except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)
         _release(err)  # the decoded image goes now, not at the next garbage collection
@@ -143,8 +143,16 @@ def run_job(pipe, workspace: Workspace, token: str, path: Path, name: str, modal
 
 
 async def _segment(request, name: str, modality: str | None, pipe, config: ServeConfig, workspace: Workspace,
-                   queue: DeviceQueue) -> JSONResponse | dict:
+                   queue: DeviceQueue, *, diameter: str | None = None) -> JSONResponse | dict:
     """``POST /api/segment``: check the request, receive the file, check its header, queue its analysis."""
+    from triageseg.router.size import check_diameter
+
+    given = None
+    if diameter is not None and diameter.strip() and diameter.strip().lower() not in AUTO:
+        try:  # refused before the upload is read
+            given = check_diameter(diameter.strip())
+        except ValueError as err:
+            return _error(422, f"{name}: {err}", close=True)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in UPLOAD_TYPES and not kind.startswith("image/"):
         return _error(415, f"{name}: send the image file as the request body with Content-Type: "
@@ -162,7 +170,7 @@ async def _segment(request, name: str, modality: str | None, pipe, config: Serve
         refused = await asyncio.to_thread(upload_problem, path, name, config.max_pixels)
         if refused is not None:  # too many pixels or a bomb: never decoded
             return _error(*refused)
-        future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time())
+        future = queue.submit(run_job, pipe, workspace, token, path, name, forced, time.time(), given)
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         if future is None or not future.cancelled():
@@ -214,8 +222,10 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
         }
 
     @app.post("/api/segment")
-    async def segment(request: Request, filename: str = "upload", modality: str | None = None):
-        return await _segment(request, safe_filename(filename), modality, pipe, config, workspace, queue)
+    async def segment(request: Request, filename: str = "upload", modality: str | None = None,
+                      diameter: str | None = None):
+        return await _segment(request, safe_filename(filename), modality, pipe, config, workspace, queue,
+                              diameter=diameter)
 
     @app.get("/api/results/{token}/{name}")
     def result_file(token: str, name: str):

@@ -69,7 +69,7 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, filename: str,
-                 modality: str | None = None) -> dict:
+                 modality: str | None = None, diameter: float | None = None) -> dict:
     """Route and segment one image file, write its outputs into ``out_dir``, describe the result.
 
     Writes ``labels.tif`` (with the input's pixel size), ``rois.zip``, ``nuclei.csv``,
@@ -81,6 +81,7 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
         out_dir: folder for the outputs (created).
         filename: the name the user knows the file by, used in error messages.
         modality: force this segmenter instead of the router's choice.
+        diameter: the median nucleus diameter in pixels (None: estimated; see ``router.size``).
 
     Returns:
         A JSON-ready dict: filename, width, height, pixel_size_um, routing (see
@@ -99,8 +100,9 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
         pixel_size = read_pixel_size(path)
     except DataError as err:
         raise DataError(filename, err.problem) from None
-    routing = route_image(pipe, image, modality=modality)
-    labels = segment_image(pipe, image, routing.used_model)
+    routing = route_image(pipe, image, modality=modality, diameter=diameter,
+                          pixel_size=None if pixel_size is None else float(np.mean(pixel_size)))
+    labels = segment_image(pipe, image, routing.used_model, routing.scale)
     table = measure_nuclei(labels, _intensity(raw), pixel_size=pixel_size)
     del raw  # the largest array; the rest go when the outputs are written
 

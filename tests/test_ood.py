@@ -306,21 +306,21 @@ def test_in_distribution_image_is_routed_and_route_table_shows_score(trained_bun
 
 
 def test_ray_route_stage_makes_the_same_decision(trained_bundle, tmp_path, one_image):
-    """The Ray routing stage (called here as a plain object) decides as Pipeline.decide does."""
+    """The Ray segment actor (called here as a plain object) decides as Pipeline.decide does."""
     from triageseg.datasets.io import read_image
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.ray_stages import RouteActor
+    from triageseg.pipeline.ray_stages import SegmentActor
 
     root = _with_threshold(trained_bundle, tmp_path, -1.0)
     ray_stages = pytest.importorskip("triageseg.pipeline.ray_stages")
     image = read_image(one_image)
     expected = Pipeline(root, unknown="skip").decide(image)
-    actor = RouteActor(ray_stages.BundleSource(path=str(root)),
+    actor = SegmentActor(ray_stages.BundleSource(path=str(root)),
                        ray_stages.StageOptions(out=str(tmp_path / "o"), pipeline={"device": "cpu", "unknown": "skip"}))
     batch = {k: [v] for k, v in {"index": 0, "file": str(one_image), "source": str(one_image), "name": "cell",
                                  "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
                                  "decision": "", "error": "", "error_path": "", "image": image,
-                                 "t_read": 0.0}.items()}
+                                 "px_y": np.nan, "px_x": np.nan, "t_read": 0.0}.items()}
     out = actor(batch)
     assert out["used_model"] == [""] and out["decision"] == [expected.decision]
     assert out["ood_score"][0] == pytest.approx(expected.ood_score)

@@ -199,7 +199,7 @@ def test_segment_writes_quality_the_review_list_and_review_csv(scored_bundle, tm
     assert res.exit_code == 0, res.output
     with (out / "routing.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0])[-1] == "quality" and all(0 <= float(r["quality"]) <= 1 for r in rows)
+    assert list(rows[0])[-4] == "quality" and all(0 <= float(r["quality"]) <= 1 for r in rows)
     ordered = sorted(rows, key=lambda r: (float(r["quality"]), r["output"]))
     listed = res.output.split("review first", 1)[1].splitlines()[1:4]
     assert [line.split()[1] for line in listed] == [r["output"] for r in ordered[:3]]

@@ -72,6 +72,10 @@ def test_training_with_a_scale_saves_it_and_the_pipeline_applies_it(synth_data, 
     monkeypatch.setattr(predict_module, "predict", spy)
     ds = Dataset(synth_data)
     image, _ = ds.load(ds.select(split="test", modality="he")[0])
-    out = Pipeline.from_bundle(tmp_path / "b", device="cpu").segment(image, modality="he")
-    assert seen[0] == scale  # (predict then calls itself on the resized image)
+    # the network sees the training set's diameter at the model's scale; an image whose nuclei are
+    # that diameter (given here, not estimated) runs at the model's scale
+    assert config.diameter is not None
+    pipe = Pipeline.from_bundle(tmp_path / "b", device="cpu", diameter=config.diameter / scale)
+    out = pipe.segment(image, modality="he")
+    assert seen[0] == pytest.approx(scale, abs=1e-3)  # (predict then calls itself on the resized image)
     assert out.labels.shape == image.shape[:2]

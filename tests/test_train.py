@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -158,7 +159,10 @@ def test_train_end_to_end_writes_a_bundle_that_loads(synth_data, tmp_path):
     assert quality.fit["n_points"] == 6 and quality.fit["n_images"] == 2 and quality.stats.n_images > 0
     assert not set(quality.signals) & {"router_confidence", "ood_score"}
     model, cfg, params = load_segmenter(run)
-    assert cfg == TINY.segmenter_config() and params == result.params
+    # size triage: the training set's median nucleus diameter and the estimate's calibration are recorded
+    assert cfg.diameter is not None and cfg.diameter > 0 and 0.1 <= cfg.size_calibration <= 10
+    assert dataclasses.replace(cfg, diameter=None, size_calibration=1.0) == TINY.segmenter_config()
+    assert params == result.params
     config = json.loads((run / "config.json").read_text())
     assert config["train"] == TINY.to_dict()
     assert config["results"]["best_epoch"] == result.best_epoch

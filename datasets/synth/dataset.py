@@ -72,6 +72,7 @@ def make_dataset(
     weights: dict[str, float] | Sequence[float] | None = None,
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     overwrite: bool = False,
+    diameter_range: tuple[float, float] | None = None,
 ) -> Path:
     """Write a synthetic dataset in the DESIGN layout and return its folder.
 
@@ -92,6 +93,9 @@ def make_dataset(
             DSB-like imbalance, fluorescence 0.55, brightfield, he and ihc 0.15 each.
         splits: (train, val, test) fractions.
         overwrite: replace the images, labels and index of an existing dataset in ``out``.
+        diameter_range: (min, max) median nucleus diameter in pixels, drawn log-uniform per
+            image (from the image's own generator) so sizes vary as across objectives;
+            None (default): each modality's own sizes, the datasets of earlier versions.
 
     Raises:
         ValueError: unknown modality (listing the valid ones), bad n, size, weights or splits.
@@ -111,6 +115,11 @@ def make_dataset(
     if int(n) < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     _check_size(size)  # before any folder is made
+    if diameter_range is not None:
+        lo, hi = (float(v) for v in diameter_range)
+        if not (2.0 <= lo <= hi <= 1000.0):
+            raise ValueError(f"diameter_range must be MIN,MAX with 2 <= MIN <= MAX <= 1000 pixels, "
+                             f"got {diameter_range}")
     fractions = tuple(float(f) for f in splits)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, got {splits!r}")
@@ -141,7 +150,10 @@ def make_dataset(
         ids = [f"{m}_{i:04d}" for i in range(count)]
         for i, sample_id in enumerate(ids):
             rng = np.random.default_rng([int(seed), mod_index[m], i])
-            image, labels = synth_sample(m, size=size, rng=rng)
+            diameter = None
+            if diameter_range is not None:
+                diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            image, labels = synth_sample(m, size=size, rng=rng, diameter=diameter)
             with atomic_path(images_dir / f"{sample_id}.png") as tmp:
                 tmp.write_bytes(imagecodecs.png_encode(image, level=3))
             write_labels(labels_dir / f"{sample_id}.tif", labels)
@@ -162,6 +174,7 @@ def make_dataset(
             "weights": dict(zip(modalities, (w / w.sum()).round(6).tolist(), strict=True)),
             "counts": dict(zip(modalities, counts.tolist(), strict=True)),
             "splits": dict(zip(SPLITS, fractions, strict=True)),
+            **({} if diameter_range is None else {"diameter_range": [lo, hi]}),
         },
     )
     return out

@@ -12,8 +12,14 @@ import numpy as np
 
 from triageseg.datasets.synth.styles import NucleusStyle
 
-def _place_nuclei(rng: np.random.Generator, size: int, style: NucleusStyle) -> tuple[np.ndarray, np.ndarray]:
-    """Return (labels uint32 consecutive 1..N, normalised radius float32; >1 outside nuclei)."""
+def _place_nuclei(
+    rng: np.random.Generator, size: int, style: NucleusStyle, radius_center: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels uint32 consecutive 1..N, normalised radius float32; >1 outside nuclei).
+
+    ``radius_center`` fixes the image's typical nucleus radius (drawn from the style's range
+    otherwise); ``synth_sample(diameter=...)`` uses it, then resizes the image.
+    """
     from scipy import ndimage
 
     h = w = size
@@ -22,6 +28,8 @@ def _place_nuclei(rng: np.random.Generator, size: int, style: NucleusStyle) -> t
     # The image-level draws that make two images of one modality look different.
     r_lo, r_hi = style.radius
     r_center = rng.uniform(r_lo, r_hi)  # this image's typical size (magnification / cell type)
+    if radius_center is not None:  # the draw above is kept: the rest of the stream is unchanged
+        r_center = float(radius_center)
     coverage = rng.uniform(*style.coverage)
     clustered = rng.uniform(*style.clustered)
     target = coverage * h * w

@@ -24,13 +24,20 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {size}")
 
 
-def synth_sample(modality: str, *, size: int = 256, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synth_sample(
+    modality: str, *, size: int = 256, rng: np.random.Generator, diameter: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic image and its instance labels.
 
     Args:
         modality: one of ``MODALITIES``.
         size: image side in pixels (nuclei sizes are in pixels, independent of it).
         rng: the random generator; the same generator state gives the same sample.
+        diameter: the median nucleus diameter (px) wanted: the sample is drawn at the
+            modality's own size on a canvas of ``size / zoom`` and resized by ``zoom``
+            (bilinear up, area down; labels nearest), so texture and blur scale with the
+            nuclei as under another objective. None (default): the modality's own sizes,
+            the samples of earlier versions bit for bit.
 
     Returns:
         (image uint8 HxWx3, labels uint32 HxW with consecutive ids 1..N, 0 = background).
@@ -41,6 +48,31 @@ def synth_sample(modality: str, *, size: int = 256, rng: np.random.Generator) ->
     """
     _check_modality(modality)
     _check_size(size)
-    labels, nrad = _place_nuclei(rng, int(size), STYLES[modality])
-    return _RENDERERS[modality](rng, labels, nrad), labels
+    if diameter is None:
+        labels, nrad = _place_nuclei(rng, int(size), STYLES[modality])
+        return _RENDERERS[modality](rng, labels, nrad), labels
+    return _zoomed(modality, int(size), rng, float(diameter))
+
+
+def _zoomed(modality: str, size: int, rng: np.random.Generator, diameter: float) -> tuple[np.ndarray, np.ndarray]:
+    """A sample whose nuclei have a median diameter near ``diameter``: drawn at base size, then resized."""
+    from skimage.transform import resize
+
+    if not (2.0 <= diameter <= 1000.0):
+        raise ValueError(f"diameter must be in [2, 1000] pixels, got {diameter}")
+    r_lo, r_hi = STYLES[modality].radius
+    zoom = diameter / (2.0 * np.sqrt(r_lo * r_hi))  # the style's typical diameter -> the one wanted
+    canvas = int(np.clip(round(size / zoom), MIN_SIZE, MAX_SIZE))
+    labels, nrad = _place_nuclei(rng, canvas, STYLES[modality], radius_center=np.sqrt(r_lo * r_hi))
+    image = _RENDERERS[modality](rng, labels, nrad)
+    if canvas == size:
+        return image, labels
+    image = resize(image.astype(np.float32), (size, size), order=1, anti_aliasing=zoom < 1, preserve_range=True)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    labels = resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(np.uint32)
+    # ids stay consecutive: a nucleus lost when shrinking is dropped from the numbering
+    ids = np.unique(labels)
+    lut = np.zeros(int(labels.max()) + 1, np.uint32)
+    lut[ids[ids > 0]] = np.arange(1, int((ids > 0).sum()) + 1, dtype=np.uint32)
+    return image, lut[labels]
 

@@ -70,6 +70,9 @@ function fillRouting(card, routing) {
   $(".ood-score", card).textContent = fmt(routing.ood_score, 3) + (unknown ? " (unknown modality)" : "");
   $(".used-model", card).textContent = routing.used_model;
   $(".decision", card).textContent = routing.decision;
+  $(".diameter", card).textContent = routing.diameter == null
+    ? (routing.size_source || "") + (routing.scale != null ? ` (scale ${routing.scale})` : "")
+    : `${fmt(routing.diameter, 1)} px, ${routing.size_source} (scale ${routing.scale})`;
   const body = $(".probabilities tbody", card);
   const classes = Object.entries(routing.probabilities).sort((a, b) => b[1] - a[1]);
   if (!classes.length) {
@@ -142,6 +145,8 @@ async function analyse(file, card) {
   const params = new URLSearchParams({ filename: file.name });
   const modality = $("#modality").value;
   if (modality) params.set("modality", modality);
+  const diameter = $("#diameter").value.trim();
+  if (diameter) params.set("diameter", diameter);
   const response = await fetch("/api/segment?" + params, {
     method: "POST",
     body: file,

@@ -1,0 +1,374 @@
+"""Size triage: the median nucleus diameter of an image, in pixels, before any segmenter runs.
+
+A specialist is trained at one nucleus size (its ``SegmenterConfig.diameter``); an image
+whose nuclei are 4x larger is resized by 1/4 before the network (:func:`size_scale`), and
+its probabilities back to the native grid before the watershed. This module finds the
+size; :mod:`triageseg.pipeline.single` applies it.
+
+How (a classical scale-space estimate; ``benchmarks/bench_scale.py`` measures it against a
+probe that runs the segmenter): the nucleus signal (the grey image, inverted when nuclei
+are dark on a bright background) is filtered by the scale-normalised Laplacian of Gaussian
+``-sigma^2 LoG`` at sigmas a quarter octave apart. A disk of diameter ``d`` answers most
+strongly at its centre at ``sigma = d / (2 sqrt 2)``. The blobs are the local maxima over
+space and scale; the median sigma of the strongest ones, times ``2 sqrt 2`` and a
+calibration factor (:data:`CALIBRATION`, the median ratio of the label diameter to the
+raw estimate on synthetic images of every modality), is the diameter. Large sigmas are
+computed on a 2x, 4x, ... downsampled image (a pyramid), so the cost is about that of
+the first octave at full resolution.
+
+The diameter is the equivalent-circle diameter ``2 sqrt(area / pi)`` of a nucleus, median
+over the nuclei (:func:`median_diameter`), as Cellpose's ``diameter``.
+
+Example:
+    >>> est = estimate_diameter(image)            # doctest: +SKIP
+    >>> est.diameter, est.blobs                   # doctest: +SKIP
+    (23.8, 141)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Diameters the estimator can report (pixels); images outside get the fallback.
+MIN_DIAMETER, MAX_DIAMETER = 3.0, 400.0
+# Sigmas per octave of the scale space.
+LEVELS_PER_OCTAVE = 4
+# Multiplier from 2 sqrt(2) sigma of the strongest blobs to the label diameter (measured, see module docstring).
+CALIBRATION = 1.0
+# Fewer blobs than this: too little to estimate from (an empty image), the caller falls back.
+MIN_BLOBS = 1
+CLUMP_PEAKS = True
+# Size sources recorded in routing.csv.
+SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """An image's estimated nucleus size.
+
+    Attributes:
+        diameter: median nucleus diameter in pixels; None when the image is (nearly) empty.
+        blobs: how many blobs the estimate rests on.
+    """
+
+    diameter: float | None
+    blobs: int
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent-circle diameter ``2 sqrt(area / pi)`` of the objects of a label image (None: no object)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    area = np.bincount(labels.ravel().astype(np.int64))[1:]
+    area = area[area > 0]
+    if area.size == 0:
+        return None
+    return float(2.0 * np.sqrt(np.median(area) / np.pi))
+
+
+def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(float32 image where nuclei are bright, whether it was inverted: nuclei dark on a bright background).
+
+    Nuclei are the minority phase, so the median pixel is background: a median nearer the
+    bright end means dark objects on a bright background (stained brightfield, H&E). Of the
+    channels (and their mean), the one whose two Otsu classes
+    are best apart (between-class variance over total variance) is kept: the red channel
+    separates haematoxylin from eosin, the blue one DAB from the background.
+    """
+    from skimage.filters import threshold_otsu
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    step = max(1, max(img.shape[:2]) // 256)
+    sample = img[::step, ::step]
+    grey = sample.mean(axis=2)
+    lo, hi = np.percentile(grey, [1, 99])
+    dark = float(np.median(grey)) > 0.5 * float(lo + hi)  # the background (the majority) is the bright end
+    best, best_eta = -1, -1.0
+    candidates = [sample[..., c] for c in range(sample.shape[2])] + ([grey] if sample.shape[2] > 1 else [])
+    for c, ch in enumerate(candidates):
+        var = float(ch.var())
+        if var <= 1e-8:
+            continue
+        thr = threshold_otsu(ch)
+        hi = ch > thr
+        w1 = float(hi.mean())
+        if not 0 < w1 < 1:
+            continue
+        between = w1 * (1 - w1) * (float(ch[hi].mean()) - float(ch[~hi].mean())) ** 2
+        if between / var > best_eta:
+            best, best_eta = c, between / var
+    signal = img.mean(axis=2) if best in (-1, img.shape[2]) else img[..., best]
+    if dark:
+        signal = 1.0 - signal
+    return np.ascontiguousarray(signal, dtype=np.float32), dark
+
+
+def _background(signal: np.ndarray) -> np.ndarray:
+    """Uneven illumination: a Gaussian of an eighth of the image side, computed on an 8x smaller copy."""
+    from scipy import ndimage as ndi
+
+    small = signal
+    for _ in range(3):
+        if min(small.shape) >= 32:
+            small = _downsample2(small)
+    f = signal.shape[0] / small.shape[0]
+    blur = ndi.gaussian_filter(small, max(signal.shape) / 8 / f, mode="reflect")
+    return ndi.zoom(blur, (signal.shape[0] / blur.shape[0], signal.shape[1] / blur.shape[1]), order=1,
+                    mode="nearest", grid_mode=True)
+
+
+def _downsample2(img: np.ndarray) -> np.ndarray:
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    v = img[:h, :w]
+    return 0.25 * (v[0::2, 0::2] + v[1::2, 0::2] + v[0::2, 1::2] + v[1::2, 1::2])
+
+
+def _blobs(signal: np.ndarray, *, min_diameter: float, max_diameter: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma in full-resolution pixels, response) of the scale-space maxima of ``signal``.
+
+    Level ``k`` is filtered on the image downsampled by ``f = 2^floor(log2(sigma_k / 1.5))``,
+    so every sigma is 1.5 to 3 pixels of the image it runs on; a level is compared with its
+    scale neighbours computed at its own resolution.
+    """
+    from scipy import ndimage as ndi
+
+    sig_lo, sig_hi = min_diameter / (2 * math.sqrt(2)), max_diameter / (2 * math.sqrt(2))
+    n = int(math.ceil(LEVELS_PER_OCTAVE * math.log2(sig_hi / sig_lo))) + 1
+    sigmas = sig_lo * 2.0 ** (np.arange(n) / LEVELS_PER_OCTAVE)
+    octave = np.maximum(0, np.floor(np.log2(sigmas / 1.5))).astype(int)
+    pyramid = [signal]
+    sigmas_out, responses = [], []
+    for o in np.unique(octave):
+        while len(pyramid) <= o:
+            pyramid.append(_downsample2(pyramid[-1]))
+        img, factor = pyramid[o], 2.0**o
+        if min(img.shape) < 8:
+            break
+        levels = np.nonzero(octave == o)[0]
+        idx = list(range(max(0, levels[0] - 1), min(n, levels[-1] + 2)))
+        stack = np.stack([-((s / factor) ** 2) * ndi.gaussian_laplace(img, s / factor, mode="reflect")
+                          for s in sigmas[idx]])
+        peak = (ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest") == stack) & (stack > 0)
+        peak[:, 0], peak[:, -1], peak[:, :, 0], peak[:, :, -1] = False, False, False, False
+        for i, k in enumerate(idx):
+            if octave[k] != o:
+                continue
+            ys, xs = np.nonzero(peak[i])
+            if ys.size:
+                responses.append(stack[i][ys, xs])
+                sigmas_out.append(np.full(ys.size, sigmas[k]))
+    if not responses:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(sigmas_out), np.concatenate(responses)
+
+
+def estimate_diameter(image: np.ndarray, *, method: str = "mask") -> SizeEstimate:
+    """Median nucleus diameter (pixels) of a normalised image (see the module docstring).
+
+    Args:
+        image: HxWxC (or HxW) float image in [0, 1] (``datasets.io.read_image``).
+        method: ``mask`` (the nuclei's inscribed radii; the default) or ``log`` (scale-space blobs).
+
+    Returns:
+        A :class:`SizeEstimate`; its diameter is None when fewer than :data:`MIN_BLOBS`
+        objects stand out (an empty or flat image).
+
+    Raises:
+        ValueError: an image that is not 2-D or 3-D.
+    """
+    img = np.asarray(image)
+    if img.ndim not in (2, 3) or img.shape[0] < 8 or img.shape[1] < 8:
+        raise ValueError(f"image must be HxW or HxWxC with sides >= 8, got shape {img.shape}")
+    signal, dark = nucleus_signal(img)
+    if float(np.percentile(signal, 99.5) - np.percentile(signal, 0.5)) < 0.05:
+        return SizeEstimate(None, 0)
+    if method == "log":
+        return _estimate_log(signal)
+    if method != "mask":
+        raise ValueError(f"unknown method {method!r}; valid: mask, log")
+    first = _estimate_mask(signal, 1.0)
+    if first.diameter is None or first.diameter < 32:
+        return first
+    # Texture inside large nuclei (chromatin) breaks their masks: again, on a copy downsampled so
+    # that the nuclei are 16 to 32 pixels across (faster, and smoothed at their own scale).
+    small, factor = signal, 1
+    while first.diameter / (factor * 2) >= 16 and min(small.shape) >= 64:
+        small, factor = _downsample2(small), factor * 2
+    second = _estimate_mask(small, 1.0)
+    if second.diameter is None:
+        return first
+    return SizeEstimate(float(np.clip(second.diameter * factor, MIN_DIAMETER, MAX_DIAMETER)), second.blobs)
+
+
+def _estimate_mask(signal: np.ndarray, sigma: float) -> SizeEstimate:
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    smooth = ndi.gaussian_filter(signal, sigma) - _background(signal)
+    sample = smooth[:: max(1, smooth.shape[0] // 512), :: max(1, smooth.shape[1] // 512)]
+    thr = threshold_otsu(sample)
+    fg = smooth > thr
+    if fg.mean() > 0.7:  # the threshold found the background, not nuclei
+        return SizeEstimate(None, 0)
+    fg = ndi.binary_fill_holes(fg)
+    lab, n = ndi.label(fg)
+    if n < 1:
+        return SizeEstimate(None, 0)
+    dist = ndi.distance_transform_edt(fg)
+    radius = np.zeros(n, np.float64)
+    for i, sl in enumerate(ndi.find_objects(lab)):  # per object box: no sort of the whole image
+        if sl is not None:
+            radius[i] = float(dist[sl][lab[sl] == i + 1].max())
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    ok = radius >= 1.5
+    if int(ok.sum()) < MIN_BLOBS:
+        return SizeEstimate(None, int(ok.sum()))
+    radius, area = np.asarray(radius)[ok], area[ok]
+    # A component no larger than an ellipse of aspect 2 around its inscribed disk is one nucleus: its
+    # equivalent-circle diameter; a larger one is a clump of touching nuclei: its inscribed diameter.
+    single = area <= 2.0 * np.pi * radius**2
+    diam = np.where(single, 2.0 * np.sqrt(area / np.pi), 2.0 * radius * CALIBRATION)
+    if CLUMP_PEAKS and not single.all():
+        # A clump: the distance transform peaks at each nucleus it holds (where the necks are narrow);
+        # the clump's diameter is the median of its peaks'.
+        peaks = (dist == ndi.maximum_filter(dist, size=3)) & (dist >= 1.5)
+        plab, pval = lab[peaks], dist[peaks]
+        order = np.lexsort((pval, plab))
+        plab, pval = plab[order], pval[order]
+        starts = np.searchsorted(plab, np.arange(1, n + 2))
+        keep_ids = np.nonzero(ok)[0] + 1
+        for j in np.nonzero(~single)[0]:
+            a, b = starts[keep_ids[j] - 1], starts[keep_ids[j]]
+            if b > a:
+                diam[j] = 2.0 * float(np.median(pval[a:b])) * CALIBRATION
+    # Area-weighted median: specks of noise weigh little, clumps of nuclei count per pixel.
+    order = np.argsort(diam)
+    cum = np.cumsum(area[order])
+    diameter = float(diam[order][np.searchsorted(cum, 0.5 * cum[-1])])
+    return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(ok.sum()))
+
+
+def _estimate_log(signal: np.ndarray, *, strongest: float = 0.25) -> SizeEstimate:
+    max_diameter = min(240.0, 0.5 * min(signal.shape))
+    if max_diameter <= 4.0:
+        return SizeEstimate(None, 0)
+    sig, resp = _blobs(signal, min_diameter=4.0, max_diameter=max_diameter)
+    if resp.size == 0:
+        return SizeEstimate(None, 0)
+    top = float(np.percentile(resp, 99))
+    keep = resp >= strongest * top
+    if int(keep.sum()) < MIN_BLOBS or top < 0.02:
+        return SizeEstimate(None, int(keep.sum()))
+    diameter = float(np.median(sig[keep])) * 2 * math.sqrt(2)
+    return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(keep.sum()))
+
+
+# Diameters a user may give (pixels): a nucleus narrower than 2 px or wider than 2000 px is a typo.
+GIVEN_RANGE = (2.0, 2000.0)
+
+
+def check_diameter(value) -> float:
+    """A given nucleus diameter (``--diameter``) as a float, refused when not a finite number in :data:`GIVEN_RANGE`."""
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"diameter must be a number of pixels, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(d) or not GIVEN_RANGE[0] <= d <= GIVEN_RANGE[1]:
+        raise ValueError(f"diameter must be a number of pixels in [{GIVEN_RANGE[0]:g}, {GIVEN_RANGE[1]:g}], "
+                         f"got {value!r}")
+    return d
+
+
+@dataclass(frozen=True)
+class SizeDecision:
+    """How big an image's nuclei are and how it is resized for its segmenter (recorded in routing.csv).
+
+    Attributes:
+        diameter: median nucleus diameter on the native grid (px); None when unknown (fallback, off).
+        scale: the resize factor before the network (the probabilities come back to the native grid).
+        source: ``estimated``, ``given`` (``--diameter``), ``metadata`` (pixel size x the
+            segmenter's diameter in um), ``fallback`` (no nuclei to estimate from: scale 1)
+            or ``off`` (a segmenter trained before size triage: its fixed scale).
+    """
+
+    diameter: float | None
+    scale: float
+    source: str
+
+
+def decide_size(
+    estimate,
+    *,
+    train_diameter: float | None,
+    train_diameter_um: float | None = None,
+    fixed_scale: float = 1.0,
+    given: float | None = None,
+    pixel_size: float | None = None,
+    use_pixel_size: bool = True,
+    calibration: float = 1.0,
+    refine=None,
+) -> SizeDecision:
+    """The :class:`SizeDecision` for one image: given sizes win, then the pixel size, then the estimate.
+
+    Args:
+        estimate: ``() -> SizeEstimate`` (called only when the size is not given).
+        train_diameter: the segmenter's ``SegmenterConfig.diameter``; None = size triage off.
+        train_diameter_um: its ``diameter_um``.
+        fixed_scale: the segmenter's own ``scale`` (used when size triage is off).
+        given: the user's diameter (px).
+        pixel_size: microns per pixel from the file's metadata.
+        use_pixel_size: whether ``pixel_size`` decides when the segmenter knows its diameter in um.
+        calibration: the segmenter's ``size_calibration`` (label diameter / estimate on its training images).
+        refine: ``diameter -> diameter``, the estimate checked by the segmenter (``pipeline.sizing``).
+    """
+    from triageseg.segmenters.scale import MAX_SCALE, MIN_SCALE
+
+    if train_diameter is None:
+        return SizeDecision(None, float(fixed_scale), "off")
+    if given is not None:
+        d, source = check_diameter(given), "given"
+    elif use_pixel_size and pixel_size and train_diameter_um and pixel_size > 0:
+        d, source = float(train_diameter_um) / float(pixel_size), "metadata"
+    else:
+        d, source = estimate().diameter, "estimated"
+        if d is None:
+            return SizeDecision(None, 1.0, "fallback")
+        d *= calibration
+        if refine is not None:
+            d = refine(d)
+    scale = float(np.clip(train_diameter / d, MIN_SCALE, MAX_SCALE))
+    return SizeDecision(round(d, 2), round(scale, 4), source)
+
+
+def estimate_overview(overview: np.ndarray, shape: tuple[int, int], read_crop, *, crop: int = 512) -> SizeEstimate:
+    """The estimate of an image too large to hold: from native-resolution crops, else from the overview.
+
+    Four crops of ``crop`` pixels (centred on the quarter points) are estimated at native
+    resolution; their median wins when the nuclei are small enough for a crop to hold
+    several. Otherwise (large nuclei, or empty crops) the overview's estimate, times its
+    downsampling factor, is used.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    c = min(crop, h, w)
+    found = []
+    for fy in (0.25, 0.75):
+        for fx in (0.25, 0.75):
+            top, left = int(min(max(0, fy * h - c / 2), h - c)), int(min(max(0, fx * w - c / 2), w - c))
+            est = estimate_diameter(read_crop(top, left, c, c))
+            if est.diameter is not None:
+                found.append(est)
+    if found:
+        d = float(np.median([e.diameter for e in found]))
+        if d <= c / 6:
+            return SizeEstimate(d, sum(e.blobs for e in found))
+    factor = h / overview.shape[0]
+    if min(overview.shape[:2]) < 8:
+        return SizeEstimate(None, 0)
+    ov = estimate_diameter(overview)
+    return SizeEstimate(None if ov.diameter is None else ov.diameter * factor, ov.blobs)

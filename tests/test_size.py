@@ -1,0 +1,315 @@
+"""Size triage: the diameter estimate, the size decision on every path, routing.csv, --diameter."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from triageseg.router.size import check_diameter, decide_size, estimate_diameter, median_diameter
+
+
+def _disks(radius: float, *, size: int = 256, dark: bool = False, seed: int = 0) -> np.ndarray:
+    """Disks of ``radius`` on a grid with jitter, blurred a little, with noise; HxWx3 in [0, 1]."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size), np.float32)
+    step = 3 * radius
+    for cy in np.arange(step / 2, size - radius, step):
+        for cx in np.arange(step / 2, size - radius, step):
+            jy, jx = rng.uniform(-radius / 3, radius / 3, 2)
+            img[(yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= radius**2] = rng.uniform(0.6, 1.0)
+    img = ndi.gaussian_filter(img, 0.7) + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    img = np.clip(img, 0, 1)
+    if dark:
+        img = 1.0 - 0.8 * img
+    return np.repeat(img[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("dark", [False, True])
+@pytest.mark.parametrize(("radius", "zoom"), [(4, 1), (4, 2), (6, 3), (8, 1), (8, 4), (10, 6)])
+def test_disks_drawn_at_a_zoom_get_their_diameter_within_15_percent(radius, zoom, dark):
+    r = radius * zoom
+    img = _disks(r, size=max(256, int(12 * r)), dark=dark)
+    est = estimate_diameter(img)
+    assert est.diameter is not None
+    assert abs(est.diameter / (2 * r) - 1) <= 0.15, (est.diameter, 2 * r)
+
+
+def test_an_empty_image_has_no_estimate_and_falls_back_to_scale_1():
+    flat = np.full((128, 128, 3), 0.2, np.float32)
+    assert estimate_diameter(flat).diameter is None
+    s = decide_size(lambda: estimate_diameter(flat), train_diameter=16.0)
+    assert (s.diameter, s.scale, s.source) == (None, 1.0, "fallback")
+
+
+def test_median_diameter_is_the_equivalent_circle_diameter():
+    lab = np.zeros((50, 50), np.uint32)
+    lab[:10, :10] = 1  # area 100
+    lab[20:30, 20:30] = 2
+    lab[40:42, 40:42] = 7  # area 4
+    assert median_diameter(lab) == pytest.approx(2 * math.sqrt(100 / math.pi))
+    assert median_diameter(np.zeros((4, 4), np.uint8)) is None
+
+
+@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), 1e9, "ten", True])
+def test_bad_diameters_are_refused(bad):
+    with pytest.raises(ValueError, match="diameter"):
+        check_diameter(bad)
+
+
+def test_given_sizes_win_then_metadata_then_the_estimate():
+    never = lambda: pytest.fail("estimated although the size was known")  # noqa: E731
+    s = decide_size(never, train_diameter=16.0, given=8.0)
+    assert (s.diameter, s.scale, s.source) == (8.0, 2.0, "given")
+    s = decide_size(never, train_diameter=16.0, train_diameter_um=8.0, pixel_size=0.25)
+    assert (s.diameter, s.scale, s.source) == (32.0, 0.5, "metadata")
+    img = _disks(16)
+    s = decide_size(lambda: estimate_diameter(img), train_diameter=16.0, train_diameter_um=8.0, pixel_size=0.25,
+                    use_pixel_size=False)
+    assert s.source == "estimated" and s.scale == pytest.approx(0.5, rel=0.15)
+    s = decide_size(never, train_diameter=None, fixed_scale=1.5, given=8.0)
+    assert (s.diameter, s.scale, s.source) == (None, 1.5, "off")
+
+
+@pytest.fixture(scope="module")
+def sized_bundle(tiny_bundle, tmp_path_factory):
+    """``tiny_bundle`` with every segmenter trained (as its config says) at a nucleus diameter of 16 px."""
+    from triageseg import bundle as B
+
+    root = tmp_path_factory.mktemp("sized") / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    for name in ("fluorescence", "brightfield", "he", B.GENERALIST):
+        path = B.segmenter_dir(root, name) / B.CONFIG
+        cfg = json.loads(path.read_text())
+        cfg["diameter"] = 16.0
+        path.write_text(json.dumps(cfg))
+    return root
+
+
+def test_an_old_bundle_loads_with_size_triage_off_and_a_one_line_note(tiny_bundle, sized_bundle):
+    from triageseg.pipeline import Pipeline
+
+    old = Pipeline.from_bundle(tiny_bundle, device="cpu")
+    notes = old.size_notes()
+    assert len(notes) == 1 and "\n" not in notes[0] and "size triage off" in notes[0]
+    d = old.decide(_disks(8, size=96), modality="he")
+    assert (d.diameter, d.scale, d.size_source) == (None, 1.0, "off")
+    assert Pipeline.from_bundle(sized_bundle, device="cpu").size_notes() == []
+
+
+def test_the_pipeline_decides_the_size_and_diameter_overrides_it(sized_bundle):
+    from triageseg.pipeline import Pipeline
+
+    img = _disks(16, size=128)  # nuclei of 32 px: scale 0.5 for a segmenter trained at 16
+    pipe = Pipeline.from_bundle(sized_bundle, device="cpu")
+    d = pipe.decide(img, modality="he")
+    assert d.size_source == "estimated" and d.scale == pytest.approx(0.5, rel=0.15)
+    forced = Pipeline.from_bundle(sized_bundle, device="cpu", diameter=8)
+    d = forced.decide(img, modality="he")
+    assert (d.diameter, d.scale, d.size_source) == (8.0, 2.0, "given")
+    r = forced.segment(img, modality="he")
+    assert r.labels.shape == img.shape[:2] and (r.scale, r.size_source) == (2.0, "given")
+    # the watershed's area thresholds follow the scale: 4x the pixels per nucleus at scale 0.5
+    base = pipe.params("he")
+    assert pipe.params("he", 0.5).min_size == 4 * base.min_size
+    with pytest.raises(ValueError, match="diameter"):
+        Pipeline.from_bundle(sized_bundle, device="cpu", diameter=0)
+
+
+def _write(tmp_path, name: str, image: np.ndarray) -> str:
+    path = tmp_path / name
+    tifffile.imwrite(path, (image * 255).astype(np.uint8), photometric="rgb")
+    return str(path)
+
+
+def test_routing_csv_has_the_size_columns_and_diameter_overrides(tmp_path, sized_bundle):
+    from triageseg.cli.main import cli
+    from triageseg.pipeline.records import ROUTING_COLUMNS
+
+    assert ROUTING_COLUMNS[-3:] == ("diameter", "scale", "size_source")
+    src = tmp_path / "in"
+    src.mkdir()
+    _write(src, "big.tif", _disks(16, size=128))
+    _write(src, "empty.tif", np.full((96, 96, 3), 0.3, np.float32))
+    base = ["segment", str(src), "--bundle", str(sized_bundle), "--modality", "he", "--quiet"]
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader((tmp_path / "auto" / "routing.csv").open())}
+    assert rows["big.tif"]["size_source"] == "estimated"
+    assert float(rows["big.tif"]["diameter"]) == pytest.approx(32, rel=0.15)
+    assert float(rows["big.tif"]["scale"]) == pytest.approx(0.5, rel=0.15)
+    assert (rows["empty.tif"]["size_source"], rows["empty.tif"]["scale"], rows["empty.tif"]["diameter"]) == (
+        "fallback", "1", "")
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "given"), "--diameter", "8", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    for row in csv.DictReader((tmp_path / "given" / "routing.csv").open()):
+        assert (row["diameter"], row["scale"], row["size_source"]) == ("8.00", "2", "given")
+
+
+@pytest.mark.parametrize("bad", ["0", "-4", "nan", "inf", "1e9", "abc"])
+def test_cli_refuses_bad_diameters_before_anything_loads(tmp_path, bad, monkeypatch):
+    from triageseg.cli.main import cli
+    from triageseg.pipeline import single
+
+    monkeypatch.setattr(single.Pipeline, "__init__", lambda *a, **k: pytest.fail("the bundle was loaded"))
+    image = _write(tmp_path, "a.tif", _disks(4, size=64))
+    res = CliRunner().invoke(cli, ["segment", image, "--bundle", str(tmp_path), "--out", str(tmp_path / "o"),
+                                   "--diameter", bad])
+    assert res.exit_code == 2 and "diameter" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("diameter", [8.0, 32.0])  # scale 2 and 0.5 for a segmenter trained at 16 px
+def test_block_path_at_scale_2_and_half_gives_the_in_memory_labels(tmp_path, sized_bundle, diameter):
+    from test_blocks import _mosaic, same_up_to_numbering
+
+    from triageseg.datasets.io import read_labels
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.large import BlockOptions
+
+    path = _mosaic(tmp_path)
+    pipe = Pipeline.from_bundle(sized_bundle, device="cpu", batch_size=2, diameter=diameter)
+    pipe.segment_files([path], tmp_path / "blocks", modality="fluorescence",
+                       blocks=BlockOptions(block_size=192, margin=32, threshold_mp=0.1))
+    pipe.segment_files([path], tmp_path / "whole", modality="fluorescence",
+                       blocks=BlockOptions(threshold_mp=float("inf")))
+    rows = [next(csv.DictReader((tmp_path / d / "routing.csv").open())) for d in ("blocks", "whole")]
+    assert [r["mode"] == "blocks" for r in rows] == [True, False]
+    assert {(r["scale"], r["size_source"]) for r in rows} == {(f"{16 / diameter:g}", "given")}
+    blocks, whole = read_labels(tmp_path / "blocks" / "mosaic.tif"), read_labels(tmp_path / "whole" / "mosaic.tif")
+    assert whole.max() > 0
+    assert same_up_to_numbering(whole, blocks)
+
+
+@pytest.mark.parametrize("modality", ["fluorescence", "brightfield", "he"])
+def test_synth_diameter_sets_the_median_nucleus_size_and_none_keeps_the_old_samples(modality):
+    from triageseg.datasets.synth import synth_sample
+
+    for diameter in (8.0, 40.0):
+        img, lab = synth_sample(modality, size=192, rng=np.random.default_rng(3), diameter=diameter)
+        assert img.shape == (192, 192, 3) and img.dtype == np.uint8
+        assert np.array_equal(np.unique(lab), np.arange(int(lab.max()) + 1))
+        assert abs(np.log2(median_diameter(lab) / diameter)) < 0.5
+    a = synth_sample(modality, size=64, rng=np.random.default_rng(5))
+    b = synth_sample(modality, size=64, rng=np.random.default_rng(5), diameter=None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_data_synth_diameter_range(tmp_path):
+    from triageseg.cli.main import cli
+    from triageseg.datasets.layout import Dataset
+
+    out = tmp_path / "d"
+    res = CliRunner().invoke(cli, ["data", "synth", "--out", str(out), "--n", "6", "--size", "96",
+                                   "--diameter-range", "8,40"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "synth.json").read_text())["diameter_range"] == [8.0, 40.0]
+    ds = Dataset(out)
+    sizes = [median_diameter(ds.load(s)[1]) for s in ds.samples]
+    assert min(sizes) >= 4 and max(sizes) <= 80
+    res = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "e"), "--diameter-range", "40,8"])
+    assert res.exit_code == 2
+
+
+def test_web_page_job_shows_the_size_and_takes_a_typed_diameter(tmp_path, sized_bundle):
+    from triageseg.pipeline import Pipeline
+    from triageseg.serve.jobs import analyse_file
+
+    pipe = Pipeline.from_bundle(sized_bundle, device="cpu")
+    path = _write(tmp_path, "cells.tif", _disks(16, size=128))
+    typed = analyse_file(pipe, path, tmp_path / "typed", filename="cells.tif", modality="he", diameter=8.0)
+    assert (typed["routing"]["diameter"], typed["routing"]["scale"], typed["routing"]["size_source"]) == (
+        8.0, 2.0, "given")
+    auto = analyse_file(pipe, path, tmp_path / "auto", filename="cells.tif", modality="he")
+    assert auto["routing"]["size_source"] == "estimated"
+    assert auto["routing"]["diameter"] == pytest.approx(32, rel=0.15)
+
+
+def test_napari_steps_take_a_typed_diameter_and_record_the_size(sized_bundle):
+    pytest.importorskip("qtpy")
+    from triageseg.napari_plugin.steps import Analysis, analyse_steps
+
+    gen = analyse_steps(sized_bundle, (_disks(16, size=96)[..., 0] * 255).astype(np.uint8), layer_name="cells",
+                        segment=True, modality="he", diameter=12.0)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        analysis = stop.value
+    assert isinstance(analysis, Analysis)
+    meta = analysis.metadata()
+    assert (meta["diameter"], meta["scale"], meta["size_source"]) == (12.0, pytest.approx(16 / 12, abs=1e-3), "given")
+    assert analysis.labels.shape == (96, 96)
+    bad = analyse_steps(sized_bundle, np.zeros((32, 32), np.uint8), layer_name="x", segment=False, diameter=-1)
+    try:
+        while True:
+            next(bad)
+    except StopIteration as stop:
+        assert "diameter" in stop.value.message
+
+
+def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
+    """The cluster path's segment actor and write task, called directly: the local path's size and labels."""
+    from triageseg.datasets.io import read_labels
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
+
+    path = _write(tmp_path, "cells.tif", _disks(16, size=128))
+    options = StageOptions(out=str(tmp_path / "ray_out"), pipeline={"device": "cpu", "diameter": 8.0})
+    (tmp_path / "ray_out").mkdir()
+    row = read_stage({"index": 0, "file": path, "name": "cells", "modality": "", "confidence": np.nan,
+                      "used_model": "", "decision": "", "error": "", "error_path": ""}, options=options)
+    batch = SegmentActor(BundleSource(path=str(sized_bundle)), options)({k: [v] for k, v in row.items()})
+    assert (batch["diameter"][0], batch["scale"][0], batch["size_source"][0]) == (8.0, 2.0, "given")
+    out = write_stage({k: v[0] for k, v in batch.items()}, options=options)
+    assert out["error"] == "" and out["size_source"] == "given"
+    local = Pipeline.from_bundle(sized_bundle, device="cpu", diameter=8.0)
+    local.segment_files([path], tmp_path / "local", modality=batch["used_model"][0])
+    ray_labels = read_labels(tmp_path / "ray_out" / "cells.tif")
+    assert np.array_equal(ray_labels, read_labels(tmp_path / "local" / "cells.tif"))
+
+
+def test_segment_prints_the_old_bundle_note_once(tmp_path, tiny_bundle):
+    from triageseg.cli.main import cli
+
+    image = _write(tmp_path, "a.tif", _disks(4, size=64))
+    res = CliRunner().invoke(cli, ["segment", image, "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"),
+                                   "--modality", "he", "--quiet"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if "size triage off" in line]  # stderr is in output
+    assert len(notes) == 1 and notes[0].startswith("note: ")
+    row = next(csv.DictReader((tmp_path / "o" / "routing.csv").open()))
+    assert (row["diameter"], row["scale"], row["size_source"]) == ("", "1", "off")
+
+
+def test_the_pixel_size_decides_when_the_segmenter_knows_its_nuclei_in_um(tmp_path, sized_bundle):
+    from triageseg import bundle as B
+    from triageseg.cli.main import cli
+
+    root = tmp_path / "um_bundle"
+    shutil.copytree(sized_bundle, root)
+    path = B.segmenter_dir(root, "he") / B.CONFIG
+    cfg = json.loads(path.read_text())
+    cfg["diameter_um"] = 8.0  # 16 px at 0.5 um per pixel
+    path.write_text(json.dumps(cfg))
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "cells.tif", (_disks(16, size=128) * 255).astype(np.uint8), photometric="rgb",
+                     resolution=(4.0, 4.0), resolutionunit="MICROMETER")  # 0.25 um per pixel
+    base = ["segment", str(src), "--bundle", str(root), "--modality", "he", "--quiet"]
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "meta")])
+    assert res.exit_code == 0, res.output
+    row = next(csv.DictReader((tmp_path / "meta" / "routing.csv").open()))
+    assert (row["diameter"], row["scale"], row["size_source"]) == ("32.00", "0.5", "metadata")
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "est"), "--no-use-pixel-size"])
+    assert res.exit_code == 0, res.output
+    assert next(csv.DictReader((tmp_path / "est" / "routing.csv").open()))["size_source"] == "estimated"
