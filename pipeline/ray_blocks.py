@@ -105,8 +105,8 @@ class BandActor:
         torch.set_num_threads(max(1, int(threads)))  # the local run's thread count: the same probabilities
         self.pipe = Pipeline(bundle, **pipeline)
 
-    def band(self, path: str, level: int, norm: dict, model: str, folder: str, shape: tuple[int, int], y0: int,
-             y1: int) -> dict:
+    def band(self, path: str, level: int, norm: dict, model: str, scale: float | None, folder: str,
+             shape: tuple[int, int], y0: int, y1: int) -> dict:
         from triageseg.pipeline.blocks import NormStats
 
         stats = NormStats.from_dict(norm)
@@ -116,25 +116,29 @@ class BandActor:
             def read_rows(a: int, b: int) -> np.ndarray:
                 return stats.apply(source[a:b, 0:width], name=str(path))
 
-            return compute_band(self.pipe.probability_stream(model, name=str(path)), read_rows, folder, shape, y0, y1)
+            stream = self.pipe.probability_stream(model, scale=scale, name=str(path))  # at the image's own scale
+            return compute_band(stream, read_rows, folder, shape, y0, y1)
 
 
 def _scan_and_route(bundle: str, pipeline: dict, path: str, level: int, channel, modality) -> dict:
     """The journal state of an image: normalisation statistics and the routing decision (one task)."""
     from triageseg.pipeline.blocks import scan_image
+    from triageseg.pipeline.large import _mean_pixel
     from triageseg.pipeline.single import Pipeline
 
     pipe = Pipeline(bundle, **pipeline)
-    with open_source(path, level=level) as (source, _):
+    with open_source(path, level=level) as (source, pixel_size):
         shape = (int(source.shape[0]), int(source.shape[1]))
         norm, overview = scan_image(source, channel=channel, name=str(path))
 
         def read_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
             return norm.apply(source[top : top + height, left : left + width], name=str(path))
 
-        d = pipe.decide_overview(overview, shape, read_crop, modality)
+        # routing and size decided once per image, as the local block path does (Pipeline.decide_overview)
+        d = pipe.decide_overview(overview, shape, read_crop, modality, pixel_size=_mean_pixel(pixel_size))
     return {"norm": norm.to_dict(), "modality": d.modality, "confidence": d.confidence, "used_model": d.used_model,
-            "decision": d.decision, "ood_score": d.ood_score, "skipped": bool(d.skipped)}
+            "decision": d.decision, "ood_score": d.ood_score, "diameter": d.diameter, "scale": d.scale,
+            "size_source": d.size_source, "skipped": bool(d.skipped)}
 
 
 def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, params: dict) -> bytes:
@@ -174,7 +178,9 @@ def segment_large_file_ray(
     path, out_dir = Path(path).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"device": "cuda" if gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta, "unknown": pipe.unknown}
+                "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta, "unknown": pipe.unknown,
+                "backend": pipe.backend, "precision": pipe.precision, "diameter": pipe.diameter,
+                "use_pixel_size": pipe.use_pixel_size}
     bundle = str(Path(pipe.path).resolve())
     with claim_outputs(out_dir, name):
         journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
@@ -212,7 +218,8 @@ def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions,
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus or None, max_restarts=-1, max_task_retries=-1)(BandActor)
         bundle = str(Path(pipe.path).resolve())
         band_actors = [remote.remote(bundle, settings, max(1, int(cpus))) for _ in range(max(1, min(actors, len(bands))))]
-        args = (str(path), options.level, state["norm"], state["used_model"], str(store.folder), shape)
+        args = (str(path), options.level, state["norm"], state["used_model"], state.get("scale"), str(store.folder),
+                shape)
         try:
             # each band's checksums recorded as it finishes: a run killed now resumes at the unfinished bands
             for sums in ActorPool(band_actors).map_unordered(lambda actor, span: actor.band.remote(*args, *span), bands):
@@ -223,7 +230,7 @@ def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions,
     if not store.complete:
         raise ValueError(f"{path}: probability rows {store.missing()} missing after the band tasks")
     grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
-    params = pipe.params(state["used_model"]).to_dict()
+    params = pipe.params(state["used_model"], state.get("scale")).to_dict()  # area thresholds follow the scale
     done = journal.done()
     decode = ray.remote(num_cpus=1, max_retries=-1)(_decode)  # retried on a lost worker or node
     pending = [decode.remote(str(store.folder), shape, grid.to_dict(), b.index, params)

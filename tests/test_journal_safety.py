@@ -173,7 +173,8 @@ def fake_pipe(tiny_bundle, monkeypatch):
     """A real Pipeline (routing, journal, outputs) whose probabilities are the one-hot class map of the image."""
     from triageseg.pipeline import Pipeline
 
-    monkeypatch.setattr(Pipeline, "probability_stream", lambda self, used, name="<array>": pointwise(one_hot))
+    monkeypatch.setattr(Pipeline, "probability_stream",
+                        lambda self, used, scale=None, name="<array>": pointwise(one_hot))
     return Pipeline.from_bundle(tiny_bundle, device="cpu")
 
 
@@ -239,7 +240,7 @@ from triageseg.datasets import pyramid
 from triageseg.pipeline import Pipeline
 from triageseg.pipeline.large import BlockOptions
 
-Pipeline.probability_stream = lambda self, used, name="<array>": pointwise(one_hot)
+Pipeline.probability_stream = lambda self, used, scale=None, name="<array>": pointwise(one_hot)
 real = pyramid.write_pyramid
 
 def dying(path, shape, dtype, read_rows, **kwargs):
