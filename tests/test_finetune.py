@@ -225,3 +225,24 @@ def test_a_new_modality_gets_a_specialist_and_the_router_returns_it(bundle_with_
         assert new.decide(normalize_image(image)).modality == name
     # a stored reference now holds the new class too: a second new modality refits without synthetic images
     assert (B.router_dir(tmp_path / "b2") / "reference.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_finetune_writes_the_bundle_and_refuses_an_interrupted_run(tiny_bundle, corrections, tmp_path):
+    from click.testing import CliRunner
+
+    from triageseg.cli.main import cli
+
+    runner = CliRunner()
+    args = ["finetune", "--bundle", str(tiny_bundle), "--data", str(corrections), "--steps", "2", "--quiet"]
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "b2")])
+    assert res.exit_code == 0, res.output
+    assert "val mean F1" in res.output and "unchanged" in res.output
+    assert B.read_manifest(tmp_path / "b2")["provenance"]["parent"] == str(tiny_bundle.resolve())
+    partial_dir(tmp_path / "b3").mkdir()
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "b3")])
+    assert res.exit_code != 0 and "--resume" in res.output
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "b4"), "--modality", "he"])
+    assert res.exit_code != 0 and "no corrected image of modality 'he'" in res.output
