@@ -38,6 +38,7 @@ from triageseg.router.reference import REFERENCE, load_reference, save_reference
 SYNTH_PER_CLASS = 12  # synthetic images per known class for a bundle without a stored reference
 VIEWS_PER_IMAGE = 8  # views of each new image (whole thumbnail, flips, rotations, crops)
 THRESHOLD_MARGIN = 1.1
+VAL_COPY = "__val"  # id suffix of the staged copies of training images (finetune.run.stage_data)
 
 
 def _views(image: np.ndarray, size: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -137,7 +138,8 @@ def add_modality(bundle: str | os.PathLike, modality: str, data: str | os.PathLi
         raise DataError(router_dir, "the router has no linear head to refit")
     rng = np.random.default_rng(seed)
     ds = Dataset(data)
-    images = [ds.load(s)[0] for s in ds.samples if s.modality == modality]
+    # a staged copy of a training image standing in for val (finetune.run.stage_data) is not a second image
+    images = [ds.load(s)[0] for s in ds.samples if s.modality == modality and not s.id.endswith(VAL_COPY)]
     if not images:
         raise DataError(ds.root, f"no image of modality {modality!r} to teach the router")
     new_thumbs = np.concatenate([_views(img, config.image_size, VIEWS_PER_IMAGE, rng) for img in images])

@@ -43,6 +43,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, what runs now)
 STATE = "finetune_state.json"  # in <out>.partial while a fine-tune is unfinished
 WORK = "_finetune_work"  # staged data, inside <out>.partial, removed at the end
 PARTIAL = ".partial"
+VAL_COPY = "__val"  # id suffix of a training image staged again as val when no val image was collected
 LR_SCALE = 0.3  # fine-tuning runs at this fraction of the parent's learning rate (as train all's continuations)
 STEPS_PER_IMAGE = 40  # optimiser steps per corrected training image ...
 MIN_STEPS, MAX_STEPS = 60, 400  # ... within these bounds; the minutes budget may end it sooner
@@ -270,15 +271,15 @@ def _copy_ignore(_dir: str, names: list[str]) -> list[str]:
     return [n for n in names if n in ("checkpoint", "_work", WORK) or n.startswith(".")]
 
 
-def _start(bundle: Path, ds, modality: str, part: Path, checksum: str, init_name: str,
-           new_modality: bool) -> dict[str, Any]:
-    """Copy the parent, stage the modality's corrected images (train, and val or a copy of train); the state."""
+def stage_data(ds, modality: str, staged: Path) -> tuple[int, int]:
+    """Copy the modality's labelled images of ``ds`` into ``staged`` (train, and val or a copy of train).
+
+    Returns:
+        (training images, val images); with no val image the training images are staged a second
+        time as ``<id>__val`` (``train_segmenter`` needs a val split to keep its best epoch).
+    """
     from triageseg.datasets.layout import write_index
 
-    tmp = part.with_name(part.name + ".copying")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(bundle, tmp, ignore=_copy_ignore)
-    staged = tmp / WORK / "data"
     train = [s for s in ds.select(split="train", modality=modality) if s.label_path is not None]
     val = [s for s in ds.select(split="val", modality=modality) if s.label_path is not None]
     if not train:
@@ -287,8 +288,8 @@ def _start(bundle: Path, ds, modality: str, part: Path, checksum: str, init_name
         raise DataError(ds.root, f"no labelled train or val image of modality {modality!r}")
     mods, splits = {}, {}
     pairs = [(s, s.id, "train") for s in train] + [(s, s.id, "val") for s in val]
-    if not val:  # the same images under other ids: train_segmenter needs a val split
-        pairs += [(s, f"{s.id}__val", "val") for s in train]
+    if not val:
+        pairs += [(s, f"{s.id}{VAL_COPY}", "val") for s in train]
     for sample, new_id, split in pairs:
         for src, sub in ((sample.image_path, "images"), (sample.label_path, "labels")):
             dst = staged / sub / f"{new_id}{src.suffix}"
@@ -296,9 +297,19 @@ def _start(bundle: Path, ds, modality: str, part: Path, checksum: str, init_name
             shutil.copyfile(src, dst)
         mods[new_id], splits[new_id] = modality, split
     write_index(staged, modalities=mods, splits=splits)
+    return len(train), len(val)
+
+
+def _start(bundle: Path, ds, modality: str, part: Path, checksum: str, init_name: str,
+           new_modality: bool) -> dict[str, Any]:
+    """Copy the parent, stage the modality's corrected images; the state of the run (written beside them)."""
+    tmp = part.with_name(part.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp, ignore=_copy_ignore)
+    n_train, n_val = stage_data(ds, modality, tmp / WORK / "data")
     state = {"parent": str(bundle.resolve()), "modality": modality, "data": str(ds.root.resolve()),
              "data_sha256": checksum, "init_from": init_name, "new_modality": new_modality,
-             "n_train": len(train), "n_val": len(val), "val_source": "val split" if val else "training images",
+             "n_train": n_train, "n_val": n_val, "val_source": "val split" if n_val else "training images",
              "val_f1_before": None}
     write_json_atomic(tmp / STATE, state)
     os.replace(tmp, part)
