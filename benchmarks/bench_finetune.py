@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=None, help="override the planned steps (reduced runs)")
+    parser.add_argument("--fifty-steps", type=int, default=None, help="steps of the 50-image run (default: planned)")
     parser.add_argument("--skip", default="", help="comma-separated: scratch, fifty, select")
     parser.add_argument("--out", type=Path, default=Path(".bench/finetune"))
     parser.add_argument("--device", default="auto")
@@ -129,16 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     results["before"] = {"f1": before, "used": used}
     print(f"before: mean F1 {before:.3f} on {len(test)} {args.variant} images (models used: {used})", flush=True)
 
-    def tune(k: int, samples, tag: str) -> dict:
+    def tune(k: int, samples, tag: str, steps: int | None = args.steps) -> dict:
         data = collect(out / f"data_{tag}", samples, modality)
         target = out / f"bundle_{tag}"
         shutil.rmtree(target, ignore_errors=True)
-        res = finetune(args.bundle, data, target, modality=modality, minutes=args.minutes, steps=args.steps,
+        res = finetune(args.bundle, data, target, modality=modality, minutes=args.minutes, steps=steps,
                        device=args.device, seed=args.seed, overwrite=True)
         after, used_after = routed_f1(target, test, args.device)
         row = {"k": k, "tag": tag, "after": after, "used": used_after, "val_before": res.val_f1_before,
                "val_after": res.val_f1_after, "kept": res.kept, "epochs": res.epochs_completed,
-               "stopped": res.stopped, "seconds": res.seconds, "router": res.router}
+               "stopped": res.stopped, "seconds": res.seconds, "steps": res.steps_planned, "router": res.router}
         if "scratch" not in skip and tag.startswith("k"):
             sb = scratch_specialist(args.bundle, data, out / f"scratch_{tag}", modality,
                                     steps=args.steps or plan_steps(res.n_train), minutes=args.minutes,
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in ks:
         results["rows"].append(tune(k, train_pool[:k], f"k{k}"))
     if "fifty" not in skip:
-        results["fifty"] = tune(50, train_pool[:50], "fifty")
+        results["fifty"] = tune(50, train_pool[:50], "fifty", args.fifty_steps)
 
     if "select" not in skip:
         from triageseg.datasets.io import normalize_image

@@ -102,6 +102,7 @@ class FinetunePanel(QGroupBox):
         self.worker = None
         self.stop_event: threading.Event | None = None
         self.result = None  # the last FinetuneResult
+        self._followed: str | None = None  # the Labels layer whose modality the combo last proposed
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
 
@@ -203,15 +204,18 @@ class FinetunePanel(QGroupBox):
             return []
 
     def _follow_labels(self, _name: str | None = None) -> None:
+        """Offer the bundle's modalities; a newly selected Labels layer proposes the modality it was routed to."""
         typed = self.modality_combo.currentText()
         mods = self.bundle_modalities()
         self.modality_combo.clear()
         self.modality_combo.addItems(mods)
         layer = self.selected_labels()
-        meta = {} if layer is None else dict(layer.metadata or {})
-        guess = meta.get("modality") or typed
+        guess = typed
+        if layer is not None and layer.name != self._followed:  # another layer: its modality; else what was typed
+            guess = str(dict(layer.metadata or {}).get("modality") or typed)
+        self._followed = None if layer is None else layer.name
         if guess:
-            self.modality_combo.setCurrentText(str(guess))
+            self.modality_combo.setCurrentText(guess)
 
     def selected_labels(self):
         name = self.labels_combo.currentText()
