@@ -246,3 +246,19 @@ def test_cli_finetune_writes_the_bundle_and_refuses_an_interrupted_run(tiny_bund
     assert res.exit_code != 0 and "--resume" in res.output
     res = runner.invoke(cli, [*args, "--out", str(tmp_path / "b4"), "--modality", "he"])
     assert res.exit_code != 0 and "no corrected image of modality 'he'" in res.output
+
+
+def test_a_second_new_modality_refits_from_the_stored_reference(bundle_with_ood, tmp_path):
+    from triageseg.finetune.router_add import add_modality
+    from triageseg.router.model import load_router
+
+    data = _corrections(tmp_path / "ihc", modality="ihc", n=3, seed=4, variant="ihc")
+    first = add_modality(bundle_with_ood, "ihc", data, device="cpu")
+    assert first["known_features"].startswith("synthetic")  # tiny_bundle's router stored none
+    zoom = _corrections(tmp_path / "zoom", modality="zoomed", n=3, seed=5, variant="zoom")
+    second = add_modality(bundle_with_ood, "zoomed", zoom, device="cpu")
+    assert second["known_features"] == "stored router reference"
+    _, config = load_router(B.router_dir(bundle_with_ood))
+    assert config.class_names == ("fluorescence", "brightfield", "he", "ihc", "zoomed")
+    assert B.read_manifest(bundle_with_ood)["modalities"] == sorted(config.class_names)
+    assert add_modality(bundle_with_ood, "zoomed", zoom) == {"router": "already knows zoomed"}
