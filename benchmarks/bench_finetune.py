@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     from triageseg.finetune import finetune, plan_steps
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = [int(k) for k in args.ks.split(",") if k.strip()]  # empty: only the 50-image run and/or the selection
     modality = "ihc" if args.variant == "ihc" else "fluorescence"
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     test = draw(args.variant, args.n_test, args.size, args.seed + 1000)
-    train_pool = draw(args.variant, max(max(ks), 50 if "fifty" not in skip else 0), args.size, args.seed + 2000)
+    train_pool = draw(args.variant, max([*ks, 50 if "fifty" not in skip else 0]), args.size, args.seed + 2000)
     results: dict = {"variant": args.variant, "modality": modality, "minutes": args.minutes, "n_test": len(test),
                      "size": args.size, "bundle": str(args.bundle), "rows": []}
     t0 = time.perf_counter()
