@@ -1,25 +1,24 @@
 """Teach a bundle's router a new modality: a refitted head and OOD statistics with one more class.
 
-The ViT backbone stays as it is; only the classification head (a linear layer on the
-pooled features) is refitted, which takes seconds on a CPU. It needs features of every
-class:
+The ViT backbone stays as it is; only the classification head (a linear layer on the pooled
+features) is refitted, which takes seconds on a CPU. It needs features of every class:
 
 - the new modality: the corrected images, each seen as its whole-image thumbnail and as
   flipped, rotated and cropped views (the router's own training augments the same way);
 - the classes the router knows: the bundle's stored router reference (``router/reference.safetensors``:
-  pooled features of up to :data:`REFERENCE_PER_CLASS` training thumbnails per class, written by
+  pooled features of up to 64 training thumbnails per class, written by
   ``train_router`` since this feature), or, for an older bundle without it, images of those
   modalities drawn by the synthetic generator (``datasets.synth``), which is what the demo
   bundles were trained on. A known modality that neither source can provide is refused.
 
-The head starts from the old weights plus one new row and is fitted by full-batch
-cross-entropy (class-balanced) on those features; the temperature is kept. The OOD
-statistics (``router/ood.py``) get the new class's mean (over all views of the new images), and the
-covariance the classes share gets the new class's (Ledoit-Wolf) covariance added with weight
-1 / (number of classes): adding a positive semi-definite term can only lower a known image's
-Mahalanobis score, so nothing the old router accepted is newly rejected. The threshold becomes the largest of the old one, the
-99 % prediction bound of the new views' scores (``calibrate_threshold``, as at training) and 1.1 x
-their highest score: the shared covariance was fitted without the new class, whose spread it may
+The head starts from the old weights plus one new row and is fitted by full-batch cross-entropy
+(class-balanced) on those features; the temperature is kept. The OOD statistics (``router/ood.py``)
+get the new class's mean (over all views of the new images), and the covariance the classes share
+gets the new class's (Ledoit-Wolf) covariance added with weight 1 / (number of classes): adding a
+positive semi-definite term can only lower a known image's Mahalanobis score, so nothing the old
+router accepted is newly rejected. The threshold becomes the largest of the old one, the 99 %
+prediction bound of the new views' scores (``calibrate_threshold``, as at training) and 1.1 x their
+highest score: the shared covariance was fitted without the new class, whose spread it may
 underestimate; the rule is recorded in ``ood.json``.
 """
 
@@ -123,9 +122,8 @@ def add_modality(bundle: str | os.PathLike, modality: str, data: str | os.PathLi
     import torch
 
     from triageseg.datasets.layout import Dataset
-    from triageseg.router.model import router_outputs
+    from triageseg.router.model import load_router, router_outputs, save_router
     from triageseg.router.ood import load_ood, save_ood, thumbnail_stats
-    from triageseg.router.model import load_router, save_router
 
     say = log or (lambda _m: None)
     router_dir = _bundle.router_dir(bundle)

@@ -222,7 +222,7 @@ class FinetunePanel(QGroupBox):
         return next((layer for layer in self._labels_layers() if layer.name == name), None)
 
     def source_image(self, labels_layer):
-        """The image layer the labels were made from: its metadata's ``source_layer``, else ``<name>`` of ``<name> labels``."""
+        """The image layer the labels were made from: ``source_layer`` in their metadata, else ``<name> labels``'s."""
         from napari.layers import Image
 
         meta = dict(labels_layer.metadata or {})

@@ -1,26 +1,26 @@
 """One quality model for a whole bundle, fitted on validation images as inference sees them.
 
 Each segmenter's own ``quality.json`` (``segmenters/train.py``) is fitted on its modality's
-validation images run through itself, without the router. At inference the quality estimate
-also meets images the router sent to another model (misrouted, or the generalist as fallback),
-and the per-segmenter fits are on different scales, so one model's 0.6 is not another's.
+validation images run through itself, without the router. At inference the quality estimate also
+meets images the router sent to another model (misrouted, or the generalist as fallback), and the
+per-segmenter fits are on different scales, so one model's 0.6 is not another's.
 
 :func:`fit_bundle_quality` routes every validation image through the bundle's router and runs it
-through every segmenter of the bundle: the router's pick (as at inference) and the others (what
-a misrouted image looks like). Each (image, segmenter) point carries the segmenter's signals
-(with that segmenter's training statistics), the router's probability for that segmenter's
-modality as ``router_confidence`` (the top-1 confidence for the generalist: what inference
-passes when that model runs) and the image's OOD score. The signal set (all, without the OOD
-score, without the router's signals, confidence only) is chosen by leave-one-image-out Spearman
-on these validation points, then one ridge (``postprocess.quality.fit_quality``) is fitted on all points and written into every segmenter's ``quality.json`` with that
-segmenter's own training statistics, so ``Pipeline.quality`` needs no change.
+through every segmenter of the bundle: the router's pick (as at inference) and the others (what a
+misrouted image looks like). Each (image, segmenter) point carries the segmenter's signals (with
+that segmenter's training statistics), the router's probability for that segmenter's modality as
+``router_confidence`` (the top-1 confidence for the generalist: what inference passes when that
+model runs) and the image's OOD score. The signal set (all, without the OOD score, without the
+router's signals, confidence only) is chosen by leave-one-image-out Spearman on these validation
+points, then one ridge (``postprocess.quality.fit_quality``) is fitted on all points and written
+into every segmenter's ``quality.json`` with that segmenter's own training statistics, so
+``Pipeline.quality`` needs no change.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,8 @@ def fit_bundle_quality(
         log(f"quality: {len(points)} validation points; per-segmenter quality models kept")
         return {"n_points": len(points)}
     images = sorted({p["id"] for p in points})
-    misrouted = sorted({p["id"] for p in points if p["routed"] and p["model"] not in (p["modality"], _bundle.GENERALIST)})
+    misrouted = sorted({p["id"] for p in points
+                        if p["routed"] and p["model"] not in (p["modality"], _bundle.GENERALIST)})
     cv = {name: leave_one_image_out(points, keys) for name, keys in CANDIDATES.items()}
     finite = {k: v for k, v in cv.items() if not np.isnan(v)}
     chosen = max(finite, key=lambda k: (finite[k], -list(CANDIDATES).index(k))) if finite else "all"
