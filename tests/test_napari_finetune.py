@@ -59,11 +59,10 @@ def test_correct_add_finetune_and_compare_in_the_widget(make_napari_viewer, qtbo
     assert panel.status.text().startswith("error:") and "shape (40, 40)" in panel.status.text()
     viewer.layers.remove("cells_b labels")
     fake = types.SimpleNamespace(name="cells_a labels", data=np.full((96, 96), 0.5, np.float32), metadata={})
-    monkeypatch.setattr(panel, "selected_labels", lambda: fake)
-    _click(qtbot, panel.add_button)
+    with pytest.MonkeyPatch.context() as patch:  # napari's own fixtures use `monkeypatch`: never undo theirs
+        patch.setattr(panel, "selected_labels", lambda: fake)  # a napari Labels layer cannot hold floats
+        _click(qtbot, panel.add_button)
     assert panel.status.text().startswith("error:") and "non-integer" in panel.status.text()
-    monkeypatch.undo()
-    monkeypatch.setenv("TRIAGESEG_CONFIG_DIR", str(tmp_path / "config"))
     panel.refresh()
     panel.labels_combo.setCurrentText("cells_a labels")
     panel.modality_combo.setCurrentText("phase")  # the router did not call it unknown
