@@ -155,23 +155,8 @@ def finetune(
     part = partial_dir(out)
     state_path = part / STATE
     ckpt = _bundle.segmenter_dir(part, modality) / CHECKPOINT_DIR / CHECKPOINT_FILE
-    if part.exists():
-        if overwrite:
-            shutil.rmtree(part)
-        elif not resume:
-            raise DataError(part, "an interrupted fine-tune is here; continue it with resume=True (CLI: --resume) "
-                                  "or start afresh with overwrite=True (CLI: --overwrite), which deletes it")
-    if part.exists():  # resuming: the same parent, modality and data, or refuse
-        state = _bundle.read_json(state_path)
-        same = (state.get("parent") == str(bundle.resolve()) and state.get("modality") == modality
-                and state.get("data_sha256") == checksum)
-        if not same:
-            raise DataError(part, "the interrupted fine-tune was made from another bundle, modality or data "
-                                  f"(data checksum then {str(state.get('data_sha256'))[:12]}, now {checksum[:12]}); "
-                                  "start afresh with overwrite=True (CLI: --overwrite)")
-        say(f"resuming the fine-tune in {part}")
-    else:
-        state = _start(bundle, ds, modality, part, checksum, init_name, new_modality)
+    state = _open_partial(bundle, ds, modality, part, checksum, init_name, new_modality, resume=resume,
+                          overwrite=overwrite, log=say)
     staged = part / WORK / "data"
     n_train, n_val = state["n_train"], state["n_val"]
     total_steps = int(steps or plan_steps(n_train))
@@ -199,17 +184,8 @@ def finetune(
 
     # ---- after
     report(total_steps + 1, total_steps + extra, "scoring the new bundle")
-    _bundle.update_manifest(part)  # a new specialist folder is listed before the pipeline opens the bundle
-    after = score_model(part, modality, staged, device=device)
-    kept = "finetuned"
-    if keep_better and not new_modality and after < before:
-        say(f"{modality}: fine-tuning lowered val F1 ({before:.4f} -> {after:.4f}); keeping the parent's specialist")
-        seg = _bundle.segmenter_dir(part, modality)
-        shutil.rmtree(seg)
-        shutil.copytree(_bundle.segmenter_dir(bundle, modality), seg, ignore=_copy_ignore)
-        kept, after = "parent", before
-    say(f"{modality}: val mean F1 after {after:.4f}")
-
+    after, kept = _score_after(bundle, part, modality, staged, before, keep=keep_better and not new_modality,
+                               device=device, log=say)
     router_info: dict[str, Any] = {}
     if new_modality:
         from triageseg.finetune.router_add import add_modality
@@ -228,6 +204,43 @@ def finetune(
     _finish(part, out, res)
     report(total_steps + extra, total_steps + extra, "done")
     return res
+
+
+def _open_partial(bundle: Path, ds, modality: str, part: Path, checksum: str, init_name: str, new_modality: bool,
+                  *, resume: bool, overwrite: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The state of the fine-tune in ``part``: an interrupted one resumed (same parent, modality, data) or a new one."""
+    if part.exists():
+        if overwrite:
+            shutil.rmtree(part)
+        elif not resume:
+            raise DataError(part, "an interrupted fine-tune is here; continue it with resume=True (CLI: --resume) "
+                                  "or start afresh with overwrite=True (CLI: --overwrite), which deletes it")
+    if not part.exists():
+        return _start(bundle, ds, modality, part, checksum, init_name, new_modality)
+    state = _bundle.read_json(part / STATE)
+    same = (state.get("parent") == str(bundle.resolve()) and state.get("modality") == modality
+            and state.get("data_sha256") == checksum)
+    if not same:
+        raise DataError(part, "the interrupted fine-tune was made from another bundle, modality or data "
+                              f"(data checksum then {str(state.get('data_sha256'))[:12]}, now {checksum[:12]}); "
+                              "start afresh with overwrite=True (CLI: --overwrite)")
+    log(f"resuming the fine-tune in {part}")
+    return state
+
+
+def _score_after(bundle: Path, part: Path, modality: str, staged: Path, before: float, *, keep: bool, device: str,
+                 log: Callable[[str], None]) -> tuple[float, str]:
+    """Val F1 of the new specialist; with ``keep``, the parent's is put back when that is lower. (F1, kept)."""
+    _bundle.update_manifest(part)  # a new specialist folder is listed before the pipeline opens the bundle
+    after = score_model(part, modality, staged, device=device)
+    if keep and after < before:
+        log(f"{modality}: fine-tuning lowered val F1 ({before:.4f} -> {after:.4f}); keeping the parent's specialist")
+        seg = _bundle.segmenter_dir(part, modality)
+        shutil.rmtree(seg)
+        shutil.copytree(_bundle.segmenter_dir(bundle, modality), seg, ignore=_copy_ignore)
+        return before, "parent"
+    log(f"{modality}: val mean F1 after {after:.4f}")
+    return after, "finetuned"
 
 
 def _check_out(bundle: Path, out: Path, *, overwrite: bool) -> None:

@@ -262,3 +262,17 @@ def test_a_second_new_modality_refits_from_the_stored_reference(bundle_with_ood,
     assert config.class_names == ("fluorescence", "brightfield", "he", "ihc", "zoomed")
     assert B.read_manifest(bundle_with_ood)["modalities"] == sorted(config.class_names)
     assert add_modality(bundle_with_ood, "zoomed", zoom) == {"router": "already knows zoomed"}
+
+
+def test_a_specialist_that_got_worse_on_val_is_put_back(tiny_bundle, corrections, tmp_path, monkeypatch):
+    import triageseg.finetune.run as run
+
+    def fake_score(bundle, model_name, data, **_kw):
+        return 0.5 if str(bundle) == str(tiny_bundle) else 0.1  # the parent scores better than the fine-tune
+
+    monkeypatch.setattr(run, "score_model", fake_score)
+    res = finetune(tiny_bundle, corrections, tmp_path / "b2", steps=2)
+    assert (res.kept, res.val_f1_before, res.val_f1_after) == ("parent", 0.5, 0.5)
+    seg = "segmenters/fluorescence"
+    assert _tree_hashes(tmp_path / "b2" / seg) == _tree_hashes(tiny_bundle / seg)
+    assert B.read_manifest(tmp_path / "b2")["provenance"]["finetune"]["kept"] == "parent"
