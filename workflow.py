@@ -102,8 +102,13 @@ def train_bundle(
     modalities: list[str] | None = None,
     progress: bool = True,
     log: Log = print,
+    bundle_quality: bool = True,
 ) -> dict[str, Any]:
     """Train router, one specialist per modality and (optionally) the generalist into one bundle.
+
+    With ``bundle_quality`` (and a router), the quality estimate is then refitted as one model
+    across the bundle's segmenters on the validation images routed as at inference
+    (:func:`triageseg.pipeline.bundle_quality.fit_bundle_quality`).
 
     Returns:
         A summary: seconds per model, router test accuracy, validation F1 per segmenter.
@@ -197,6 +202,10 @@ def train_bundle(
         provenance=_bundle.provenance(data=str(data_root), ids_sha256=ds.ids_hash(ds.samples), seed=seed,
                                       budget=dataclasses.asdict(budget)),
     )
+    if bundle_quality and len(mods) > 1 and ds.select(split="val"):
+        from triageseg.pipeline.bundle_quality import fit_bundle_quality
+
+        summary["quality"] = fit_bundle_quality(bundle_dir, data_root, device=device, log=log)
     return summary
 
 

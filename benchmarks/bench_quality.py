@@ -71,12 +71,14 @@ def main() -> None:
     t1 = time.perf_counter()
     for sample in ds.select(split="test"):
         image, gt = ds.load(sample)
-        mod, conf, used, decision = pipe.decide(image)
+        d = pipe.decide(image)
+        conf, used, decision = d.confidence, d.used_model, d.decision
         probs = pipe.probabilities(image, used)
         labels = watershed(probs, pipe.params(used))
-        quality = pipe.quality(probs, labels, used, confidence=conf)
+        quality = pipe.quality(probs, labels, used, confidence=conf, ood_score=d.ood_score)  # as Pipeline.segment
         qm = pipe.quality_model(used)
-        signals = image_signals(probs, labels, stats=None if qm is None else qm.stats, router_confidence=conf)
+        signals = image_signals(probs, labels, stats=None if qm is None else qm.stats, router_confidence=conf,
+                                ood_score=d.ood_score)
         rows.append({"id": sample.id, "modality": sample.modality, "used_model": used, "decision": decision,
                      "quality": quality, "f1": float(match_image(gt, labels).mean_f1), "signals": signals})
     t_seg = time.perf_counter() - t1

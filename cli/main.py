@@ -11,6 +11,7 @@ from triageseg.cli import (  # noqa: F401
     data_cmds,
     demo_cmd,
     evaluate_cmd,
+    finetune_cmd,
     segment_cmds,
     serve_cmd,
     train_all_cmd,

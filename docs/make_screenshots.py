@@ -6,7 +6,8 @@
 
 Writes ``serve.png`` (the page of ``triageseg serve`` after two uploads) and ``napari.png``
 (a viewer with the dock widget after Segment) with the default steps ``serve,napari``;
-step ``report`` renders a ``triageseg evaluate --report`` page to ``report.png`` (the top
+step ``finetune`` draws ``finetune.png`` (the correct -> add -> fine-tune panel after Before / after
+on an IHC-like image the bundle never saw), step ``report`` renders a ``triageseg evaluate --report`` page to ``report.png`` (the top
 of the page, in Chromium), step ``curves`` copies a training run's ``curves.png`` from the
 bundle to ``curves.png`` (drawing it from the run's ``history.csv`` when the bundle has
 none). The images are drawn by the synthetic
@@ -137,6 +138,66 @@ def napari_screenshot(bundle: Path, image: Path, out_png: Path) -> None:
     viewer.close()
 
 
+def finetune_screenshot(bundle: Path, out_png: Path, workdir: Path, *, steps: int = 30) -> None:
+    """The correct -> add -> fine-tune loop in napari (runs under Xvfb): an IHC-like image the bundle never saw.
+
+    Four corrected images are already in the dataset; the shown one is segmented, its labels
+    replaced by the true ones (the correction), added, the bundle fine-tuned for ``steps``
+    steps, and Before / after adds the new bundle's labels.
+    """
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from triageseg.datasets.synth_variants import variant_sample
+    from triageseg.finetune import add_to_training_set
+
+    def wait(ready, what: str, seconds: float = 900) -> None:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            QApplication.processEvents()
+            time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} took over {seconds:.0f} s")
+
+    os.environ["TRIAGESEG_CONFIG_DIR"] = str(workdir / "config")
+    rng = np.random.default_rng(2028)
+    data = workdir / "corrections"
+    for i in range(4):
+        image, labels = variant_sample("ihc", size=256, rng=rng)
+        add_to_training_set(data, image, labels, "ihc", f"ihc_{i}")
+    image, truth = variant_sample("ihc", size=256, rng=rng)
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 1000)
+    viewer.add_image(image, name="ihc_field")
+    _, widget = viewer.window.add_plugin_dock_widget("triageseg", "Nuclei segmentation")
+    widget.bundle_edit.setText(str(bundle))
+    widget.set_bundle(str(bundle))
+    widget.run(segment=True)
+    wait(lambda: "ihc_field labels" in [layer.name for layer in viewer.layers] and widget.segment_button.isEnabled(),
+         "segmenting")
+    panel = widget.finetune_panel
+    viewer.layers["ihc_field labels"].data = truth  # the correction
+    panel.refresh()
+    panel.labels_combo.setCurrentText("ihc_field labels")
+    panel.modality_combo.setCurrentText("ihc")
+    panel.set_dataset(str(data))
+    panel.add()
+    panel.steps_spin.setValue(steps)
+    panel.out_edit.setText(str(workdir / "bundle-ft1"))
+    panel.start_finetune()
+    wait(lambda: panel.result is not None and panel.finetune_button.isEnabled(), "fine-tuning")
+    panel.before_after()
+    wait(lambda: "ihc_field labels (fine-tuned)" in [layer.name for layer in viewer.layers]
+         and panel.finetune_button.isEnabled(), "before / after")
+    viewer.layers["ihc_field labels"].visible = False
+    viewer.layers["ihc_field labels (fine-tuned)"].contour = 2
+    for _ in range(20):
+        QApplication.processEvents()
+        time.sleep(0.05)
+    viewer.screenshot(str(out_png), canvas_only=False, flash=False)
+    viewer.close()
+
+
 def report_screenshot(report_html: Path, out_png: Path, workdir: Path, *, width: int = 1180,
                       max_height: int = 2200) -> None:
     """Open a ``triageseg evaluate --report`` page in headless Chromium and save its top ``max_height`` pixels."""
@@ -191,7 +252,7 @@ def curves_image(bundle: Path, out_png: Path, model: str = "_generalist") -> Pat
     return histories[0]
 
 
-STEPS = ("serve", "napari", "report", "curves")
+STEPS = ("serve", "napari", "report", "curves", "finetune")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-html", type=Path, help="for the report step: a page of triageseg evaluate --report")
     parser.add_argument("--curves-model", default="_generalist", help="for the curves step: whose curves.png")
     parser.add_argument("--napari-child", type=Path, help=argparse.SUPPRESS)  # the image, inside Xvfb
+    parser.add_argument("--finetune-child", type=Path, help=argparse.SUPPRESS)  # a work folder, inside Xvfb
     args = parser.parse_args(argv)
+    if args.finetune_child is not None:
+        finetune_screenshot(args.bundle, args.out / "finetune.png", args.finetune_child)
+        return
     if args.napari_child is not None:
         napari_screenshot(args.bundle, args.napari_child, args.out / "napari.png")
         return
@@ -211,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {unknown}; valid: {', '.join(STEPS)}")
-    if args.bundle is None and set(steps) & {"serve", "napari", "curves"}:
-        parser.error("--bundle is needed for the serve, napari and curves steps")
+    if args.bundle is None and set(steps) & {"serve", "napari", "curves", "finetune"}:
+        parser.error("--bundle is needed for the serve, napari, curves and finetune steps")
     if "report" in steps and (args.report_html is None or not args.report_html.is_file()):
         parser.error("the report step needs --report-html FILE (a page of triageseg evaluate --report)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
                             str(args.bundle), "--out", str(args.out), "--napari-child", str(png)],
                            check=True, env=env)
             print(f"wrote {args.out / 'napari.png'}")
+        if "finetune" in steps:
+            env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+            subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1100x24", sys.executable, __file__, "--bundle",
+                            str(args.bundle), "--out", str(args.out), "--finetune-child", str(workdir)],
+                           check=True, env=env)
+            print(f"wrote {args.out / 'finetune.png'}")
         if "report" in steps:
             report_screenshot(args.report_html, args.out / "report.png", workdir)
             print(f"wrote {args.out / 'report.png'}")

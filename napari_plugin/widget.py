@@ -8,6 +8,7 @@ the modality, confidence, probabilities, model used and decision, shown in the w
 
 from __future__ import annotations
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -90,6 +91,7 @@ class TriagesegWidget(QWidget):
         self.decision = QLabel("")
         self.decision.setWordWrap(True)
         self._lay_out()
+        self._add_finetune_panel()
 
         self.browse_button.clicked.connect(self._choose_bundle)
         self.bundle_edit.editingFinished.connect(lambda: self.set_bundle(self.bundle_edit.text()))
@@ -123,6 +125,15 @@ class TriagesegWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.decision)
         layout.addStretch(1)
+
+    def _add_finetune_panel(self) -> None:
+        """Add to training set / Fine-tune / Before-after, below the segmentation controls (finetune_panel.py)."""
+        from triageseg.napari_plugin.finetune_panel import FinetunePanel
+
+        self.finetune_panel = FinetunePanel(self)
+        self.layout().insertWidget(self.layout().count() - 1, self.finetune_panel)  # above the stretch
+        # after set_bundle (connected later in __init__) has read the new bundle
+        self.bundle_edit.editingFinished.connect(lambda: QTimer.singleShot(0, self.finetune_panel.refresh))
 
     # ------------------------------------------------------------------ bundle
     def _choose_bundle(self) -> None:

@@ -48,6 +48,7 @@ from triageseg.router.model import (
     save_router,
     to_tensor,
 )
+from triageseg.router.reference import save_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -380,6 +381,8 @@ def train_router(
     config = config.replace(temperature=round(temperature, 5))
     save_router(run_dir, model, config)
     ood = _fit_ood(model, config, train_thumbs, labels.numpy(), val_np[val_y >= 0], dev, run_dir)  # known kinds only
+    # features of a sample of the training thumbnails: a fine-tune can add a class without the data
+    save_reference(run_dir, model, config, train_thumbs, labels.numpy(), seed=seed, device=dev)
     val_accuracy = history[best_epoch - 1]["val_accuracy"]
     test_eval = evaluate_router(model, config, test, device=dev) if test else None
     seconds = time.perf_counter() - t_start

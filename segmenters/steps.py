@@ -48,8 +48,12 @@ def seed_everything(seed: int) -> None:
 
 
 def train_epoch(model, optimizer, scaler, batches, config: TrainConfig, dev, *, global_step: int, desc: str,
-                 progress: bool, deadline: float | None) -> dict[str, Any]:
-    """One epoch of optimiser steps; stops early (``stopped``) once ``perf_counter`` passes ``deadline``."""
+                 progress: bool, deadline: float | None, should_stop=None, on_step=None) -> dict[str, Any]:
+    """One epoch of optimiser steps; stops early (``stopped``) once ``perf_counter`` passes ``deadline``.
+
+    ``should_stop()`` returning True stops it the same way (a user's Stop button); ``on_step(global_step)``
+    is called after every optimiser step (a progress bar outside tqdm).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -97,7 +101,9 @@ def train_epoch(model, optimizer, scaler, batches, config: TrainConfig, dev, *, 
         confusion += confusion_matrix(logits.detach(), y, 3)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         bar.update(1)
-        if deadline is not None and time.perf_counter() > deadline:
+        if on_step is not None:
+            on_step(global_step)
+        if (deadline is not None and time.perf_counter() > deadline) or (should_stop is not None and should_stop()):
             stopped = True
             break
     bar.close()

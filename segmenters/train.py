@@ -93,6 +93,8 @@ def train_segmenter(
     num_workers: int | None = None,
     keep_checkpoint: bool = False,
     overwrite: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train one specialist (``config.modality``) or the generalist (``modality=None``).
 
@@ -210,7 +212,8 @@ def train_segmenter(
         train = train_epoch(model, optimizer, scaler, batches, config, dev, global_step=global_step,
                              desc=f"{name} {epoch + 1}/{config.epochs}", progress=progress,
                              deadline=None if config.time_budget_s is None
-                             else t_start + config.time_budget_s - st.elapsed_before)
+                             else t_start + config.time_budget_s - st.elapsed_before,
+                             should_stop=should_stop, on_step=on_step)
         global_step, stopped_by_budget = train["global_step"], train["stopped"]
         check = validate_epoch(model, val.images, val.labels, config=config, stats=val.stats, targets=val.targets)
         st.quality_points.extend(check.signals)
@@ -249,7 +252,9 @@ def train_segmenter(
             metrics["best_val_mean_f1"] = st.best_f1
             report(st.epoch, metrics, run_dir)
         if stopped_by_budget:
-            log(f"{name}: time budget of {config.time_budget_s:.0f}s reached after epoch {st.epoch}")
+            why = ("stopped" if should_stop is not None and should_stop()
+                   else f"time budget of {config.time_budget_s:.0f}s reached")
+            log(f"{name}: {why} after epoch {st.epoch}")
             break
     del batches
     seconds = st.elapsed_before + time.perf_counter() - t_start

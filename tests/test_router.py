@@ -345,6 +345,11 @@ def test_train_router_on_synthetic_data(synth_data, tmp_path):
     run = bundle / "router"
     assert {p.name for p in run.iterdir()} >= {"config.json", "model.safetensors", "history.json", "history.csv"}
     assert result.config.class_names == CLASSES and result.epochs_run == 12
+    # the stored reference (features of training thumbnails per class) a fine-tune adds a modality with
+    from triageseg.router.reference import load_reference
+
+    feats, labels = load_reference(run, CLASSES)
+    assert feats.shape == (len(labels), 192) and sorted(set(labels.tolist())) == [0, 1, 2]
     assert 0.5 <= result.config.temperature <= 20.0
     history = json.loads((run / "history.json").read_text())
     assert len(history["epochs"]) == 12 and history["summary"]["status"] == "done"

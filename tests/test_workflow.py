@@ -36,6 +36,8 @@ def test_train_bundle_writes_every_model(trained):
     spec = [steps[m] for m in ("brightfield", "fluorescence", "he")]
     assert max(spec) - min(spec) <= 1  # the default split is equal, whatever the modality counts
     assert not (out / "_work").exists()  # the shared base is removed once everything continued from it
+    assert summary["quality"]["n_points"] == summary["quality"]["n_images"] * 4  # one fit across the bundle
+    assert B.read_json(B.segmenter_dir(out, "he") / "quality.json")["fit"]["scope"].startswith("bundle")
     cfg = json.loads((B.segmenter_dir(out, "he") / "config.json").read_text())
     assert cfg["train"]["init_from"].endswith("base")
     gen = json.loads((B.segmenter_dir(out, "_generalist") / "config.json").read_text())["train"]
