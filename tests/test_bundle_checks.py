@@ -141,4 +141,4 @@ def test_one_infinite_segmenter_weight_is_refused(bundle):
     with pytest.raises(BundleError) as err:
         pipe.segmenter("he")
     assert err.value.path == str(path)
-    assert err.value.problem.startswith(f"1 of ") and f"(e.g. {hit[0]})" in err.value.problem
+    assert err.value.problem.startswith("1 of ") and f"(e.g. {hit[0]})" in err.value.problem

@@ -26,6 +26,8 @@ Example:
     ((128, 128, 3), dtype('uint8'), dtype('uint32'))
 """
 
+# Re-exports: the names callers imported from the single module this package replaced.
+# ruff: noqa: F401
 from triageseg.datasets.synth.dataset import _allocate, _parse_weights, _split_counts, describe_styles, make_dataset
 from triageseg.datasets.synth.layout import _keep_connected, _place_nuclei
 from triageseg.datasets.synth.sample import _RENDERERS, _check_size, synth_sample
