@@ -246,7 +246,6 @@ def evaluate_bundle(
     from triageseg.pipeline import Pipeline, write_overlay
     from triageseg.postprocess.folders import report_from_results
     from triageseg.postprocess.metrics import match_image
-    from triageseg.postprocess.watershed import watershed
 
     t0 = time.perf_counter()
     ds = Dataset(data_root)
@@ -278,9 +277,8 @@ def evaluate_bundle(
         if gen:
             if result.used_model == _bundle.GENERALIST:
                 gen_labels = result.labels
-            else:
-                probs = pipe.probabilities(image, _bundle.GENERALIST)
-                gen_labels = watershed(probs, pipe.params(_bundle.GENERALIST))
+            else:  # the generalist with its own size decision, as the routed specialists get theirs
+                gen_labels = pipe.segment(image, modality=_bundle.GENERALIST).labels
             gen_results.append(match_image(gt, gen_labels, protocol=protocol, id=sample.id))
         if out_dir is not None:
             from triageseg.datasets.io import write_labels
