@@ -268,7 +268,7 @@ def test_ray_stages_carry_the_quality_without_ray(scored_bundle, tmp_path):
     (tmp_path / "ray_out").mkdir()
     row = read_stage({"index": 0, "file": str(path), "name": "one", "modality": "", "confidence": np.nan,
                       "used_model": "he", "decision": "", "error": "", "error_path": ""}, options=options)
-    batch = SegmentActor(BundleSource(path=str(scored_bundle)), "he", options)({k: [v] for k, v in row.items()})
+    batch = SegmentActor(BundleSource(path=str(scored_bundle)), options)({k: [v] for k, v in row.items()})
     out = write_stage({k: v[0] for k, v in batch.items()}, options=options)
     local = Pipeline.from_bundle(scored_bundle, device="cpu").segment_files([path], tmp_path / "local", modality="he")
     assert out["error"] == "" and f"{out['quality']:.3f}" == local.rows[0]["quality"]

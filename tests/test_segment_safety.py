@@ -299,7 +299,13 @@ def test_sigterm_stops_workers_and_the_resource_tracker(tiny_bundle, tmp_path):
         assert [p for p in children if _alive(p)] == []
         written = sorted(p.name for p in out.glob("*.tif"))
         assert 2 <= len(written) < len(files)
-        assert sorted(r["output"] for r in _rows(out)) == written
+        from triageseg.datasets.tiffrecord import read_record
+
+        rows = {r["output"] for r in _rows(out)}
+        assert rows <= set(written)
+        # A worker may finish a file between the signal and the shutdown: its row is then carried in
+        # the label file itself, and the next run puts it back into routing.csv.
+        assert all(read_record(out / name) is not None for name in set(written) - rows)
     finally:
         for pid in children:  # only what this test started
             if _alive(pid):
