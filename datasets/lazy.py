@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,27 +117,9 @@ class LazyImage:
 
     def __getitem__(self, key) -> np.ndarray:
         """Pixels of ``image[y0:y1, x0:x1]`` (two slices with step 1), channels last."""
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
-            raise ValueError(f"{self.path}: index a lazy image with two slices [y0:y1, x0:x1], got {key!r}")
-        spans = [k.indices(n) for k, n in zip(key, self.shape[:2])]
-        if any(step != 1 for _, _, step in spans):
-            raise ValueError(f"{self.path}: lazy reads take slices with step 1, got {key!r}")
-        (y0, y1, _), (x0, x1, _) = spans
-        index = []
-        for ax, n in zip(self._axes, self._full_shape):
-            if ax == "Y":
-                index.append(slice(y0, max(y0, y1)))
-            elif ax == "X":
-                index.append(slice(x0, max(x0, x1)))
-            else:
-                index.append(slice(None) if n > 1 else 0)
-        try:
-            data = np.asarray(self._array[tuple(index)])
-        except Exception as err:  # noqa: BLE001 - a tile that fails to decode
-            raise DataError(self.path, f"cannot read region {key!r} (truncated or corrupt?): {err}") from None
-        kept = [ax for ax, n in zip(self._axes, self._full_shape) if ax in "YX" or n > 1]
-        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax not in "YX"]
-        return np.ascontiguousarray(np.transpose(data, order), dtype=self.dtype.newbyteorder("="))
+        data = read_region(self._array, key, axes=self._axes, full_shape=self._full_shape, shape=self.shape,
+                           yx="YX", name=self.path, where=self.path)
+        return np.ascontiguousarray(data, dtype=self.dtype.newbyteorder("="))
 
     def close(self) -> None:
         """Close the file (the lazy array cannot be read afterwards)."""
@@ -288,3 +271,35 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 def is_tiff(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a TIFF-family extension that :class:`LazyImage` reads."""
     return Path(path).suffix.lower() in _TIFF_SUFFIXES
+
+
+def read_region(array, key, *, axes: str | Sequence[str], full_shape: Sequence[int], shape: Sequence[int],
+                yx: str, name, where) -> np.ndarray:
+    """``array[y0:y1, x0:x1]`` of a lazily read N-d ``array`` whose axes are named ``axes``, channels last.
+
+    ``yx`` names the row and column axes (``"YX"`` for tifffile's series, ``"yx"`` for NGFF);
+    every other axis of length 1 is dropped and the rest (channels) moved last. ``name`` is
+    what a bad index names, ``where`` what a chunk that fails to decode names.
+    """
+    if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
+        raise ValueError(f"{name}: index a lazy image with two slices [y0:y1, x0:x1], got {key!r}")
+    spans = [k.indices(n) for k, n in zip(key, shape[:2])]
+    if any(step != 1 for _, _, step in spans):
+        raise ValueError(f"{name}: lazy reads take slices with step 1, got {key!r}")
+    (y0, y1, _), (x0, x1, _) = spans
+    y_ax, x_ax = yx
+    index = []
+    for ax, n in zip(axes, full_shape):
+        if ax == y_ax:
+            index.append(slice(y0, max(y0, y1)))
+        elif ax == x_ax:
+            index.append(slice(x0, max(x0, x1)))
+        else:
+            index.append(slice(None) if n > 1 else 0)
+    try:
+        data = np.asarray(array[tuple(index)])
+    except Exception as err:  # noqa: BLE001 - a tile or chunk that fails to decode
+        raise DataError(where, f"cannot read region {key!r} (truncated or corrupt chunk?): {err}") from None
+    kept = [ax for ax, n in zip(axes, full_shape) if ax in yx or n > 1]
+    order = [kept.index(y_ax), kept.index(x_ax)] + [i for i, ax in enumerate(kept) if ax not in yx]
+    return np.transpose(data, order)

@@ -171,27 +171,11 @@ class OmeZarrImage:
 
     def __getitem__(self, key) -> np.ndarray:
         """Pixels of ``image[y0:y1, x0:x1]`` (two slices with step 1), channels last."""
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
-            raise ValueError(f"{self.path}: index a lazy image with two slices [y0:y1, x0:x1], got {key!r}")
-        spans = [k.indices(n) for k, n in zip(key, self.shape[:2])]
-        if any(step != 1 for _, _, step in spans):
-            raise ValueError(f"{self.path}: lazy reads take slices with step 1, got {key!r}")
-        (y0, y1, _), (x0, x1, _) = spans
-        index = []
-        for ax, n in zip(self._axes, self._full_shape):
-            if ax == "y":
-                index.append(slice(y0, max(y0, y1)))
-            elif ax == "x":
-                index.append(slice(x0, max(x0, x1)))
-            else:
-                index.append(slice(None) if n > 1 else 0)
-        try:
-            data = np.asarray(self._array[tuple(index)])
-        except Exception as err:  # noqa: BLE001 - a chunk that fails to decode
-            raise DataError(self._where, f"cannot read region {key!r} (truncated or corrupt chunk?): {err}") from None
-        kept = [ax for ax, n in zip(self._axes, self._full_shape) if ax in "yx" or n > 1]
-        order = [kept.index("y"), kept.index("x")] + [i for i, ax in enumerate(kept) if ax not in "yx"]
-        return np.ascontiguousarray(np.transpose(data, order))
+        from triageseg.datasets.lazy import read_region
+
+        data = read_region(self._array, key, axes=self._axes, full_shape=self._full_shape, shape=self.shape,
+                           yx="yx", name=self.path, where=self._where)
+        return np.ascontiguousarray(data)
 
     def close(self) -> None:
         """Nothing to release (zarr reads open no handles between reads); here for :class:`LazyImage`'s interface."""
