@@ -29,9 +29,7 @@ import numpy as np
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.large import BlockOptions, segment_large_file, use_blocks
-from triageseg.pipeline.geojson import write_geojson
 from triageseg.pipeline.outlock import out_dir_lock
-from triageseg.pipeline.outputs import write_overlay, write_rois
 from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names batch callers import
     FAILURES_CSV,
     JOURNAL,
@@ -54,7 +52,7 @@ from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names 
     verify_output,
     write_failures,
 )
-from triageseg.pipeline.remake import OVERLAY, ROIS, Extras, missing_outputs, output_path, remake_outputs
+from triageseg.pipeline.remake import Extras, missing_outputs, remake_outputs, write_extras
 from triageseg.postprocess.watershed import watershed
 from triageseg.router.policy import UNKNOWN_DECISION
 
@@ -482,14 +480,8 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, kinds=(),
     labels = watershed(probs, params)
     out_dir = Path(out_dir)
     row = dict(row or {})
-    for kind in kinds:
-        where = output_path(out_dir, name, kind)
-        if kind == OVERLAY:
-            write_overlay(where, image, labels)
-        elif kind == ROIS:
-            write_rois(where, labels)
-        else:
-            write_geojson(where, labels, modality=str(row.get("modality", "")), pixel_size=pixel_size, image=name)
+    write_extras(out_dir, name, kinds, labels, image=image, modality=str(row.get("modality", "")),
+                 pixel_size=pixel_size)
     score = predict_quality(quality, probs, labels, router_confidence=confidence)
     n_objects = _n_objects(labels)
     # the label file last: its presence marks the input as done for a resumed run

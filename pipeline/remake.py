@@ -88,8 +88,7 @@ def remake_outputs(path: Path, name: str, out_dir: Path, kinds: list[str], row: 
         The paths written.
     """
     from triageseg.datasets.io import read_labels, read_pixel_size
-    from triageseg.pipeline.geojson import GeoJSONWriter, write_geojson
-    from triageseg.pipeline.outputs import write_overlay, write_rois
+    from triageseg.pipeline.geojson import GeoJSONWriter
 
     target = out_dir / f"{name}.tif"
     modality = str((row or {}).get("modality", ""))
@@ -110,6 +109,17 @@ def remake_outputs(path: Path, name: str, out_dir: Path, kinds: list[str], row: 
         return written
     labels = read_labels(target)
     image, pixel_size = read_input(path) if OVERLAY in kinds else (None, read_pixel_size(path))
+    return written + write_extras(out_dir, name, kinds, labels, image=image, modality=modality,
+                                  pixel_size=pixel_size)
+
+
+def write_extras(out_dir: Path, name: str, kinds, labels: np.ndarray, *, image: np.ndarray | None,
+                 modality: str, pixel_size) -> list[Path]:
+    """The outputs besides the label file (overlay, ROI zip, GeoJSON) of in-memory ``labels``; their paths."""
+    from triageseg.pipeline.geojson import write_geojson
+    from triageseg.pipeline.outputs import write_overlay, write_rois
+
+    written = []
     for kind in kinds:
         where = output_path(out_dir, name, kind)
         if kind == OVERLAY:
