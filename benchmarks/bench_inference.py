@@ -113,12 +113,10 @@ def random_bundle(folder: Path) -> Path:
 
 def tiling_overhead(size: int, tile: int, overlap: int) -> float:
     """Pixels the network computes / image pixels, by counting the tiles ``predict`` makes."""
-    from triageseg.segmenters.predict import tile_starts
+    from triageseg.segmenters.predict import tile_grid
 
-    padded = 32 * -(-size // 32)
-    t = min(tile, padded)
-    n = len(tile_starts(padded, t, tile - overlap))
-    return (n * t) ** 2 / size**2
+    t, starts = tile_grid(32 * -(-size // 32), tile, overlap)
+    return (len(starts) * t) ** 2 / size**2
 
 
 # ------------------------------------------------------------------ tools

@@ -61,6 +61,22 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+def tile_grid(length: int, tile_size: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile side, tile starts) along one padded axis of ``length`` (a multiple of 32).
+
+    As few tiles as ``tile_size`` needs, each shrunk to the smallest multiple of 32 that
+    still covers the axis with ``overlap`` between neighbours: a 672-px axis takes two
+    384-px tiles, not two of 512 (0.75x the pixels per axis), a 2048-px one five of 480.
+    An axis that fits is one tile of its own length.
+    """
+    if length <= tile_size:
+        return length, [0]
+    n = len(tile_starts(length, tile_size, tile_size - overlap))
+    side = 32 * math.ceil((length + (n - 1) * overlap) / (32 * n))
+    side = min(tile_size, max(side, 32 * math.ceil((2 * overlap + 1) / 32)))  # the ramps need 2 * overlap < side
+    return side, tile_starts(length, side, side - overlap)
+
+
 def _ramp_1d(size: int, ramp: int, left: bool, right: bool) -> np.ndarray:
     """1-D weights: 1 in the middle, a sin^2 ramp of ``ramp`` pixels on sides that have a neighbour."""
     w = np.ones(size, dtype=np.float32)
@@ -287,9 +303,7 @@ def stream_probabilities(
         for p in model.parameters()
     )
     hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
-    th, tw = min(tile_size, hp), min(tile_size, wp)
-    stride = tile_size - overlap
-    ys, xs = tile_starts(hp, th, stride), tile_starts(wp, tw, stride)
+    (th, ys), (tw, xs) = tile_grid(hp, tile_size, overlap), tile_grid(wp, tile_size, overlap)
     tiles = [(y, x) for y in ys for x in xs]
     first = next(i for i, (y, _) in enumerate(tiles) if y + th > start)
     tiles = tiles[first - first % batch_size :]  # whole batches, as the whole image runs them

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from triageseg.segmenters import backends as B  # noqa: E402
 from triageseg.segmenters.model import SegmenterConfig, create_segmenter, save_segmenter  # noqa: E402
-from triageseg.segmenters.predict import _ramp_1d, _run_batch, predict, tile_starts  # noqa: E402
+from triageseg.segmenters.predict import _ramp_1d, _run_batch, predict, tile_grid  # noqa: E402
 
 SHAPES = [(64, 64), (300, 517)]
 TILING = {"tile_size": 128, "overlap": 32, "batch_size": 3}  # 300 x 517 runs in 3 x 5 tiles, 64 x 64 whole
@@ -162,8 +162,8 @@ def _reference_probabilities(model, image, *, tile_size, overlap, batch_size):
     h, w = image.shape[:2]
     hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
     padded = np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
-    th, tw = min(tile_size, hp), min(tile_size, wp)
-    tiles = [(y, x) for y in tile_starts(hp, th, tile_size - overlap) for x in tile_starts(wp, tw, tile_size - overlap)]
+    (th, ys), (tw, xs) = tile_grid(hp, tile_size, overlap), tile_grid(wp, tile_size, overlap)
+    tiles = [(y, x) for y in ys for x in xs]
     acc, wsum = np.zeros((3, hp, wp), np.float32), np.zeros((hp, wp), np.float32)
     for i in range(0, len(tiles), batch_size):
         batch = tiles[i : i + batch_size]
@@ -214,7 +214,7 @@ def test_benchmark_counts_the_tiling_overhead():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.tiling_overhead(512, 512, 64) == 1.0  # one tile
-    assert bench.tiling_overhead(2048, 512, 64) == (5 * 512) ** 2 / 2048**2  # starts 0, 448, 896, 1344, 1536
+    assert bench.tiling_overhead(2048, 512, 64) == (5 * 480) ** 2 / 2048**2  # five tiles of 480, not of 512
     image, labels = bench.synthetic_image(300, seed=0)
     assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and labels.shape == (300, 300)
     left, right = set(np.unique(labels[:256, :256])), set(np.unique(labels[:256, 256:]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from triageseg.segmenters.model import SegmenterConfig, create_segmenter
-from triageseg.segmenters.predict import _ramp_1d, predict, resolve_device, tile_starts
+from triageseg.segmenters.predict import _ramp_1d, predict, resolve_device, tile_grid, tile_starts
 
 SMALL = (32, 16, 16, 8, 8)
 
@@ -118,6 +118,23 @@ def test_tile_starts_cover_the_image():
     assert tile_starts(128, 128, 96) == [0]
     assert tile_starts(320, 128, 96) == [0, 96, 192]
     assert tile_starts(300, 128, 96) == [0, 96, 172]
+
+
+@pytest.mark.parametrize("length", [32, 288, 512, 544, 672, 1000 // 32 * 32, 2048, 16000])
+@pytest.mark.parametrize("tile_size,overlap", [(512, 64), (256, 32), (128, 60), (96, 0)])
+def test_tile_grid_covers_the_axis_with_the_fewest_smallest_tiles(length, tile_size, overlap):
+    side, starts = tile_grid(length, tile_size, overlap)
+    assert side % 32 == 0 and side <= max(tile_size, length) and 2 * overlap < side or len(starts) == 1
+    assert starts[0] == 0 and starts[-1] + side == max(length, side)
+    assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))  # neighbours overlap by >= overlap
+    assert len(starts) == len(tile_starts(length, min(tile_size, length), tile_size - overlap))  # no extra tile
+    if len(starts) > 1:
+        assert (side - 32) * len(starts) - (len(starts) - 1) * overlap < length or side - 32 <= 2 * overlap
+
+
+def test_tile_grid_of_a_672_px_axis_is_two_384_px_tiles():
+    assert tile_grid(672, 512, 64) == (384, [0, 288])
+    assert tile_grid(512, 512, 64) == (512, [0])
 
 
 def test_window_ramps_only_towards_neighbours():
