@@ -54,7 +54,7 @@ class Budget:
     # moments with frozen BatchNorm statistics make a shorter warm-up spike the loss on one modality's batches
     freeze_bn: bool = True  # continuations keep the base's BatchNorm statistics (one modality's batches shift them)
     specialist_split: str = "equal"  # "equal": same steps per specialist; "images": in proportion to training images
-    steps_per_epoch: int = 24  # steps between validations (shorter runs are split into at least 2 epochs)
+    steps_per_epoch: int = 40  # steps between validations (shorter runs are split into at least 2 epochs)
     batch_size: int = 4  # crops per step (small batches, more steps: better on CPU budgets)
     crop_size: int = 128  # crop side in pixels
     lr: float = 3e-3  # peak AdamW learning rate

@@ -20,13 +20,13 @@ from triageseg.cli import (  # noqa: F401
     tune_cmd,
 )
 from triageseg.cli.groups import cli
+from triageseg.segmenters.threads import set_thread_waiting
 
 
 def main() -> None:
     """Run the command line."""
-    # Before torch is imported: idle OpenMP threads sleep instead of spinning, which keeps
-    # torch from slowing ~10x when the cores are shared (other jobs, data-loading threads).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch is imported: idle OpenMP threads spin only briefly, then sleep.
+    set_thread_waiting()
     cli(prog_name="triageseg")
 
 

@@ -159,8 +159,10 @@ def limit_worker_threads() -> None:
 
 
 def _spinning() -> bool:
-    """Whether idle runtime threads may spin: not when the user asked OpenMP for passive waiting."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+    """Whether idle runtime threads may spin (:func:`triageseg.segmenters.threads.runtime_may_spin`)."""
+    from triageseg.segmenters.threads import runtime_may_spin
+
+    return runtime_may_spin()
 
 
 # ------------------------------------------------------------------ choice

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-# Before torch is imported: idle OpenMP threads sleep instead of spinning, so torch does
-# not slow down ~10x while Ray workers or data-loading threads share the two cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch is imported: idle OpenMP threads spin briefly, then sleep, as the CLI sets it
+# (segmenters/threads.py), so torch does not slow down several times while Ray workers or
+# data-loading threads share the cores.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Qt widgets (the napari plugin's tests) render without a display.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

@@ -1,0 +1,38 @@
+"""How idle OpenMP threads wait: the short-spin default and who may override it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from triageseg.segmenters.threads import SPIN_COUNT, runtime_may_spin, set_thread_waiting
+
+
+def test_short_spin_is_the_default():
+    env: dict[str, str] = {}
+    set_thread_waiting(env)
+    assert env == {"GOMP_SPINCOUNT": SPIN_COUNT}
+    assert not runtime_may_spin(env)  # ONNX Runtime / OpenVINO do not spin either
+
+
+def test_the_users_wait_policy_wins():
+    for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        env = dict(given)
+        set_thread_waiting(env)
+        assert env == given
+    assert runtime_may_spin({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert not runtime_may_spin({"OMP_WAIT_POLICY": "passive"})
+    assert runtime_may_spin({"GOMP_SPINCOUNT": "300000"})
+    assert runtime_may_spin({})  # a library user who set nothing keeps the runtimes' own default
+
+
+def test_the_cli_sets_it_before_torch_is_imported():
+    code = ("import os, sys; os.environ.pop('GOMP_SPINCOUNT', None); os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "import triageseg.cli.main as m\n"
+            "assert 'torch' not in sys.modules, 'the CLI imported torch before setting the wait policy'\n"
+            "sys.argv = ['triageseg', '--help']\n"
+            "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == SPIN_COUNT
