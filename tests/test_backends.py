@@ -285,6 +285,45 @@ def test_benchmark_counts_the_tiling_overhead():
     assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
 
 
+FAKE_PEER = """
+import json, sys
+print(json.dumps({"ready": True, "versions": {"stardist": "0.0"}}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["image"].endswith("bad.tif"):
+        print(json.dumps({"error": "OSError: unreadable"}), flush=True)
+        continue
+    assert req["labels"].endswith(".labels.npy"), req
+    print(json.dumps({"read": 0.1, "route": 0.0, "net": 0.2, "tiling": 0.0, "watershed": 0.3, "e2e": 0.6,
+                      "objects": 4}), flush=True)
+"""
+
+
+def test_benchmark_peer_in_another_python(tmp_path):
+    """bench_inference.py's StarDist peer: a subprocess speaking JSON lines; a peer that cannot start is skipped."""
+    import sys
+
+    bench = _bench()
+    fake = tmp_path / "fake_peer.py"
+    fake.write_text(FAKE_PEER)
+    tool = bench.PeerStarDistTool(sys.executable, 2, script=fake)
+    assert tool.skip is None and tool.versions == {"stardist": "0.0"}
+    stages, labels = tool.run(tmp_path / "img_512_0.tif", np.zeros((4, 4), np.int32))
+    assert stages == {"read": 0.1, "route": 0.0, "net": 0.2, "tiling": 0.0, "watershed": 0.3, "e2e": 0.6}
+    assert labels is None
+    with pytest.raises(RuntimeError, match="stardist peer: OSError: unreadable"):
+        tool.run(tmp_path / "bad.tif", None)
+    tool.close()
+    assert tool.proc.returncode == 0
+    broken = tmp_path / "broken_peer.py"
+    broken.write_text("import sys; sys.exit(3)\n")
+    tool = bench.PeerStarDistTool(sys.executable, 2, script=broken)
+    assert tool.skip == "peer did not start: peer exited with code 3"
+    # the real peer script in a Python without StarDist: says so instead of hanging
+    tool = bench.PeerStarDistTool(sys.executable, 1)
+    assert tool.skip is not None and "peer did not start" in tool.skip
+
+
 def test_segment_cli_backend_option(tiny_bundle, synth_data, tmp_path, monkeypatch):
     """`segment --backend`: an exported backend writes the torch labels; a missing library gives one note."""
     from click.testing import CliRunner
