@@ -221,6 +221,10 @@ class BundleScores:
     used_models: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     routing: dict[str, dict[str, str]] = field(default_factory=dict)  # image id -> its routing.csv-like row
+    # where `seconds` went: loading the models (and exporting them, once per weights), segmenting
+    # (router + networks + watershed, routed and generalist), scoring and writing the predictions
+    stages: dict[str, float] = field(default_factory=dict)
+    backend: str = ""  # the inference backend and precision that ran ("onnx fp32", "torch fp32", ...)
 
 
 def evaluate_bundle(
@@ -254,6 +258,10 @@ def evaluate_bundle(
         raise ValueError(f"{data_root}: no samples in split {split!r}")
     pipe = Pipeline.from_bundle(bundle_dir, device=device)
     gen = compare_generalist and pipe.has_generalist
+    pipe.load_router()  # models first (an exported backend exports each once): not counted as segmenting
+    for name in pipe.available:
+        pipe.segmenter(name)
+    stages = {"load": time.perf_counter() - t0, "segment": 0.0, "score": 0.0}
     modality_of: dict[str, str] = {}
     routed_results, gen_results = [], []
     confusion: dict[str, dict[str, int]] = {}
@@ -262,7 +270,9 @@ def evaluate_bundle(
     correct = n_routed = 0
     for sample in tqdm(samples, desc=f"evaluate {split}", unit="img", disable=not progress):
         image, gt = ds.load(sample)
+        t_seg = time.perf_counter()
         result = pipe.segment(image)
+        stages["segment"] += time.perf_counter() - t_seg
         if result.confidence is not None and sample.modality is not None:
             n_routed += 1
             correct += result.modality == sample.modality
@@ -273,12 +283,16 @@ def evaluate_bundle(
                               "decision": result.decision,
                               "confidence": "" if result.confidence is None else f"{result.confidence:.4f}"}
         modality_of[sample.id] = sample.modality or "unknown"
-        routed_results.append(match_image(gt, result.labels, protocol=protocol, id=sample.id))
         if gen:
             if result.used_model == _bundle.GENERALIST:
                 gen_labels = result.labels
             else:  # the generalist with its own size decision, as the routed specialists get theirs
+                t_seg = time.perf_counter()
                 gen_labels = pipe.segment(image, modality=_bundle.GENERALIST).labels
+                stages["segment"] += time.perf_counter() - t_seg
+        t_score = time.perf_counter()
+        routed_results.append(match_image(gt, result.labels, protocol=protocol, id=sample.id))
+        if gen:
             gen_results.append(match_image(gt, gen_labels, protocol=protocol, id=sample.id))
         if out_dir is not None:
             from triageseg.datasets.io import write_labels
@@ -286,6 +300,7 @@ def evaluate_bundle(
             out = Path(out_dir)
             write_labels(out / f"{sample.id}.tif", result.labels)
             write_overlay(out / "overlays" / f"{sample.id}.png", image, result.labels)
+        stages["score"] += time.perf_counter() - t_score
     routed = report_from_results(routed_results, modality_of, protocol=protocol)
     general = report_from_results(gen_results, modality_of, protocol=protocol) if gen else None
     return BundleScores(
@@ -297,7 +312,18 @@ def evaluate_bundle(
         used_models=dict(sorted(used.items())),
         seconds=time.perf_counter() - t0,
         routing=routing,
+        stages={k: round(v, 2) for k, v in stages.items()},
+        backend=describe_backend(pipe),
     )
+
+
+def describe_backend(pipe) -> str:
+    """What ran a pipeline's networks, in words: ``"onnx fp32 (auto), 2 threads"``."""
+    import torch
+
+    choice = pipe.choice
+    return (f"{choice.backend} {choice.precision}{' (auto)' if choice.auto else ''} on {pipe.device}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def write_bundle_report(
@@ -383,6 +409,8 @@ def scores_to_dict(scores: BundleScores) -> dict[str, Any]:
         "confusion": scores.confusion,
         "used_models": scores.used_models,
         "seconds": round(scores.seconds, 2),
+        "stages": scores.stages,
+        "backend": scores.backend,
     }
 
 
@@ -411,6 +439,7 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
     scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions",
                              progress=progress)
     report_path, report_seconds = demo_report(out, scores, data)
+    log(evaluate_line(scores, report_seconds))
     table = format_comparison(scores)
     wall = time.perf_counter() - t_start
     report = {"train": summary, "scores": scores_to_dict(scores), "report_seconds": round(report_seconds, 2),
@@ -425,6 +454,16 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
         log(line)
     log(f"demo wall time: {wall:.0f} s")
     return report
+
+
+def evaluate_line(scores: BundleScores, report_seconds: float) -> str:
+    """The evaluate stage's seconds and the backend that ran: the figure the speed work is judged by."""
+    st = scores.stages
+    n = sum(scores.used_models.values())
+    return (f"[evaluate] {n} images in {scores.seconds:.1f} s on {scores.backend or 'torch'}: load "
+            f"{st.get('load', 0.0):.1f} s (exports included), segment {st.get('segment', 0.0):.1f} s "
+            f"(routed{' + generalist' if scores.generalist is not None else ''}), score + write "
+            f"{st.get('score', 0.0):.1f} s; report {report_seconds:.1f} s")
 
 
 def demo_report(out: Path, scores: BundleScores, data: Path, *, worst: int = 6) -> tuple[Path, float]:

@@ -23,16 +23,22 @@ model; its end to end adds its NMS run on outputs made from the ground truth, as
 model would give, because NMS on random outputs is 5-8x slower). Missing libraries skip
 their tool with a line saying so.
 
-This script installs nothing. StarDist runs from a throwaway folder, as for
-``bench_evaluator.py``::
+This script installs nothing. StarDist (TensorFlow, its own NumPy) runs in a separate
+virtual environment, started as a subprocess (``peer_stardist.py``; it times its own
+stages, so the pipe is not counted)::
 
-    .venv/bin/pip install --target /tmp/peers stardist csbdeep tensorflow-cpu
-    PYTHONPATH=/tmp/peers .venv/bin/python benchmarks/bench_inference.py --bundle B
+    python -m venv /work/peers
+    /work/peers/bin/pip install stardist "tensorflow-cpu<2.16" tifffile
+    .venv/bin/python benchmarks/bench_inference.py --bundle B --peers-python /work/peers/bin/python
+
+(``$TRIAGESEG_PEERS_PYTHON`` works as ``--peers-python``.) Without it, ``stardist`` runs in
+this process when importable here.
 
 Usage:
     python benchmarks/bench_inference.py --bundle /work/demo_base/bundle            # timings
     python benchmarks/bench_inference.py --bundle B --accuracy /work/demo_base/data  # + F1 cost
     python benchmarks/bench_inference.py --threads 2 --busy 2    # two other busy processes
+    python benchmarks/bench_inference.py --bundle B --peers-python /work/peers/bin/python   # + StarDist
 
 Without ``--bundle`` the models are untrained (random weights, same compute); then the
 watershed sees noisy probabilities and its share is not representative. Measure on a
@@ -49,6 +55,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -80,7 +87,7 @@ def synthetic_image(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_inputs(folder: Path, sizes: list[int], per_size: dict[int, int]) -> dict[int, list[tuple[Path, np.ndarray]]]:
-    """Synthetic images written as TIFF (so end to end includes reading), with their labels."""
+    """Synthetic images written as TIFF (end to end includes reading), with their labels (also .npy, for a peer)."""
     import tifffile
 
     out = {}
@@ -90,8 +97,14 @@ def write_inputs(folder: Path, sizes: list[int], per_size: dict[int, int]) -> di
             image, labels = synthetic_image(size, seed=1000 * size + i)
             path = folder / f"img_{size}_{i}.tif"
             tifffile.imwrite(path, image)
+            np.save(labels_file(path), labels)
             out[size].append((path, labels))
     return out
+
+
+def labels_file(image: Path) -> Path:
+    """Where :func:`write_inputs` keeps an image's ground truth for a peer process (``<stem>.labels.npy``)."""
+    return image.with_name(image.stem + ".labels.npy")
 
 
 def random_bundle(folder: Path) -> Path:
@@ -230,11 +243,64 @@ class StarDistTool:
                 "e2e": (t2 - t0) + (t4 - t3)}, out
 
 
-def make_tools(names: list[str], bundle: Path, device: str, **tiling) -> list:
+class PeerStarDistTool:
+    """:class:`StarDistTool` in another Python (``--peers-python``): ``peer_stardist.py`` as a subprocess.
+
+    Started once (TensorFlow loads once), one JSON line per image each way; the peer times
+    its own stages, so the pipe does not count.
+    """
+
+    name = "stardist"
+
+    def __init__(self, python: str, threads: int, script: Path | None = None):
+        script = script or Path(__file__).with_name("peer_stardist.py")
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.pop("PYTHONPATH", None)  # the peer's own packages only (its NumPy, not ours)
+        self.proc = subprocess.Popen([python, str(script), "--threads", str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        ready = self._reply()
+        self.skip = None if ready.get("ready") else f"peer did not start: {ready.get('error', ready)}"
+        self.versions = ready.get("versions", {})
+        if self.skip:
+            self.close()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"error": f"peer exited with code {self.proc.wait()}"}
+        return json.loads(line)
+
+    def run(self, path: Path, labels: np.ndarray) -> tuple[dict, None]:
+        self.proc.stdin.write(json.dumps({"image": str(path), "labels": str(labels_file(path))}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise RuntimeError(f"stardist peer: {reply['error']}")
+        reply.pop("objects", None)
+        return reply, None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def make_tools(names: list[str], bundle: Path, device: str, peers_python: str | None = None, threads: int = 1,
+               **tiling) -> list:
     tools = []
     for name in names:
         try:
-            tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
+            if name == "stardist" and peers_python:
+                tool = PeerStarDistTool(peers_python, threads)
+                if not tool.skip:
+                    found = ", ".join(f"{k} {v}" for k, v in tool.versions.items())
+                    print(f"  stardist: peer {peers_python} ({found})")
+            else:
+                tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
         except Exception as err:  # noqa: BLE001 - a peer that does not load is skipped, said plainly
             print(f"  {name}: skipped ({type(err).__name__}: {err})")
             continue
@@ -374,6 +440,9 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="run this many busy-looping processes meanwhile")
     parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also score the tools on DATA's test split")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--peers-python", default=os.environ.get("TRIAGESEG_PEERS_PYTHON"),
+                        help="the Python of a separate environment with stardist + tensorflow-cpu "
+                             "(default $TRIAGESEG_PEERS_PYTHON; see peer_stardist.py)")
     args = parser.parse_args()
     import torch
 
@@ -399,7 +468,8 @@ def main() -> None:
         tmp = Path(tmp)
         bundle = args.bundle or random_bundle(tmp / "bundle")
         inputs = write_inputs(tmp, args.sizes, dict(zip(args.sizes, args.images))) if args.repeats > 0 else {}
-        tools = make_tools(args.tools, bundle, args.device, tile_size=args.tile_size, batch_size=args.batch_size)
+        tools = make_tools(args.tools, bundle, args.device, args.peers_python, torch.get_num_threads(),
+                           tile_size=args.tile_size, batch_size=args.batch_size)
         for p in busy:
             p.start()
         try:
@@ -408,6 +478,9 @@ def main() -> None:
             stop.set()
             for p in busy:
                 p.join()
+            for tool in tools:
+                if hasattr(tool, "close"):
+                    tool.close()
         rows = print_table(medians, tools, args.sizes) if medians else []
         acc = accuracy(bundle, args.accuracy, [t.name for t in tools], args.device) if args.accuracy else None
     if args.json:

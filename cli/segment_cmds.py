@@ -280,7 +280,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     for note in pipe.size_notes():
         click.echo(f"note: {note}", err=True)
     if modality is None:
-        _notes(pipe)
+        with _backend_notes():  # the router is exported here, on first use (`auto` may note a fallback)
+            _notes(pipe)
     if on_ray:
         try:
             report = _segment_on_ray(pipe, files, names, out_dir, cluster_options, quiet=quiet,

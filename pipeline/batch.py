@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -58,6 +58,8 @@ from triageseg.router.policy import UNKNOWN_DECISION
 
 # Returned by the reader thread for an image that goes block-wise (read block by block later, never whole).
 _BLOCKWISE = object()
+# Without --workers, decode (watershed + writes) in one thread, overlapped with the next image's network.
+DECODE_THREAD = True
 
 
 @dataclass
@@ -236,11 +238,24 @@ def _remake(done, out_dir: Path, rows: dict[str, dict], report: BatchReport, *, 
 
 def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJournal, report: BatchReport, *,
          modality, on_error, workers, extras: Extras, channel, page, progress, blocks: BlockOptions) -> None:
-    """Segment ``todo``: read ahead, run the segmenter here, decode and write here or in workers."""
+    """Segment ``todo``: read ahead, run the segmenter here, decode and write in a thread or in workers.
+
+    Without workers, one thread decodes (watershed + writes) the previous image while the
+    network runs on the next: the labels are the same function's on the same inputs, one
+    image at a time, in order. The thread runs at a lower priority (or on its own core from
+    4 cores on: :func:`~triageseg.segmenters.threads.network_threads`).
+    """
+    from triageseg.segmenters.threads import decode_thread_init
+
     routing_path = out_dir / ROUTING_CSV
-    # spawn, not fork: forking a process that holds torch threads can deadlock
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),)) if workers > 0 else None
+    if workers > 0:  # spawn, not fork: forking a process that holds torch threads can deadlock
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+    elif DECODE_THREAD:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode", initializer=decode_thread_init)
+    else:
+        pool = None
+    in_flight = 2 * workers if workers > 0 else 1  # a thread: one image decoding while the next one's network runs
     pending: list[tuple[Path, str, dict, Future]] = []
 
     def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
@@ -273,6 +288,12 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
         if progress:
             progress(path)
 
+    def settle() -> None:
+        # the decode thread keeps the sequential order: a row recorded here waits for the images before it
+        if workers == 0:
+            while pending:
+                finish_first()
+
     def prepare(path: Path):
         # runs in the reader thread: reading and routing overlap with the segmenter
         if use_blocks(path, blocks):
@@ -291,8 +312,10 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                                              options=blocks, before_write=lambda r, n=name: journal.start(
                                                  n, r, out_dir / f"{n}{blocks.suffix}"))
                 except Exception as err:  # noqa: BLE001
+                    settle()
                     _fail(report, path, err, on_error)
                 else:
+                    settle()
                     row["_t0"] = t0
                     record(name, row, row.pop("objects"), row.pop("quality", None))
                 if progress:
@@ -305,12 +328,14 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
                 mod, conf, used, decision, score = d[:5]
                 probs = None if not used else pipe.probabilities(image, used, d.scale)
             except Exception as err:  # noqa: BLE001
+                settle()
                 _fail(report, path, err, on_error)
                 if progress:
                     progress(path)
                 continue
             row = {**routing_row(path, name, mod, conf, used, decision, ood_score=score, size=d), "_t0": t0}
             if probs is None:  # an unknown modality under --unknown skip
+                settle()
                 record(name, row, 0)
                 if progress:
                     progress(path)
@@ -320,8 +345,8 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
             journal.start(name, row, out_dir / f"{name}.tif")
             if pool is not None:
                 pending.append((path, name, row, pool.submit(_decode_and_write, *job)))
-                # keep memory bounded: at most 2 jobs per worker in flight
-                while len(pending) > 2 * workers:
+                # keep memory bounded: at most 2 jobs per worker (1 for the thread) in flight
+                while len(pending) > in_flight:
                     finish_first()
                 continue
             try:

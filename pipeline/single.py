@@ -166,9 +166,12 @@ class Pipeline:
 
             if not self.manifest.get("has_router"):
                 raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
-            router = load_router(_bundle.router_dir(self.path), device=self.device)
-            self._ood = self._load_ood(*router)
-            self._router = router
+            from triageseg.pipeline.router_backend import prepare_router
+
+            model, config = load_router(_bundle.router_dir(self.path), device=self.device)
+            self._ood = self._load_ood(model, config)
+            # the specialists' backend (fp32): at 512² the router is a third of an image's time otherwise
+            self._router = (prepare_router(model, _bundle.router_dir(self.path), choice=self.choice), config)
         return self._router
 
     def load_router(self) -> list[str]:
@@ -221,8 +224,7 @@ class Pipeline:
 
                 run_dir = _bundle.segmenter_dir(self.path, name)
                 model, config, params = load_segmenter(run_dir, device=self.device)
-                net = prepare_network(model, run_dir, backend=self.choice.backend, precision=self.choice.precision,
-                                      device=self.device)
+                net = prepare_network(model, run_dir, choice=self.choice, device=self.device)
                 self._segmenters[name] = (net, config, params)
         return self._segmenters[name]
 

@@ -367,8 +367,10 @@ def load_ood(run_dir: str | os.PathLike) -> OODModel | None:
 def router_feature_dim(model, class_names) -> int:
     """Width of the pooled features :func:`~triageseg.router.model.router_outputs` gives for ``model``.
 
-    A timm ViT: its head's input (the pre-logits); any other classifier: its logits.
+    A timm ViT: its head's input (the pre-logits); any other classifier: its logits. An
+    exported router (``pipeline.router_backend``) answers for the ViT it wraps.
     """
+    model = getattr(model, "eager", model)
     if all(hasattr(model, a) for a in ("forward_features", "forward_head", "head")):
         width = getattr(model.head, "in_features", None) or getattr(model, "head_hidden_size", None)
         return int(width or model.num_features)

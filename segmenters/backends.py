@@ -17,6 +17,11 @@ Backends:
   same cached ONNX file. Its precision hint is pinned to f32 (OpenVINO would otherwise
   pick bf16 by itself on CPUs with AMX or AVX512-BF16).
 * ``auto``: the backend of :data:`AUTO_ORDER` that is installed (CPU), torch on CUDA/MPS.
+  ``$TRIAGESEG_AUTO_BACKEND`` (:data:`AUTO_ENV`), when set, names what ``auto`` means
+  instead (the test suite pins torch with it: an export per test bundle would cost more
+  than the tests' tiny images gain). Where ``auto`` picked an exported backend and the
+  export or its runtime fails (a cache folder that cannot be written, an exporter error),
+  it runs on torch with one note; an explicitly asked backend raises instead.
 
 Precision ``bf16`` (autocast on CPU; OpenVINO's bf16 hint) runs only where the CPU has
 native bf16 (AMX or AVX512-BF16, :func:`cpu_bf16_support`); elsewhere fp32 with a note.
@@ -47,16 +52,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from triageseg.datasets.atomic import atomic_path, write_text_atomic
+from triageseg.segmenters.threads import (  # noqa: F401 - the thread plan, re-exported where callers import it
+    DECODE_CORE_FROM,
+    DECODE_NICE,
+    _spinning,
+    configure_threads,
+    decode_thread_init,
+    limit_worker_threads,
+    network_threads,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "bf16")
-# What `auto` picks, first installed wins. Only torch until the backends are timed side by
-# side on a quiet machine (benchmarks/bench_inference.py prints the order to put here):
-# exported backends change probabilities by up to ~1e-5, so they must earn the default.
-AUTO_ORDER: tuple[str, ...] = ("torch",)
+# What `auto` picks on a CPU, first installed wins. Measured on a quiet 2-core CPU
+# (benchmarks/RESULTS.md, "Inference backends on a quiet machine"; e2e s/img, demo bundle):
+# 512²: torch 0.466, ONNX Runtime 0.340, OpenVINO 0.312; 2048²: torch 12.2, ONNX Runtime
+# 5.3, OpenVINO 5.9. ONNX Runtime first: within 10% of OpenVINO at 512², ahead at 2048²,
+# the same labels as torch (largest probability difference 3.4e-6), and it is in the
+# `test` extra, so CI runs the path users get. OpenVINO is only taken when asked for.
+AUTO_ORDER: tuple[str, ...] = ("onnx", "torch")
+# When set (torch | onnx | openvino), what `auto` means instead of AUTO_ORDER (tests/conftest.py pins torch).
+AUTO_ENV = "TRIAGESEG_AUTO_BACKEND"
 # The Python modules each optional backend needs (onnx: the exporter both read from).
 _MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
 # Largest difference from eager fp32 probabilities that the tests accept per backend.
@@ -117,54 +136,6 @@ def cpu_bf16_support() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ threads
-def network_threads(workers: int = 0, cores: int | None = None) -> int:
-    """Threads for the network: the cores this process may use, less one per watershed worker.
-
-    ``OMP_NUM_THREADS``, when set, wins (the user or a scheduler decided). Each ``--workers``
-    process gets one thread (:func:`limit_worker_threads`), the network the rest, at least 1,
-    so the two never ask for more threads than cores.
-    """
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))  # cgroup/taskset aware, unlike os.cpu_count()
-        except AttributeError:  # pragma: no cover - macOS, Windows
-            cores = os.cpu_count() or 1
-    return max(1, int(cores) - max(0, int(workers)))
-
-
-def configure_threads(workers: int = 0) -> int:
-    """Set torch's intra-op threads to :func:`network_threads` (ONNX Runtime/OpenVINO read it too); returns it."""
-    import torch
-
-    n = network_threads(workers)
-    torch.set_num_threads(n)
-    return n
-
-
-def limit_worker_threads() -> None:
-    """In a watershed worker process: one thread for every thread pool already loaded."""
-    import sys
-
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings it
-        return
-    threadpool_limits(1)
-
-
-def _spinning() -> bool:
-    """Whether idle runtime threads may spin (:func:`triageseg.segmenters.threads.runtime_may_spin`)."""
-    from triageseg.segmenters.threads import runtime_may_spin
-
-    return runtime_may_spin()
-
-
 # ------------------------------------------------------------------ choice
 @dataclass(frozen=True)
 class Choice:
@@ -172,6 +143,7 @@ class Choice:
 
     backend: str  # torch | onnx | openvino
     precision: str  # fp32 | bf16
+    auto: bool = False  # picked by `auto`: a failing export falls back to torch (noted) instead of raising
 
 
 def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.device = "cpu") -> Choice:
@@ -185,8 +157,9 @@ def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     on_cpu = str(getattr(device, "type", device)).split(":")[0] == "cpu"
-    if backend == "auto":
-        backend = next((b for b in AUTO_ORDER if available(b)), "torch") if on_cpu else "torch"
+    auto = backend == "auto"
+    if auto:
+        backend = _auto_backend(on_cpu)
     elif backend != "torch" and not available(backend):
         missing = _missing(backend) or list(_MODULES[backend])
         note(f"backend {backend!r} needs the Python package {' and '.join(map(repr, missing))}, not installed "
@@ -201,12 +174,38 @@ def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.
     elif precision == "bf16" and cpu_bf16_support() is None:
         note("precision bf16 needs a CPU with AMX or AVX512-BF16 (emulated bf16 is slower than fp32); running fp32")
         precision = "fp32"
-    return Choice(backend, precision)
+    return Choice(backend, precision, auto=auto and backend != "torch")
+
+
+def _auto_backend(on_cpu: bool) -> str:
+    """What ``auto`` runs: ``$TRIAGESEG_AUTO_BACKEND`` when set, else the first installed of AUTO_ORDER (CPU).
+
+    The note when the preferred library is missing is said once per process: it is the
+    only sign a user gets that the CPU could run faster.
+    """
+    pinned = os.environ.get(AUTO_ENV, "").strip().lower()
+    if pinned:
+        if pinned not in BACKENDS or pinned == "auto":
+            raise ValueError(f"${AUTO_ENV}={pinned!r} is not a backend; valid: {', '.join(BACKENDS[1:])}")
+        order = (pinned, "torch")
+    else:
+        order = AUTO_ORDER
+    if not on_cpu:
+        return "torch"  # CUDA/MPS: the exported backends here are CPU runtimes
+    for backend in order:
+        if available(backend):
+            return backend
+        if backend != "torch":
+            missing = _missing(backend) or list(_MODULES[backend])
+            note(f"backend auto: {' and '.join(map(repr, missing))} not installed, running on torch "
+                 f"(pip install 'triageseg[{backend}]' runs the network faster on a CPU)")
+            return "torch"
+    return "torch"
 
 
 def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, backend: str = "auto",
                     precision: str = "fp32", device: str | torch.device = "cpu",
-                    threads: int | None = None) -> torch.nn.Module:
+                    threads: int | None = None, choice: Choice | None = None) -> torch.nn.Module:
     """The module ``predict`` should run for ``model`` with the chosen backend and precision.
 
     Args:
@@ -216,21 +215,39 @@ def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *
         backend, precision: as for :func:`resolve`.
         device: where ``model`` runs.
         threads: intra-op threads of an exported backend (default: torch's current count).
+        choice: an already resolved :class:`Choice` (a :class:`~triageseg.pipeline.Pipeline`
+            resolves once); it wins over ``backend`` and ``precision``.
 
     Returns:
         ``model`` itself (torch fp32; moved to channels_last), or a wrapping module.
     """
     import torch
 
-    choice = resolve(backend, precision, device)
-    if choice.backend == "torch":
-        model = model.to(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU too
-        return _Bf16Net(model) if choice.precision == "bf16" else model
-    onnx_path = export_onnx(model, run_dir)
-    threads = threads or torch.get_num_threads()
+    choice = choice or resolve(backend, precision, device)
+    if choice.backend != "torch":
+        threads = threads or torch.get_num_threads()
+        try:
+            run = runner(choice, export_onnx(model, run_dir), threads)
+        except Exception as err:  # noqa: BLE001 - `auto` must never be worse than torch
+            if not choice.auto:
+                raise
+            note(f"backend auto: {choice.backend} could not run this network ({type(err).__name__}: {err}); "
+                 "running on torch")
+            choice = Choice("torch", choice.precision)
+        else:
+            return _ExportedNet(model, run, choice.backend)
+    model = model.to(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU too
+    return _Bf16Net(model) if choice.precision == "bf16" else model
+
+
+def runner(choice: Choice, onnx_path: str | os.PathLike, threads: int, outputs: int = 1):
+    """``numpy -> numpy`` runner of an exported network for ``choice`` (onnx or openvino).
+
+    With ``outputs`` > 1 the runner returns that many arrays (a tuple), in the export's order.
+    """
     if choice.backend == "onnx":
-        return _ExportedNet(model, _ort_runner(onnx_path, threads), "onnx")
-    return _ExportedNet(model, _openvino_runner(onnx_path, threads, choice.precision), "openvino")
+        return _ort_runner(Path(onnx_path), threads, outputs)
+    return _openvino_runner(Path(onnx_path), threads, choice.precision, outputs)
 
 
 def backend_of(net: torch.nn.Module) -> str:
@@ -286,7 +303,7 @@ def _ExportedNet(eager, runner, name: str):  # noqa: N802
     return _wrappers()[1](eager, runner, name)
 
 
-def _ort_runner(path: Path, threads: int):
+def _ort_runner(path: Path, threads: int, outputs: int = 1):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -298,13 +315,14 @@ def _ort_runner(path: Path, threads: int):
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
+    def run(x: np.ndarray):
+        out = session.run(None, {name: x})
+        return out[0] if outputs == 1 else tuple(out[:outputs])
 
     return run
 
 
-def _openvino_runner(path: Path, threads: int, precision: str):
+def _openvino_runner(path: Path, threads: int, precision: str, outputs: int = 1):
     import openvino as ov
 
     core = ov.Core()
@@ -313,8 +331,10 @@ def _openvino_runner(path: Path, threads: int, precision: str):
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return np.array(request.infer({0: x})[compiled.output(0)], dtype=np.float32, copy=True)
+    def run(x: np.ndarray):
+        res = request.infer({0: x})
+        out = tuple(np.array(res[compiled.output(i)], dtype=np.float32, copy=True) for i in range(outputs))
+        return out[0] if outputs == 1 else out
 
     return run
 
@@ -328,15 +348,20 @@ def cache_root() -> Path:
     return Path(base) / "triageseg"
 
 
-def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> str:
-    """Hash of the weights, the config and the versions an export depends on (16 hex digits)."""
+def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: str = "segmenter") -> str:
+    """Hash of the weights, the config, what is exported (``kind``) and the versions an export depends on.
+
+    16 hex digits. ``kind`` keeps apart two exports of one network with other outputs
+    (the router's export gives its logits and its pooled features).
+    """
     import torch
 
     from triageseg._version import __version__
     from triageseg.bundle import CONFIG, WEIGHTS
 
     h = hashlib.sha256()
-    h.update(json.dumps({"torch": torch.__version__, "triageseg": __version__, "opset": ONNX_OPSET}).encode())
+    h.update(json.dumps({"torch": torch.__version__, "triageseg": __version__, "opset": ONNX_OPSET,
+                         "kind": kind}).encode())
     files = [Path(run_dir) / WEIGHTS, Path(run_dir) / CONFIG] if run_dir is not None else []
     if files and all(f.is_file() for f in files):
         for f in files:
@@ -350,9 +375,9 @@ def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> Path:
+def cache_dir(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: str = "segmenter") -> Path:
     """The export cache folder of this network: :func:`cache_root` / :func:`cache_key`."""
-    return cache_root() / cache_key(model, run_dir)
+    return cache_root() / cache_key(model, run_dir, kind)
 
 
 def _sha256(path: Path) -> str:
@@ -363,13 +388,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> Path:
+def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, kind: str = "segmenter",
+                export=None) -> Path:
     """The cached ONNX file of ``model``, exported (atomically) when absent or damaged.
 
     The file's SHA-256 is kept beside it; a file that does not match (truncated, edited,
     a half-written copy) is noted and exported again.
+
+    Args:
+        model, run_dir: the network and its run folder (the cache key, :func:`cache_key`).
+        kind: what is exported, part of the key (``segmenter``; ``router``).
+        export: ``export(model, path)`` writes the ONNX file (default: a segmenter's,
+            dynamic batch and sides); it is called inside :func:`atomic_path`'s temp name.
     """
-    folder = cache_dir(model, run_dir)
+    folder = cache_dir(model, run_dir, kind)
     path, checksum = folder / ONNX_FILE, folder / CHECKSUM_FILE
     if path.is_file() and checksum.is_file():
         try:
@@ -380,26 +412,30 @@ def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None) -> Pa
             return path
         note(f"{path}: the cached export does not match its checksum (damaged); exporting it again")
     folder.mkdir(parents=True, exist_ok=True)
-    _export(model, path)
+    _check_onnx()
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
+        (export or _export)(model, tmp)
     write_text_atomic(checksum, f"{_sha256(path)}  {ONNX_FILE}\n")
     return path
 
 
-def _export(model: torch.nn.Module, path: Path) -> None:
-    """torch -> ONNX (TorchScript exporter, dynamic batch and sides), written atomically."""
-    import torch
-
+def _check_onnx() -> None:
     try:
         import onnx  # noqa: F401 - the exporter needs it; say so plainly rather than deep in torch
     except ImportError:
         raise RuntimeError("exporting to ONNX needs the Python package 'onnx' (pip install 'triageseg[onnx]')") \
             from None
+
+
+def _export(model: torch.nn.Module, path: Path) -> None:
+    """A segmenter, torch -> ONNX (TorchScript exporter, dynamic batch and sides)."""
+    import torch
+
     param = next(model.parameters())
     channels = next(m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     example = torch.zeros(1, channels, 64, 64, device=param.device)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
-        torch.onnx.export(model.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+    torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                    "logits": {0: "batch", 2: "height", 3: "width"}})

@@ -1,4 +1,13 @@
-"""How idle OpenMP threads wait: a short spin, then sleep (set before torch is imported).
+"""How many threads the network and the watershed get: no more busy threads than cores.
+
+:func:`network_threads` is the plan (the network gets the cores less one per ``--workers``
+process; the batch path's decode thread gets a core from 4 cores on, else a lower
+priority); :func:`configure_threads` applies it to torch (ONNX Runtime and OpenVINO are
+given the same count by :mod:`triageseg.segmenters.backends`); :func:`limit_worker_threads`
+runs in each watershed worker process and :func:`decode_thread_init` in the decode thread.
+Nothing here imports torch at import time: worker processes import this module.
+
+How idle OpenMP threads wait (:func:`set_thread_waiting`, before torch is imported): a short spin, then sleep.
 
 torch's OpenMP pool (libgomp) spins by default for about 300,000 iterations before a
 waiting thread sleeps. When the cores are shared with other work, those spins steal the
@@ -23,6 +32,90 @@ from __future__ import annotations
 
 import os
 
+
+def network_threads(workers: int = 0, cores: int | None = None, decode_thread: bool = False) -> int:
+    """Threads for the network: the cores this process may use, less one per watershed worker.
+
+    ``OMP_NUM_THREADS``, when set, wins (the user or a scheduler decided). Each ``--workers``
+    process gets one thread (:func:`limit_worker_threads`), the network the rest, at least 1,
+    so the two never ask for more threads than cores.
+
+    ``decode_thread``: without workers, the batch path decodes the previous image in one
+    thread while the network runs (:func:`decode_thread_init`). From 4 cores on it gets a
+    core of its own (a quarter or less of the network's); below, the network keeps every
+    core and the decode thread runs at a lower priority, taking what the network leaves
+    idle (reading, tiling, blending), because giving it one of 2 cores would halve the
+    network for a watershed that costs a fraction of it.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))  # cgroup/taskset aware, unlike os.cpu_count()
+        except AttributeError:  # pragma: no cover - macOS, Windows
+            cores = os.cpu_count() or 1
+    reserved = max(0, int(workers))
+    if not reserved and decode_thread and int(cores) >= DECODE_CORE_FROM:
+        reserved = 1
+    return max(1, int(cores) - reserved)
+
+
+# From this many cores the decode thread of the batch path gets a core of its own (network_threads).
+DECODE_CORE_FROM = 4
+# How much lower the decode thread's priority is (Linux: the nice value is per thread).
+DECODE_NICE = 10
+
+
+def decode_thread_init() -> None:
+    """In the batch path's decode thread: lower this thread's priority, so it yields the cores to the network.
+
+    Linux keeps a nice value per thread (setpriority(2) on the thread id); elsewhere nothing
+    changes and :func:`network_threads` is the only guard. Raising one's own nice value
+    needs no privilege.
+    """
+    import threading
+
+    tid = getattr(threading, "get_native_id", lambda: None)()
+    if tid is None or not hasattr(os, "setpriority") or not os.path.exists("/proc/self/task"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICE))
+    except OSError:  # pragma: no cover - a sandbox that forbids it: the thread runs at normal priority
+        pass
+
+
+def configure_threads(workers: int = 0, decode_thread: bool | None = None) -> int:
+    """Set torch's intra-op threads to :func:`network_threads` (ONNX Runtime/OpenVINO read it too); returns it.
+
+    ``decode_thread`` defaults to ``workers == 0`` (the batch path then decodes in a thread).
+    """
+    import torch
+
+    n = network_threads(workers, decode_thread=workers == 0 if decode_thread is None else decode_thread)
+    torch.set_num_threads(n)
+    return n
+
+
+def limit_worker_threads() -> None:
+    """In a watershed worker process: one thread for every thread pool already loaded."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return
+    threadpool_limits(1)
+
+
+def _spinning() -> bool:
+    """Whether idle runtime threads (ONNX Runtime, OpenVINO) may spin: :func:`runtime_may_spin`."""
+    return runtime_may_spin()
+
+
+# ------------------------------------------------------------------ waiting
 SPIN_COUNT = "1000"
 
 

@@ -13,6 +13,24 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Qt widgets (the napari plugin's tests) render without a display.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# `--backend auto` means torch in the test suite (segmenters.backends.AUTO_ENV): with ONNX
+# Runtime installed (the `test` extra), `auto` would otherwise export the networks of every
+# bundle a test makes or trains, seconds each, for images of 96 px. tests/test_backends.py
+# and tests/test_router_backend.py unset it to test auto -> ONNX Runtime on a real bundle.
+# `TRIAGESEG_AUTO_BACKEND=onnx pytest` runs the whole suite the way users' `auto` does.
+os.environ.setdefault("TRIAGESEG_AUTO_BACKEND", "torch")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """Exported networks (segmenters.backends) go to a folder of this session, never to the user's cache."""
+    before = os.environ.get("TRIAGESEG_CACHE")
+    os.environ["TRIAGESEG_CACHE"] = str(tmp_path_factory.mktemp("export-cache"))
+    yield
+    if before is None:
+        os.environ.pop("TRIAGESEG_CACHE", None)
+    else:
+        os.environ["TRIAGESEG_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,26 @@ TILING = {"tile_size": 128, "overlap": 32, "batch_size": 3}  # 300 x 517 runs in
 FP32 = [b for b in ("torch", "onnx", "openvino") if B.available(b)]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("export-cache")
+
+
 @pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Exports go to a per-test cache, never to the user's; notes are fresh in every test."""
-    monkeypatch.setenv("TRIAGESEG_CACHE", str(tmp_path / "cache"))
+def _own_cache(shared_cache, monkeypatch):
+    """Exports go to this module's cache, never to the user's (each network is exported once for the tests
+    that only use it: an export costs seconds); notes are fresh in every test; `auto` is the users'
+    (tests/conftest.py pins it to torch for the rest of the suite)."""
+    monkeypatch.setenv("TRIAGESEG_CACHE", str(shared_cache))
     monkeypatch.setattr(B, "_noted", set())
+    monkeypatch.delenv(B.AUTO_ENV, raising=False)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache of this test's own, for tests that damage the cache."""
+    monkeypatch.setenv("TRIAGESEG_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +108,56 @@ def test_missing_library_falls_back_to_torch_with_one_note(monkeypatch, run_dir)
     assert B.backend_of(first) == "torch" and again.backend == "torch"
 
 
-def test_auto_without_extra_libraries_is_pure_torch(monkeypatch):
+def test_auto_without_extra_libraries_is_pure_torch_with_one_note(monkeypatch):
     monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
-    monkeypatch.setattr(B, "AUTO_ORDER", ("openvino", "onnx", "torch"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # auto says nothing when it simply takes torch
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         assert B.resolve("auto") == B.Choice("torch", "fp32")
+        assert B.resolve("auto") == B.Choice("torch", "fp32")
+    notes = [str(w.message) for w in seen if issubclass(w.category, B.BackendNote)]
+    assert len(notes) == 1 and "'onnxruntime'" in notes[0] and "triageseg[onnx]" in notes[0], notes
+
+
+@pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
+def test_auto_is_onnx_runtime_on_cpu_and_torch_on_gpus():
+    assert B.AUTO_ORDER[0] == "onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: these are auto's picks, not fallbacks
+        assert B.resolve("auto") == B.Choice("onnx", "fp32", auto=True)
+        assert B.resolve("auto", device="cuda:0") == B.Choice("torch", "fp32")
+        assert B.resolve("auto", device="mps") == B.Choice("torch", "fp32")
+        assert B.resolve("onnx") == B.Choice("onnx", "fp32")  # asked for by name: not auto's to undo
+
+
+def test_auto_env_pins_what_auto_means(monkeypatch):
+    monkeypatch.setenv(B.AUTO_ENV, "torch")
+    assert B.resolve("auto") == B.Choice("torch", "fp32")
+    assert B.resolve("onnx").backend == ("onnx" if B.available("onnx") else "torch")  # a named backend wins
+    monkeypatch.setenv(B.AUTO_ENV, "tensorrt")
+    with pytest.raises(ValueError, match=f"{B.AUTO_ENV}.*tensorrt.*torch, onnx, openvino"):
+        B.resolve("auto")
+    monkeypatch.setenv(B.AUTO_ENV, "openvino")
+    monkeypatch.setattr(B, "available", lambda backend: backend == "torch")
+    with pytest.warns(B.BackendNote, match="'openvino'.*not installed"):
+        assert B.resolve("auto") == B.Choice("torch", "fp32")
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(run_dir, monkeypatch):
+    """A cache that cannot be written (or an exporter error) costs `auto` speed, not the run; a named backend raises."""
+    def refuse(*args, **kwargs):
+        raise PermissionError("cache folder is read-only")
+
+    monkeypatch.setattr(B, "available", lambda backend: True)
+    monkeypatch.setattr(B, "export_onnx", refuse)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        net = B.prepare_network(_eager(run_dir), run_dir, backend="auto")
+        B.prepare_network(_eager(run_dir), run_dir, backend="auto")
+    notes = [str(w.message) for w in seen if issubclass(w.category, B.BackendNote)]
+    assert B.backend_of(net) == "torch"
+    assert len(notes) == 1 and "read-only" in notes[0] and "running on torch" in notes[0], notes
+    with pytest.raises(PermissionError):
+        B.prepare_network(_eager(run_dir), run_dir, backend="onnx")
 
 
 def test_exported_backends_run_on_cpu_only():
@@ -117,7 +176,7 @@ def test_unknown_backend_lists_the_valid_ones():
 
 @pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
 @pytest.mark.parametrize("damage", ["truncate", "flip", "checksum"])
-def test_corrupt_cache_is_rebuilt(run_dir, damage):
+def test_corrupt_cache_is_rebuilt(run_dir, damage, fresh_cache):
     model = _eager(run_dir)
     path = B.export_onnx(model, run_dir)
     assert path.parent.parent == B.cache_root() and run_dir not in path.parents  # never into the bundle
@@ -204,8 +263,7 @@ def test_labels_identical_on_synthetic_images(tiny_bundle, synth_data):
             assert np.array_equal(pipe.segment(image, modality=sample.modality).labels, plain), (name, sample.id)
 
 
-def test_benchmark_counts_the_tiling_overhead():
-    """bench_inference.py loads, and counts the pixels the network computes as predict tiles them."""
+def _bench():
     import importlib.util
     from pathlib import Path
 
@@ -213,12 +271,57 @@ def test_benchmark_counts_the_tiling_overhead():
     spec = importlib.util.spec_from_file_location("bench_inference", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_counts_the_tiling_overhead():
+    """bench_inference.py loads, and counts the pixels the network computes as predict tiles them."""
+    bench = _bench()
     assert bench.tiling_overhead(512, 512, 64) == 1.0  # one tile
     assert bench.tiling_overhead(2048, 512, 64) == (5 * 480) ** 2 / 2048**2  # five tiles of 480, not of 512
     image, labels = bench.synthetic_image(300, seed=0)
     assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and labels.shape == (300, 300)
     left, right = set(np.unique(labels[:256, :256])), set(np.unique(labels[:256, 256:]))
     assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
+
+
+FAKE_PEER = """
+import json, sys
+print(json.dumps({"ready": True, "versions": {"stardist": "0.0"}}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["image"].endswith("bad.tif"):
+        print(json.dumps({"error": "OSError: unreadable"}), flush=True)
+        continue
+    assert req["labels"].endswith(".labels.npy"), req
+    print(json.dumps({"read": 0.1, "route": 0.0, "net": 0.2, "tiling": 0.0, "watershed": 0.3, "e2e": 0.6,
+                      "objects": 4}), flush=True)
+"""
+
+
+def test_benchmark_peer_in_another_python(tmp_path):
+    """bench_inference.py's StarDist peer: a subprocess speaking JSON lines; a peer that cannot start is skipped."""
+    import sys
+
+    bench = _bench()
+    fake = tmp_path / "fake_peer.py"
+    fake.write_text(FAKE_PEER)
+    tool = bench.PeerStarDistTool(sys.executable, 2, script=fake)
+    assert tool.skip is None and tool.versions == {"stardist": "0.0"}
+    stages, labels = tool.run(tmp_path / "img_512_0.tif", np.zeros((4, 4), np.int32))
+    assert stages == {"read": 0.1, "route": 0.0, "net": 0.2, "tiling": 0.0, "watershed": 0.3, "e2e": 0.6}
+    assert labels is None
+    with pytest.raises(RuntimeError, match="stardist peer: OSError: unreadable"):
+        tool.run(tmp_path / "bad.tif", None)
+    tool.close()
+    assert tool.proc.returncode == 0
+    broken = tmp_path / "broken_peer.py"
+    broken.write_text("import sys; sys.exit(3)\n")
+    tool = bench.PeerStarDistTool(sys.executable, 2, script=broken)
+    assert tool.skip == "peer did not start: peer exited with code 3"
+    # the real peer script in a Python without StarDist: says so instead of hanging
+    tool = bench.PeerStarDistTool(sys.executable, 1)
+    assert tool.skip is not None and "peer did not start" in tool.skip
 
 
 def test_segment_cli_backend_option(tiny_bundle, synth_data, tmp_path, monkeypatch):
@@ -256,3 +359,49 @@ def test_worker_thread_limit_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
+def test_auto_runs_onnx_runtime_on_a_real_bundle(tiny_bundle, synth_data):
+    """The default backend on a CPU with onnxruntime: the specialists and the router run exported, into the
+    cache (never the bundle), once; the answers are torch's (labels identical, routing within 1e-4); a
+    damaged cache is exported again."""
+    from triageseg import bundle
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.router_backend import KIND
+
+    before = sorted(p.relative_to(tiny_bundle) for p in tiny_bundle.rglob("*"))
+    ds = Dataset(synth_data)
+    samples = ds.select(split="test")[:3]
+    auto, eager = Pipeline(tiny_bundle, device="cpu"), Pipeline(tiny_bundle, device="cpu", backend="torch")
+    assert auto.choice == B.Choice("onnx", "fp32", auto=True)
+    used, want = set(), {}
+    for sample in samples:
+        image, _ = ds.load(sample)
+        got, want[sample.id] = auto.segment(image), eager.segment(image)
+        w = want[sample.id]
+        assert (got.modality, got.used_model, got.decision) == (w.modality, w.used_model, w.decision)
+        assert abs(got.confidence - w.confidence) <= B.FP32_PROB_TOLERANCE
+        assert np.array_equal(got.labels, w.labels), sample.id
+        used.add(got.used_model)
+    assert {B.backend_of(auto.segmenter(name)[0]) for name in used} == {"onnx"}
+    router = auto._load_router()[0]
+    assert getattr(router, "backend_name", "torch") == "onnx"
+    exports = [B.cache_dir(auto.segmenter(name)[0].eager, bundle.segmenter_dir(tiny_bundle, name)) / B.ONNX_FILE
+               for name in sorted(used)]
+    exports.append(B.cache_dir(router.eager, bundle.router_dir(tiny_bundle), KIND) / B.ONNX_FILE)
+    assert all(p.is_file() and p.parent.parent == B.cache_root() for p in exports)
+    assert sorted(p.relative_to(tiny_bundle) for p in tiny_bundle.rglob("*")) == before  # nothing into the bundle
+    stamps = [p.stat().st_mtime_ns for p in exports]
+    image, _ = ds.load(samples[0])
+    Pipeline(tiny_bundle, device="cpu").segment(image)
+    assert [p.stat().st_mtime_ns for p in exports] == stamps  # reused, not exported again
+
+    for path in exports:
+        path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk or a killed copy
+    with pytest.warns(B.BackendNote, match="exporting it again"):
+        got = Pipeline(tiny_bundle, device="cpu").segment(image)
+    assert np.array_equal(got.labels, want[samples[0].id].labels)
+    for path in exports:
+        assert B._sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0]

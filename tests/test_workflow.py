@@ -64,7 +64,7 @@ def test_budget_split_equal_or_by_images():
 
 def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_path):
     from triageseg.datasets.layout import Dataset
-    from triageseg.workflow import evaluate_bundle, format_comparison, scores_to_dict
+    from triageseg.workflow import evaluate_bundle, evaluate_line, format_comparison, scores_to_dict
 
     out, _ = trained
     scores = evaluate_bundle(out, synth_data, split="test", device="cpu", out_dir=tmp_path / "pred", progress=False)
@@ -79,6 +79,12 @@ def test_evaluate_bundle_scores_routed_and_generalist(trained, synth_data, tmp_p
     table = format_comparison(scores)
     assert "routed" in table and "generalist" in table and "overall" in table and "router accuracy" in table
     json.dumps(scores_to_dict(scores))
+    # the demo's evaluate line: where the seconds went and which backend ran (tests pin auto to torch)
+    assert set(scores.stages) == {"load", "segment", "score"} and all(v >= 0 for v in scores.stages.values())
+    assert sum(scores.stages.values()) <= scores.seconds + 0.05
+    assert scores.backend.startswith("torch fp32 on cpu, ") and scores.backend.endswith(" threads")
+    line = evaluate_line(scores, 1.25)
+    assert f"{len(test)} images" in line and "torch fp32" in line and "segment" in line and "report 1.2 s" in line
 
 
 def test_evaluate_cli_with_bundle(trained, synth_data, tmp_path):

@@ -1,0 +1,130 @@
+"""The router's ViT through the inference backend the specialists use (:mod:`triageseg.segmenters.backends`).
+
+At 512² the router is a third of an image's end-to-end time once the specialist runs on
+ONNX Runtime or OpenVINO, so it is exported the same way: one ONNX file per router
+weights, in the same cache (never in the bundle), giving both outputs the pipeline reads
+from one pass: the logits (routing: modality, confidence) and the pooled pre-logits
+features (the OOD score). :func:`triageseg.router.model.router_outputs` runs the wrapper
+this module makes through its ``logits_and_features`` method; the router package itself
+never imports a backend.
+
+The router always runs fp32, whatever ``--precision`` says: its outputs are thresholded
+(the confidence fallback, the OOD threshold), and those thresholds were calibrated on fp32
+outputs; bf16 moves probabilities by up to a few hundredths, enough to flip a decision
+near a threshold, for a network that costs a few percent of the specialist's compute.
+
+Example:
+    >>> model, config = load_router("bundle/router")                          # doctest: +SKIP
+    >>> net = prepare_router(model, "bundle/router", choice=resolve("onnx"))   # doctest: +SKIP
+    >>> logits, features = router_outputs(net, config, thumbs)                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from triageseg.segmenters import backends as _backends
+
+KIND = "router"  # the export cache's kind: logits and features, fixed thumbnail side, dynamic batch
+
+
+def is_timm_vit(model) -> bool:
+    """Whether ``model`` has timm's ``forward_features`` / ``forward_head`` / ``head`` (what is exported)."""
+    return all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
+
+
+def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backends.Choice,
+                   threads: int | None = None):
+    """The router module the pipeline runs for ``choice``: ``model`` itself, or a wrapper running its export.
+
+    Args:
+        model: the eager router (eval mode), from :func:`triageseg.router.model.load_router`.
+        run_dir: its folder (``config.json`` + ``model.safetensors``): the export cache's key.
+        choice: the resolved backend (:func:`~triageseg.segmenters.backends.resolve`); its
+            precision is not used (the router runs fp32, see the module docstring).
+        threads: intra-op threads of the exported runtime (default: torch's current count).
+
+    Returns:
+        ``model`` (torch, or a router that is not a timm ViT), or a module whose
+        ``logits_and_features(x)`` gives ``(logits N x C, features N x D)`` as torch tensors.
+
+    Raises:
+        Exception: the export or its runtime failed for a backend asked for by name (``auto``
+            falls back to ``model`` with one note instead).
+    """
+    import torch
+
+    if choice.backend == "torch" or not is_timm_vit(model):
+        return model
+    fp32 = _backends.Choice(choice.backend, "fp32", auto=choice.auto)
+    try:
+        path = _backends.export_onnx(model, run_dir, kind=KIND, export=_export_router)
+        run = _backends.runner(fp32, path, threads or torch.get_num_threads(), outputs=2)
+    except Exception as err:  # noqa: BLE001 - `auto` must never be worse than torch
+        if not choice.auto:
+            raise
+        _backends.note(f"backend auto: {choice.backend} could not run the router ({type(err).__name__}: {err}); "
+                       "running it on torch")
+        return model
+    return _wrapper()(model, run, choice.backend)
+
+
+def _export_router(model, path) -> None:
+    """The ViT -> ONNX with two outputs, ``logits`` and ``features`` (the pre-logits); dynamic batch only.
+
+    The thumbnail side is fixed by the position embedding (``patch_embed.img_size``).
+    """
+    import torch
+
+    side = tuple(getattr(model.patch_embed, "img_size", (224, 224)))
+    param = next(model.parameters())
+    example = torch.zeros(1, 3, *side, device=param.device)
+    torch.onnx.export(_Outputs(model).eval(), (example,), str(path), dynamo=False,
+                      opset_version=_backends.ONNX_OPSET, input_names=["thumbs"],
+                      output_names=["logits", "features"],
+                      dynamic_axes={"thumbs": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+
+
+def _Outputs(vit):  # noqa: N802 - reads as the class it makes
+    return _wrapper().outputs(vit)
+
+
+@functools.cache
+def _wrapper():
+    """The wrapper classes, made on first use (importing this module does not import torch)."""
+    import torch
+
+    class Outputs(torch.nn.Module):
+        """What :func:`triageseg.router.model.router_outputs` computes, as one traceable forward."""
+
+        def __init__(self, vit):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x):
+            pooled = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+            return self.vit.head(pooled), pooled
+
+    class ExportedRouter(torch.nn.Module):
+        """An exported router. The eager ViT stays a submodule (device, feature width); only the runner computes."""
+
+        outputs = Outputs
+
+        def __init__(self, eager, run, name: str):
+            super().__init__()
+            self.eager = eager
+            self._run = run
+            self.backend_name = name
+
+        def logits_and_features(self, x):
+            arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+            logits, features = self._run(arr)
+            return torch.from_numpy(logits), torch.from_numpy(features)
+
+        def forward(self, x):
+            return self.logits_and_features(x)[0]
+
+    return ExportedRouter
