@@ -13,6 +13,7 @@ if a raylet it started is left running.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import os
@@ -359,12 +360,12 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         row = segment_large_file_ray(pipe, path, tmp_path / "ray", "slide", options=options, actors=2,
                                      band_chunk_rows=1)  # 320 rows: two bands of 256 and 64 rows
         # the driver dies once the cluster has filled the journal: a rerun (here: local) computes nothing again
-        from triageseg.pipeline import ray_blocks
+        from triageseg.pipeline.ray_slides import SlideRun
 
         def driver_dies(*_args, **_kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(ray_blocks, "segment_large_file", driver_dies)
+        monkeypatch.setattr(SlideRun, "_finish", driver_dies)
         with pytest.raises(KeyboardInterrupt):
             segment_large_file_ray(pipe, path, tmp_path / "died", "slide", options=options, actors=1)
         monkeypatch.undo()
@@ -437,6 +438,206 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local
     assert "segmented 1 image(s), skipped 23 already done" in again.stdout, again.stdout
     assert "he_0001.tif was incomplete" in again.stderr
     _assert_same_outputs(out, local_out)
+
+
+# --------------------------------------------------------------------------- slides: many at once, faults
+
+
+def _slide(path: Path, rows: int, cols: int, seed: int) -> Path:
+    """A tiled TIFF of rows x cols synthetic 160 px fluorescence tiles (a small "slide")."""
+    import tifffile
+
+    from triageseg.datasets.synth import synth_sample
+
+    rng = np.random.default_rng(seed)
+    tiles = [[synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(cols)] for _ in range(rows)]
+    image = np.concatenate([np.concatenate(row, axis=1) for row in tiles], axis=0)
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
+                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    return path
+
+
+BLOCK_ARGS = ("--blocks-above", "0.05", "--block-size", "160", "--block-margin", "32")
+
+
+def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp_path):
+    """3 slides (block-wise) and 6 small images in one `segment --address` run == the local run; rows rebuilt."""
+    from triageseg.datasets.tiffrecord import read_record
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for src in sorted(p for p in images.glob("*.png") if p.name != "zz_broken.png")[:6]:
+        shutil.copy(src, folder / src.name)
+    for k, (rows, cols) in enumerate(((2, 3), (3, 2), (2, 2))):
+        _slide(folder / f"slide{k}.tif", rows, cols, seed=10 + k)
+    reference = tmp_path / "local"
+    assert _local_segment(dist_bundle, [folder], reference, *BLOCK_ARGS).exit_code == 0
+    out = tmp_path / "out"
+    args = ["segment", folder, "--bundle", dist_bundle, "--out", out, "--address", cluster["address"], "--actors", "1",
+            "--quiet", *BLOCK_ARGS]
+    run = _cli(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # one run: the slides' thread and the small images' pass, both announced, neither after the other's end
+    assert "blocks: 3 image(s), up to 1 band actor(s)" in run.stderr and "segment: 6 image(s)" in run.stderr
+    for k in range(3):
+        assert f"slide{k}.tif: 1 of 1 band(s)" in run.stderr
+    assert "segmented 9 image(s), skipped 0 already done" in run.stdout, run.stdout
+    _assert_same_outputs(out, reference, n=9)
+    assert not list(out.glob(".*.blocks")) and not list(out.glob(".*.lock"))
+    # each label file carries its routing.csv row, as the local path's do (seconds left out)
+    rows = {r["output"]: r for r in _rows(out)}
+    for name in ("slide0.tif", next(n for n in sorted(rows) if not n.startswith("slide"))):
+        record = read_record(out / name)["routing"]
+        assert {k: str(v) for k, v in record.items() if k != "seconds"} == rows[name], name
+    (out / "routing.csv").unlink()
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rebuilt 9 routing.csv row(s) from their label files" in again.stderr
+    assert "segmented 0 image(s), skipped 9 already done" in again.stdout, again.stdout
+    assert _rows(out) == _rows(reference)
+
+
+def _journal_progress(journal: Path) -> tuple[int, int]:
+    """(probability chunk rows recorded, blocks saved) in a block journal."""
+    try:
+        state = json.loads((journal / "probs.zarr.json").read_text())
+        rows = len(state["chunks"])
+    except (OSError, ValueError, KeyError):
+        rows = 0
+    return rows, len(list(journal.glob("block_*.npz")))
+
+
+_DRIVER = """
+import sys, ray
+from triageseg.pipeline import Pipeline
+from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+from triageseg.pipeline.large import BlockOptions
+
+address, bundle, slide, out = sys.argv[1:5]
+pipe = Pipeline.from_bundle(bundle, device="cpu")
+ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+report = segment_files_ray(pipe, [slide], out, blocks=BlockOptions(block_size=160, margin=32, threshold_mp=0),
+                           log=lambda m: print(m, flush=True),
+                           cluster_options=ClusterOptions(actors="1", band_chunk_rows=1, progress=False))
+print("written", len(report.written), "failed", len(report.failures), flush=True)
+"""
+
+
+def _block_reference(bundle, slide: Path, out: Path) -> None:
+    """The local block path at the actors' thread count (one)."""
+    import torch
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.large import BlockOptions, segment_large_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        segment_large_file(Pipeline.from_bundle(bundle, device="cpu"), slide, out, slide.stem,
+                           options=BlockOptions(block_size=160, margin=32, threshold_mp=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_a_rerun_after_the_driver_died_resumes_from_the_journal(cluster, dist_bundle, tmp_path):
+    """SIGKILL the driver mid-slide: the same command again computes only the bands and blocks not in the journal."""
+    slide = _slide(tmp_path / "slide.tif", 8, 3, seed=5)  # 1280 rows: 5 bands of one chunk row
+    _block_reference(dist_bundle, slide, tmp_path / "local")
+    out = tmp_path / "out"
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    cmd = [sys.executable, str(script), cluster["address"], str(dist_bundle), str(slide), str(out)]
+    env = {**os.environ, **RAY_ENV}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = out / ".slide.blocks"
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and time.monotonic() < deadline:
+        if _journal_progress(journal)[0] >= 1:  # a band recorded: the driver dies mid-slide
+            driver.kill()
+            break
+        time.sleep(0.05)
+    driver.communicate(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the driver finished before a band was recorded"
+    assert not (out / "slide.tif").exists()
+    rows, blocks = _journal_progress(journal)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert again.returncode == 0 and "written 1 failed 0" in again.stdout, again.stdout + again.stderr[-3000:]
+    # 1280 rows = 5 chunk rows, one band each; 8 x 3 blocks of 160
+    assert f"slide.tif: {5 - rows} of 5 band(s), {24 - blocks} of 24 block(s) to do" in again.stdout, again.stdout
+    assert rows >= 1
+    np.testing.assert_array_equal(read_labels(out / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
+    assert not journal.exists()
+
+
+@contextlib.contextmanager
+def _two_nodes():
+    """A fresh head (2 CPUs) and second node (1 CPU) on 127.0.0.1, for a test that kills the second one."""
+    port = _free_port()
+    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("kh", "kn")]
+    _OUR_TEMP_DIRS.extend(temps)
+    groups = []
+    try:
+        groups.append(_start_node(temps[0], "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "2", "--object-store-memory", str(200 << 20),
+                                  "--include-dashboard=false"))
+        groups.append(_start_node(temps[1], "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "1", "--object-store-memory", str(150 << 20)))
+        yield {"address": f"127.0.0.1:{port}", "head": groups[0], "node": groups[1]}
+    finally:
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_slide_costs_only_its_work(dist_bundle, tmp_path, monkeypatch):
+    """SIGKILL the second node's raylet and workers while it computes a band or decodes a block: same labels."""
+    import ray
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.large import BlockOptions
+
+    slide = _slide(tmp_path / "slide.tif", 8, 3, seed=6)
+    _block_reference(dist_bundle, slide, tmp_path / "local")
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    killed: list[str] = []
+    with _two_nodes() as nodes:
+        raylet = next(pid for pid, _, pgid in _procs() if pgid == nodes["node"] and "raylet/raylet" in _cmdline(pid))
+        done = threading.Event()
+
+        def kill_when_busy() -> None:
+            while not done.is_set():
+                workers = [p for p, ppid, _ in _procs() if ppid == raylet]
+                busy = [_cmdline(p) for p in workers if _cmdline(p).startswith(("ray::BandActor", "ray::_decode"))]
+                if busy and sum(_journal_progress(out / ".slide.blocks")) >= 1:
+                    for pid in (raylet, *workers):  # the node's raylet and its workers, by PID
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    killed.append(busy[0][:60])
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_when_busy, daemon=True)
+        watcher.start()
+        ray.init(address=nodes["address"], logging_level="WARNING", log_to_driver=False)
+        try:
+            # three band actors on three CPUs: one of them is on the second node
+            report = segment_files_ray(Pipeline.from_bundle(dist_bundle, device="cpu"), [slide], out,
+                                       blocks=BlockOptions(block_size=160, margin=32, threshold_mp=0),
+                                       cluster_options=ClusterOptions(actors="3", band_chunk_rows=1, progress=False))
+        finally:
+            done.set()
+            ray.shutdown()
+        watcher.join(timeout=5)
+    assert killed, "the second node never computed a band or decoded a block"
+    assert len(report.written) == 1 and not report.failures
+    np.testing.assert_array_equal(read_labels(out / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
+    assert not (out / ".slide.blocks").exists()
 
 
 # --------------------------------------------------------------------------- connecting
