@@ -207,7 +207,8 @@ class SlideRun:
         try:
             value = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - a failure of this slide (retries are Ray's, for lost nodes)
-            self._fail(slide, err)
+            cause = getattr(err, "cause", None)  # a task's own error (a DataError naming the file), not Ray's wrapper
+            self._fail(slide, cause if isinstance(cause, Exception) else err)
             return
         if slide.failed:
             return

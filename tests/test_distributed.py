@@ -461,7 +461,7 @@ BLOCK_ARGS = ("--blocks-above", "0.05", "--block-size", "160", "--block-margin",
 
 
 def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp_path):
-    """3 slides (block-wise) and 6 small images in one `segment --address` run == the local run; rows rebuilt."""
+    """3 slides (block-wise), a cut-off one and 6 small images in one `segment --address` run == the local run."""
     from triageseg.datasets.tiffrecord import read_record
 
     folder = tmp_path / "in"
@@ -470,20 +470,23 @@ def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp
         shutil.copy(src, folder / src.name)
     for k, (rows, cols) in enumerate(((2, 3), (3, 2), (2, 2))):
         _slide(folder / f"slide{k}.tif", rows, cols, seed=10 + k)
+    whole = (folder / "slide0.tif").read_bytes()
+    (folder / "slidebad.tif").write_bytes(whole[: len(whole) // 3])  # a cut-off copy: its header says block-wise
     reference = tmp_path / "local"
-    assert _local_segment(dist_bundle, [folder], reference, *BLOCK_ARGS).exit_code == 0
+    assert _local_segment(dist_bundle, [folder], reference, *BLOCK_ARGS).exit_code == 1
     out = tmp_path / "out"
     args = ["segment", folder, "--bundle", dist_bundle, "--out", out, "--address", cluster["address"], "--actors", "1",
-            "--quiet", *BLOCK_ARGS]
+            "--quiet", "--on-error", "skip", *BLOCK_ARGS]
     run = _cli(*args)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 1, run.stderr[-3000:]
     # one run: the slides' thread and the small images' pass, both announced, neither after the other's end
-    assert "blocks: 3 image(s), up to 1 band actor(s)" in run.stderr and "segment: 6 image(s)" in run.stderr
+    assert "blocks: 4 image(s), up to 1 band actor(s)" in run.stderr and "segment: 6 image(s)" in run.stderr
     for k in range(3):
         assert f"slide{k}.tif: 1 of 1 band(s)" in run.stderr
-    assert "segmented 9 image(s), skipped 0 already done" in run.stdout, run.stdout
+    assert "segmented 9 image(s), skipped 0 already done, 1 failed" in run.stdout, run.stdout
+    assert "slidebad.tif" in run.stderr and "Traceback" not in run.stderr  # the file named, no Ray wrapper
     _assert_same_outputs(out, reference, n=9)
-    assert not list(out.glob(".*.blocks")) and not list(out.glob(".*.lock"))
+    assert not list(out.glob(".slide[0-9].blocks")) and not list(out.glob(".*.lock"))
     # each label file carries its routing.csv row, as the local path's do (seconds left out)
     rows = {r["output"]: r for r in _rows(out)}
     for name in ("slide0.tif", next(n for n in sorted(rows) if not n.startswith("slide"))):
@@ -491,9 +494,9 @@ def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp
         assert {k: str(v) for k, v in record.items() if k != "seconds"} == rows[name], name
     (out / "routing.csv").unlink()
     again = _cli(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 1, again.stderr[-3000:]
     assert "rebuilt 9 routing.csv row(s) from their label files" in again.stderr
-    assert "segmented 0 image(s), skipped 9 already done" in again.stdout, again.stdout
+    assert "segmented 0 image(s), skipped 9 already done, 1 failed" in again.stdout, again.stdout
     assert _rows(out) == _rows(reference)
 
 
