@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -831,3 +833,108 @@ def test_errors_name_the_input_not_the_nodes_copy(tmp_path):
     err = row_error({"file": "x.png", **error_fields(RuntimeError("boom"), "x.png")})
     assert isinstance(err, DataError) and str(err) == "x.png: RuntimeError: boom"
     assert row_error({"file": "x.png", "error": "", "error_path": ""}) is None
+
+
+class _FakeRay:
+    """Enough of ``ray`` for SlideRun: work completes one result at a time, oldest first; every step logged."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str, str]] = []  # (submit | done | kill, kind, slide name)
+        self.seq = 0
+
+    def _ref(self, kind: str, slide: str, value):
+        self.seq += 1
+        self.events.append(("submit", kind, slide))
+        return _FakeRef(self.seq, kind, slide, value)
+
+    def remote(self, **_options):
+        fake = self
+
+        def wrap(target):
+            if isinstance(target, type):  # the band actor class
+                return types.SimpleNamespace(remote=lambda *_a: _FakeActor(fake))
+            return types.SimpleNamespace(remote=lambda *a: fake._call(target.__name__, a))
+
+        return wrap
+
+    def _call(self, name: str, args):
+        if name == "_scan_and_route":
+            state = {"norm": {}, "modality": "he", "confidence": 0.9, "used_model": "he", "decision": "routed",
+                     "ood_score": None, "diameter": None, "scale": None, "size_source": "", "skipped": False}
+            return self._ref("scan", Path(args[2]).stem, state)
+        if name == "_decode":
+            return self._ref("decode", Path(args[0]).parent.name[1:-len(".blocks")], args[3])
+        return self._ref("finish", args[4], {"output": f"{args[4]}.tif", "used_model": "he", "objects": 1})
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        first = min(refs, key=lambda r: r.seq)
+        return [first], [r for r in refs if r is not first]
+
+    def get(self, ref):
+        self.events.append(("done", ref.kind, ref.slide))
+        return ref.value
+
+    def kill(self, _actor):
+        self.events.append(("kill", "actor", ""))
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+
+@dataclasses.dataclass(eq=False)
+class _FakeRef:
+    seq: int
+    kind: str
+    slide: str
+    value: object
+
+
+class _FakeActor:
+    def __init__(self, fake: _FakeRay):
+        self.fake = fake
+        self.band = types.SimpleNamespace(remote=self._band)
+
+    def _band(self, path, _level, _norm, _model, _scale, _folder, shape, y0, y1):
+        import math
+
+        sums = {r: [None] * math.ceil(shape[1] / 1024) for r in range(y0 // 256, math.ceil(y1 / 256))}
+        return self.fake._ref("band", Path(path).stem, (sums, 1.0))
+
+
+def test_slides_interleave_the_actors_never_wait_for_a_decode(tmp_path, monkeypatch):
+    """Two slides, one band actor: slide b's bands go to the actor while slide a's blocks are decoded."""
+    import tifffile
+
+    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.ray_slides import SlideRun
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text("{}")
+    pipe = types.SimpleNamespace(path=bundle, tile_size=64, overlap=16, batch_size=1, tta=False, unknown="generalist",
+                                 backend="torch", precision="fp32", diameter=None, use_pixel_size=True, device="cpu",
+                                 params=lambda _m, _s: types.SimpleNamespace(to_dict=dict))
+    items = []
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.zeros((512, 300), np.uint8), tile=(128, 128))
+        items.append({"index": len(items), "file": str(tmp_path / f"{name}.tif"), "name": name,
+                      "source": str(tmp_path / f"{name}.tif")})
+    rows: dict[str, dict] = {}
+    run = SlideRun(pipe, tmp_path / "out", BlockOptions(block_size=160, margin=32, threshold_mp=0), actors=1,
+                   band_chunk_rows=1, max_tasks=2, on_done=lambda item, row: rows.setdefault(item["name"], row))
+    run.run(items)
+    events = fake.events
+    assert set(rows) == {"a", "b"} and all(r["objects"] == 1 for r in rows.values())
+    # 512 rows: two bands of one chunk row each; 4 x 2 blocks of 160 (cores ~128 x 150)
+    assert [e for e in events if e[:2] == ("submit", "band")] == [("submit", "band", "a")] * 2 + [
+        ("submit", "band", "b")] * 2
+    assert events.count(("done", "decode", "a")) == events.count(("done", "decode", "b")) == 8
+    # the actor got slide b's first band before slide a's decodes were done (it did not wait for them)
+    assert events.index(("submit", "band", "b")) < len(events) - events[::-1].index(("done", "decode", "a"))
+    assert events.index(("submit", "band", "b")) < events.index(("done", "finish", "a"))
+    # one actor started, and stopped as soon as no band waited
+    assert run.stats.actors_started == 1 and events.count(("kill", "actor", "")) == 1
+    assert events.index(("kill", "actor", "")) < events.index(("done", "finish", "b"))
+    assert run.stats.bands == 4 and run.stats.blocks == 16 and not run.open
