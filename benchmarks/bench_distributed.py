@@ -9,9 +9,29 @@ of giving Ray the same cores (see ``setups`` in :func:`main`). README.md
 ("Segmenting a large collection on a cluster") derives the expected scaling over GPU
 nodes from these per-stage figures.
 
+Two more modes, for whole slides on the cluster (issue 21):
+
+- ``--mode mix``: 4 slides of 8000 x 8000 (synthetic tile scans) and 40 images of 512 x 512
+  in ONE Ray run (slides block-wise, their bands and blocks interleaved; the small
+  images' pass at the same time), then the same inputs locally at one torch thread (the
+  actors' count) to check that every label file is identical. Prints the wall time and
+  the share of time the actors sat idle (band actors: their lives less their band
+  seconds; the small images' pool: its actors x the pass's wall time less their route and
+  segment seconds; actor start and model loads count as idle).
+- ``--mode kill``: one slide on a two-node cluster on this machine (``ray start --head`` and
+  a second node, 1 CPU each), segmented once, then again with the second node's raylet
+  and workers SIGKILLed when half the probability rows are recorded: prints both wall
+  times and the time lost to the kill (the rest of that run has one CPU fewer), and
+  whether the labels are identical.
+
+``--small`` makes either mode a quick check (2 slides of 1536 x 1536 and 8 images of
+256 x 256; a 1536 x 1536 slide for ``kill``).
+
 Usage:
     python benchmarks/bench_distributed.py                        # 48 images of 512x512, untrained models
     python benchmarks/bench_distributed.py --bundle demo_out/bundle --size 1024 --json out.json
+    python benchmarks/bench_distributed.py --mode mix             # 4 x 8000^2 slides + 40 x 512^2 images
+    python benchmarks/bench_distributed.py --mode kill --small    # time lost to a killed node, quick
 
 Without ``--bundle`` the models are untrained, of the default architectures (ViT-tiny
 router at 112 px, efficientnet-b3 Unets), and the bundle's confidence threshold is 0, so
@@ -25,9 +45,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_slides, local_cluster, large_data
 
 MODS = ("fluorescence", "brightfield", "he")
 
@@ -82,15 +105,32 @@ def run_ray(bundle: Path, files: list[Path], out: Path, ray_cpus: int, actors: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("images", "mix", "kill"), default="images",
+                        help="images: local vs Ray on small images; mix: slides and images in one run (idle share); "
+                             "kill: time lost to a node killed mid-slide.")
     parser.add_argument("--bundle", default=None, help="Model bundle (default: untrained, default architectures).")
-    parser.add_argument("--n", type=int, default=48, help="Images.")
-    parser.add_argument("--size", type=int, default=512, help="Image side in pixels.")
+    parser.add_argument("--n", type=int, default=None, help="Small images (images: 48, mix: 40; --small: 8).")
+    parser.add_argument("--size", type=int, default=None, help="Small image side in pixels (512; --small: 256).")
+    parser.add_argument("--slides", type=int, default=None, help="mix: slides (4; --small: 2).")
+    parser.add_argument("--slide-size", type=int, default=None, help="mix, kill: slide side (8000; --small: 1536).")
+    parser.add_argument("--small", action="store_true", help="mix, kill: a quick check at small sizes.")
+    parser.add_argument("--actors", default="auto", help="mix: --actors of the Ray run (kill: 2, one per node).")
+    parser.add_argument("--no-check", action="store_true", help="mix: skip the local run and the label comparison.")
     parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPUs for both runs: torch threads locally, Ray's num_cpus.")
     parser.add_argument("--json", default=None, help="Also write the figures here.")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of its own: no token file in ~/.ray
+    if args.mode != "images":
+        from bench_slides import run_kill, run_mix
+
+        figures = (run_mix if args.mode == "mix" else run_kill)(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return
+    args.n = args.n or 48
+    args.size = args.size or 512
 
     from triageseg.datasets.synth import make_dataset
 

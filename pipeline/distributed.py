@@ -24,9 +24,10 @@ is applied per file; a task on a lost worker or node is retried by Ray (tasks
 leaves no duplicate. Temporary files of killed writers are removed at the end.
 
 Huge images (local inputs above the block threshold, a pyramid level, slide formats)
-go the block path as Ray tasks instead, one after another before the pass
-(:mod:`~triageseg.pipeline.ray_blocks`: scan + route, probability bands on an actor pool,
-block decodes as CPU tasks; the labels are the local block path's).
+go the block path as Ray tasks instead, all of them interleaved and at the same time as
+the pass, from a driver thread (:mod:`~triageseg.pipeline.ray_slides`: scan + route,
+probability bands on one actor pool, block decodes and a finish as CPU tasks; the labels
+are the local block path's).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from triageseg.pipeline.batch import (
     format_quality,
     output_names,
     output_settings,
+    rebuild_rows,
     routing_row,
     verify_output,
 )
@@ -90,6 +92,7 @@ class ClusterOptions:
     ship_bundle: bool | None = None  # copy the bundle through the object store; None = when a node could not read it
     progress: bool = True  # Ray Data's progress bars
     flush_seconds: float = 5.0  # how often routing.csv is rewritten while results arrive
+    band_chunk_rows: int = 8  # probability chunk rows (of 256) per band task of a block-wise image
 
 
 @dataclass
@@ -101,6 +104,7 @@ class DistributedReport(BatchReport):
 
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     passes: list[tuple[str, int, float]] = field(default_factory=list)  # (pass, images, wall seconds)
+    slides: object = None  # ray_slides.SlideStats of the block-wise images (band actors' time), None without
 
 
 def parse_actors(spec: str) -> tuple[int, int] | None:
@@ -187,10 +191,17 @@ class _Journal:
     """routing.csv rows by output name, rewritten atomically every few seconds and at the end."""
 
     def __init__(self, out: str, every: float):
+        import threading
+
         self.location = storage.join(out, ROUTING_CSV)
+        self.lock = threading.RLock()  # the slides' thread and the pass's both add rows
         self.rows = self._read(out)
         self.every = every
         self.last = time.monotonic()
+        # rows lost from routing.csv, from the label files (each carries its row, as locally)
+        self.rebuilt = [] if is_uri(self.location) else rebuild_rows(out, self.rows)
+        if self.rebuilt:
+            self.flush()
 
     def _read(self, out: str) -> dict[str, dict]:
         if not is_uri(self.location):
@@ -207,11 +218,16 @@ class _Journal:
             return _read_routing(local)
 
     def add(self, name: str, row: dict) -> None:
-        self.rows[name] = row
-        if time.monotonic() - self.last >= self.every:
-            self.flush()
+        with self.lock:
+            self.rows[name] = row
+            if time.monotonic() - self.last >= self.every:
+                self.flush()
 
     def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if is_uri(self.location):
             import tempfile
 
@@ -340,8 +356,8 @@ def segment_files_ray(
         cluster_options: actors, CPU/GPU shares, bundle shipping, progress.
         log: where one-line notes go (pass sizes, warnings).
         blocks: :class:`~triageseg.pipeline.large.BlockOptions`: local images above its
-            threshold go the block path as Ray tasks (:mod:`~triageseg.pipeline.ray_blocks`),
-            one after another, after the pass over the others.
+            threshold go the block path as Ray tasks (:mod:`~triageseg.pipeline.ray_slides`),
+            interleaved, at the same time as the pass over the others.
 
     Raises:
         OutputConflict: an output would overwrite or shadow an input, or ``out_dir`` holds
@@ -380,20 +396,35 @@ def segment_files_ray(
 
     report = DistributedReport()
     journal = _Journal(out, options.flush_seconds)
+    report.rebuilt = len(journal.rebuilt)
     todo = _plan(shown, names, out, journal, overwrite, page, report, ".tif" if blocks is None else blocks.suffix)
     for item in todo:
         item["source"] = item["file"] if is_uri(item["file"]) else str(Path(item["file"]).resolve())
     big = _blockwise(todo, blocks)
     todo = [item for item in todo if item not in big]
     start = time.perf_counter()
-    if big:
-        try:
-            from triageseg.pipeline.ray_blocks import segment_slides
+    # block-wise images in a thread of their own, at the same time as the pass over the others
+    from triageseg.pipeline.ray_slides import SlidesThread
 
-            segment_slides(pipe, big, out, journal, report, options, blocks, modality=modality, channel=channel,
-                           on_error=on_error, log=log)
-        finally:
-            journal.flush()
+    slides = SlidesThread(pipe, big, out, journal, report, options, blocks, modality=modality, channel=channel,
+                          on_error=on_error, log=log)
+    try:
+        if todo:
+            _small_images(pipe, todo, out, journal, report, options, cluster, on_error, log, channel=channel,
+                          page=page, modality=modality, overlays=overlays, rois=rois)
+    except BaseException:
+        slides.stop.set()
+        raise
+    finally:
+        slides.join()
+    storage.write_failures_at(out, report.failures)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, log, *, channel, page, modality,
+                  overlays, rois) -> None:
+    """The one Ray Data pass over the images not segmented block-wise."""
     if todo:
         stage = StageOptions(
             out=out, threads=max(1, int(options.cpus_per_actor)), channel=channel, page=page, modality=modality,
@@ -411,9 +442,6 @@ def segment_files_ray(
             journal.flush()
             if not is_uri(out):
                 storage.remove_partial_files(out, [t["name"] for t in todo])
-    storage.write_failures_at(out, report.failures)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _blockwise(todo: list[dict], blocks) -> list[dict]:

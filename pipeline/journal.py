@@ -115,7 +115,7 @@ class Journal:
 
     def block_path(self, index: int) -> Path:
         """Where block ``index``'s result lives."""
-        return self.folder / f"block_{index:05d}.npz"
+        return block_file(self.folder, index)
 
     def done(self) -> set[int]:
         """Indices of the finished blocks."""
@@ -141,6 +141,11 @@ class Journal:
     def remove(self) -> None:
         """Delete the journal (after the outputs are in place)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def block_file(folder: str | os.PathLike, index: int) -> Path:
+    """Where block ``index``'s result lives in the journal ``folder`` (a task writes it without opening the journal)."""
+    return Path(folder) / f"block_{index:05d}.npz"
 
 
 def _why_discarded(data, key: dict) -> str:

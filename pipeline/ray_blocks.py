@@ -1,31 +1,44 @@
-"""The block path as Ray tasks: one huge image spread over a cluster, labels identical to the local block path.
+"""The block path as Ray tasks: huge images spread over a cluster, labels identical to the local block path.
 
-:func:`segment_large_file_ray` does what :func:`~triageseg.pipeline.large.segment_large_file`
-does, with the costly steps as Ray work on the cluster and the same journal beside the
-output (``out_dir/.<name>.blocks/``, on storage every node reads: a shared folder):
+This module holds the units (band actor, scan, decode); :mod:`~triageseg.pipeline.ray_slides`
+schedules them. :class:`~triageseg.pipeline.ray_slides.SlideRun` does for many slides at once what
+:func:`~triageseg.pipeline.large.segment_large_file` does for one, with every costly step as
+Ray work and the same journal beside each output (``out_dir/.<name>.blocks/``, on storage
+every node reads: a shared folder):
 
 ```
-scan + route     one CPU task: normalisation statistics and overview (scan_image), then
-                 the routing decision from the overview and crops (Pipeline.decide_overview)
-bands            bands of whole probability chunk rows, to a pool of BandActors (each holds
-                 the segmenter, loaded once): each band runs the probability stream from its
-                 first row (the stream starts at any row and gives the same rows bit for bit)
-                 and writes its rows into the journal's ProbabilityStore (zarr); the driver
-                 records the chunk checksums each band returns (one writer of the store's state)
+scan + route     one CPU task per slide: normalisation statistics and overview (scan_image),
+                 then the routing decision from the overview and crops (Pipeline.decide_overview)
+bands            bands of whole probability chunk rows, to ONE pool of BandActors shared by all
+                 the run's slides (each actor holds the segmenters it met, loaded once): each band
+                 runs the probability stream from its first row (the stream starts at any row and
+                 gives the same rows bit for bit) and writes its rows into the slide's
+                 ProbabilityStore (zarr); the driver records the chunk checksums each band
+                 returns (one writer of the store's state)
 block decodes    decode_block of every unfinished block as a CPU task reading windows of the
-                 store; the driver saves each returned BlockResult in the journal
-numbering +      the local segment_large_file on the now complete journal: nothing is computed
-rendering        again, the objects are numbered, the cores rendered and the label file written
+                 store and writing its BlockResult into the journal (a file per block)
+finish           one CPU task: the local segment_large_file on the now complete journal (nothing
+                 is computed again): the objects numbered, the cores rendered, the label file
+                 written, its routing.csv row returned
 ```
+
+Slides interleave: the driver queues every slide's bands as soon as its scan is back, the
+actors take them in order, and a slide whose bands are done has its blocks decoded and its
+labels written by CPU tasks while the actors go on with the next slide's bands. Actors
+are started when bands wait and stopped when none do (an idle actor holding a CPU could
+starve a scan or a decode of it). Lost workers and nodes cost only their work in
+flight: tasks are retried (``max_retries=-1``), actors restarted and their band retried
+(a band writes the same bytes again), and everything finished is in the journal, so a
+rerun after the driver died resumes at the unfinished bands and blocks.
 
 The block function (:func:`~triageseg.pipeline.blocks.decode_block`) and the probability
 stream are the units both paths schedule, and the journal is the same, so the labels are
 the local block path's, id for id, and a run interrupted on the cluster resumes locally
 (or the other way round).
 
-Not yet (see the README's cluster section): bands and blocks of several slides
-interleaved, a probability store on object storage (``s3://``: the store's checksums read
-its chunk files), the label pyramid written by block tasks.
+Not yet (see the README's cluster section): a probability store on object storage
+(``s3://``: the store's checksums read its chunk files), the label pyramid written by block
+tasks (one finish task writes it, strip by strip).
 """
 
 from __future__ import annotations
@@ -39,8 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from triageseg.pipeline.large import BlockOptions, _fingerprint, open_source, segment_large_file
-from triageseg.pipeline.journal import Journal, claim_outputs
+from triageseg.pipeline.large import BlockOptions, open_source
 from triageseg.pipeline.probstore import CHUNK_COLS, CHUNK_ROWS, ProbabilityStore, _compute_run
 
 logger = logging.getLogger(__name__)
@@ -95,7 +107,7 @@ def _record(store: ProbabilityStore, sums: dict) -> None:
 
 
 class BandActor:
-    """Probability bands of huge images with one segmenter, loaded once per actor (``Pipeline.probability_stream``)."""
+    """Probability bands of huge images; each segmenter loaded once per actor (``Pipeline.probability_stream``)."""
 
     def __init__(self, bundle: str, pipeline: dict, threads: int = 1):
         import torch
@@ -106,7 +118,12 @@ class BandActor:
         self.pipe = Pipeline(bundle, **pipeline)
 
     def band(self, path: str, level: int, norm: dict, model: str, scale: float | None, folder: str,
-             shape: tuple[int, int], y0: int, y1: int) -> dict:
+             shape: tuple[int, int], y0: int, y1: int) -> tuple[dict, float]:
+        """Rows ``y0:y1`` of one image into its store: (the chunk checksums to record, seconds spent)."""
+        t0 = time.perf_counter()
+        return self._band(path, level, norm, model, scale, folder, shape, y0, y1), time.perf_counter() - t0
+
+    def _band(self, path, level, norm, model, scale, folder, shape, y0, y1) -> dict:
         from triageseg.pipeline.blocks import NormStats
 
         stats = NormStats.from_dict(norm)
@@ -141,140 +158,43 @@ def _scan_and_route(bundle: str, pipeline: dict, path: str, level: int, channel,
             "size_source": d.size_source, "skipped": bool(d.skipped)}
 
 
-def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, params: dict) -> bytes:
-    """One block decoded from the finished store (a CPU task); its owned objects, serialised."""
+def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, params: dict) -> int:
+    """One block decoded from the finished store ``folder`` into its journal (a CPU task); the block's index.
+
+    The task writes the block's file itself (atomically, beside the store): the owned
+    objects never travel through the object store and the driver (a 100k x 100k slide has
+    2,401 of them).
+    """
     from triageseg.pipeline.blocks import BlockGrid, decode_block
+    from triageseg.pipeline.journal import block_file
     from triageseg.postprocess.watershed import WatershedParams
 
     grid = BlockGrid(tuple(grid_dict["shape"]), int(grid_dict["margin"]), tuple(map(tuple, grid_dict["rows"])),
                      tuple(map(tuple, grid_dict["cols"])))
     store = _BandStore(folder, shape, finished=True)
     result = decode_block(store.read, grid.blocks[index], params=WatershedParams.from_dict(params), margin=grid.margin)
-    return result.to_bytes()
+    result.save(block_file(Path(folder).parent, index))
+    return index
 
 
-def segment_large_file_ray(
-    pipe,
-    path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    name: str,
-    *,
-    modality: str | None = None,
-    channel: int | None = None,
-    options: BlockOptions = BlockOptions(),
-    actors: int = 1,
-    cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
-    band_chunk_rows: int = BAND_CHUNK_ROWS,
-    before_write: Callable[[dict], None] | None = None,
-) -> dict:
-    """:func:`~triageseg.pipeline.large.segment_large_file` with the scan, bands and block decodes on Ray.
+def segment_large_file_ray(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, name: str, *,
+                           modality: str | None = None, channel: int | None = None,
+                           options: BlockOptions = BlockOptions(), actors: int = 1, cpus_per_actor: float = 1.0,
+                           gpus_per_actor: float = 0.0, band_chunk_rows: int = BAND_CHUNK_ROWS) -> dict:
+    """:func:`~triageseg.pipeline.large.segment_large_file` with every step on Ray (a one-slide ``SlideRun``).
 
     Ray must be initialised; ``out_dir`` must be a folder every node reads and writes
     (the journal lives there). Returns what ``segment_large_file`` returns.
     """
-    import ray
+    from triageseg.pipeline.ray_slides import SlideRun
 
-    path, out_dir = Path(path).resolve(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"device": "cuda" if gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta, "unknown": pipe.unknown,
-                "backend": pipe.backend, "precision": pipe.precision, "diameter": pipe.diameter,
-                "use_pixel_size": pipe.use_pixel_size}
-    bundle = str(Path(pipe.path).resolve())
-    with claim_outputs(out_dir, name):
-        journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
-        if journal.state is None:
-            task = ray.remote(num_cpus=1, max_retries=-1)(_scan_and_route)
-            state = ray.get(task.remote(bundle, settings, str(path), options.level, channel, modality))
-            if state.pop("skipped"):  # an unknown modality under --unknown skip: the local path writes its row
-                journal.remove()
-                state = None
-            else:
-                journal.set_state(state)
-        if journal.state is not None:
-            _bands_and_blocks(pipe, journal, path, options, settings, actors=actors, cpus=cpus_per_actor,
-                              gpus=gpus_per_actor, band_chunk_rows=band_chunk_rows)
-    # numbering, rendering and the label file: the local path on the complete journal (nothing computed again)
-    return segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel, options=options,
-                              before_write=before_write)
+    rows: list[dict] = []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    run = SlideRun(pipe, out_dir, options, modality=modality, channel=channel, actors=actors,
+                   cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, band_chunk_rows=band_chunk_rows,
+                   on_done=lambda _item, row: rows.append({k: v for k, v in row.items() if k != "seconds"}))
+    source = str(Path(path).resolve())
+    run.run([{"index": 0, "file": source, "name": name, "source": source}])
+    return rows[0]
 
 
-def _bands_and_blocks(pipe, journal: Journal, path: Path, options: BlockOptions, settings: dict, *, actors: int,
-                      cpus: float, gpus: float, band_chunk_rows: int) -> None:
-    """Fill the journal: probability bands on an actor pool, then the unfinished blocks as CPU tasks."""
-    import ray
-    from ray.util import ActorPool
-
-    from triageseg.pipeline.blocks import BlockResult, plan_blocks
-
-    state = journal.state
-    with open_source(path, level=options.level) as (source, _):
-        shape = (int(source.shape[0]), int(source.shape[1]))
-    store = ProbabilityStore(journal.folder / "probs.zarr", shape)
-    bands = band_spans(store.missing(), shape[0], band_chunk_rows)
-    if bands:
-        # a lost actor is restarted and its band retried (a band writes the same bytes again), as Ray Data's pools are
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus or None, max_restarts=-1, max_task_retries=-1)(BandActor)
-        bundle = str(Path(pipe.path).resolve())
-        band_actors = [remote.remote(bundle, settings, max(1, int(cpus))) for _ in range(max(1, min(actors, len(bands))))]
-        args = (str(path), options.level, state["norm"], state["used_model"], state.get("scale"), str(store.folder),
-                shape)
-        try:
-            # each band's checksums recorded as it finishes: a run killed now resumes at the unfinished bands
-            for sums in ActorPool(band_actors).map_unordered(lambda actor, span: actor.band.remote(*args, *span), bands):
-                _record(store, sums)
-        finally:
-            for actor in band_actors:
-                ray.kill(actor)
-    if not store.complete:
-        raise ValueError(f"{path}: probability rows {store.missing()} missing after the band tasks")
-    grid = plan_blocks(shape, block_size=options.block_size, margin=options.margin)
-    params = pipe.params(state["used_model"], state.get("scale")).to_dict()  # area thresholds follow the scale
-    done = journal.done()
-    decode = ray.remote(num_cpus=1, max_retries=-1)(_decode)  # retried on a lost worker or node
-    pending = [decode.remote(str(store.folder), shape, grid.to_dict(), b.index, params)
-               for b in grid.blocks if b.index not in done]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        journal.save(BlockResult.from_bytes(ray.get(ready[0])))
-
-
-def segment_slides(pipe, big: list[dict], out: str, journal, report, options, blocks, *, modality, channel,
-                   on_error: str, log: Callable[[str], None]) -> None:
-    """Huge images of a :func:`~triageseg.pipeline.distributed.segment_files_ray` run, one after another.
-
-    Each is segmented as Ray tasks (:func:`segment_large_file_ray`); its routing.csv row goes
-    to the run's ``journal`` and ``report``, a failure to ``on_error`` as for the other images.
-    """
-    from triageseg.datasets.errors import DataError
-    from triageseg.pipeline.batch import _fail, format_quality
-    from triageseg.pipeline.distributed import _as_input, pool_size
-    from triageseg.ray_cluster import cluster_info, is_uri
-
-    blocks = BlockOptions() if blocks is None else blocks
-    low, high = pool_size(options, cluster_info())
-    for item in big:
-        t0 = time.perf_counter()
-        try:
-            if is_uri(out):
-                raise DataError(item["file"], "block-wise images on Ray need --out on a shared folder (the block "
-                                              "journal lives beside the labels), not a URI")
-            log(f"blocks: {item['file']}, {high} band actor(s)")
-            row = segment_large_file_ray(pipe, item["source"], out, item["name"], modality=modality, channel=channel,
-                                         options=blocks, actors=high, cpus_per_actor=options.cpus_per_actor,
-                                         gpus_per_actor=options.gpus_per_actor)
-        except Exception as err:  # noqa: BLE001 - reported per file, policy decides
-            if on_error == "fail":
-                journal.flush()
-            _fail(report, _as_input(item["file"]), err, on_error)
-            continue
-        row["file"] = item["file"]
-        row["quality"] = format_quality(row.get("quality"))
-        row["seconds"] = f"{time.perf_counter() - t0:.3f}"
-        journal.add(item["name"], row)
-        if row.get("used_model"):
-            report.rows.append(row)
-            report.written.append(Path(out) / row["output"])
-        else:
-            report.unknown_skipped.append(_as_input(item["file"]))

@@ -258,20 +258,37 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     confidence = float(row["confidence"])
     scoring = (QualityModel.from_dict(json.loads(row["quality_model"])) if row.get("quality_model") else None,
                None if np.isnan(confidence) else confidence)
+    entry = routing_entry(row)  # stored in the label file, as locally: routing.csv can be rebuilt from it
     try:
         if is_uri(options.out):
             with tempfile.TemporaryDirectory(prefix="triageseg-out-") as tmp:
-                objects, quality = _decode_and_write(*job, tmp, name, pixel, image, kinds, *scoring)
+                objects, quality = _decode_and_write(*job, tmp, name, pixel, image, kinds, *scoring, row=entry)
                 for local in _produced(Path(tmp), name, options):
                     storage.upload(local, storage.join(options.out, local.relative_to(tmp).as_posix()))
         else:
-            objects, quality = _decode_and_write(*job, options.out, name, pixel, image, kinds, *scoring)
+            objects, quality = _decode_and_write(*job, options.out, name, pixel, image, kinds, *scoring, row=entry)
         out["objects"] = objects
         out["quality"] = np.nan if quality is None else float(quality)
     except Exception as err:  # noqa: BLE001
         out.update(error_fields(err, row["file"]))
     out["t_write"] = time.perf_counter() - t0
     return out
+
+
+def routing_entry(row) -> dict:
+    """The routing.csv columns of a Ray row known before the watershed (as ``records.routing_row`` makes them)."""
+    from types import SimpleNamespace
+
+    from triageseg.pipeline.records import routing_row
+
+    def num(key: str) -> float | None:
+        value = float(row.get(key, np.nan))
+        return None if np.isnan(value) else value
+
+    size = SimpleNamespace(diameter=num("diameter"), scale=num("scale"), size_source=str(row.get("size_source", "")))
+    return routing_row(Path(row["file"]) if not is_uri(str(row["file"])) else str(row["file"]), str(row["name"]),
+                       str(row["modality"]), num("confidence"), str(row["used_model"]), str(row["decision"]),
+                       ood_score=num("ood_score"), size=size)
 
 
 def _produced(folder: Path, name: str, options: StageOptions) -> list[Path]:

@@ -13,7 +13,9 @@ if a raylet it started is left running.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -359,12 +362,12 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         row = segment_large_file_ray(pipe, path, tmp_path / "ray", "slide", options=options, actors=2,
                                      band_chunk_rows=1)  # 320 rows: two bands of 256 and 64 rows
         # the driver dies once the cluster has filled the journal: a rerun (here: local) computes nothing again
-        from triageseg.pipeline import ray_blocks
+        from triageseg.pipeline.ray_slides import SlideRun
 
         def driver_dies(*_args, **_kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(ray_blocks, "segment_large_file", driver_dies)
+        monkeypatch.setattr(SlideRun, "_finish", driver_dies)
         with pytest.raises(KeyboardInterrupt):
             segment_large_file_ray(pipe, path, tmp_path / "died", "slide", options=options, actors=1)
         monkeypatch.undo()
@@ -437,6 +440,209 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local
     assert "segmented 1 image(s), skipped 23 already done" in again.stdout, again.stdout
     assert "he_0001.tif was incomplete" in again.stderr
     _assert_same_outputs(out, local_out)
+
+
+# --------------------------------------------------------------------------- slides: many at once, faults
+
+
+def _slide(path: Path, rows: int, cols: int, seed: int) -> Path:
+    """A tiled TIFF of rows x cols synthetic 160 px fluorescence tiles (a small "slide")."""
+    import tifffile
+
+    from triageseg.datasets.synth import synth_sample
+
+    rng = np.random.default_rng(seed)
+    tiles = [[synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(cols)] for _ in range(rows)]
+    image = np.concatenate([np.concatenate(row, axis=1) for row in tiles], axis=0)
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
+                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    return path
+
+
+BLOCK_ARGS = ("--blocks-above", "0.05", "--block-size", "160", "--block-margin", "32")
+
+
+def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp_path):
+    """3 slides (block-wise), a cut-off one and 6 small images in one `segment --address` run == the local run."""
+    from triageseg.datasets.tiffrecord import read_record
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for src in sorted(p for p in images.glob("*.png") if p.name != "zz_broken.png")[:6]:
+        shutil.copy(src, folder / src.name)
+    for k, (rows, cols) in enumerate(((2, 3), (3, 2), (2, 2))):
+        _slide(folder / f"slide{k}.tif", rows, cols, seed=10 + k)
+    whole = (folder / "slide0.tif").read_bytes()
+    (folder / "slidebad.tif").write_bytes(whole[: len(whole) // 3])  # a cut-off copy: its header says block-wise
+    reference = tmp_path / "local"
+    assert _local_segment(dist_bundle, [folder], reference, *BLOCK_ARGS).exit_code == 1
+    out = tmp_path / "out"
+    args = ["segment", folder, "--bundle", dist_bundle, "--out", out, "--address", cluster["address"], "--actors", "1",
+            "--quiet", "--on-error", "skip", *BLOCK_ARGS]
+    run = _cli(*args)
+    assert run.returncode == 1, run.stderr[-3000:]
+    # one run: the slides' thread and the small images' pass, both announced, neither after the other's end
+    assert "blocks: 4 image(s), up to 1 band actor(s)" in run.stderr and "segment: 6 image(s)" in run.stderr
+    for k in range(3):
+        assert f"slide{k}.tif: 1 of 1 band(s)" in run.stderr
+    assert "segmented 9 image(s), skipped 0 already done, 1 failed" in run.stdout, run.stdout
+    assert "slidebad.tif" in run.stderr and "Traceback" not in run.stderr  # the file named, no Ray wrapper
+    _assert_same_outputs(out, reference, n=9)
+    assert not list(out.glob(".slide[0-9].blocks")) and not list(out.glob(".*.lock"))
+    # each label file carries its routing.csv row, as the local path's do (seconds left out)
+    rows = {r["output"]: r for r in _rows(out)}
+    for name in ("slide0.tif", next(n for n in sorted(rows) if not n.startswith("slide"))):
+        record = read_record(out / name)["routing"]
+        assert {k: str(v) for k, v in record.items() if k != "seconds"} == rows[name], name
+    (out / "routing.csv").unlink()
+    again = _cli(*args)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "rebuilt 9 routing.csv row(s) from their label files" in again.stderr
+    assert "segmented 0 image(s), skipped 9 already done, 1 failed" in again.stdout, again.stdout
+    assert _rows(out) == _rows(reference)
+
+
+def _journal_progress(journal: Path) -> tuple[int, int]:
+    """(probability chunk rows recorded, blocks saved) in a block journal."""
+    try:
+        state = json.loads((journal / "probs.zarr.json").read_text())
+        rows = len(state["chunks"])
+    except (OSError, ValueError, KeyError):
+        rows = 0
+    return rows, len(list(journal.glob("block_*.npz")))
+
+
+_DRIVER = """
+import sys, ray
+from triageseg.pipeline import Pipeline
+from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+from triageseg.pipeline.large import BlockOptions
+
+address, bundle, slide, out = sys.argv[1:5]
+pipe = Pipeline.from_bundle(bundle, device="cpu")
+ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+report = segment_files_ray(pipe, [slide], out, blocks=BlockOptions(block_size=160, margin=32, threshold_mp=0),
+                           log=lambda m: print(m, flush=True),
+                           cluster_options=ClusterOptions(actors="1", band_chunk_rows=1, progress=False))
+print("written", len(report.written), "failed", len(report.failures), flush=True)
+"""
+
+
+def _block_reference(bundle, slide: Path, out: Path) -> None:
+    """The local block path at the actors' thread count (one)."""
+    import torch
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.large import BlockOptions, segment_large_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        segment_large_file(Pipeline.from_bundle(bundle, device="cpu"), slide, out, slide.stem,
+                           options=BlockOptions(block_size=160, margin=32, threshold_mp=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_a_rerun_after_the_driver_died_resumes_from_the_journal(cluster, dist_bundle, tmp_path):
+    """SIGKILL the driver mid-slide: the same command again computes only the bands and blocks not in the journal."""
+    slide = _slide(tmp_path / "slide.tif", 8, 3, seed=5)  # 1280 rows: 5 bands of one chunk row
+    _block_reference(dist_bundle, slide, tmp_path / "local")
+    out = tmp_path / "out"
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    cmd = [sys.executable, str(script), cluster["address"], str(dist_bundle), str(slide), str(out)]
+    env = {**os.environ, **RAY_ENV}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = out / ".slide.blocks"
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and time.monotonic() < deadline:
+        if _journal_progress(journal)[0] >= 1:  # a band recorded: the driver dies mid-slide
+            driver.kill()
+            break
+        time.sleep(0.05)
+    driver.communicate(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the driver finished before a band was recorded"
+    assert not (out / "slide.tif").exists()
+    rows, blocks = _journal_progress(journal)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert again.returncode == 0 and "written 1 failed 0" in again.stdout, again.stdout + again.stderr[-3000:]
+    # 1280 rows = 5 chunk rows, one band each; 8 x 3 blocks of 160
+    assert f"slide.tif: {5 - rows} of 5 band(s), {24 - blocks} of 24 block(s) to do" in again.stdout, again.stdout
+    assert rows >= 1
+    np.testing.assert_array_equal(read_labels(out / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
+    assert not journal.exists()
+
+
+@contextlib.contextmanager
+def _two_nodes():
+    """A fresh head (2 CPUs) and second node (1 CPU) on 127.0.0.1, for a test that kills the second one."""
+    port = _free_port()
+    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("kh", "kn")]
+    _OUR_TEMP_DIRS.extend(temps)
+    groups = []
+    try:
+        groups.append(_start_node(temps[0], "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "2", "--object-store-memory", str(200 << 20),
+                                  "--include-dashboard=false"))
+        groups.append(_start_node(temps[1], "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                  "--num-cpus", "1", "--object-store-memory", str(150 << 20)))
+        yield {"address": f"127.0.0.1:{port}", "head": groups[0], "node": groups[1]}
+    finally:
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_slide_costs_only_its_work(dist_bundle, tmp_path, monkeypatch):
+    """SIGKILL the second node's raylet and workers while it computes a band or decodes a block: same labels."""
+    import ray
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.large import BlockOptions
+
+    slide = _slide(tmp_path / "slide.tif", 8, 3, seed=6)
+    _block_reference(dist_bundle, slide, tmp_path / "local")
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    killed: list[str] = []
+    with _two_nodes() as nodes:
+        raylet = next(pid for pid, _, pgid in _procs() if pgid == nodes["node"] and "raylet/raylet" in _cmdline(pid))
+        done = threading.Event()
+
+        def kill_when_busy() -> None:
+            while not done.is_set():
+                workers = [p for p, ppid, _ in _procs() if ppid == raylet]
+                busy = [_cmdline(p) for p in workers if _cmdline(p).startswith(("ray::BandActor", "ray::_decode"))]
+                if busy and sum(_journal_progress(out / ".slide.blocks")) >= 1:
+                    for pid in (raylet, *workers):  # the node's raylet and its workers, by PID
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    killed.append(busy[0][:60])
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_when_busy, daemon=True)
+        watcher.start()
+        ray.init(address=nodes["address"], logging_level="WARNING", log_to_driver=False)
+        try:
+            # three band actors on three CPUs: one of them is on the second node
+            report = segment_files_ray(Pipeline.from_bundle(dist_bundle, device="cpu"), [slide], out,
+                                       blocks=BlockOptions(block_size=160, margin=32, threshold_mp=0),
+                                       cluster_options=ClusterOptions(actors="3", band_chunk_rows=1, progress=False))
+        finally:
+            done.set()
+            ray.shutdown()
+        watcher.join(timeout=5)
+    assert killed, "the second node never computed a band or decoded a block"
+    assert len(report.written) == 1 and not report.failures
+    np.testing.assert_array_equal(read_labels(out / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
+    assert not (out / ".slide.blocks").exists()
 
 
 # --------------------------------------------------------------------------- connecting
@@ -627,3 +833,108 @@ def test_errors_name_the_input_not_the_nodes_copy(tmp_path):
     err = row_error({"file": "x.png", **error_fields(RuntimeError("boom"), "x.png")})
     assert isinstance(err, DataError) and str(err) == "x.png: RuntimeError: boom"
     assert row_error({"file": "x.png", "error": "", "error_path": ""}) is None
+
+
+class _FakeRay:
+    """Enough of ``ray`` for SlideRun: work completes one result at a time, oldest first; every step logged."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str, str]] = []  # (submit | done | kill, kind, slide name)
+        self.seq = 0
+
+    def _ref(self, kind: str, slide: str, value):
+        self.seq += 1
+        self.events.append(("submit", kind, slide))
+        return _FakeRef(self.seq, kind, slide, value)
+
+    def remote(self, **_options):
+        fake = self
+
+        def wrap(target):
+            if isinstance(target, type):  # the band actor class
+                return types.SimpleNamespace(remote=lambda *_a: _FakeActor(fake))
+            return types.SimpleNamespace(remote=lambda *a: fake._call(target.__name__, a))
+
+        return wrap
+
+    def _call(self, name: str, args):
+        if name == "_scan_and_route":
+            state = {"norm": {}, "modality": "he", "confidence": 0.9, "used_model": "he", "decision": "routed",
+                     "ood_score": None, "diameter": None, "scale": None, "size_source": "", "skipped": False}
+            return self._ref("scan", Path(args[2]).stem, state)
+        if name == "_decode":
+            return self._ref("decode", Path(args[0]).parent.name[1:-len(".blocks")], args[3])
+        return self._ref("finish", args[4], {"output": f"{args[4]}.tif", "used_model": "he", "objects": 1})
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        first = min(refs, key=lambda r: r.seq)
+        return [first], [r for r in refs if r is not first]
+
+    def get(self, ref):
+        self.events.append(("done", ref.kind, ref.slide))
+        return ref.value
+
+    def kill(self, _actor):
+        self.events.append(("kill", "actor", ""))
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+
+@dataclasses.dataclass(eq=False)
+class _FakeRef:
+    seq: int
+    kind: str
+    slide: str
+    value: object
+
+
+class _FakeActor:
+    def __init__(self, fake: _FakeRay):
+        self.fake = fake
+        self.band = types.SimpleNamespace(remote=self._band)
+
+    def _band(self, path, _level, _norm, _model, _scale, _folder, shape, y0, y1):
+        import math
+
+        sums = {r: [None] * math.ceil(shape[1] / 1024) for r in range(y0 // 256, math.ceil(y1 / 256))}
+        return self.fake._ref("band", Path(path).stem, (sums, 1.0))
+
+
+def test_slides_interleave_the_actors_never_wait_for_a_decode(tmp_path, monkeypatch):
+    """Two slides, one band actor: slide b's bands go to the actor while slide a's blocks are decoded."""
+    import tifffile
+
+    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.ray_slides import SlideRun
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text("{}")
+    pipe = types.SimpleNamespace(path=bundle, tile_size=64, overlap=16, batch_size=1, tta=False, unknown="generalist",
+                                 backend="torch", precision="fp32", diameter=None, use_pixel_size=True, device="cpu",
+                                 params=lambda _m, _s: types.SimpleNamespace(to_dict=dict))
+    items = []
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.zeros((512, 300), np.uint8), tile=(128, 128))
+        items.append({"index": len(items), "file": str(tmp_path / f"{name}.tif"), "name": name,
+                      "source": str(tmp_path / f"{name}.tif")})
+    rows: dict[str, dict] = {}
+    run = SlideRun(pipe, tmp_path / "out", BlockOptions(block_size=160, margin=32, threshold_mp=0), actors=1,
+                   band_chunk_rows=1, max_tasks=2, on_done=lambda item, row: rows.setdefault(item["name"], row))
+    run.run(items)
+    events = fake.events
+    assert set(rows) == {"a", "b"} and all(r["objects"] == 1 for r in rows.values())
+    # 512 rows: two bands of one chunk row each; 4 x 2 blocks of 160 (cores ~128 x 150)
+    assert [e for e in events if e[:2] == ("submit", "band")] == [("submit", "band", "a")] * 2 + [
+        ("submit", "band", "b")] * 2
+    assert events.count(("done", "decode", "a")) == events.count(("done", "decode", "b")) == 8
+    # the actor got slide b's first band before slide a's decodes were done (it did not wait for them)
+    assert events.index(("submit", "band", "b")) < len(events) - events[::-1].index(("done", "decode", "a"))
+    assert events.index(("submit", "band", "b")) < events.index(("done", "finish", "a"))
+    # one actor started, and stopped as soon as no band waited
+    assert run.stats.actors_started == 1 and events.count(("kill", "actor", "")) == 1
+    assert events.index(("kill", "actor", "")) < events.index(("done", "finish", "b"))
+    assert run.stats.bands == 4 and run.stats.blocks == 16 and not run.open
