@@ -287,6 +287,21 @@ def test_benchmark_counts_the_tiling_overhead():
     assert len(left) > 1 and left & right == {0}  # ids unique across the 256 px samples
 
 
+def test_benchmark_batch_rounds_time_both_decode_modes(tiny_bundle, synth_data, tmp_path):
+    from types import SimpleNamespace
+
+    from triageseg.pipeline import Pipeline, batch
+
+    bench = _bench()
+    tool = SimpleNamespace(name="torch", pipe=Pipeline(tiny_bundle, device="cpu", backend="torch"))
+    paths = sorted((synth_data / "images").iterdir())[:2]
+    out = bench.batch_rounds([tool], paths, tmp_path, repeats=1)
+    assert set(out) == {"torch in line", "torch thread"} and all(v > 0 for v in out.values())
+    assert batch.DECODE_THREAD is True  # put back
+    for mode in ("in-line", "thread"):
+        assert len(list((tmp_path / f"batch-torch-{mode}").glob("*.tif"))) == 2
+
+
 FAKE_PEER = """
 import json, sys
 print(json.dumps({"ready": True, "versions": {"stardist": "0.0"}}), flush=True)
