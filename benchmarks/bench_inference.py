@@ -39,6 +39,7 @@ Usage:
     python benchmarks/bench_inference.py --bundle B --accuracy /work/demo_base/data  # + F1 cost
     python benchmarks/bench_inference.py --threads 2 --busy 2    # two other busy processes
     python benchmarks/bench_inference.py --bundle B --peers-python /work/peers/bin/python   # + StarDist
+    python benchmarks/bench_inference.py --bundle B --batch   # + segment_files, decode thread off / on
 
 Without ``--bundle`` the models are untrained (random weights, same compute); then the
 watershed sees noisy probabilities and its share is not representative. Measure on a
@@ -343,6 +344,39 @@ def _call(tool, item):
     return tool.run(path, labels) if tool.name == "stardist" else tool.run(path)
 
 
+def batch_rounds(tools: list, paths: list[Path], folder: Path, repeats: int) -> dict:
+    """Seconds per image of ``segment_files`` (what ``triageseg segment`` runs), the decode thread off and on.
+
+    Medians over ``repeats`` rounds, tools and modes interleaved (after one warm-up run each).
+    The per-image stages above run one image at a time; this is where the watershed of one
+    image overlapping the network of the next (``pipeline.batch.DECODE_THREAD``) shows.
+    """
+    from triageseg.pipeline import batch
+
+    tools = [t for t in tools if hasattr(t, "pipe")]
+    per: dict[tuple[str, str], list[float]] = {}
+    default = batch.DECODE_THREAD
+    try:
+        for r in range(repeats + 1):
+            order = tools if r % 2 == 0 else tools[::-1]
+            for tool in order:
+                for mode in ("in line", "thread") if r % 2 == 0 else ("thread", "in line"):
+                    batch.DECODE_THREAD = mode == "thread"
+                    t0 = time.perf_counter()
+                    tool.pipe.segment_files(paths, folder / f"batch-{tool.name}-{mode.replace(' ', '-')}",
+                                            overwrite=True)
+                    if r:  # round 0 warms up
+                        per.setdefault((tool.name, mode), []).append((time.perf_counter() - t0) / len(paths))
+    finally:
+        batch.DECODE_THREAD = default
+    medians = {key: statistics.median(v) for key, v in per.items()}
+    print(f"\nbatch: segment_files on {len(paths)} images, s/img (medians of {repeats}; goal: thread < in line)")
+    for tool in tools:
+        a, b = medians[(tool.name, "in line")], medians[(tool.name, "thread")]
+        print(f"  {tool.name:<14} decode in line {a:.3f}   decode thread {b:.3f}   ratio {b / a:.2f}x")
+    return {f"{name} {mode}": v for (name, mode), v in medians.items()}
+
+
 def print_table(medians: dict, tools: list, sizes: list[int]) -> list[dict]:
     rows = []
     names = [t.name for t in tools]
@@ -439,6 +473,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/ORT/OpenVINO threads (default: all cores)")
     parser.add_argument("--busy", type=int, default=0, help="run this many busy-looping processes meanwhile")
     parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also score the tools on DATA's test split")
+    parser.add_argument("--batch", action="store_true",
+                        help="also time segment_files on the smallest size's images, decode thread off and on")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--peers-python", default=os.environ.get("TRIAGESEG_PEERS_PYTHON"),
                         help="the Python of a separate environment with stardist + tensorflow-cpu "
@@ -474,6 +510,8 @@ def main() -> None:
             p.start()
         try:
             medians = run_rounds(tools, inputs, args.repeats) if args.repeats > 0 else None
+            batch = batch_rounds(tools, [p for p, _ in inputs[min(args.sizes)]], tmp, max(1, args.repeats)) \
+                if args.batch and inputs else None
         finally:
             stop.set()
             for p in busy:
@@ -484,7 +522,7 @@ def main() -> None:
         rows = print_table(medians, tools, args.sizes) if medians else []
         acc = accuracy(bundle, args.accuracy, [t.name for t in tools], args.device) if args.accuracy else None
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "accuracy": acc}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "batch": batch, "accuracy": acc}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

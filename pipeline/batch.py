@@ -238,24 +238,9 @@ def _remake(done, out_dir: Path, rows: dict[str, dict], report: BatchReport, *, 
 
 def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJournal, report: BatchReport, *,
          modality, on_error, workers, extras: Extras, channel, page, progress, blocks: BlockOptions) -> None:
-    """Segment ``todo``: read ahead, run the segmenter here, decode and write in a thread or in workers.
-
-    Without workers, one thread decodes (watershed + writes) the previous image while the
-    network runs on the next: the labels are the same function's on the same inputs, one
-    image at a time, in order. The thread runs at a lower priority (or on its own core from
-    4 cores on: :func:`~triageseg.segmenters.threads.network_threads`).
-    """
-    from triageseg.segmenters.threads import decode_thread_init
-
+    """Segment ``todo``: read ahead, run the segmenter here, decode and write aside (:func:`_decoders`)."""
     routing_path = out_dir / ROUTING_CSV
-    if workers > 0:  # spawn, not fork: forking a process that holds torch threads can deadlock
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
-    elif DECODE_THREAD:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode", initializer=decode_thread_init)
-    else:
-        pool = None
-    in_flight = 2 * workers if workers > 0 else 1  # a thread: one image decoding while the next one's network runs
+    pool, in_flight = _decoders(workers)
     pending: list[tuple[Path, str, dict, Future]] = []
 
     def record(name: str, row: dict, n_objects: int, quality: float | None = None, *, write: bool = True) -> None:
@@ -366,6 +351,25 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
             pool.shutdown(wait=True, cancel_futures=True)
             if pending:  # interrupted: keep the rows of the jobs the workers finished
                 _keep_finished(pending, record, routing_path, rows, journal)
+
+
+def _decoders(workers: int):
+    """(executor for :func:`_decode_and_write` or None, how many jobs may be in flight).
+
+    ``workers`` processes, two jobs each in flight. Without workers, one thread decodes
+    (watershed + writes) the previous image while the network runs on the next: the same
+    function on the same inputs, one image at a time, rows in input order. The thread runs at
+    a lower priority, or on its own core from 4 cores on
+    (:func:`~triageseg.segmenters.threads.network_threads`). None: decode in line.
+    """
+    from triageseg.segmenters.threads import decode_thread_init
+
+    if workers > 0:  # spawn, not fork: forking a process that holds torch threads can deadlock
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),)), 2 * workers
+    if DECODE_THREAD:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode", initializer=decode_thread_init), 1
+    return None, 0
 
 
 def _keep_finished(pending, record, routing_path: Path, rows: dict[str, dict], journal: RoutingJournal) -> None:

@@ -1,9 +1,10 @@
 """The router's ViT through the inference backend the specialists use (:mod:`triageseg.segmenters.backends`).
 
-At 512² the router is a third of an image's end-to-end time once the specialist runs on
-ONNX Runtime or OpenVINO, so it is exported the same way: one ONNX file per router
-weights, in the same cache (never in the bundle), giving both outputs the pipeline reads
-from one pass: the logits (routing: modality, confidence) and the pooled pre-logits
+At 512² the route stage (thumbnails, the ViT on 6 views, the size estimate) is about a
+third of an image's end-to-end time once the specialist runs on ONNX Runtime or OpenVINO,
+and the ViT is about 40% of that stage (a profile on 2 cores), so the ViT is exported the
+same way as the specialists: one ONNX file per router weights, in the same cache (never in
+the bundle), giving both outputs the pipeline reads from one pass: the logits (routing: modality, confidence) and the pooled pre-logits
 features (the OOD score). :func:`triageseg.router.model.router_outputs` runs the wrapper
 this module makes through its ``logits_and_features`` method; the router package itself
 never imports a backend.

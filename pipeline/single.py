@@ -170,7 +170,7 @@ class Pipeline:
 
             model, config = load_router(_bundle.router_dir(self.path), device=self.device)
             self._ood = self._load_ood(model, config)
-            # the specialists' backend (fp32): at 512² the router is a third of an image's time otherwise
+            # on the specialists' backend, fp32 always (pipeline.router_backend)
             self._router = (prepare_router(model, _bundle.router_dir(self.path), choice=self.choice), config)
         return self._router
 
