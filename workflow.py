@@ -108,7 +108,7 @@ def train_bundle(
 
     With ``bundle_quality`` (and a router), the quality estimate is then refitted as one model
     across the bundle's segmenters on the validation images routed as at inference
-    (:func:`triageseg.pipeline.bundle_quality.fit_bundle_quality`).
+    (:func:`triageseg.pipeline.local.bundle_quality.fit_bundle_quality`).
 
     Returns:
         A summary: seconds per model, router test accuracy, validation F1 per segmenter.
@@ -203,7 +203,7 @@ def train_bundle(
                                       budget=dataclasses.asdict(budget)),
     )
     if bundle_quality and len(mods) > 1 and ds.select(split="val"):
-        from triageseg.pipeline.bundle_quality import fit_bundle_quality
+        from triageseg.pipeline.local.bundle_quality import fit_bundle_quality
 
         summary["quality"] = fit_bundle_quality(bundle_dir, data_root, device=device, log=log)
     return summary

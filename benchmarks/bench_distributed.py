@@ -1,7 +1,7 @@
 """Throughput of `segment` on one machine: the local path vs the Ray Data path, same CPUs, same images.
 
 One run segments the same synthetic images twice, first with
-:func:`triageseg.pipeline.batch.segment_files` (what ``triageseg segment`` runs), then on
+:func:`triageseg.pipeline.local.batch.segment_files` (what ``triageseg segment`` runs), then on
 a local Ray with the same number of CPUs (what ``triageseg segment --ray`` runs), and
 prints images/s of both, the Ray overhead (goal: <= 20 %), the wall time of each Ray
 pass and the task seconds of each stage (read, route, segment, write), for two ways
@@ -88,7 +88,7 @@ def run_ray(bundle: Path, files: list[Path], out: Path, ray_cpus: int, actors: s
     import ray
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
 
     pipe = Pipeline.from_bundle(bundle, device="cpu")
     t0 = time.perf_counter()

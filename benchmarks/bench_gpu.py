@@ -180,7 +180,7 @@ def seconds_per_mp(bundle: Path, image: Path, out: Path, device: str, *, blockwi
     import tifffile
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
 
     with tifffile.TiffFile(image) as tif:
         h, w = tif.pages[0].shape[:2]

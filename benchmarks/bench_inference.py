@@ -349,9 +349,9 @@ def batch_rounds(tools: list, paths: list[Path], folder: Path, repeats: int) -> 
 
     Medians over ``repeats`` rounds, tools and modes interleaved (after one warm-up run each).
     The per-image stages above run one image at a time; this is where the watershed of one
-    image overlapping the network of the next (``pipeline.batch.DECODE_THREAD``) shows.
+    image overlapping the network of the next (``pipeline.local.batch.DECODE_THREAD``) shows.
     """
-    from triageseg.pipeline import batch
+    from triageseg.pipeline.local import batch
 
     tools = [t for t in tools if hasattr(t, "pipe")]
     per: dict[tuple[str, str], list[float]] = {}

@@ -112,8 +112,8 @@ def routing_row(out: Path) -> dict:
 
 def run_mosaic(args, work: Path, bundle: Path, run: bool = True) -> dict:
     """The mosaic block-wise in a child (RSS, time; or those of an earlier run), then its seams and ids."""
-    from triageseg.pipeline.blocks import DEFAULT_MARGIN, plan_blocks
-    from triageseg.pipeline.large import DEFAULT_THRESHOLD_MP
+    from triageseg.pipeline.blockwise.blocks import DEFAULT_MARGIN, plan_blocks
+    from triageseg.pipeline.blockwise.large import DEFAULT_THRESHOLD_MP
 
     out = work / "out_mosaic"
     measured = work / "mosaic_run.json"
@@ -217,7 +217,7 @@ def run_crop(args, work: Path, bundle: Path, used: str, run: bool = True) -> dic
     blocks = read_labels(work / "out_blocks" / crop.name)
     gt = _read(work / "mosaic_gt.tif", 0, args.whole, 0, args.whole)
     # seam defects on the crop's core boundaries, block-wise and (the same nuclei) whole
-    from triageseg.pipeline.blocks import DEFAULT_MARGIN, plan_blocks
+    from triageseg.pipeline.blockwise.blocks import DEFAULT_MARGIN, plan_blocks
 
     grid = plan_blocks((args.whole, args.whole), block_size=args.block_size, margin=DEFAULT_MARGIN)
     crop_gt = work / "crop_gt.tif"

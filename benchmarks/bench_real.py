@@ -137,7 +137,7 @@ def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None
 
     pipe = None
     if bundle is not None:
-        from triageseg.pipeline.single import load_pipeline
+        from triageseg.pipeline.local.single import load_pipeline
 
         pipe = load_pipeline(bundle)
         pipe.load_router()

@@ -61,8 +61,8 @@ def run_mix(args) -> dict:
 
     from triageseg.datasets.synth import make_dataset
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.distributed import ClusterOptions, pool_size, segment_files_ray
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, pool_size, segment_files_ray
     from triageseg.ray_cluster import cluster_info
 
     s = _sizes(args)
@@ -136,9 +136,9 @@ def run_kill(args) -> dict:
     import ray
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
-    from triageseg.pipeline.large import BlockOptions
-    from triageseg.pipeline.probstore import CHUNK_ROWS
+    from triageseg.pipeline.blockwise.large import BlockOptions
+    from triageseg.pipeline.blockwise.probstore import CHUNK_ROWS
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
 
     s = _sizes(args)
     for key, value in RAY_ENV.items():

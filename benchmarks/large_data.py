@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from triageseg.pipeline.large import _load_array as _zload  # zstd-compressed .npy, as the block journal keeps them
-from triageseg.pipeline.large import _save_array as _zsave
+from triageseg.pipeline.blockwise.large import (
+    _load_array as _zload,  # zstd-compressed .npy, as the block journal keeps them
+)
+from triageseg.pipeline.blockwise.large import _save_array as _zsave
 
 _TIFF_TILE = 512
 
@@ -45,6 +47,7 @@ def build_mosaic(work: Path, size: int, tile: int, seed: int, layout: str = "sca
     runs of this benchmark).
     """
     import tifffile
+
     from triageseg.datasets.synth import synth_sample
     from triageseg.datasets.synth_scan import SynthScan
 
@@ -97,6 +100,7 @@ def build_mosaic(work: Path, size: int, tile: int, seed: int, layout: str = "sca
 
 def write_crop(src: Path, dst: Path, side: int) -> None:
     import tifffile
+
     from triageseg.datasets.lazy import LazyImage
 
     with LazyImage(src) as image:

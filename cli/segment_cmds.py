@@ -9,11 +9,10 @@ import click
 
 from triageseg.cli.groups import cli
 from triageseg.datasets.errors import DataError
-
 from triageseg.datasets.io import IMAGE_SUFFIXES
 from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S, is_uri
 
-# The block path's defaults (pipeline.blocks / pipeline.large), repeated here so that loading
+# The block path's defaults (pipeline.blockwise.blocks / pipeline.blockwise.large), repeated here so that loading
 # the CLI does not import the pipeline; tests/test_blocks.py checks that they agree.
 DEFAULT_BLOCK_SIZE, DEFAULT_MARGIN, DEFAULT_THRESHOLD_MP = 2048, 64, 16.8
 
@@ -28,7 +27,7 @@ def expand_inputs(inputs: tuple[str, ...], *, recursive: bool) -> tuple[list[Pat
     names: list[str] = []
     for item in inputs:
         if is_uri(item):
-            from triageseg.pipeline.storage import expand_uri
+            from triageseg.pipeline.cluster.storage import expand_uri
 
             found_uris, found_names = expand_uri(item, IMAGE_SUFFIXES, recursive=recursive)
             files.extend(found_uris)
@@ -237,8 +236,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     from tqdm import tqdm
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.batch import OutputConflict, check_outputs_apart
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
+    from triageseg.pipeline.local.batch import OutputConflict, check_outputs_apart
 
     try:
         blocks = BlockOptions(block_size=block_size, margin=block_margin, threshold_mp=blocks_above, level=level,
@@ -307,7 +306,7 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
 def _review(report, out, *, pipe, review_n: int, min_quality: float | None) -> None:
     """The images to check first (lowest predicted quality) and, with ``min_quality``, review.csv."""
     from triageseg import bundle
-    from triageseg.pipeline.records import REVIEW_CSV, ROUTING_CSV, _read_routing, review_rows, write_review
+    from triageseg.pipeline.local.records import REVIEW_CSV, ROUTING_CSV, _read_routing, review_rows, write_review
     from triageseg.postprocess.quality import load_quality
 
     # the whole output folder (a resumed run's earlier images too), else this run's rows
@@ -329,7 +328,7 @@ def _review(report, out, *, pipe, review_n: int, min_quality: float | None) -> N
         if is_uri(str(out)):
             import tempfile
 
-            from triageseg.pipeline import storage
+            from triageseg.pipeline.cluster import storage
 
             with tempfile.TemporaryDirectory(prefix="triageseg-review-") as tmp:
                 storage.upload(write_review(Path(tmp) / REVIEW_CSV, below), storage.join(str(out), REVIEW_CSV))
@@ -462,7 +461,7 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
 
 def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor):
     """The Ray options of `segment`, checked before anything is loaded."""
-    from triageseg.pipeline.distributed import ClusterOptions, parse_actors
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, parse_actors
 
     if workers:
         raise click.UsageError("--workers is for local runs; on Ray, size the pools with --actors")
@@ -479,7 +478,7 @@ def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gp
 
 def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, **options):
     """The Ray half of `segment`: connect (or start a local Ray for the run) and run the passes."""
-    from triageseg.pipeline.distributed import segment_files_ray
+    from triageseg.pipeline.cluster.distributed import segment_files_ray
     from triageseg.ray_cluster import ray_connection
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731

@@ -2,7 +2,7 @@
 
 :func:`analyse_steps` is a generator: it yields a :class:`Step` before each stage, so the
 widget's thread worker can move a progress bar, and returns the :class:`Analysis` at the end.
-The stages are the pipeline's own calls (:mod:`triageseg.pipeline.interactive`).
+The stages are the pipeline's own calls (:mod:`triageseg.pipeline.local.interactive`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import normalize_image
-from triageseg.pipeline.interactive import Routing, route_image
+from triageseg.pipeline.local.interactive import Routing, route_image
 from triageseg.postprocess.watershed import watershed
 
 
@@ -91,7 +91,7 @@ def layer_pixels(data, *, rgb: bool, name: str, multiscale: bool = False) -> np.
 
 
 def load_pipeline(bundle: str | Path, tile_size: int | None, cache: dict):
-    """The bundle's :class:`~triageseg.pipeline.single.Pipeline`, loaded once per folder and kept in ``cache``."""
+    """The bundle's :class:`~triageseg.pipeline.local.single.Pipeline`, loaded once per folder and kept in ``cache``."""
     from triageseg.pipeline import Pipeline
 
     key = str(Path(bundle).resolve())

@@ -23,7 +23,7 @@ The decoder shared by every specialist:
    **Locality**: the result for a foreground component depends only on that component's
    probabilities (markers, the plateau test and the distances are taken within it and its
    bounding box), so any window that holds a component whole decodes it exactly as the
-   whole image does; the block path (``pipeline.blocks``) relies on this.
+   whole image does; the block path (``pipeline.blockwise.blocks``) relies on this.
 4. Objects smaller than ``min_size`` pixels are removed; labels are renumbered
    1..n (uint32).
 

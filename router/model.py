@@ -502,7 +502,7 @@ def router_outputs(
     import torch
 
     timm_vit = all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
-    # an exported router (pipeline.router_backend): both outputs from one pass of another runtime
+    # an exported router (pipeline.local.router_backend): both outputs from one pass of another runtime
     exported = getattr(model, "logits_and_features", None)
     if device is None:
         device = next(model.parameters()).device

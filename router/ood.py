@@ -368,7 +368,7 @@ def router_feature_dim(model, class_names) -> int:
     """Width of the pooled features :func:`~triageseg.router.model.router_outputs` gives for ``model``.
 
     A timm ViT: its head's input (the pre-logits); any other classifier: its logits. An
-    exported router (``pipeline.router_backend``) answers for the ViT it wraps.
+    exported router (``pipeline.local.router_backend``) answers for the ViT it wraps.
     """
     model = getattr(model, "eager", model)
     if all(hasattr(model, a) for a in ("forward_features", "forward_head", "head")):

@@ -1,7 +1,7 @@
 """The fallback policy: which segmenter runs for a routed image, and why (torch-free).
 
 :func:`decide` is the one place the verdict is made (``unknown modality``, low confidence,
-no specialist); :meth:`triageseg.pipeline.single.Pipeline.choose` calls it for every face
+no specialist); :meth:`triageseg.pipeline.local.single.Pipeline.choose` calls it for every face
 (``segment``, ``route``, the Ray and block paths, serve, napari).
 """
 

@@ -3,7 +3,7 @@
 A specialist is trained at one nucleus size (its ``SegmenterConfig.diameter``); an image
 whose nuclei are 4x larger is resized by 1/4 before the network (:func:`size_scale`), and
 its probabilities back to the native grid before the watershed. This module finds the
-size; :mod:`triageseg.pipeline.single` applies it.
+size; :mod:`triageseg.pipeline.local.single` applies it.
 
 How (a classical scale-space estimate; ``benchmarks/bench_scale.py`` measures it against a
 probe that runs the segmenter): the nucleus signal (the grey image, inverted when nuclei
@@ -325,7 +325,7 @@ def decide_size(
         pixel_size: microns per pixel from the file's metadata.
         use_pixel_size: whether ``pixel_size`` decides when the segmenter knows its diameter in um.
         calibration: the segmenter's ``size_calibration`` (label diameter / estimate on its training images).
-        refine: ``diameter -> diameter``, the estimate checked by the segmenter (``pipeline.sizing``).
+        refine: ``diameter -> diameter``, the estimate checked by the segmenter (``pipeline.local.sizing``).
     """
     from triageseg.segmenters.scale import MAX_SCALE, MIN_SCALE
 

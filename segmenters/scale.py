@@ -77,7 +77,7 @@ class RowResizer:
 
     Any band ``rows(y0, y1)`` is bit for bit the same rows of :func:`resize_image` of the
     whole image (each output value is the same weighted sum of the same inputs), which is
-    what lets the block path (``pipeline.large``) run a segmenter at a scale != 1.
+    what lets the block path (``pipeline.blockwise.large``) run a segmenter at a scale != 1.
     """
 
     def __init__(self, read_rows, src_shape: tuple[int, int], shape: tuple[int, int]):

@@ -188,7 +188,7 @@ async def _segment(request, name: str, modality: str | None, pipe, config: Serve
 
 
 def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: DeviceQueue) -> FastAPI:
-    """The FastAPI application serving ``pipe`` (a loaded :class:`~triageseg.pipeline.single.Pipeline`).
+    """The FastAPI application serving ``pipe`` (a loaded :class:`~triageseg.pipeline.local.single.Pipeline`).
 
     Args:
         pipe: the pipeline every request runs on (its models already loaded).

@@ -26,8 +26,8 @@ import numpy as np
 from triageseg.datasets.atomic import atomic_path, write_text_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import normalize_image, read_image_raw, read_pixel_size, write_labels
-from triageseg.pipeline.interactive import route_image, segment_image
-from triageseg.pipeline.outputs import label_rgba, write_overlay, write_rois
+from triageseg.pipeline.local.interactive import route_image, segment_image
+from triageseg.pipeline.local.outputs import label_rgba, write_overlay, write_rois
 from triageseg.postprocess.measure import measure_nuclei
 
 # what a result folder holds: file name -> (download suffix, served as an attachment)
@@ -76,7 +76,7 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
     ``overlay.png``, and the page's layers ``image.png``, ``outlines.png``, ``filled.png``.
 
     Args:
-        pipe: the loaded :class:`~triageseg.pipeline.single.Pipeline`.
+        pipe: the loaded :class:`~triageseg.pipeline.local.single.Pipeline`.
         path: the image file.
         out_dir: folder for the outputs (created).
         filename: the name the user knows the file by, used in error messages.
@@ -85,7 +85,7 @@ def analyse_file(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, *, f
 
     Returns:
         A JSON-ready dict: filename, width, height, pixel_size_um, routing (see
-        :class:`~triageseg.pipeline.interactive.Routing`), count, nuclei (one row per
+        :class:`~triageseg.pipeline.local.interactive.Routing`), count, nuclei (one row per
         nucleus, :data:`~triageseg.postprocess.measure.TABLE_COLUMNS`), seconds.
 
     Raises:

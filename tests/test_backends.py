@@ -290,7 +290,8 @@ def test_benchmark_counts_the_tiling_overhead():
 def test_benchmark_batch_rounds_time_both_decode_modes(tiny_bundle, synth_data, tmp_path):
     from types import SimpleNamespace
 
-    from triageseg.pipeline import Pipeline, batch
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.local import batch
 
     bench = _bench()
     tool = SimpleNamespace(name="torch", pipe=Pipeline(tiny_bundle, device="cpu", backend="torch"))
@@ -386,7 +387,7 @@ def test_auto_runs_onnx_runtime_on_a_real_bundle(tiny_bundle, synth_data):
     from triageseg import bundle
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.router_backend import KIND
+    from triageseg.pipeline.local.router_backend import KIND
 
     before = sorted(p.relative_to(tiny_bundle) for p in tiny_bundle.rglob("*"))
     ds = Dataset(synth_data)

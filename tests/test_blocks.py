@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from scipy import ndimage as ndi
 from skimage.draw import disk
+
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import normalize_image, read_labels, read_pixel_size
-from scipy import ndimage as ndi
-from triageseg.pipeline.blocks import NormStats, plan_blocks, scan_image
-from triageseg.pipeline.large import Journal, segment_blocks
+from triageseg.pipeline.blockwise.blocks import NormStats, plan_blocks, scan_image
+from triageseg.pipeline.blockwise.large import Journal, segment_blocks
 from triageseg.postprocess.targets import make_targets
 from triageseg.postprocess.watershed import WatershedParams, watershed
 
@@ -162,7 +163,7 @@ def test_plan_blocks_cores_tile_the_image_and_outer_regions_add_the_margin():
 
 def test_cli_block_defaults_match_the_library():
     from triageseg.cli import segment_cmds
-    from triageseg.pipeline import blocks, large
+    from triageseg.pipeline.blockwise import blocks, large
 
     assert segment_cmds.DEFAULT_BLOCK_SIZE == blocks.DEFAULT_BLOCK_SIZE
     assert segment_cmds.DEFAULT_MARGIN == blocks.DEFAULT_MARGIN
@@ -253,7 +254,7 @@ def test_a_component_larger_than_the_margin_is_decoded_whole(tmp_path):
     assert all(ndi.label(out == i, structure=np.ones((3, 3)))[1] == 1 for i in np.unique(out)[1:])  # nothing cut
     assert summary["oversized"] == 0
     # a window may grow only so far (memory): past the limit the component is decoded in the limited window, counted
-    from triageseg.pipeline.blocks import decode_block
+    from triageseg.pipeline.blockwise.blocks import decode_block
 
     grid = plan_blocks(gt.shape, block_size=256, margin=48)
     result = decode_block(lambda b: probs[:, b[0] : b[1], b[2] : b[3]], grid.blocks[4], params=PARAMS, margin=48,
@@ -266,7 +267,7 @@ def test_a_component_larger_than_the_margin_is_decoded_whole(tmp_path):
 
 @pytest.mark.parametrize("stage", ["probabilities", "blocks"])
 def test_resume_after_an_interruption_gives_the_same_file(tmp_path, monkeypatch, stage):
-    from triageseg.pipeline import large
+    from triageseg.pipeline.blockwise import large
 
     image = class_image(draw_labels(seed=5))
     clean = tmp_path / "clean"
@@ -315,6 +316,7 @@ def test_resume_after_an_interruption_gives_the_same_file(tmp_path, monkeypatch,
 def test_probability_stream_is_bit_for_bit_the_whole_image_prediction():
     """The block path's probabilities: the in-memory tiles, batches and blending, resumable at any row."""
     import torch
+
     from triageseg.segmenters.predict import predict, stream_probabilities
 
     torch.manual_seed(0)
@@ -378,7 +380,7 @@ def test_lazy_image_reads_regions_levels_and_pixel_size(tmp_path):
 def test_truncated_or_non_tiled_giant_tiff_is_a_clear_error(tmp_path, tiny_bundle, monkeypatch):
     from triageseg.datasets import lazy
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
 
     rng = np.random.default_rng(0)
     data = (rng.random((1000, 1000)) * 60000).astype(np.uint16)
@@ -426,7 +428,8 @@ def test_overview_views_are_image_views_when_the_overview_is_the_image():
 
 def test_use_blocks_reads_sizes_from_headers(tmp_path):
     import imagecodecs
-    from triageseg.pipeline.large import BlockOptions, use_blocks
+
+    from triageseg.pipeline.blockwise.large import BlockOptions, use_blocks
 
     imagecodecs.imwrite(tmp_path / "a.png", np.zeros((300, 500, 3), np.uint8))
     imagecodecs.imwrite(tmp_path / "b.jpg", np.zeros((310, 400), np.uint8))
@@ -467,7 +470,7 @@ def test_pyramid_writer_streams_levels_and_is_deterministic(tmp_path):
 
 
 def test_geojson_polygon_follows_the_pixel_edges():
-    from triageseg.pipeline.geojson import mask_polygon
+    from triageseg.pipeline.blockwise.geojson import mask_polygon
 
     yy, xx = np.mgrid[:21, :21]
     mask = (yy - 10) ** 2 + (xx - 10) ** 2 <= 100
@@ -498,7 +501,7 @@ def _mosaic(tmp_path):
 
 def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, tiny_bundle, monkeypatch):
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
 
     path = _mosaic(tmp_path)
     options = BlockOptions(block_size=192, margin=32, threshold_mp=0.1, geojson=True)
@@ -519,7 +522,7 @@ def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, ti
     assert next(csv.DictReader((tmp_path / "whole" / "routing.csv").open()))["mode"] != "blocks"
     assert same_up_to_numbering(read_labels(tmp_path / "whole" / "mosaic.tif"), labels)
 
-    from triageseg.pipeline import large
+    from triageseg.pipeline.blockwise import large
 
     real_decode = large.decode_block
     decoded = []

@@ -1,4 +1,4 @@
-"""One quality model across a bundle's segmenters, with the router's signals (pipeline/bundle_quality.py)."""
+"""One quality model across a bundle's segmenters, with the router's signals (pipeline/local/bundle_quality.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def bundle_copy(tiny_bundle, tmp_path):
 def test_one_fit_over_every_val_image_and_segmenter_with_router_signals(bundle_copy, synth_data):
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.bundle_quality import bundle_points, fit_bundle_quality
+    from triageseg.pipeline.local.bundle_quality import bundle_points, fit_bundle_quality
 
     pipe = Pipeline.from_bundle(bundle_copy, device="cpu")
     n_val = len(Dataset(synth_data).select(split="val"))

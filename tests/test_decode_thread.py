@@ -1,4 +1,4 @@
-"""The batch path's decode thread (pipeline.batch): the watershed of one image overlaps the next image's network.
+"""The batch path's decode thread (pipeline.local.batch): the watershed of one image overlaps the next image's network.
 
 Same labels, rows and order as decoding in line; the thread really overlaps (shown by an
 event, not by timing); the thread plan never asks for more busy threads than cores.
@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 
 from triageseg.datasets.io import read_labels  # noqa: E402
-from triageseg.pipeline import batch  # noqa: E402
+from triageseg.pipeline.local import batch  # noqa: E402
 from triageseg.segmenters import threads  # noqa: E402
 
 

@@ -35,8 +35,8 @@ from click.testing import CliRunner
 
 from triageseg import bundle as B
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.batch import OutputConflict
 from triageseg.datasets.io import read_labels
+from triageseg.pipeline.local.batch import OutputConflict
 
 MODS = ("fluorescence", "brightfield", "he")
 N_IMAGES = 24
@@ -288,7 +288,7 @@ def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, ima
     import ray
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
 
     files = sorted(images.glob("*.png"))
     good = [f for f in files if f.name != "zz_broken.png"][:8]
@@ -329,10 +329,11 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
     import torch
 
     from triageseg.datasets.synth import synth_sample
-    from triageseg.pipeline import Pipeline, large
-    from triageseg.pipeline.large import BlockOptions, segment_large_file
-    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
-    from triageseg.pipeline.ray_blocks import segment_large_file_ray
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.blockwise import large
+    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.cluster.ray_blocks import segment_large_file_ray
 
     messages: list[str] = []
     rng = np.random.default_rng(3)
@@ -362,7 +363,7 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
         row = segment_large_file_ray(pipe, path, tmp_path / "ray", "slide", options=options, actors=2,
                                      band_chunk_rows=1)  # 320 rows: two bands of 256 and 64 rows
         # the driver dies once the cluster has filled the journal: a rerun (here: local) computes nothing again
-        from triageseg.pipeline.ray_slides import SlideRun
+        from triageseg.pipeline.cluster.ray_slides import SlideRun
 
         def driver_dies(*_args, **_kwargs):
             raise KeyboardInterrupt
@@ -515,8 +516,8 @@ def _journal_progress(journal: Path) -> tuple[int, int]:
 _DRIVER = """
 import sys, ray
 from triageseg.pipeline import Pipeline
-from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
-from triageseg.pipeline.large import BlockOptions
+from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
+from triageseg.pipeline.blockwise.large import BlockOptions
 
 address, bundle, slide, out = sys.argv[1:5]
 pipe = Pipeline.from_bundle(bundle, device="cpu")
@@ -533,7 +534,7 @@ def _block_reference(bundle, slide: Path, out: Path) -> None:
     import torch
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -602,8 +603,8 @@ def test_a_node_killed_mid_slide_costs_only_its_work(dist_bundle, tmp_path, monk
     import ray
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.distributed import ClusterOptions, segment_files_ray
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
 
     slide = _slide(tmp_path / "slide.tif", 8, 3, seed=6)
     _block_reference(dist_bundle, slide, tmp_path / "local")
@@ -703,7 +704,7 @@ def test_a_grpc_greeting_counts_as_an_answer():
 
 
 def test_actor_pool_sizes():
-    from triageseg.pipeline.distributed import ClusterOptions, parse_actors, pool_size
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, parse_actors, pool_size
 
     assert parse_actors("3") == (3, 3) and parse_actors("1:4") == (1, 4) and parse_actors("2-5") == (2, 5)
     assert parse_actors(" AUTO ") is None
@@ -718,7 +719,7 @@ def test_actor_pool_sizes():
 
 
 def test_actors_that_cannot_be_placed():
-    from triageseg.pipeline.distributed import ClusterOptions, check_cluster
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, check_cluster
 
     machine = {"CPU": 2.0, "GPU": 0.0}
     with pytest.raises(ValueError, match="1 GPUs per actor but the cluster has 0"):
@@ -749,7 +750,7 @@ def test_local_output_on_several_machines_is_refused_naming_the_option(tmp_path)
 def test_uri_storage_through_fsspec_and_pyarrow(tmp_path):
     """memory:// is fsspec's (pyarrow does not know it); local:// is pyarrow's: both go through the URI paths."""
     from triageseg.datasets.io import IMAGE_SUFFIXES
-    from triageseg.pipeline import storage
+    from triageseg.pipeline.cluster import storage
 
     root = "memory://triageseg-test/run"
     local = tmp_path / "a.png"
@@ -781,7 +782,8 @@ def test_uri_storage_through_fsspec_and_pyarrow(tmp_path):
 
 
 def test_bundle_shipped_once_per_node(dist_bundle, tmp_path):
-    from triageseg.pipeline import Pipeline, storage
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.cluster import storage
 
     digest, files = storage.bundle_payload(dist_bundle)
     assert "bundle.json" in files and "segmenters/he/model.safetensors" in files
@@ -797,7 +799,7 @@ def test_bundle_shipped_once_per_node(dist_bundle, tmp_path):
 
 
 def test_partial_files_of_killed_writers_are_removed(tmp_path):
-    from triageseg.pipeline.storage import remove_partial_files
+    from triageseg.pipeline.cluster.storage import remove_partial_files
 
     (tmp_path / "overlays").mkdir()
     stale = [tmp_path / ".a.x1y2.part.tif", tmp_path / ".a.rois.k9.part.zip", tmp_path / "overlays" / ".a.q.part.png"]
@@ -823,7 +825,7 @@ def test_ray_options_are_checked_before_anything_runs(dist_bundle, images, tmp_p
 
 
 def test_errors_name_the_input_not_the_nodes_copy(tmp_path):
-    from triageseg.pipeline.ray_stages import error_fields, row_error
+    from triageseg.pipeline.cluster.ray_stages import error_fields, row_error
 
     copy = tmp_path / "a.png"
     fields = error_fields(DataError(copy, "truncated PNG"), "s3://bucket/a.png", str(copy))
@@ -905,8 +907,8 @@ def test_slides_interleave_the_actors_never_wait_for_a_decode(tmp_path, monkeypa
     """Two slides, one band actor: slide b's bands go to the actor while slide a's blocks are decoded."""
     import tifffile
 
-    from triageseg.pipeline.large import BlockOptions
-    from triageseg.pipeline.ray_slides import SlideRun
+    from triageseg.pipeline.blockwise.large import BlockOptions
+    from triageseg.pipeline.cluster.ray_slides import SlideRun
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.outputs import OUTLINE_COLOUR, label_rgba
+from triageseg.pipeline.local.outputs import OUTLINE_COLOUR, label_rgba
 from triageseg.postprocess.measure import TABLE_COLUMNS, measure_nuclei
 
 
@@ -83,7 +83,7 @@ def test_label_rgba_outlines_and_filled():
 
 def test_route_image_keeps_every_probability(constant_bundle):
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.interactive import route_image, segment_image
+    from triageseg.pipeline.local.interactive import route_image, segment_image
 
     pipe = Pipeline.from_bundle(constant_bundle, device="cpu")
     image = np.random.default_rng(0).random((40, 36, 3)).astype(np.float32)

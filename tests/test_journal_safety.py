@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import tifffile
 from test_blocks import class_image, draw_labels, one_hot, pointwise, run_blocks
+
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline import large
-from triageseg.pipeline.large import BlockOptions
-from triageseg.pipeline.probstore import ProbabilityStore
+from triageseg.pipeline.blockwise import large
+from triageseg.pipeline.blockwise.large import BlockOptions
+from triageseg.pipeline.blockwise.probstore import ProbabilityStore
 
 TESTS = Path(__file__).resolve().parent
 OPTIONS = BlockOptions(block_size=256, margin=48, threshold_mp=0)
@@ -202,7 +203,7 @@ def test_an_input_replaced_by_a_same_size_image_is_not_resumed_from_the_old_jour
 
 
 def test_content_fingerprint_reads_a_bounded_sample_and_sees_a_changed_sample(tmp_path, monkeypatch):
-    from triageseg.pipeline import journal
+    from triageseg.pipeline.blockwise import journal
 
     big = tmp_path / "big.raw"
     with open(big, "wb") as fh:  # 1 GiB, sparse
@@ -238,7 +239,7 @@ sys.path.insert(0, sys.argv[4])
 from test_blocks import one_hot, pointwise
 from triageseg.datasets import pyramid
 from triageseg.pipeline import Pipeline
-from triageseg.pipeline.large import BlockOptions
+from triageseg.pipeline.blockwise.large import BlockOptions
 
 Pipeline.probability_stream = lambda self, used, scale=None, name="<array>": pointwise(one_hot)
 real = pyramid.write_pyramid
@@ -281,7 +282,7 @@ def test_the_next_run_removes_a_killed_runs_temporaries_and_nothing_else(tmp_pat
             _temp(out, ".slide.", ".part.tif", -3600),  # modified after this run started: a live writer's
             _temp(out, "slide.", ".part.tif", 3600), _temp(out, ".slide.", ".part.csv", 3600)]
 
-    with caplog.at_level(logging.INFO, logger="triageseg.pipeline.journal"):
+    with caplog.at_level(logging.INFO, logger="triageseg.pipeline.blockwise.journal"):
         report = fake_pipe.segment_files([src], out, blocks=OPTIONS)
     assert len(report.written) == 1
     assert same_label_file(out / "slide.tif", tmp_path / "clean" / "slide.tif")
@@ -292,7 +293,7 @@ def test_the_next_run_removes_a_killed_runs_temporaries_and_nothing_else(tmp_pat
 
 
 def test_a_run_on_an_image_another_live_run_holds_is_refused_and_touches_nothing(tmp_path, fake_pipe):
-    from triageseg.pipeline.journal import claim_outputs
+    from triageseg.pipeline.blockwise.journal import claim_outputs
 
     src, out = tmp_path / "slide.tif", tmp_path / "out"
     tifffile.imwrite(src, class_image(draw_labels(seed=4)))

@@ -258,7 +258,7 @@ def one_image(tmp_path, synth_data):
 
 def test_segment_unknown_generalist_skip_fail_and_forced(trained_bundle, tmp_path, one_image):
     from triageseg.cli.main import cli
-    from triageseg.pipeline.records import ROUTING_COLUMNS
+    from triageseg.pipeline.local.records import ROUTING_COLUMNS
 
     assert ROUTING_COLUMNS.index("ood_score") == ROUTING_COLUMNS.index("confidence") + 1
     root = _with_threshold(trained_bundle, tmp_path, -1.0)  # every image is unknown
@@ -317,10 +317,10 @@ def test_ray_route_stage_makes_the_same_decision(trained_bundle, tmp_path, one_i
     """The Ray segment actor (called here as a plain object) decides as Pipeline.decide does."""
     from triageseg.datasets.io import read_image
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.ray_stages import SegmentActor
+    from triageseg.pipeline.cluster.ray_stages import SegmentActor
 
     root = _with_threshold(trained_bundle, tmp_path, -1.0)
-    ray_stages = pytest.importorskip("triageseg.pipeline.ray_stages")
+    ray_stages = pytest.importorskip("triageseg.pipeline.cluster.ray_stages")
     image = read_image(one_image)
     expected = Pipeline(root, unknown="skip").decide(image)
     actor = SegmentActor(ray_stages.BundleSource(path=str(root)),
@@ -348,8 +348,8 @@ def test_block_path_skips_an_unknown_image(trained_bundle, tmp_path, one_image):
 
 def test_ray_run_records_a_skipped_image_without_a_label_file(tmp_path):
     """The driver side of the Ray path: a routed-as-skipped input gets its row and no label file."""
-    distributed = pytest.importorskip("triageseg.pipeline.distributed")
-    from triageseg.pipeline.ray_stages import StageOptions
+    distributed = pytest.importorskip("triageseg.pipeline.cluster.distributed")
+    from triageseg.pipeline.cluster.ray_stages import StageOptions
 
     run = object.__new__(distributed._Run)  # only the parts record() uses: no cluster needed
     run.report, run.stage = distributed.DistributedReport(), StageOptions(out=str(tmp_path))

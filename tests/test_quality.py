@@ -240,7 +240,7 @@ def test_block_path_rows_carry_the_quality(scored_bundle, tmp_path):
     import tifffile
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
 
     path = tmp_path / "big.tif"
     image = (np.random.default_rng(2).random((160, 200)) * 255).astype(np.uint8)
@@ -260,7 +260,7 @@ def test_ray_stages_carry_the_quality_without_ray(scored_bundle, tmp_path):
     import imagecodecs
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
+    from triageseg.pipeline.cluster.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
 
     path = tmp_path / "one.png"
     imagecodecs.imwrite(path, (np.random.default_rng(4).random((56, 72, 3)) * 255).astype(np.uint8))

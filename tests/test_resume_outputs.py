@@ -68,7 +68,7 @@ def _level_end(path: Path, level: int) -> int:
 
 
 def test_verify_output_checks_every_pyramid_level_and_the_ome_xml(tmp_path):
-    from triageseg.pipeline.records import verify_output
+    from triageseg.pipeline.local.records import verify_output
 
     path = tmp_path / "p.tif"
     _pyramid(path)
@@ -227,7 +227,7 @@ def test_rows_of_another_run_into_the_same_out_are_rebuilt(tiny_bundle, tmp_path
 
 
 def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tiny_bundle, tmp_path):
-    from triageseg.pipeline.outlock import out_dir_lock
+    from triageseg.pipeline.local.outlock import out_dir_lock
 
     folder = tmp_path / "d"
     _tiffs(folder, 2)
@@ -256,7 +256,7 @@ def _dense_labels(seed=0, shape=(90, 108)) -> np.ndarray:
 
 def test_every_geojson_feature_of_a_dense_label_image_is_valid(tmp_path):
     shapely_geometry = pytest.importorskip("shapely.geometry")
-    from triageseg.pipeline.geojson import write_geojson
+    from triageseg.pipeline.blockwise.geojson import write_geojson
 
     labels = _dense_labels()
     path = write_geojson(tmp_path / "dense.geojson", labels, modality="he")
@@ -275,7 +275,7 @@ def test_every_geojson_feature_of_a_dense_label_image_is_valid(tmp_path):
 
 def test_diagonal_pieces_become_a_multipolygon_of_valid_rings():
     shapely_geometry = pytest.importorskip("shapely.geometry")
-    from triageseg.pipeline.geojson import mask_geometry
+    from triageseg.pipeline.blockwise.geojson import mask_geometry
 
     mask = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 0]], bool)
     geometry = mask_geometry(mask, 10, 20)
@@ -289,7 +289,7 @@ def test_diagonal_pieces_become_a_multipolygon_of_valid_rings():
 def test_rois_of_a_dense_label_image_are_one_per_object(tmp_path):
     from roifile import roiread
 
-    from triageseg.pipeline.outputs import write_rois
+    from triageseg.pipeline.local.outputs import write_rois
 
     labels = _dense_labels(seed=3)
     write_rois(tmp_path / "r.zip", labels)

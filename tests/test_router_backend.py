@@ -1,4 +1,4 @@
-"""The router on the specialists' backend (pipeline.router_backend): eager torch's routing, the cache, fallbacks."""
+"""The router on the specialists' backend (pipeline.local.router_backend): eager torch's routing, the cache, fallbacks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from triageseg.pipeline import router_backend as RB  # noqa: E402
+from triageseg.pipeline.local import router_backend as RB  # noqa: E402
 from triageseg.router.model import (  # noqa: E402
     RouterConfig,
     classify,

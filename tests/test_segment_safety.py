@@ -86,7 +86,7 @@ def test_segment_files_refuses_to_overwrite_or_shadow_an_input(tiny_bundle, tmp_
     import imagecodecs
 
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.batch import OutputConflict
+    from triageseg.pipeline.local.batch import OutputConflict
 
     folder = tmp_path / "d"
     (tiff,) = _tiffs(folder, 1)
@@ -213,7 +213,8 @@ def test_interrupted_worker_run_keeps_a_row_for_every_label_file(tiny_bundle, tm
 
 def test_rows_of_labels_written_just_before_a_kill_are_recovered(tiny_bundle, tmp_path, monkeypatch):
     """A kill between writing a label file and its routing.csv row: the journal gives the row back."""
-    from triageseg.pipeline import Pipeline, batch
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.local import batch
 
     files = _tiffs(tmp_path / "d", 3)
     out = tmp_path / "out"

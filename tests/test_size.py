@@ -133,7 +133,7 @@ def _write(tmp_path, name: str, image: np.ndarray) -> str:
 
 def test_routing_csv_has_the_size_columns_and_diameter_overrides(tmp_path, sized_bundle):
     from triageseg.cli.main import cli
-    from triageseg.pipeline.records import ROUTING_COLUMNS
+    from triageseg.pipeline.local.records import ROUTING_COLUMNS
 
     assert ROUTING_COLUMNS[-3:] == ("diameter", "scale", "size_source")
     src = tmp_path / "in"
@@ -158,7 +158,7 @@ def test_routing_csv_has_the_size_columns_and_diameter_overrides(tmp_path, sized
 @pytest.mark.parametrize("bad", ["0", "-4", "nan", "inf", "1e9", "abc"])
 def test_cli_refuses_bad_diameters_before_anything_loads(tmp_path, bad, monkeypatch):
     from triageseg.cli.main import cli
-    from triageseg.pipeline import single
+    from triageseg.pipeline.local import single
 
     monkeypatch.setattr(single.Pipeline, "__init__", lambda *a, **k: pytest.fail("the bundle was loaded"))
     image = _write(tmp_path, "a.tif", _disks(4, size=64))
@@ -174,7 +174,7 @@ def test_block_path_at_scale_2_and_half_gives_the_in_memory_labels(tmp_path, siz
 
     from triageseg.datasets.io import read_labels
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.large import BlockOptions
+    from triageseg.pipeline.blockwise.large import BlockOptions
 
     path = _mosaic(tmp_path)
     pipe = Pipeline.from_bundle(sized_bundle, device="cpu", batch_size=2, diameter=diameter)
@@ -261,7 +261,7 @@ def test_ray_stages_carry_the_size_decision_without_ray(sized_bundle, tmp_path):
     """The cluster path's segment actor and write task, called directly: the local path's size and labels."""
     from triageseg.datasets.io import read_labels
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
+    from triageseg.pipeline.cluster.ray_stages import BundleSource, SegmentActor, StageOptions, read_stage, write_stage
 
     path = _write(tmp_path, "cells.tif", _disks(16, size=128))
     options = StageOptions(out=str(tmp_path / "ray_out"), pipeline={"device": "cpu", "diameter": 8.0})

@@ -145,7 +145,7 @@ def test_four_modality_dataset_and_default_weights(tmp_path):
 def test_old_three_modality_dataset_and_bundle_still_load(synth_data, tiny_bundle):
     from triageseg.datasets.io import read_image
     from triageseg.datasets.layout import Dataset
-    from triageseg.pipeline.single import load_pipeline
+    from triageseg.pipeline.local.single import load_pipeline
 
     ds = Dataset(synth_data)
     ds.check()

@@ -113,7 +113,7 @@ def _interrupt_after_first(epoch, metrics, run_dir):
 
 def test_segment_interrupt_message_gives_the_rerun_command(tiny_bundle, tmp_path, monkeypatch):
     from triageseg.cli.main import cli
-    from triageseg.pipeline import batch
+    from triageseg.pipeline.local import batch
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt

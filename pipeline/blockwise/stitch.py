@@ -1,12 +1,12 @@
 """Numbering the objects of all blocks and rendering each core: there is nothing else to stitch.
 
 Every object of the image is owned, whole, by exactly one block
-(:func:`~triageseg.pipeline.blocks.decode_block`: the block whose core holds its first
+(:func:`~triageseg.pipeline.blockwise.blocks.decode_block`: the block whose core holds its first
 pixel), so the blocks' objects are disjoint and together are the whole image's labels.
 Global ids are 1..n in (block, first pixel) order; a core's final labels are painted
 from the owned objects of every block whose box meets it (its neighbours, or farther
 for a component larger than the margin). The one exception: a foreground component
-larger than a grown window may be (:data:`~triageseg.pipeline.blocks.GROW_LIMIT`, e.g. a
+larger than a grown window may be (:data:`~triageseg.pipeline.blockwise.blocks.GROW_LIMIT`, e.g. a
 slide whose foreground is one piece) is decoded in a limited window by each block it
 spans, and those decodings may differ; it is counted (``Numbering.oversized``) and the
 later block's objects are painted over the earlier's.
@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from triageseg.pipeline.blocks import BlockGrid, BlockResult, Box
+
+from triageseg.pipeline.blockwise.blocks import BlockGrid, BlockResult, Box
 
 
 class BlockCache:
@@ -72,7 +73,7 @@ def number_blocks(grid: BlockGrid, load: Callable[[int], BlockResult]) -> Number
 
     Args:
         grid: the block grid.
-        load: block index -> its :class:`~triageseg.pipeline.blocks.BlockResult`.
+        load: block index -> its :class:`~triageseg.pipeline.blockwise.blocks.BlockResult`.
     """
     counts, boxes, grown, oversized = [], [], 0, 0
     for block in grid.blocks:

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
 from triageseg.datasets.atomic import atomic_path
 
 # Tracing resolution (see mask_polygon).

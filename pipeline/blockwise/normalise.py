@@ -3,7 +3,7 @@
 Every block (and every band of probability rows) of a huge image is scaled with the same
 statistics, taken from the strided subsample the in-memory reader uses, so an image that
 also fits in memory is scaled identically both ways. Re-exported by
-:mod:`triageseg.pipeline.blocks`.
+:mod:`triageseg.pipeline.blockwise.blocks`.
 
 Example:
     >>> norm, overview = scan_image(np.zeros((64, 64), np.uint8))
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from triageseg.datasets.errors import DataError
 
 

@@ -6,7 +6,7 @@ processes, writes every output atomically and skips inputs whose outputs exist a
 verify, so an interrupted run resumes where it stopped.
 
 What keeps a run safe (outputs apart from inputs, settings checked on resume, label
-files verified, the routing journal) is in :mod:`triageseg.pipeline.records`, which a
+files verified, the routing journal) is in :mod:`triageseg.pipeline.local.records`, which a
 distributed path calls too.
 """
 
@@ -28,9 +28,9 @@ import numpy as np
 
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.large import BlockOptions, segment_large_file, use_blocks
-from triageseg.pipeline.outlock import out_dir_lock
-from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names batch callers import
+from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file, use_blocks
+from triageseg.pipeline.local.outlock import out_dir_lock
+from triageseg.pipeline.local.records import (  # noqa: F401 - re-exported: the names batch callers import
     FAILURES_CSV,
     JOURNAL,
     OUTPUT_SETTINGS,
@@ -52,7 +52,7 @@ from triageseg.pipeline.records import (  # noqa: F401 - re-exported: the names 
     verify_output,
     write_failures,
 )
-from triageseg.pipeline.remake import Extras, missing_outputs, remake_outputs, write_extras
+from triageseg.pipeline.local.remake import Extras, missing_outputs, remake_outputs, write_extras
 from triageseg.postprocess.watershed import watershed
 from triageseg.router.policy import UNKNOWN_DECISION
 
@@ -102,7 +102,7 @@ def segment_files(
     progress: Callable[[Path], None] | None = None,
     blocks: BlockOptions | None = None,
 ) -> BatchReport:
-    """Segment files with ``pipe`` (a :class:`~triageseg.pipeline.single.Pipeline`) into ``out_dir``: ``<name>.tif`` labels plus ``routing.csv``.
+    """Segment files with ``pipe`` (a :class:`~triageseg.pipeline.local.single.Pipeline`) into ``out_dir``: ``<name>.tif`` labels plus ``routing.csv``.
 
     Reading runs one image ahead in a thread and the watershed (plus writing) runs in
     ``workers`` processes, so the segmenter's device is not left waiting on the CPU.
@@ -132,7 +132,7 @@ def segment_files(
         page: plane to read from multi-page TIFFs (see :func:`~triageseg.datasets.io.read_image`).
         names: output names (without extension), one per input; default the input stems.
         progress: called with each input path when it is done.
-        blocks: :class:`~triageseg.pipeline.large.BlockOptions`: when an image is large enough
+        blocks: :class:`~triageseg.pipeline.blockwise.large.BlockOptions`: when an image is large enough
             to go block-wise (``mode`` = ``blocks`` in routing.csv) and how.
 
     Raises:
@@ -289,7 +289,7 @@ def _run(pipe, todo, out_dir: Path, rows: dict[str, dict], journal: RoutingJourn
     try:
         for path, name, loaded in _prefetch(todo, prepare):
             t0 = time.perf_counter()
-            if loaded is _BLOCKWISE:  # a huge image: block by block, streamed to disk (pipeline.large)
+            if loaded is _BLOCKWISE:  # a huge image: block by block, streamed to disk (pipeline.blockwise.large)
                 try:
                     if page is not None:
                         raise DataError(path, "page selection is not available for images segmented block-wise")
@@ -411,7 +411,7 @@ def _worker_init(parent_pid: int | None = None) -> None:
     # after their current job, so a worker must not die of it mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_pid is not None:  # a SIGKILLed main process leaves no orphan worker behind
-        from triageseg.pipeline.procs import die_with_parent
+        from triageseg.pipeline.local.procs import die_with_parent
 
         die_with_parent(parent_pid)
     from triageseg.segmenters.backends import limit_worker_threads
@@ -494,7 +494,7 @@ def _decode_and_write(probs, params, out_dir, name, pixel_size, image, kinds=(),
                       confidence=None, row=None) -> tuple[int, float | None]:
     """Watershed + atomic writes; runs in a worker process.
 
-    ``kinds`` are the outputs besides the label file (:class:`~triageseg.pipeline.remake.Extras`);
+    ``kinds`` are the outputs besides the label file (:class:`~triageseg.pipeline.local.remake.Extras`);
     ``quality`` is the segmenter's :class:`~triageseg.postprocess.quality.QualityModel` (or
     None) and ``confidence`` the router's; the predicted quality is computed here, where the
     probabilities and the labels both are. ``row`` (the routing row so far) is stored,

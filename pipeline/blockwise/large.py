@@ -2,19 +2,19 @@
 
 :func:`segment_blocks` is the block path for any array-like image (array in, label file
 out): the class probabilities once per pixel on the whole image's tile grid, band by band,
-into a :class:`~triageseg.pipeline.probstore.ProbabilityStore` in a :class:`Journal`
-beside the output; then :func:`~triageseg.pipeline.blocks.decode_block` over the grid
+into a :class:`~triageseg.pipeline.blockwise.probstore.ProbabilityStore` in a :class:`Journal`
+beside the output; then :func:`~triageseg.pipeline.blockwise.blocks.decode_block` over the grid
 (each finished block kept in the journal), the objects numbered
-(:mod:`triageseg.pipeline.stitch`), and the labels streamed to a tiled pyramidal TIFF (and
+(:mod:`triageseg.pipeline.blockwise.stitch`), and the labels streamed to a tiled pyramidal TIFF (and
 optionally a GeoJSON of outlines) that appear under their names only when complete. The
 labels equal the in-memory path's up to the numbering. An interrupted run resumes from
-the finished probability rows and blocks (checked: :mod:`triageseg.pipeline.probstore`,
-:mod:`triageseg.pipeline.journal`); the journal is removed on success.
+the finished probability rows and blocks (checked: :mod:`triageseg.pipeline.blockwise.probstore`,
+:mod:`triageseg.pipeline.blockwise.journal`); the journal is removed on success.
 
 :func:`segment_large_file` adds what a file needs: a lazy reader (TIFF / BigTIFF /
 OME-TIFF / SVS at a pyramid level), one pass for the normalisation statistics and the
 overview, routing from the overview plus full-resolution crops, and the ``routing.csv``
-row. :meth:`Pipeline.segment_files <triageseg.pipeline.single.Pipeline.segment_files>`
+row. :meth:`Pipeline.segment_files <triageseg.pipeline.local.single.Pipeline.segment_files>`
 sends images above :attr:`BlockOptions.threshold_mp` here.
 """
 
@@ -30,8 +30,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.blocks import (
+from triageseg.pipeline.blockwise.blocks import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MARGIN,
     GROW_LIMIT,
@@ -42,15 +43,15 @@ from triageseg.pipeline.blocks import (
     plan_blocks,
     scan_image,
 )
-from triageseg.pipeline.journal import (  # noqa: F401 - Journal, JOURNAL_FORMAT re-exported (the block path's API)
+from triageseg.pipeline.blockwise.journal import (  # noqa: F401 - Journal, JOURNAL_FORMAT re-exported (the block path's API)
     JOURNAL_FORMAT,
     Journal,
     claim_outputs,
     content_fingerprint,
 )
-from triageseg.pipeline.probstore import ProbabilityStore, Stream, compute_probabilities
-from triageseg.pipeline.records import label_record, routing_row
-from triageseg.pipeline.stitch import BlockCache, kept_objects, number_blocks, render_core
+from triageseg.pipeline.blockwise.probstore import ProbabilityStore, Stream, compute_probabilities
+from triageseg.pipeline.blockwise.stitch import BlockCache, kept_objects, number_blocks, render_core
+from triageseg.pipeline.local.records import label_record, routing_row
 from triageseg.postprocess.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,6 @@ def use_blocks(path: str | os.PathLike, options: BlockOptions) -> bool:
     """Whether ``path`` goes the block path: a pyramid level was asked for, a slide format, or a large image."""
     from triageseg.datasets.io import IMAGE_SUFFIXES
     from triageseg.datasets.lazy import image_size, is_tiff
-
     from triageseg.datasets.omezarr import is_zarr
 
     path = Path(path)
@@ -239,8 +239,8 @@ def segment_blocks(
             class probabilities of the normalised image (``Pipeline.probability_stream``,
             or any function of the rows for tests).
         params: watershed parameters.
-        grid: the blocks (:func:`~triageseg.pipeline.blocks.plan_blocks`).
-        norm: global normalisation (:func:`~triageseg.pipeline.blocks.scan_image`).
+        grid: the blocks (:func:`~triageseg.pipeline.blockwise.blocks.plan_blocks`).
+        norm: global normalisation (:func:`~triageseg.pipeline.blockwise.blocks.scan_image`).
         journal: where the probabilities and finished blocks are kept; what is in it is
             not computed again. It is removed once the outputs are in place.
         geojson: also write the outlines here (GeoJSON FeatureCollection).
@@ -258,11 +258,12 @@ def segment_blocks(
         A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
         (probability rows computed now), ``grown`` (components larger than the margin,
         decoded in a grown window), ``oversized`` (of those, larger than
-        :data:`~triageseg.pipeline.blocks.GROW_LIMIT`: decoded in limited windows, warned),
+        :data:`~triageseg.pipeline.blockwise.blocks.GROW_LIMIT`: decoded in limited windows, warned),
         ``quality_sums`` / ``median_area`` (:func:`triageseg.postprocess.quality.signals_from_sums`).
     """
     from tqdm import tqdm
-    from triageseg.pipeline.geojson import GeoJSONWriter
+
+    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
@@ -377,7 +378,7 @@ def segment_large_file(
     Routing uses an overview of the whole image and full-resolution crops; the router,
     segmenter and fallback policy are ``pipe``'s, as for small images. The journal
     ``out_dir/.<name>.blocks/`` keeps finished blocks until the outputs are complete. The
-    image's outputs are claimed first (:func:`~triageseg.pipeline.journal.claim_outputs`: a
+    image's outputs are claimed first (:func:`~triageseg.pipeline.blockwise.journal.claim_outputs`: a
     lock, and the temporaries an interrupted run left removed).
 
     ``before_write`` is called with the ``routing.csv`` row (without ``objects``) just

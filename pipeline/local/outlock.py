@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from triageseg.pipeline.records import OutputConflict
+from triageseg.pipeline.local.records import OutputConflict
 
 LOCK_FILE = ".triageseg.lock"
 

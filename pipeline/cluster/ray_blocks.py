@@ -1,8 +1,8 @@
 """The block path as Ray tasks: huge images spread over a cluster, labels identical to the local block path.
 
-This module holds the units (band actor, scan, decode); :mod:`~triageseg.pipeline.ray_slides`
-schedules them. :class:`~triageseg.pipeline.ray_slides.SlideRun` does for many slides at once what
-:func:`~triageseg.pipeline.large.segment_large_file` does for one, with every costly step as
+This module holds the units (band actor, scan, decode); :mod:`~triageseg.pipeline.cluster.ray_slides`
+schedules them. :class:`~triageseg.pipeline.cluster.ray_slides.SlideRun` does for many slides at once what
+:func:`~triageseg.pipeline.blockwise.large.segment_large_file` does for one, with every costly step as
 Ray work and the same journal beside each output (``out_dir/.<name>.blocks/``, on storage
 every node reads: a shared folder):
 
@@ -31,7 +31,7 @@ flight: tasks are retried (``max_retries=-1``), actors restarted and their band 
 (a band writes the same bytes again), and everything finished is in the journal, so a
 rerun after the driver died resumes at the unfinished bands and blocks.
 
-The block function (:func:`~triageseg.pipeline.blocks.decode_block`) and the probability
+The block function (:func:`~triageseg.pipeline.blockwise.blocks.decode_block`) and the probability
 stream are the units both paths schedule, and the journal is the same, so the labels are
 the local block path's, id for id, and a run interrupted on the cluster resumes locally
 (or the other way round).
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from triageseg.pipeline.large import BlockOptions, open_source
-from triageseg.pipeline.probstore import CHUNK_COLS, CHUNK_ROWS, ProbabilityStore, _compute_run
+from triageseg.pipeline.blockwise.large import BlockOptions, open_source
+from triageseg.pipeline.blockwise.probstore import CHUNK_COLS, CHUNK_ROWS, ProbabilityStore, _compute_run
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class BandActor:
     def __init__(self, bundle: str, pipeline: dict, threads: int = 1):
         import torch
 
-        from triageseg.pipeline.single import Pipeline
+        from triageseg.pipeline.local.single import Pipeline
 
         torch.set_num_threads(max(1, int(threads)))  # the local run's thread count: the same probabilities
         self.pipe = Pipeline(bundle, **pipeline)
@@ -124,7 +124,7 @@ class BandActor:
         return self._band(path, level, norm, model, scale, folder, shape, y0, y1), time.perf_counter() - t0
 
     def _band(self, path, level, norm, model, scale, folder, shape, y0, y1) -> dict:
-        from triageseg.pipeline.blocks import NormStats
+        from triageseg.pipeline.blockwise.blocks import NormStats
 
         stats = NormStats.from_dict(norm)
         with open_source(path, level=level) as (source, _):
@@ -139,9 +139,9 @@ class BandActor:
 
 def _scan_and_route(bundle: str, pipeline: dict, path: str, level: int, channel, modality) -> dict:
     """The journal state of an image: normalisation statistics and the routing decision (one task)."""
-    from triageseg.pipeline.blocks import scan_image
-    from triageseg.pipeline.large import _mean_pixel
-    from triageseg.pipeline.single import Pipeline
+    from triageseg.pipeline.blockwise.blocks import scan_image
+    from triageseg.pipeline.blockwise.large import _mean_pixel
+    from triageseg.pipeline.local.single import Pipeline
 
     pipe = Pipeline(bundle, **pipeline)
     with open_source(path, level=level) as (source, pixel_size):
@@ -165,8 +165,8 @@ def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, pa
     objects never travel through the object store and the driver (a 100k x 100k slide has
     2,401 of them).
     """
-    from triageseg.pipeline.blocks import BlockGrid, decode_block
-    from triageseg.pipeline.journal import block_file
+    from triageseg.pipeline.blockwise.blocks import BlockGrid, decode_block
+    from triageseg.pipeline.blockwise.journal import block_file
     from triageseg.postprocess.watershed import WatershedParams
 
     grid = BlockGrid(tuple(grid_dict["shape"]), int(grid_dict["margin"]), tuple(map(tuple, grid_dict["rows"])),
@@ -181,12 +181,12 @@ def segment_large_file_ray(pipe, path: str | os.PathLike, out_dir: str | os.Path
                            modality: str | None = None, channel: int | None = None,
                            options: BlockOptions = BlockOptions(), actors: int = 1, cpus_per_actor: float = 1.0,
                            gpus_per_actor: float = 0.0, band_chunk_rows: int = BAND_CHUNK_ROWS) -> dict:
-    """:func:`~triageseg.pipeline.large.segment_large_file` with every step on Ray (a one-slide ``SlideRun``).
+    """:func:`~triageseg.pipeline.blockwise.large.segment_large_file` with every step on Ray (a one-slide ``SlideRun``).
 
     Ray must be initialised; ``out_dir`` must be a folder every node reads and writes
     (the journal lives there). Returns what ``segment_large_file`` returns.
     """
-    from triageseg.pipeline.ray_slides import SlideRun
+    from triageseg.pipeline.cluster.ray_slides import SlideRun
 
     rows: list[dict] = []
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Many image files on a Ray cluster: the routed pipeline as Ray Data stages.
 
 :func:`segment_files_ray` is what ``triageseg segment --address ...`` (or ``--ray``) runs.
-It makes the same files as :func:`triageseg.pipeline.batch.segment_files` (label TIFFs,
+It makes the same files as :func:`triageseg.pipeline.local.batch.segment_files` (label TIFFs,
 ``routing.csv`` with the same columns) in one pass over the inputs still to do:
 
 ```
@@ -14,7 +14,7 @@ The model pools run side by side inside one pool: an image is routed and segment
 the same actor, so each image is read once and a run pays actor start and each model's
 load once per actor (a pass per model paid them per model: +78-88 % over the local run
 on 48 images of 512 x 512). The stages call the same functions as the local path (see
-:mod:`~triageseg.pipeline.ray_stages`).
+:mod:`~triageseg.pipeline.cluster.ray_stages`).
 
 Guarantees, as locally: outputs are atomic (rename, or one upload for a URI); an input
 is done when its label file exists and ``routing.csv`` has its row, so a rerun after the
@@ -25,7 +25,7 @@ leaves no duplicate. Temporary files of killed writers are removed at the end.
 
 Huge images (local inputs above the block threshold, a pyramid level, slide formats)
 go the block path as Ray tasks instead, all of them interleaved and at the same time as
-the pass, from a driver thread (:mod:`~triageseg.pipeline.ray_slides`: scan + route,
+the pass, from a driver thread (:mod:`~triageseg.pipeline.cluster.ray_slides`: scan + route,
 probability bands on one actor pool, block decodes and a finish as CPU tasks; the labels
 are the local block path's).
 """
@@ -43,8 +43,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline import storage
-from triageseg.pipeline.batch import (
+from triageseg.pipeline.cluster import storage
+from triageseg.pipeline.cluster.ray_stages import (
+    BundleSource,
+    SegmentActor,
+    StageOptions,
+    read_stage,
+    row_error,
+    write_stage,
+)
+from triageseg.pipeline.local.batch import (
     ROUTING_CSV,
     SEGMENT_CONFIG,
     BatchReport,
@@ -59,14 +67,6 @@ from triageseg.pipeline.batch import (
     rebuild_rows,
     routing_row,
     verify_output,
-)
-from triageseg.pipeline.ray_stages import (
-    BundleSource,
-    SegmentActor,
-    StageOptions,
-    read_stage,
-    row_error,
-    write_stage,
 )
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION
@@ -343,20 +343,20 @@ def segment_files_ray(
     """Segment files on the connected Ray cluster into ``out_dir``, as ``segment_files`` does on one machine.
 
     Ray must be initialised (:func:`triageseg.ray_cluster.ray_connection`). ``pipe`` (a
-    :class:`~triageseg.pipeline.single.Pipeline`) is the bundle and its options; the
+    :class:`~triageseg.pipeline.local.single.Pipeline`) is the bundle and its options; the
     driver loads no model, the actors do.
 
     Args:
         inputs: image files: local paths every node reads (absolute or relative to here) or URIs.
         out_dir: output folder, a shared path or a URI (``s3://bucket/labels``).
         modality, overwrite, on_error, overlays, rois, channel, page, names: as for the local path
-            (:func:`~triageseg.pipeline.batch.segment_files`), with the same safety checks:
+            (:func:`~triageseg.pipeline.local.batch.segment_files`), with the same safety checks:
             outputs apart from the inputs, settings recorded in ``segment_config.json`` and
             checked on resume, failures listed in ``failures.csv``.
         cluster_options: actors, CPU/GPU shares, bundle shipping, progress.
         log: where one-line notes go (pass sizes, warnings).
-        blocks: :class:`~triageseg.pipeline.large.BlockOptions`: local images above its
-            threshold go the block path as Ray tasks (:mod:`~triageseg.pipeline.ray_slides`),
+        blocks: :class:`~triageseg.pipeline.blockwise.large.BlockOptions`: local images above its
+            threshold go the block path as Ray tasks (:mod:`~triageseg.pipeline.cluster.ray_slides`),
             interleaved, at the same time as the pass over the others.
 
     Raises:
@@ -404,7 +404,7 @@ def segment_files_ray(
     todo = [item for item in todo if item not in big]
     start = time.perf_counter()
     # block-wise images in a thread of their own, at the same time as the pass over the others
-    from triageseg.pipeline.ray_slides import SlidesThread
+    from triageseg.pipeline.cluster.ray_slides import SlidesThread
 
     slides = SlidesThread(pipe, big, out, journal, report, options, blocks, modality=modality, channel=channel,
                           on_error=on_error, log=log)
@@ -446,7 +446,7 @@ def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, 
 
 def _blockwise(todo: list[dict], blocks) -> list[dict]:
     """The local inputs the block path takes (above the block threshold, a pyramid level, a slide format)."""
-    from triageseg.pipeline.large import BlockOptions, use_blocks
+    from triageseg.pipeline.blockwise.large import BlockOptions, use_blocks
 
     blocks = BlockOptions() if blocks is None else blocks
     return [item for item in todo if not is_uri(item["file"]) and use_blocks(Path(item["source"]), blocks)]

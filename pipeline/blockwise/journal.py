@@ -1,6 +1,6 @@
 """The journal of one huge image, what it is keyed on, and who may write the image's outputs.
 
-The block path (:mod:`triageseg.pipeline.large`) keeps an image's finished work in a
+The block path (:mod:`triageseg.pipeline.blockwise.large`) keeps an image's finished work in a
 :class:`Journal` folder, ``.<name>.blocks/`` beside its outputs, until the outputs are
 complete. Three things keep a rerun from ever producing wrong or stale results:
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.blocks import BlockResult
+from triageseg.pipeline.blockwise.blocks import BlockResult
 
 logger = logging.getLogger(__name__)
 

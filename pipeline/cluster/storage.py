@@ -196,7 +196,7 @@ def check_settings_at(out: str, settings: dict, *, overwrite: bool = False) -> N
     Raises:
         OutputConflict: naming each differing setting, then and now.
     """
-    from triageseg.pipeline.batch import OUTPUT_SETTINGS, SEGMENT_CONFIG, OutputConflict, check_settings
+    from triageseg.pipeline.local.batch import OUTPUT_SETTINGS, SEGMENT_CONFIG, OutputConflict, check_settings
 
     if not is_uri(out):
         check_settings(out, settings, overwrite=overwrite)
@@ -218,7 +218,7 @@ def check_settings_at(out: str, settings: dict, *, overwrite: bool = False) -> N
 
 def write_failures_at(out: str, failures) -> None:
     """``batch.write_failures`` for a local folder or a URI (``failures.csv``: file, problem)."""
-    from triageseg.pipeline.batch import FAILURES_CSV, write_failures
+    from triageseg.pipeline.local.batch import FAILURES_CSV, write_failures
 
     if not is_uri(out):
         write_failures(out, failures)

@@ -1,7 +1,7 @@
 """Huge images block by block: the grid, global normalisation, and decoding one block.
 
 The class probabilities of a huge image are computed once per pixel, on the whole
-image's tile grid (:mod:`triageseg.pipeline.probstore`), so they are bit for bit those
+image's tile grid (:mod:`triageseg.pipeline.blockwise.probstore`), so they are bit for bit those
 of the in-memory path. The labels are then decoded block by block from them. The image
 is cut into a grid of **cores** that tile it exactly; each core is decoded in a window
 with a **margin** on every side that has a neighbour (its *outer* region). One block
@@ -16,7 +16,7 @@ with a **margin** on every side that has a neighbour (its *outer* region). One b
    every object of the image is owned by exactly one block, whole.
 
 So the block labels equal the whole image's up to the numbering: there is nothing to
-stitch. :mod:`triageseg.pipeline.stitch` numbers the objects (consecutive ids in block
+stitch. :mod:`triageseg.pipeline.blockwise.stitch` numbers the objects (consecutive ids in block
 order) and renders each core.
 
 Example:
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
-from triageseg.pipeline.normalise import NormStats, scan_image  # noqa: F401 - re-exported (the block path's API)
+
+from triageseg.pipeline.blockwise.normalise import NormStats, scan_image  # noqa: F401 - re-exported (the block path's API)
 from triageseg.postprocess.watershed import WatershedParams, decode_components
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
@@ -302,7 +303,7 @@ def decode_block(read_probs: ProbReader, block: Block, *, params: WatershedParam
 
     Args:
         read_probs: box of the image -> its float32 3 x h x w probabilities (e.g.
-            :meth:`~triageseg.pipeline.probstore.ProbabilityStore.read`).
+            :meth:`~triageseg.pipeline.blockwise.probstore.ProbabilityStore.read`).
         block: a block of :func:`plan_blocks` for this image.
         params: watershed parameters.
         margin: the grid's margin (how far a grown window first reaches past a component).

@@ -1,7 +1,7 @@
 """What a batch run leaves in its output folder, and the checks that keep it safe to resume.
 
-Any batch path (the local one in :mod:`triageseg.pipeline.batch`, the Ray one in
-:mod:`triageseg.pipeline.distributed`) calls these: :func:`check_outputs_apart` (no output
+Any batch path (the local one in :mod:`triageseg.pipeline.local.batch`, the Ray one in
+:mod:`triageseg.pipeline.cluster.distributed`) calls these: :func:`check_outputs_apart` (no output
 overwrites or shadows an input), :func:`output_settings` / :func:`check_settings` (a resumed
 run uses the settings the outputs were made with), :func:`verify_output` (an existing label
 file opens and has its input's shape), :func:`write_failures` and :class:`RoutingJournal`

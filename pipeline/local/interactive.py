@@ -3,7 +3,7 @@
 The web page (:mod:`triageseg.serve`) and the napari plugin (:mod:`triageseg.napari_plugin`)
 show more of the routing decision than ``routing.csv`` keeps (every class probability,
 also when the user forced a modality), in separate steps so a face can report progress
-between them. Each step is a :class:`~triageseg.pipeline.single.Pipeline` call:
+between them. Each step is a :class:`~triageseg.pipeline.local.single.Pipeline` call:
 :meth:`~Pipeline.route` and :meth:`~Pipeline.choose` decide, :meth:`~Pipeline.probabilities`
 runs the segmenter, the shared watershed decodes; nothing here re-implements them.
 
@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,7 +59,7 @@ class Routing:
 
 def route_image(pipe, image: np.ndarray, *, modality: str | None = None, diameter: float | None = None,
                 pixel_size=None) -> Routing:
-    """Route one normalised HxWx3 image with ``pipe`` (a :class:`~triageseg.pipeline.single.Pipeline`).
+    """Route one normalised HxWx3 image with ``pipe`` (a :class:`~triageseg.pipeline.local.single.Pipeline`).
 
     A forced ``modality`` picks that segmenter, as ``Pipeline.decide`` does; the router
     still runs when the bundle has one, so its view of the image is shown beside the

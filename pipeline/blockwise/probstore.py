@@ -5,7 +5,7 @@
 batches and blending, band of tile rows by band) over the normalised rows of an
 array-like image and writes the rows into a :class:`ProbabilityStore`, a zarr 3 array of
 float32 (the in-memory path's dtype) in the image's journal folder. The blocks are then
-decoded from it (:func:`~triageseg.pipeline.blocks.decode_block`). Rows are written in
+decoded from it (:func:`~triageseg.pipeline.blockwise.blocks.decode_block`). Rows are written in
 whole chunk rows, and each finished chunk row is recorded with a checksum of every chunk
 file it wrote, so an interrupted run resumes at the unfinished chunk rows.
 
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+
 from triageseg.datasets.atomic import write_json_atomic, write_text_atomic
 from triageseg.datasets.errors import DataError
 

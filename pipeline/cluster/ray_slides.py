@@ -1,6 +1,6 @@
 """Many huge images at once on a Ray cluster: the scheduler of the block path's Ray units.
 
-:class:`SlideRun` runs the units of :mod:`~triageseg.pipeline.ray_blocks` (scan task, band
+:class:`SlideRun` runs the units of :mod:`~triageseg.pipeline.cluster.ray_blocks` (scan task, band
 actors, decode tasks) and a finish task per slide, all slides interleaved, from one
 driver loop: a ``ray.wait`` over the work in flight, each band's chunk checksums recorded
 in its slide's store state (the driver is its one writer; decode tasks write their own
@@ -21,12 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from triageseg.pipeline.blocks import plan_blocks
-from triageseg.pipeline.journal import Journal, claim_outputs
-from triageseg.pipeline.large import BlockOptions, _fingerprint, open_source, segment_large_file
-from triageseg.pipeline.probstore import ProbabilityStore
-from triageseg.pipeline.ray_blocks import BAND_CHUNK_ROWS, BandActor, _decode, _record, _scan_and_route, band_spans
-from triageseg.pipeline.records import routing_row
+from triageseg.pipeline.blockwise.blocks import plan_blocks
+from triageseg.pipeline.blockwise.journal import Journal, claim_outputs
+from triageseg.pipeline.blockwise.large import BlockOptions, _fingerprint, open_source, segment_large_file
+from triageseg.pipeline.blockwise.probstore import ProbabilityStore
+from triageseg.pipeline.cluster.ray_blocks import (
+    BAND_CHUNK_ROWS,
+    BandActor,
+    _decode,
+    _record,
+    _scan_and_route,
+    band_spans,
+)
+from triageseg.pipeline.local.records import routing_row
 
 
 def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, modality, channel,
@@ -37,7 +44,7 @@ def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, mod
     key that differs would make segment_large_file start the slide again here, on one CPU,
     so it is refused instead.
     """
-    from triageseg.pipeline.single import Pipeline
+    from triageseg.pipeline.local.single import Pipeline
 
     pipe = Pipeline(bundle, **settings)
     here = json.loads(json.dumps(_fingerprint(pipe, Path(path), options, modality, channel)))
@@ -334,15 +341,15 @@ class SlideRun:
 
 def segment_slides(pipe, big: list[dict], out: str, journal, report, options, blocks, *, modality, channel,
                    on_error: str, log: Callable[[str], None], stop=None) -> SlideStats:
-    """The huge images of a :func:`~triageseg.pipeline.distributed.segment_files_ray` run, all at once.
+    """The huge images of a :func:`~triageseg.pipeline.cluster.distributed.segment_files_ray` run, all at once.
 
     Each routing.csv row goes to the run's ``journal`` and ``report``, a failure to
     ``on_error`` as for the other images. ``stop`` (a ``threading.Event``): set, the run
     stops at its next step (the small images' pass failed).
     """
     from triageseg.datasets.errors import DataError
-    from triageseg.pipeline.batch import _fail, format_quality
-    from triageseg.pipeline.distributed import _as_input, pool_size
+    from triageseg.pipeline.cluster.distributed import _as_input, pool_size
+    from triageseg.pipeline.local.batch import _fail, format_quality
     from triageseg.ray_cluster import cluster_info, is_uri
 
     blocks = BlockOptions() if blocks is None else blocks

@@ -4,7 +4,7 @@
 read + normalise (task)  ->  route + segment (SegmentActor pool, every model)  ->  watershed + write (task)
 ```
 
-Each stage calls the functions the local path calls (:func:`~triageseg.pipeline.batch.read_input`,
+Each stage calls the functions the local path calls (:func:`~triageseg.pipeline.local.batch.read_input`,
 :meth:`Pipeline.decide`, :meth:`Pipeline.probabilities`, the batch writer), so a cluster run
 and ``triageseg segment`` on one machine give the same labels. A bad input never raises
 out of a stage: its row carries ``error`` (and ``error_path``) and passes the later
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline import storage
+from triageseg.pipeline.cluster import storage
 from triageseg.ray_cluster import is_uri
 from triageseg.router.policy import SKIPPED
 
@@ -113,7 +113,7 @@ def _set_threads(threads: int) -> None:
 
 def read_stage(row: dict, *, options: StageOptions) -> dict:
     """Read + normalise one input (a Ray task): adds ``image``, ``px_y``, ``px_x``, ``t_read``."""
-    from triageseg.pipeline.batch import read_input
+    from triageseg.pipeline.local.batch import read_input
 
     t0 = time.perf_counter()
     out = {**_carry(row), "error": row.get("error", ""), "error_path": row.get("error_path", "")}
@@ -164,7 +164,7 @@ class SegmentActor:
     """
 
     def __init__(self, bundle: BundleSource, options: StageOptions):
-        from triageseg.pipeline.single import Pipeline
+        from triageseg.pipeline.local.single import Pipeline
 
         _set_threads(options.threads)
         self.options = options
@@ -236,8 +236,8 @@ def write_stage(row: dict, *, options: StageOptions) -> dict:
     A local (or NFS) output folder gets the batch writer's temp-then-rename files; a URI
     gets the same files written to a node-local folder, then uploaded, label file last.
     """
-    from triageseg.pipeline.batch import _decode_and_write
-    from triageseg.pipeline.remake import Extras
+    from triageseg.pipeline.local.batch import _decode_and_write
+    from triageseg.pipeline.local.remake import Extras
     from triageseg.postprocess.quality import QualityModel
     from triageseg.postprocess.watershed import WatershedParams
 
@@ -279,7 +279,7 @@ def routing_entry(row) -> dict:
     """The routing.csv columns of a Ray row known before the watershed (as ``records.routing_row`` makes them)."""
     from types import SimpleNamespace
 
-    from triageseg.pipeline.records import routing_row
+    from triageseg.pipeline.local.records import routing_row
 
     def num(key: str) -> float | None:
         value = float(row.get(key, np.nan))

@@ -3,7 +3,7 @@
 Each step is callable on its own (arrays -> probabilities -> labels), so a user can swap
 one: :meth:`Pipeline.route` triages, :meth:`Pipeline.probabilities` runs a segmenter,
 :func:`triageseg.postprocess.watershed.watershed` decodes. Folders of files go through
-:mod:`triageseg.pipeline.batch` (:meth:`Pipeline.segment_files`).
+:mod:`triageseg.pipeline.local.batch` (:meth:`Pipeline.segment_files`).
 
 Example:
     >>> from triageseg import load_pipeline                 # doctest: +SKIP
@@ -119,7 +119,7 @@ class Pipeline:
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=batch_size)
         self.diameter = None if diameter is None else check_diameter(diameter)  # --diameter: forces the size
         self.use_pixel_size = bool(use_pixel_size)
-        self.size_probe = bool(size_probe)  # the segmenter checks the estimate on one crop (pipeline.sizing)
+        self.size_probe = bool(size_probe)  # the segmenter checks the estimate on one crop (pipeline.local.sizing)
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
         self.unknown = unknown
@@ -166,11 +166,11 @@ class Pipeline:
 
             if not self.manifest.get("has_router"):
                 raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
-            from triageseg.pipeline.router_backend import prepare_router
+            from triageseg.pipeline.local.router_backend import prepare_router
 
             model, config = load_router(_bundle.router_dir(self.path), device=self.device)
             self._ood = self._load_ood(model, config)
-            # on the specialists' backend, fp32 always (pipeline.router_backend)
+            # on the specialists' backend, fp32 always (pipeline.local.router_backend)
             self._router = (prepare_router(model, _bundle.router_dir(self.path), choice=self.choice), config)
         return self._router
 
@@ -251,12 +251,12 @@ class Pipeline:
         ``estimate`` is ``() -> SizeEstimate``, called only when the size is neither given
         (``diameter``) nor known from ``pixel_size`` (microns per pixel, a number or (y, x)).
         ``probe`` is ``(shape, read_crop)`` of the image: the segmenter checks the estimate on
-        one crop (:func:`triageseg.pipeline.sizing.probe_diameter`) when ``size_probe`` is on.
+        one crop (:func:`triageseg.pipeline.local.sizing.probe_diameter`) when ``size_probe`` is on.
         ``given`` overrides the pipeline's ``diameter`` for this image (the web page, napari).
         """
         import functools
 
-        from triageseg.pipeline.sizing import probe_diameter
+        from triageseg.pipeline.local.sizing import probe_diameter
         from triageseg.router.size import decide_size
 
         d, d_um, fixed, calibration = self.size_config(used_model)
@@ -477,8 +477,8 @@ class Pipeline:
 
     # ----------------------------------------------------------------- files
     def segment_files(self, inputs, out_dir, **options):
-        """Segment image files into ``out_dir`` (see :func:`triageseg.pipeline.batch.segment_files`)."""
-        from triageseg.pipeline.batch import segment_files
+        """Segment image files into ``out_dir`` (see :func:`triageseg.pipeline.local.batch.segment_files`)."""
+        from triageseg.pipeline.local.batch import segment_files
 
         return segment_files(self, inputs, out_dir, **options)
 

@@ -88,7 +88,7 @@ def remake_outputs(path: Path, name: str, out_dir: Path, kinds: list[str], row: 
         The paths written.
     """
     from triageseg.datasets.io import read_labels, read_pixel_size
-    from triageseg.pipeline.geojson import GeoJSONWriter
+    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
 
     target = out_dir / f"{name}.tif"
     modality = str((row or {}).get("modality", ""))
@@ -116,8 +116,8 @@ def remake_outputs(path: Path, name: str, out_dir: Path, kinds: list[str], row: 
 def write_extras(out_dir: Path, name: str, kinds, labels: np.ndarray, *, image: np.ndarray | None,
                  modality: str, pixel_size) -> list[Path]:
     """The outputs besides the label file (overlay, ROI zip, GeoJSON) of in-memory ``labels``; their paths."""
-    from triageseg.pipeline.geojson import write_geojson
-    from triageseg.pipeline.outputs import write_overlay, write_rois
+    from triageseg.pipeline.blockwise.geojson import write_geojson
+    from triageseg.pipeline.local.outputs import write_overlay, write_rois
 
     written = []
     for kind in kinds:

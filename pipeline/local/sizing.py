@@ -50,7 +50,7 @@ def probe_diameter(
     """``diameter`` checked by the segmenter on one crop (see the module docstring); the diameter to use.
 
     Args:
-        pipe: the :class:`~triageseg.pipeline.single.Pipeline`.
+        pipe: the :class:`~triageseg.pipeline.local.single.Pipeline`.
         used_model: the segmenter the image goes to (it must know its training diameter).
         diameter: the classical estimate (calibrated), native pixels.
         shape: the image's (H, W).
