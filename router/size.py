@@ -206,6 +206,11 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask") -> SizeEstimat
         return _estimate_log(signal)
     per_object = method == "mask"
     first = _estimate_mask(signal, 1.0, per_object=per_object)
+    if first is _BACKGROUND and per_object:
+        # The threshold found the background: the polarity was wrong (strong uneven illumination puts the
+        # median of a brightfield image below its mid-range), so the other one.
+        signal = 1.0 - signal
+        first = _estimate_mask(signal, 1.0, per_object=per_object)
     if first.diameter is None or first.diameter < 32:
         return first
     # Texture inside large nuclei (chromatin) breaks their masks: again, on a copy downsampled so
@@ -219,6 +224,10 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask") -> SizeEstimat
     return SizeEstimate(float(np.clip(second.diameter * factor, MIN_DIAMETER, MAX_DIAMETER)), second.blobs)
 
 
+# What _estimate_mask answers when its threshold selected the background (most of the image), not nuclei.
+_BACKGROUND = SizeEstimate(None, 0)
+
+
 def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True) -> SizeEstimate:
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
@@ -228,7 +237,7 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True)
     thr = threshold_otsu(sample)
     fg = smooth > thr
     if fg.mean() > 0.7:  # the threshold found the background, not nuclei
-        return SizeEstimate(None, 0)
+        return _BACKGROUND
     fg = ndi.binary_fill_holes(fg)
     lab, n = ndi.label(fg)
     if n < 1:

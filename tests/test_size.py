@@ -82,6 +82,16 @@ def test_a_zoomed_synthetic_brightfield_image_is_measured_within_a_quarter_octav
     assert abs(math.log2(est / true)) <= 0.25, (est, true)
 
 
+def test_dark_nuclei_under_strong_uneven_illumination_are_measured():
+    # Most of the field dim, one corner bright: the image's median lies below its mid-range, so the
+    # polarity rule takes the dark nuclei for background (the first version found no nuclei at all).
+    img = _disks(8, size=256, dark=True)[..., 0]
+    x = np.linspace(0, 1, img.shape[1], dtype=np.float32)[None, :]
+    lit = np.clip(img * (0.3 + 0.7 * x**3) / 0.95, 0, 1)
+    est = estimate_diameter(np.repeat(lit[..., None], 3, axis=2))
+    assert est.diameter is not None and abs(est.diameter / 16 - 1) <= 0.15, est
+
+
 def test_unknown_size_methods_are_refused():
     with pytest.raises(ValueError, match="mask-area"):
         estimate_diameter(np.zeros((16, 16, 3), np.float32) + 0.5, method="blobs")
