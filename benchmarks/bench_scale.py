@@ -29,6 +29,7 @@ import numpy as np
 
 ZOOMS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 MODALITIES = ("fluorescence", "brightfield", "he")
+_SEED_ORDER = MODALITIES + ("ihc",)  # the layout seed of each modality (--modalities ihc: not in the default series)
 
 
 def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
@@ -41,7 +42,7 @@ def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
         typical = 2.0 * np.sqrt(r_lo * r_hi)
         for z in ZOOMS:
             for i in range(n):
-                rng = np.random.default_rng([seed, MODALITIES.index(m), i])  # the same layout at every zoom
+                rng = np.random.default_rng([seed, _SEED_ORDER.index(m), i])  # the same layout at every zoom
                 # larger images at high zoom, so they still hold a few dozen nuclei
                 side = int(size * max(1.0, z / 2))
                 img, lab = synth_sample(m, size=side, rng=rng, diameter=typical * z)
