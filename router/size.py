@@ -51,6 +51,8 @@ CLUMP_PEAKS = True
 METHODS = ("mask", "mask-area", "log")
 # Objects narrower than this fraction of the area-weighted median are specks, not nuclei (method "mask").
 SPECK_FRACTION = 0.5
+# Otsu's threshold (method "mask") is taken on the signal clipped at this percentile.
+CLIP_PERCENTILE = 98.0
 # Size sources recorded in routing.csv.
 SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
 
@@ -234,6 +236,10 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True)
 
     smooth = ndi.gaussian_filter(signal, sigma) - _background(signal)
     sample = smooth[:: max(1, smooth.shape[0] // 512), :: max(1, smooth.shape[1] // 512)]
+    if per_object:
+        # A few very bright nuclei (mitoses) pull Otsu's threshold above the dim majority: the top
+        # percentiles are clipped first, so the threshold separates nuclei from background.
+        sample = np.minimum(sample, np.percentile(sample, CLIP_PERCENTILE))
     thr = threshold_otsu(sample)
     fg = smooth > thr
     if fg.mean() > 0.7:  # the threshold found the background, not nuclei

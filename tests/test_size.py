@@ -92,6 +92,25 @@ def test_dark_nuclei_under_strong_uneven_illumination_are_measured():
     assert est.diameter is not None and abs(est.diameter / 16 - 1) <= 0.15, est
 
 
+def test_a_few_very_bright_nuclei_do_not_hide_the_dim_majority():
+    # Like a U2OS Hoechst field with mitoses: 25 dim nuclei of 40 px and five small, saturated ones;
+    # Otsu on the raw signal separates the bright five from everything else (the first version: 24 px).
+    from scipy import ndimage as ndi
+
+    size = 512
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size), 0.03, np.float32)
+    rng = np.random.default_rng(1)
+    for k in range(25):
+        cy, cx = (k // 5 + 0.5) * size / 5 + rng.uniform(-8, 8), (k % 5 + 0.5) * size / 5 + rng.uniform(-8, 8)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 20**2] = rng.uniform(0.15, 0.22)
+    for cy, cx in ((51, 102), (256, 205), (460, 410), (153, 307), (358, 51)):  # between the dim ones
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2] = 1.0
+    img = np.clip(ndi.gaussian_filter(img, 1.0) + rng.normal(0, 0.01, img.shape).astype(np.float32), 0, 1)
+    est = estimate_diameter(np.repeat(img[..., None], 3, axis=2))
+    assert abs(est.diameter / 40 - 1) <= 0.15, est
+
+
 def test_unknown_size_methods_are_refused():
     with pytest.raises(ValueError, match="mask-area"):
         estimate_diameter(np.zeros((16, 16, 3), np.float32) + 0.5, method="blobs")
