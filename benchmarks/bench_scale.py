@@ -29,6 +29,7 @@ import numpy as np
 
 ZOOMS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 MODALITIES = ("fluorescence", "brightfield", "he")
+_SEED_ORDER = MODALITIES + ("ihc",)  # the layout seed of each modality (--modalities ihc: not in the default series)
 
 
 def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
@@ -41,14 +42,14 @@ def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
         typical = 2.0 * np.sqrt(r_lo * r_hi)
         for z in ZOOMS:
             for i in range(n):
-                rng = np.random.default_rng([seed, MODALITIES.index(m), i])  # the same layout at every zoom
+                rng = np.random.default_rng([seed, _SEED_ORDER.index(m), i])  # the same layout at every zoom
                 # larger images at high zoom, so they still hold a few dozen nuclei
                 side = int(size * max(1.0, z / 2))
                 img, lab = synth_sample(m, size=side, rng=rng, diameter=typical * z)
                 yield m, z, img.astype(np.float32) / 255.0, lab
 
 
-def estimate_errors(series, methods=("mask", "log")) -> dict:
+def estimate_errors(series, methods=("mask", "mask-area", "log")) -> dict:
     from triageseg.router.size import estimate_diameter, median_diameter
 
     errs: dict = {}
@@ -88,30 +89,33 @@ def _train_sizes(data, limit: int = 24) -> dict[str, tuple[float | None, float]]
     return out
 
 
-MODES = ("off", "mask", "probe", "given")  # size triage off; the mask estimate; + the probe; the true diameter
+# size triage off; the mask estimate (one vote per object: the default); the first version (area-weighted);
+# the default + the probe; the true diameter
+MODES = ("off", "mask", "mask-area", "probe", "given")
 
 
-def f1_per_zoom(bundle, data, n: int, size: int, modalities=MODALITIES) -> tuple[dict, dict]:
+def f1_per_zoom(bundle, data, n: int, size: int, modalities=MODALITIES, seed: int = 123,
+                modes=MODES) -> tuple[dict, dict]:
     """Mean F1 per mode and zoom, and |log2(decided / true diameter)| per mode (the pipeline's own decision)."""
     from triageseg.postprocess.metrics import match_image
     from triageseg.router.size import median_diameter
 
     scores: dict = {}
     errors: dict = {}
-    pipes = _pipes(bundle, data)
-    for m, z, img, lab in zoom_series(n, size, modalities=modalities):
+    pipes = _pipes(bundle, data, modes)
+    for m, z, img, lab in zoom_series(n, size, seed=seed, modalities=modalities):
         true = median_diameter(lab)
         for mode, pipe in pipes.items():
             pipe.diameter = true if mode == "given" else None
             r = pipe.segment(img)
             scores.setdefault(mode, {}).setdefault(z, []).append(match_image(lab, r.labels).mean_f1)
-            if mode in ("mask", "probe"):
+            if mode in ("mask", "mask-area", "probe"):
                 err = np.inf if r.diameter is None else abs(np.log2(r.diameter / true))
                 errors.setdefault(mode, {}).setdefault(m, []).append(err)
     return scores, errors
 
 
-def _pipes(bundle, data) -> dict:
+def _pipes(bundle, data, modes=MODES) -> dict:
     """One pipeline per mode; an old bundle's segmenters get their training sizes from ``data``."""
     from triageseg.pipeline import Pipeline
 
@@ -120,8 +124,9 @@ def _pipes(bundle, data) -> dict:
         print("training sizes from --data: " + ", ".join(f"{k} {d:g} px (calibration {c:g})"
                                                        for k, (d, c) in known.items()))
     pipes = {}
-    for mode in MODES:
-        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu", size_probe=mode == "probe")
+    for mode in modes:
+        pipes[mode] = Pipeline.from_bundle(bundle, device="cpu", size_probe=mode == "probe",
+                                           size_method="mask-area" if mode == "mask-area" else "mask")
         for name in pipes[mode].available:
             d, d_um, fixed, calibration = pipes[mode].size_config(name)
             if d is None and name in known:
@@ -190,6 +195,9 @@ def main(argv=None) -> None:
                     help="A real image and its instance masks, checked at every zoom (never trained on).")
     ap.add_argument("--modalities", default=",".join(MODALITIES), help="Modalities of the synthetic series.")
     ap.add_argument("--no-synth", action="store_true", help="Skip the synthetic series (with --real).")
+    ap.add_argument("--seed", type=int, default=123, help="Seed of the synthetic series (123: the recorded figures).")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"Size modes of the F1 table (of {','.join(MODES)}).")
+    ap.add_argument("--no-cost", action="store_true", help="Skip the timings (a loaded machine).")
     args = ap.parse_args(argv)
 
     for pair in args.real:
@@ -203,7 +211,10 @@ def main(argv=None) -> None:
     if args.no_synth:
         return
     mods = tuple(args.modalities.split(","))
-    errs = estimate_errors(zoom_series(args.budget, args.size, modalities=mods))
+    modes = tuple(args.modes.split(","))
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}; valid: {','.join(MODES)}")
+    errs = estimate_errors(zoom_series(args.budget, args.size, seed=args.seed, modalities=mods))
     print(f"size estimate, |log2(est/true)| over {args.budget} image(s) per modality x zoom "
           f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px; inf = no estimate)")
     for method, per in errs.items():
@@ -211,16 +222,19 @@ def main(argv=None) -> None:
         line = "  ".join(f"{m} {np.median(v):.3f}/{np.percentile(v, 95):.3f}" for m, v in per.items())
         print(f"  {method:5s} median/p95: all {np.median(allv):.3f}/{np.percentile(allv, 95):.3f}  {line}  "
               f"(goal 0.15/0.40)")
-    for method in errs:
+    for method in [] if args.no_cost else errs:
         print(f"  {method:5s} cost {cost_ms(method):.1f} ms per 512x512 image (a loaded machine: indicative only)")
-    if args.bundle:
+    if args.bundle and not args.no_cost:
         costs = segment_costs(args.bundle, args.data)
         for z in (1.0, 4.0):
             given, est = costs[(z, "given")], costs[(z, "mask")]
             print(f"  segment 512x512 at zoom {z:g}: {given:.2f} s with the size given, {est:.2f} s estimated "
                   f"(+{100 * (est / given - 1):.0f} %); {given / 0.262144:.2f} s per megapixel")
-        scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size, modalities=mods)
-        print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter), "
+    if args.bundle:
+        scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size, modalities=mods, seed=args.seed,
+                                     modes=modes)
+        print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter; "
+              "mask-area: the first version), "
               "|log2(decided/true)| median/p95:")
         for mode, per in errors.items():
             allv = np.concatenate([np.asarray(v) for v in per.values()])

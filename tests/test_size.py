@@ -44,6 +44,96 @@ def test_disks_drawn_at_a_zoom_get_their_diameter_within_15_percent(radius, zoom
     assert abs(est.diameter / (2 * r) - 1) <= 0.15, (est.diameter, 2 * r)
 
 
+def _sparse_disks(diameters, *, size: int = 512) -> np.ndarray:
+    """Lone disks of the given diameters on a dark field, one per cell of a grid, blurred a little; HxWx3."""
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size), np.float32)
+    cells = int(np.ceil(np.sqrt(len(diameters))))
+    step = size / cells
+    for k, d in enumerate(diameters):
+        cy, cx = (k // cells + 0.5) * step, (k % cells + 0.5) * step
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d / 2) ** 2] = 0.9
+    img = ndi.gaussian_filter(img, 0.7) + np.random.default_rng(0).normal(0, 0.02, img.shape).astype(np.float32)
+    return np.repeat(np.clip(img, 0, 1)[..., None], 3, axis=2)
+
+
+def test_a_few_nuclei_of_mixed_sizes_get_the_median_of_the_nuclei_not_of_their_pixels():
+    # Like a sparse high-magnification field: the median nucleus is 42 px; weighted by area the two
+    # largest hold most pixels (the first version said ~52 px).
+    img = _sparse_disks([34, 38, 40, 44, 52, 60])
+    est = estimate_diameter(img)
+    assert abs(est.diameter / 42 - 1) <= 0.1, est
+    assert estimate_diameter(img, method="mask-area").diameter > 48  # the first version, still selectable
+
+
+def test_a_zoomed_synthetic_brightfield_image_is_measured_within_a_quarter_octave():
+    # The diagnosed case of the merged demo: six nuclei of ~64 px at zoom 3, two of them in one
+    # clump whose distance-transform ridge gave the area-weighted estimate 24 px (1.4 octave low).
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.datasets.synth.styles import STYLES
+
+    r_lo, r_hi = STYLES["brightfield"].radius
+    img, lab = synth_sample("brightfield", size=384, rng=np.random.default_rng([123, 1, 1]),
+                            diameter=3 * 2 * math.sqrt(r_lo * r_hi))
+    true = median_diameter(lab)
+    est = estimate_diameter(img.astype(np.float32) / 255).diameter
+    assert abs(math.log2(est / true)) <= 0.25, (est, true)
+
+
+def test_dark_nuclei_under_strong_uneven_illumination_are_measured():
+    # Most of the field dim, one corner bright: the image's median lies below its mid-range, so the
+    # polarity rule takes the dark nuclei for background (the first version found no nuclei at all).
+    img = _disks(8, size=256, dark=True)[..., 0]
+    x = np.linspace(0, 1, img.shape[1], dtype=np.float32)[None, :]
+    lit = np.clip(img * (0.3 + 0.7 * x**3) / 0.95, 0, 1)
+    est = estimate_diameter(np.repeat(lit[..., None], 3, axis=2))
+    assert est.diameter is not None and abs(est.diameter / 16 - 1) <= 0.15, est
+
+
+def test_a_few_very_bright_nuclei_do_not_hide_the_dim_majority():
+    # Like a U2OS Hoechst field with mitoses: 25 dim nuclei of 40 px and five small, saturated ones;
+    # Otsu on the raw signal separates the bright five from everything else (the first version: 24 px).
+    from scipy import ndimage as ndi
+
+    size = 512
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size), 0.03, np.float32)
+    rng = np.random.default_rng(1)
+    for k in range(25):
+        cy, cx = (k // 5 + 0.5) * size / 5 + rng.uniform(-8, 8), (k % 5 + 0.5) * size / 5 + rng.uniform(-8, 8)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 20**2] = rng.uniform(0.15, 0.22)
+    for cy, cx in ((51, 102), (256, 205), (460, 410), (153, 307), (358, 51)):  # between the dim ones
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2] = 1.0
+    img = np.clip(ndi.gaussian_filter(img, 1.0) + rng.normal(0, 0.01, img.shape).astype(np.float32), 0, 1)
+    est = estimate_diameter(np.repeat(img[..., None], 3, axis=2))
+    assert abs(est.diameter / 40 - 1) <= 0.15, est
+
+
+@pytest.mark.parametrize(("n", "radius"), [(1, 12), (3, 10), (10, 6)])
+def test_a_sparse_field_under_half_a_percent_of_nuclei_is_measured(n, radius):
+    # Nuclei on fewer than 2 % of the pixels: clipping the top 2 % before Otsu would cut into the
+    # background and put the threshold in the noise (specks of 4.5 px); that threshold is refused.
+    from scipy import ndimage as ndi
+
+    size = 512
+    yy, xx = np.mgrid[:size, :size]
+    rng = np.random.default_rng(n)
+    img = np.full((size, size), 0.05, np.float32)
+    for _ in range(n):
+        cy, cx = rng.uniform(40, size - 40, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = rng.uniform(0.6, 1.0)
+    img = np.clip(ndi.gaussian_filter(img, 0.8) + rng.normal(0, 0.02, img.shape).astype(np.float32), 0, 1)
+    est = estimate_diameter(np.repeat(img[..., None], 3, axis=2))
+    assert est.diameter is not None and abs(est.diameter / (2 * radius) - 1) <= 0.15, est
+
+
+def test_unknown_size_methods_are_refused():
+    with pytest.raises(ValueError, match="mask-area"):
+        estimate_diameter(np.zeros((16, 16, 3), np.float32) + 0.5, method="blobs")
+
+
 def test_an_empty_image_has_no_estimate_and_falls_back_to_scale_1():
     flat = np.full((128, 128, 3), 0.2, np.float32)
     assert estimate_diameter(flat).diameter is None
@@ -123,6 +213,10 @@ def test_the_pipeline_decides_the_size_and_diameter_overrides_it(sized_bundle):
     assert pipe.params("he", 0.5).min_size == 4 * base.min_size
     with pytest.raises(ValueError, match="diameter"):
         Pipeline.from_bundle(sized_bundle, device="cpu", diameter=0)
+    with pytest.raises(ValueError, match="size_method"):
+        Pipeline.from_bundle(sized_bundle, device="cpu", size_method="blobs")
+    first = Pipeline.from_bundle(sized_bundle, device="cpu", size_method="mask-area").decide(img, modality="he")
+    assert first.size_source == "estimated" and first.scale == pytest.approx(0.5, rel=0.15)
 
 
 def _write(tmp_path, name: str, image: np.ndarray) -> str:

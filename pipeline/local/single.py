@@ -111,8 +111,9 @@ class Pipeline:
         diameter: float | None = None,
         use_pixel_size: bool = True,
         size_probe: bool = False,
+        size_method: str = "mask",
     ):
-        from triageseg.router.size import check_diameter
+        from triageseg.router.size import METHODS, check_diameter
         from triageseg.segmenters.backends import resolve
         from triageseg.segmenters.predict import resolve_device
 
@@ -120,6 +121,9 @@ class Pipeline:
         self.diameter = None if diameter is None else check_diameter(diameter)  # --diameter: forces the size
         self.use_pixel_size = bool(use_pixel_size)
         self.size_probe = bool(size_probe)  # the segmenter checks the estimate on one crop (pipeline.local.sizing)
+        if size_method not in METHODS:
+            raise ValueError(f"size_method must be one of {', '.join(METHODS)}, got {size_method!r}")
+        self.size_method = size_method  # router.size.estimate_diameter's method
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
         self.unknown = unknown
@@ -406,8 +410,8 @@ class Pipeline:
         def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
             return image[top : top + height, left : left + width]
 
-        return self.size(lambda: estimate_diameter(image), used_model, pixel_size, probe=(image.shape[:2], crop),
-                         given=given)
+        return self.size(lambda: estimate_diameter(image, method=self.size_method), used_model, pixel_size,
+                         probe=(image.shape[:2], crop), given=given)
 
     def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
         """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded).
@@ -442,7 +446,8 @@ class Pipeline:
         from triageseg.router.size import estimate_overview
 
         return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop),
-                              lambda used: self.size(lambda: estimate_overview(overview, shape, read_crop), used,
+                              lambda used: self.size(lambda: estimate_overview(overview, shape, read_crop,
+                                                                                method=self.size_method), used,
                                                      pixel_size, probe=(shape, read_crop)))
 
     def _decision(self, modality: str | None, predict, size=None) -> Decision:
