@@ -283,6 +283,7 @@ def test_cluster_run_equals_local_then_resumes(cluster, dist_bundle, images, loc
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")} == before  # nothing rewritten
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes on 2 cores (a shipped bundle, a forced modality and a URI output on the cluster: 17 s)
 def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, images, tmp_path, monkeypatch):
     """The API in this process: the bundle through the object store, a forced specialist, a URI --out."""
     import ray
