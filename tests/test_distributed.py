@@ -57,30 +57,20 @@ RAY_ENV = {
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _load_local_cluster():
+    """benchmarks/local_cluster.py: the process helpers the benchmarks' clusters use too (stdlib only)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "local_cluster.py"
+    spec = importlib.util.spec_from_file_location("local_cluster", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _procs() -> list[tuple[int, int, int]]:
-    """(pid, parent pid, process group) of every process."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                out.append((int(proc.name), int(fields[1]), int(fields[2])))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+_LOCAL_CLUSTER = _load_local_cluster()
+_free_port, _cmdline = _LOCAL_CLUSTER.free_port, _LOCAL_CLUSTER.cmdline
+_procs = _LOCAL_CLUSTER.processes  # (pid, parent pid, process group) of every process
 
 
 # Temp dirs of the nodes this module starts: every process of ours names one on its command line.
@@ -283,7 +273,9 @@ def test_cluster_run_equals_local_then_resumes(cluster, dist_bundle, images, loc
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")} == before  # nothing rewritten
 
 
-@pytest.mark.slow  # the default suite must stay under 10 minutes on 2 cores (a shipped bundle, a forced modality and a URI output on the cluster: 17 s)
+# Slow: the default suite must stay under 10 minutes on 2 cores (a shipped bundle, a forced modality
+# and a URI output on the cluster: 17 s).
+@pytest.mark.slow
 def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, images, tmp_path, monkeypatch):
     """The API in this process: the bundle through the object store, a forced specialist, a URI --out."""
     import ray

@@ -504,7 +504,8 @@ def test_resume_without_a_sweep_is_refused(local_ray, tiny_data, tiny_files, tmp
     assert f"--resume: no sweep to resume at {tmp_path / 'out' / 'ray_results' / 'nothing_'}{MODALITY}" in result.output
 
 
-@pytest.mark.slow  # the default suite must stay under 10 minutes on 2 cores (retries of crashing trials: 15 s)
+# Slow: the default suite must stay under 10 minutes on 2 cores (retries of crashing trials: 15 s).
+@pytest.mark.slow
 def test_crashing_trials_are_retried_and_reported_not_fatal(local_ray, tiny_data, tiny_files, tmp_path,
                                                             monkeypatch):
     # Trial 0 raises once after its first epoch (retried from that checkpoint);
@@ -582,7 +583,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # the default suite must stay under 10 minutes on 2 cores (a sweep on a started cluster: 28 s; the local sweep and the cluster tests of test_distributed cover the parts)
+# Slow: the default suite must stay under 10 minutes on 2 cores (a sweep on a started cluster: 28 s;
+# the local sweep and the cluster tests of test_distributed cover the parts).
+@pytest.mark.slow
 def test_sweep_against_a_started_ray_cluster(tiny_data, tiny_files, tmp_path):
     port = _free_port()
     # A short temp dir (Ray's socket paths must stay under ~107 characters) and a token
