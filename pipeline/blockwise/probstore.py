@@ -56,15 +56,19 @@ class ProbabilityStore:
     value). Opening an existing store verifies both (see the module docstring).
     """
 
-    def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int = 3):
-        import zarr
-
+    def _set_geometry(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int) -> None:
+        """The store's folder, shape, class count, chunk grid and state file (no I/O)."""
         self.folder = Path(folder)
         self.shape = (int(shape[0]), int(shape[1]))
         self.classes = int(classes)
         self.n_chunk_rows = math.ceil(self.shape[0] / CHUNK_ROWS)
         self.n_chunk_cols = math.ceil(self.shape[1] / CHUNK_COLS)
         self._state = self.folder.parent / f"{self.folder.name}.json"
+
+    def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int = 3):
+        import zarr
+
+        self._set_geometry(folder, shape, classes)
         self._done = self._read_state()
         if self._done is None and self._state.exists():
             logger.warning("%s: unreadable or foreign state file %s in the block journal; computing every probability "

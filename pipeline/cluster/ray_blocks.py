@@ -44,7 +44,6 @@ tasks (one finish task writes it, strip by strip).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from triageseg.pipeline.blockwise.large import BlockOptions, open_source
-from triageseg.pipeline.blockwise.probstore import CHUNK_COLS, CHUNK_ROWS, ProbabilityStore, _compute_run
+from triageseg.pipeline.blockwise.probstore import CHUNK_ROWS, ProbabilityStore, _compute_run
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +70,7 @@ class _BandStore(ProbabilityStore):
                  finished: bool = False):
         import zarr
 
-        self.folder = Path(folder)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.classes = int(classes)
-        self.n_chunk_rows = math.ceil(self.shape[0] / CHUNK_ROWS)
-        self.n_chunk_cols = math.ceil(self.shape[1] / CHUNK_COLS)
-        self._state = self.folder.parent / f"{self.folder.name}.json"
+        self._set_geometry(folder, shape, classes)
         self.array = zarr.open_array(self.folder, mode="r" if finished else "r+")
         # a finished store is read by block tasks: every row is there (the driver checked it)
         self._done = dict.fromkeys(range(self.n_chunk_rows), []) if finished else {}
