@@ -138,11 +138,11 @@ def no_ray_left_behind():
     assert not left, f"Ray processes left behind: {[(pid, _cmdline(pid)[:80]) for pid in left]}"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A head (2 CPUs, 200 MB object store) and a second node (1 CPU, 150 MB) on 127.0.0.1."""
+@contextlib.contextmanager
+def _two_nodes(prefixes: tuple[str, str] = ("kh", "kn")):
+    """A head (2 CPUs, 200 MB object store) and a second node (1 CPU, 150 MB) on 127.0.0.1, stopped on exit."""
     port = _free_port()
-    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rn")]  # short: socket paths
+    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in prefixes]  # short: socket paths
     _OUR_TEMP_DIRS.extend(temps)
     groups = []
     try:
@@ -157,6 +157,13 @@ def cluster():
             _kill_group(pgid)
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The module's cluster: :func:`_two_nodes` (tests that kill a node start their own)."""
+    with _two_nodes(("rh", "rn")) as nodes:
+        yield nodes
 
 
 # --------------------------------------------------------------------------- data
@@ -567,27 +574,6 @@ def test_a_rerun_after_the_driver_died_resumes_from_the_journal(cluster, dist_bu
     assert rows >= 1
     np.testing.assert_array_equal(read_labels(out / "slide.tif"), read_labels(tmp_path / "local" / "slide.tif"))
     assert not journal.exists()
-
-
-@contextlib.contextmanager
-def _two_nodes():
-    """A fresh head (2 CPUs) and second node (1 CPU) on 127.0.0.1, for a test that kills the second one."""
-    port = _free_port()
-    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("kh", "kn")]
-    _OUR_TEMP_DIRS.extend(temps)
-    groups = []
-    try:
-        groups.append(_start_node(temps[0], "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                                  "--num-cpus", "2", "--object-store-memory", str(200 << 20),
-                                  "--include-dashboard=false"))
-        groups.append(_start_node(temps[1], "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                  "--num-cpus", "1", "--object-store-memory", str(150 << 20)))
-        yield {"address": f"127.0.0.1:{port}", "head": groups[0], "node": groups[1]}
-    finally:
-        for pgid in reversed(groups):
-            _kill_group(pgid)
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
