@@ -2,7 +2,9 @@
 
 Test images of each modality are drawn at zoom 0.5, 1, 2, 3, 4 and 6 of the modality's
 typical nucleus size (``synth_sample(diameter=...)``: rendered at base size and resized,
-so nuclei span ~8 to ~120 px). No hint is given to the pipeline.
+so nuclei span ~8 to ~120 px). Each image is one tissue shown at every zoom (``--series same``:
+drawn on a ``--size`` canvas, resized to ``size * zoom``), as a real image resized. No hint is
+given to the pipeline.
 
 Printed:
 1. The size estimate per method (``mask``: the default, ``log``: scale-space blobs):
@@ -32,19 +34,28 @@ MODALITIES = ("fluorescence", "brightfield", "he")
 _SEED_ORDER = MODALITIES + ("ihc",)  # the layout seed of each modality (--modalities ihc: not in the default series)
 
 
-def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES):
-    """(modality, zoom, image float32 HxWx3, labels) for n images per modality and zoom."""
+# How the series is drawn: "same" (the default) is one tissue per image shown at every zoom: it is drawn
+# on a canvas of `size` pixels and resized by the zoom (side size * zoom), as a real image taken under
+# another objective. "grow" is the first version: side size * max(1, zoom / 2), so the canvas was
+# size / zoom * max(1, zoom / 2) (2x size at zoom 0.5, size at 1, size / 2 at zooms 2-6): the zooms compared
+# different tissue, with 4x fewer nuclei per image at zooms 2-6 than at zoom 1.
+SERIES = ("same", "grow")
+
+
+def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES, series: str = "same"):
+    """(modality, zoom, image float32 HxWx3, labels) for n images per modality and zoom (see :data:`SERIES`)."""
     from triageseg.datasets.synth import synth_sample
     from triageseg.datasets.synth.styles import STYLES
 
+    if series not in SERIES:
+        raise ValueError(f"unknown series {series!r}; valid: {', '.join(SERIES)}")
     for m in modalities:
         r_lo, r_hi = STYLES[m].radius
         typical = 2.0 * np.sqrt(r_lo * r_hi)
         for z in ZOOMS:
             for i in range(n):
-                rng = np.random.default_rng([seed, _SEED_ORDER.index(m), i])  # the same layout at every zoom
-                # larger images at high zoom, so they still hold a few dozen nuclei
-                side = int(size * max(1.0, z / 2))
+                rng = np.random.default_rng([seed, _SEED_ORDER.index(m), i])  # the same draw at every zoom
+                side = int(round(size * z)) if series == "same" else int(size * max(1.0, z / 2))
                 img, lab = synth_sample(m, size=side, rng=rng, diameter=typical * z)
                 yield m, z, img.astype(np.float32) / 255.0, lab
 
@@ -95,7 +106,7 @@ MODES = ("off", "mask", "mask-area", "probe", "given")
 
 
 def f1_per_zoom(bundle, data, n: int, size: int, modalities=MODALITIES, seed: int = 123,
-                modes=MODES) -> tuple[dict, dict]:
+                modes=MODES, series: str = "same") -> tuple[dict, dict]:
     """Mean F1 per mode and zoom, and |log2(decided / true diameter)| per mode (the pipeline's own decision)."""
     from triageseg.postprocess.metrics import match_image
     from triageseg.router.size import median_diameter
@@ -103,7 +114,7 @@ def f1_per_zoom(bundle, data, n: int, size: int, modalities=MODALITIES, seed: in
     scores: dict = {}
     errors: dict = {}
     pipes = _pipes(bundle, data, modes)
-    for m, z, img, lab in zoom_series(n, size, seed=seed, modalities=modalities):
+    for m, z, img, lab in zoom_series(n, size, seed=seed, modalities=modalities, series=series):
         true = median_diameter(lab)
         for mode, pipe in pipes.items():
             pipe.diameter = true if mode == "given" else None
@@ -190,7 +201,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bundle", default=None, help="Bundle to measure F1 per zoom with (none: estimate only).")
     ap.add_argument("--data", default=None, help="Its training data (gives an old bundle its training diameters).")
     ap.add_argument("--budget", type=int, default=4, help="Images per modality and zoom.")
-    ap.add_argument("--size", type=int, default=256, help="Side of the test images.")
+    ap.add_argument("--size", type=int, default=256,
+                    help="Side of the drawn tissue (series 'same': the zoom-1 image; zoom z is size * z).")
+    ap.add_argument("--series", default="same", choices=SERIES,
+                    help="same: one tissue resized to every zoom; grow: the first version (other tissue per zoom).")
     ap.add_argument("--real", action="append", default=[], metavar="IMAGE:MASK",
                     help="A real image and its instance masks, checked at every zoom (never trained on).")
     ap.add_argument("--modalities", default=",".join(MODALITIES), help="Modalities of the synthetic series.")
@@ -214,9 +228,9 @@ def main(argv=None) -> None:
     modes = tuple(args.modes.split(","))
     if set(modes) - set(MODES):
         ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}; valid: {','.join(MODES)}")
-    errs = estimate_errors(zoom_series(args.budget, args.size, seed=args.seed, modalities=mods))
+    errs = estimate_errors(zoom_series(args.budget, args.size, seed=args.seed, modalities=mods, series=args.series))
     print(f"size estimate, |log2(est/true)| over {args.budget} image(s) per modality x zoom "
-          f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px; inf = no estimate)")
+          f"{','.join(f'{z:g}' for z in ZOOMS)} ({args.size} px, series {args.series}; inf = no estimate)")
     for method, per in errs.items():
         allv = np.concatenate([np.asarray(v) for v in per.values()])
         line = "  ".join(f"{m} {np.median(v):.3f}/{np.percentile(v, 95):.3f}" for m, v in per.items())
@@ -232,7 +246,7 @@ def main(argv=None) -> None:
                   f"(+{100 * (est / given - 1):.0f} %); {given / 0.262144:.2f} s per megapixel")
     if args.bundle:
         scores, errors = f1_per_zoom(args.bundle, args.data, args.budget, args.size, modalities=mods, seed=args.seed,
-                                     modes=modes)
+                                     modes=modes, series=args.series)
         print("the pipeline's size decision (calibrated by the segmenter; probe: checked by the segmenter; "
               "mask-area: the first version), "
               "|log2(decided/true)| median/p95:")

@@ -70,19 +70,25 @@ def canonical_diameter(labels: Sequence[np.ndarray]) -> float | None:
     return round(float(np.median(found)), 2) if found else None
 
 
-def size_calibration(data: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def size_calibration(data: Sequence[tuple[np.ndarray, np.ndarray]], signals: Sequence[str] | None = None) -> float:
     """Label diameter over the size estimate (``router.size.estimate_diameter``), median over the images.
 
     The estimate measures the nuclei's masks; how a modality's nuclei are shaped (elongated
     H&E nuclei, clumps) biases it the same way on every image of that modality, so the
-    segmenter records the factor its own training images give.
+    segmenter records the factor its own training images give. ``signals`` (one per image,
+    ``router.size.signal_for`` of its modality; default ``auto`` for all) must be what the
+    pipeline will measure the same modality's images on.
     """
     from triageseg.router.size import estimate_diameter, median_diameter
 
+    if signals is None:
+        signals = ["auto"] * len(data)
+    if len(signals) != len(data):
+        raise ValueError(f"size_calibration: {len(signals)} signals for {len(data)} images")
     ratios = []
-    for image, labels in data:
+    for (image, labels), signal in zip(data, signals):
         true = median_diameter(labels)
-        est = estimate_diameter(image).diameter if true is not None else None
+        est = estimate_diameter(image, signal=signal).diameter if true is not None else None
         if est is not None:
             ratios.append(np.log(true / est))
     return round(float(np.clip(np.exp(np.median(ratios)), 0.1, 10.0)), 3) if ratios else 1.0

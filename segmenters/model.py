@@ -65,6 +65,9 @@ class SegmenterConfig:
     diameter: float | None = None  # median nucleus diameter (px) the network was trained at; None: no size triage
     diameter_um: float | None = None  # the same in microns, when the training images had a pixel size
     size_calibration: float = 1.0  # label diameter / router.size estimate, median over the training images
+    # what that estimate measured (router.size.SIZE_SIGNAL_MODES): "modality" (each modality's signal,
+    # router.size.signal_for) or "auto" (the grey/best channel for every image: bundles trained before it)
+    size_signal: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
@@ -85,6 +88,8 @@ class SegmenterConfig:
         if not (0.1 <= float(self.size_calibration) <= 10.0):
             raise ValueError(f"size_calibration must be in [0.1, 10], got {self.size_calibration!r}")
         object.__setattr__(self, "size_calibration", float(self.size_calibration))
+        if self.size_signal not in ("auto", "modality"):  # router.size.SIZE_SIGNAL_MODES (no import: a leaf module)
+            raise ValueError(f"size_signal must be 'auto' or 'modality', got {self.size_signal!r}")
         for name in ("diameter", "diameter_um"):
             value = getattr(self, name)
             if value is not None:

@@ -47,6 +47,7 @@ from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and s
     save_checkpoint,
     set_rng_states,
 )
+from triageseg.router.size import signal_for
 from triageseg.segmenters.config import TrainConfig, TrainResult
 from triageseg.segmenters.data import (
     CropDataset,
@@ -156,7 +157,9 @@ def train_segmenter(
     diameter = None
     if config.size_triage:
         diameter = config.diameter or canonical_diameter([lab for _, lab in train_data])
-    calibration = size_calibration(train_data) if diameter is not None else 1.0
+    # each image measured on its modality's signal, as the pipeline will measure it (SegmenterConfig.size_signal)
+    signals = [signal_for(s.modality or config.modality) for s in train_samples]
+    calibration = size_calibration(train_data, signals) if diameter is not None else 1.0
     if diameter is not None:  # every image at the training set's nucleus size (size triage brings others to it)
         train_data, val_data = to_diameter(train_data, diameter), to_diameter(val_data, diameter)
         log(f"{name}: images resized to a median nucleus diameter of {diameter:g} px")
@@ -178,7 +181,7 @@ def train_segmenter(
     seg_config = config.segmenter_config()
     if diameter is not None:  # what the network sees: the diameter at its own scale
         seg_config = dataclasses.replace(seg_config, diameter=round(diameter * config.scale, 2),
-                                         size_calibration=calibration)
+                                         size_calibration=calibration, size_signal="modality")
     model, optimizer, scaler = _build_model(seg_config, config, dev, log)
     cuda = dev.type == "cuda"
     if resume and ckpt_path.is_file():

@@ -134,6 +134,102 @@ def test_unknown_size_methods_are_refused():
         estimate_diameter(np.zeros((16, 16, 3), np.float32) + 0.5, method="blobs")
 
 
+def _ihc_like(radius: float, *, size: int = 256, seed: int = 0) -> np.ndarray:
+    """Haematoxylin disks of ``radius`` on a grid, under large DAB-brown regions (~45 % of the field); HxWx3."""
+    from scipy import ndimage as ndi
+    from skimage.color import hed2rgb
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    h = np.zeros((size, size), np.float32)
+    step = 3 * radius
+    for cy in np.arange(step / 2, size - radius, step):
+        for cx in np.arange(step / 2, size - radius, step):
+            jy, jx = rng.uniform(-radius / 3, radius / 3, 2)
+            h[(yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= radius**2] = rng.uniform(0.06, 0.1)
+    dab = ndi.gaussian_filter(rng.standard_normal((size, size)), size / 16)
+    dab = (dab > np.percentile(dab, 55)).astype(np.float32) * 0.12
+    hed = np.stack([ndi.gaussian_filter(h, 0.7), np.zeros_like(h), ndi.gaussian_filter(dab, 1.0)], -1)
+    return np.clip(hed2rgb(hed) + rng.normal(0, 0.01, (size, size, 3)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius", [4, 6, 10])
+def test_ihc_nuclei_are_measured_on_the_haematoxylin_not_on_the_dab(radius):
+    img = _ihc_like(radius)
+    hema = estimate_diameter(img, signal="haematoxylin").diameter
+    assert hema is not None and abs(hema / (2 * radius) - 1) <= 0.15, (hema, 2 * radius)
+    # what "auto" did to IHC: it measured the brown tissue, the channel that splits best
+    assert estimate_diameter(img).diameter > 2 * (2 * radius)
+
+
+def test_the_haematoxylin_signal_of_a_grey_image_is_the_auto_signal():
+    from triageseg.router.size import haematoxylin_signal
+
+    img = _disks(6)
+    assert haematoxylin_signal(img) is None and haematoxylin_signal(img[..., 0]) is None
+    assert estimate_diameter(img, signal="haematoxylin") == estimate_diameter(img)
+    with pytest.raises(ValueError, match="haematoxylin"):
+        estimate_diameter(img, signal="dab")
+
+
+def test_each_modality_is_measured_on_its_signal_only_when_the_segmenter_was_calibrated_so():
+    from triageseg.router.size import signal_for
+
+    assert signal_for("ihc") == "haematoxylin" and signal_for("he") == signal_for("fluorescence") == "auto"
+    assert signal_for(None) == "auto" and signal_for("ihc", "auto") == "auto"
+    with pytest.raises(ValueError, match="modality"):
+        signal_for("ihc", "per-image")
+
+
+def test_size_calibration_measures_each_image_on_the_signal_it_is_given():
+    from triageseg.segmenters.data import size_calibration
+
+    data = []
+    for i, r in enumerate((5, 6, 7)):
+        img = _ihc_like(r, seed=i)
+        yy, xx = np.mgrid[:16, :16]
+        labels = np.zeros(img.shape[:2], np.uint32)
+        labels[:2 * r, :2 * r][((yy[:2 * r, :2 * r] - r + 0.5) ** 2 + (xx[:2 * r, :2 * r] - r + 0.5) ** 2)
+                               <= r * r] = 1  # one nucleus of the drawn size: the labels' median
+        data.append((img, labels))
+    assert size_calibration(data, ["haematoxylin"] * 3) == pytest.approx(1.0, abs=0.15)
+    assert size_calibration(data) < 0.5  # the brown tissue measured: a factor that would mislead
+    with pytest.raises(ValueError, match="2 signals for 3 images"):
+        size_calibration(data, ["auto", "auto"])
+
+
+def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with(sized_bundle, tmp_path,
+                                                                                  monkeypatch):
+    from triageseg import bundle as B
+    from triageseg.pipeline import Pipeline
+    from triageseg.router import size as S
+
+    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")  # the tiny bundle has no IHC segmenter
+    img = _ihc_like(8)  # nuclei of 16 px: scale 1 for a segmenter trained at 16
+    old = Pipeline.from_bundle(sized_bundle, device="cpu").decide(img, modality="he")
+    assert old.scale < 0.5  # calibrated on "auto" (a bundle before the per-modality signal): auto it stays
+    root = tmp_path / "bundle"
+    shutil.copytree(sized_bundle, root)
+    path = B.segmenter_dir(root, "he") / B.CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "size_signal": "modality"}))
+    pipe = Pipeline.from_bundle(root, device="cpu")
+    d = pipe.decide(img, modality="he")
+    assert d.size_source == "estimated" and d.scale == pytest.approx(1.0, rel=0.15)
+    # the block path's decision (overview and crops) takes the same signal
+    read = lambda top, left, h, w: img[top : top + h, left : left + w]  # noqa: E731
+    d2 = pipe.decide_overview(img[::2, ::2], img.shape[:2], read, modality="he")
+    assert d2.scale == pytest.approx(1.0, rel=0.15)
+
+
+def test_size_signal_of_a_segmenter_config_is_checked_and_old_configs_read_auto():
+    from triageseg.segmenters.model import SegmenterConfig
+
+    assert SegmenterConfig().size_signal == "auto"
+    assert SegmenterConfig(size_signal="modality").size_signal == "modality"
+    with pytest.raises(ValueError, match="size_signal"):
+        SegmenterConfig(size_signal="dab")
+
+
 def test_an_empty_image_has_no_estimate_and_falls_back_to_scale_1():
     flat = np.full((128, 128, 3), 0.2, np.float32)
     assert estimate_diameter(flat).diameter is None

@@ -92,7 +92,8 @@ def route_image(pipe, image: np.ndarray, *, modality: str | None = None, diamete
                           pred.ood_score)
     if not routing.used_model:
         return routing
-    size = pipe.image_size(image, routing.used_model, pixel_size=pixel_size, given=diameter)
+    size = pipe.image_size(image, routing.used_model, pixel_size=pixel_size, given=diameter,
+                           modality=routing.modality)
     return dataclasses.replace(routing, diameter=size.diameter, scale=size.scale, size_source=size.source)
 
 

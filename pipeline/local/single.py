@@ -151,6 +151,7 @@ class Pipeline:
         self._segmenters: dict[str, tuple] = {}
         self._quality: dict[str, QualityModel | None] = {}
         self._size_configs: dict[str, tuple] = {}
+        self._size_signals: dict[str, str] = {}  # segmenter -> its SegmenterConfig.size_signal
         self._lock = threading.Lock()
 
     @classmethod
@@ -240,6 +241,21 @@ class Pipeline:
             cfg = SegmenterConfig.from_json(_bundle.segmenter_dir(self.path, name) / _bundle.CONFIG)
             self._size_configs[name] = (cfg.diameter, cfg.diameter_um, float(cfg.scale), cfg.size_calibration)
         return self._size_configs[name]
+
+    def size_signal(self, name: str, modality: str | None) -> str:
+        """What an image of ``modality`` going to segmenter ``name`` is measured on (``router.size.signal_for``).
+
+        The signal its ``size_calibration`` was measured with: a segmenter trained before the
+        per-modality signal (``size_signal`` "auto") keeps ``auto`` for every image.
+        """
+        from triageseg.router.size import signal_for
+
+        if name not in self._size_signals:
+            from triageseg.segmenters.model import SegmenterConfig
+
+            cfg = SegmenterConfig.from_json(_bundle.segmenter_dir(self.path, name) / _bundle.CONFIG)
+            self._size_signals[name] = cfg.size_signal
+        return signal_for(modality, self._size_signals[name])
 
     def size_notes(self) -> list[str]:
         """One line when the bundle's segmenters were trained before size triage (it is off for them)."""
@@ -403,15 +419,17 @@ class Pipeline:
         quality = self.quality(probs, labels, d.used_model, confidence=d.confidence, ood_score=d.ood_score)
         return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality, *size)
 
-    def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None):
-        """The size decision of an in-memory image going to ``used_model`` (:meth:`size`: estimate and probe)."""
+    def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None,
+                   modality: str | None = None):
+        """The size decision of an in-memory image of ``modality`` going to ``used_model`` (:meth:`size`)."""
         from triageseg.router.size import estimate_diameter
 
         def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
             return image[top : top + height, left : left + width]
 
-        return self.size(lambda: estimate_diameter(image, method=self.size_method), used_model, pixel_size,
-                         probe=(image.shape[:2], crop), given=given)
+        signal = self.size_signal(used_model, modality)
+        return self.size(lambda: estimate_diameter(image, method=self.size_method, signal=signal), used_model,
+                         pixel_size, probe=(image.shape[:2], crop), given=given)
 
     def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
         """The :class:`Decision` for one image; ``modality`` forces a specialist (the OOD score is still recorded).
@@ -420,7 +438,7 @@ class Pipeline:
         (:meth:`size`): the given diameter, the pixel size, or the estimate from ``image``.
         """
         return self._decision(modality, lambda: self.route([image])[0],
-                              lambda used: self.image_size(image, used, pixel_size=pixel_size))
+                              lambda used, mod: self.image_size(image, used, pixel_size=pixel_size, modality=mod))
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
         """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.
@@ -446,9 +464,10 @@ class Pipeline:
         from triageseg.router.size import estimate_overview
 
         return self._decision(modality, lambda: self.route_overview(overview, shape, read_crop),
-                              lambda used: self.size(lambda: estimate_overview(overview, shape, read_crop,
-                                                                                method=self.size_method), used,
-                                                     pixel_size, probe=(shape, read_crop)))
+                              lambda used, mod: self.size(
+                                  lambda: estimate_overview(overview, shape, read_crop, method=self.size_method,
+                                                            signal=self.size_signal(used, mod)),
+                                  used, pixel_size, probe=(shape, read_crop)))
 
     def _decision(self, modality: str | None, predict, size=None) -> Decision:
         if modality is not None:
@@ -462,7 +481,7 @@ class Pipeline:
             d = Decision(pred.modality, float(pred.confidence), used, decision, pred.ood_score)
         if size is None or d.skipped:
             return d
-        s = size(d.used_model)
+        s = size(d.used_model, d.modality)
         return d._replace(diameter=s.diameter, scale=s.scale, size_source=s.source)
 
     def _scores_when_forced(self) -> bool:
