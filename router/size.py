@@ -57,6 +57,10 @@ SPECK_FRACTION = 0.5
 # Otsu's threshold (method "mask") is taken on the signal clipped at this percentile.
 CLIP_PERCENTILE = 98.0
 NOISE_CLEARANCE = 2.0
+# In-memory images above this many pixels are measured from crops (estimate_image), with an overview of
+# at most OVERVIEW_SIDE pixels a side when their nuclei are too large for a crop.
+LARGE_IMAGE_PIXELS = 1_500_000
+OVERVIEW_SIDE = 1024
 # Size sources recorded in routing.csv.
 SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
 # The image the nuclei are measured on (estimate_diameter's signal): "auto" picks the channel (or the grey
@@ -436,14 +440,39 @@ def decide_size(
     return SizeDecision(round(d, 2), round(scale, 4), source)
 
 
-def estimate_overview(overview: np.ndarray, shape: tuple[int, int], read_crop, *, crop: int = 512,
+def estimate_image(image: np.ndarray, *, method: str = "mask", signal: str = "auto") -> SizeEstimate:
+    """The estimate of an in-memory image: whole up to :data:`LARGE_IMAGE_PIXELS`, from crops above.
+
+    A large image is measured as the block path measures one too large to hold
+    (:func:`estimate_overview`: four native-resolution crops of 512 px, the overview only when
+    its nuclei are too large for a crop): a 2048 x 2048 image costs four crops' work instead of
+    sixteen (measured, loaded machine: 2.6-4.8 s whole, 0.35-0.42 s from crops, the same
+    diameter within 0.2 %).
+    """
+    img = np.asarray(image)
+    if img.ndim < 2 or img.shape[0] * img.shape[1] <= LARGE_IMAGE_PIXELS:
+        return estimate_diameter(img, method=method, signal=signal)
+    h, w = img.shape[:2]
+
+    def overview() -> np.ndarray:
+        from skimage.measure import block_reduce
+
+        f = int(math.ceil(max(h, w) / OVERVIEW_SIDE))
+        return block_reduce(img, (f, f) + (1,) * (img.ndim - 2), np.mean)
+
+    return estimate_overview(overview, (h, w), lambda top, left, ch, cw: img[top : top + ch, left : left + cw],
+                             method=method, signal=signal)
+
+
+def estimate_overview(overview, shape: tuple[int, int], read_crop, *, crop: int = 512,
                       method: str = "mask", signal: str = "auto") -> SizeEstimate:
     """The estimate of an image too large to hold: from native-resolution crops, else from the overview.
 
     Four crops of ``crop`` pixels (centred on the quarter points) are estimated at native
     resolution; their median wins when the nuclei are small enough for a crop to hold
     several. Otherwise (large nuclei, or empty crops) the overview's estimate, times its
-    downsampling factor, is used. ``method`` and ``signal`` are :func:`estimate_diameter`'s.
+    downsampling factor, is used (``overview`` may be a function that makes it: called only
+    then). ``method`` and ``signal`` are :func:`estimate_diameter`'s.
     """
     h, w = int(shape[0]), int(shape[1])
     c = min(crop, h, w)
@@ -458,6 +487,8 @@ def estimate_overview(overview: np.ndarray, shape: tuple[int, int], read_crop, *
         d = float(np.median([e.diameter for e in found]))
         if d <= c / 6:
             return SizeEstimate(d, sum(e.blobs for e in found))
+    if callable(overview):
+        overview = overview()
     factor = h / overview.shape[0]
     if min(overview.shape[:2]) < 8:
         return SizeEstimate(None, 0)

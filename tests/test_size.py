@@ -230,6 +230,31 @@ def test_size_signal_of_a_segmenter_config_is_checked_and_old_configs_read_auto(
         SegmenterConfig(size_signal="dab")
 
 
+@pytest.mark.parametrize("radius", [8, 60])
+def test_a_large_in_memory_image_is_measured_from_crops_as_the_block_path_does(radius, monkeypatch):
+    from triageseg.router import size as S
+
+    img = _disks(radius, size=1280)  # 1.6 MP: above LARGE_IMAGE_PIXELS
+    whole = estimate_diameter(img).diameter
+    seen = []
+    real = S.estimate_diameter
+
+    def counting(image, **kw):
+        seen.append(image.shape[:2])
+        return real(image, **kw)
+
+    monkeypatch.setattr(S, "estimate_diameter", counting)
+    est = S.estimate_image(img).diameter
+    assert abs(est / (2 * radius) - 1) <= 0.15 and abs(est / whole - 1) <= 0.1, (est, whole, 2 * radius)
+    if radius == 8:  # small nuclei: four 512 px crops, never the whole image
+        assert seen == [(512, 512)] * 4
+    else:  # too large for a crop: the crops, then an overview of at most 1024 px a side
+        assert seen[:4] == [(512, 512)] * 4 and max(seen[4]) <= S.OVERVIEW_SIDE and len(seen) == 5
+    seen.clear()
+    S.estimate_image(img[:1000, :1000])  # 1 MP: whole
+    assert seen == [(1000, 1000)]
+
+
 def test_an_empty_image_has_no_estimate_and_falls_back_to_scale_1():
     flat = np.full((128, 128, 3), 0.2, np.float32)
     assert estimate_diameter(flat).diameter is None

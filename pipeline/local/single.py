@@ -422,13 +422,13 @@ class Pipeline:
     def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None,
                    modality: str | None = None):
         """The size decision of an in-memory image of ``modality`` going to ``used_model`` (:meth:`size`)."""
-        from triageseg.router.size import estimate_diameter
+        from triageseg.router.size import estimate_image
 
         def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
             return image[top : top + height, left : left + width]
 
         signal = self.size_signal(used_model, modality)
-        return self.size(lambda: estimate_diameter(image, method=self.size_method, signal=signal), used_model,
+        return self.size(lambda: estimate_image(image, method=self.size_method, signal=signal), used_model,
                          pixel_size, probe=(image.shape[:2], crop), given=given)
 
     def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
