@@ -459,6 +459,8 @@ def accuracy(bundle: Path, data: Path, names: list[str], device: str, split: str
 
 # ------------------------------------------------------------------ main
 def main() -> None:
+    from triageseg.segmenters.model import DEFAULT_TILE_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a trained bundle (default: untrained models, same compute)")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
@@ -495,7 +497,7 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, native bf16: {cpu_bf16_support()}, "
           f"busy processes: {args.busy}")
     for size in args.sizes:
-        tile = args.tile_size or 512
+        tile = args.tile_size or DEFAULT_TILE_SIZE
         print(f"  tiling at {size}²: the network computes {tiling_overhead(size, tile, 64):.2f}x the image's pixels "
               f"(tile {tile}, overlap 64), batches of {args.batch_size} tiles")
     stop = multiprocessing.Event()

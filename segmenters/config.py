@@ -16,7 +16,7 @@ from typing import Any
 from triageseg import bundle
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, SegmenterConfig
+from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, DEFAULT_TILE_SIZE, SegmenterConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TrainConfig:
     diameter: float | None = None  # with size_triage: train at this median nucleus diameter (px); None: the set's median
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
     seed: int = 0  # seeds weights init, crop sampling and augmentation
-    tile_size: int = 512  # inference tile size (validation and the saved model)
+    tile_size: int = DEFAULT_TILE_SIZE  # largest inference tile (validation and the saved model)
     overlap: int = 64  # inference tile overlap in pixels
     val_batch_size: int = 4  # tiles per forward pass during validation
     max_val_images: int = 16  # validation images used per epoch and for tuning (balanced over modalities)

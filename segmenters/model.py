@@ -40,6 +40,11 @@ HISTORY_JSON = "history.json"
 METADATA_KEYS = ("kind", "train", "provenance", "results")
 KIND = "triageseg-segmenter"
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+# Largest inference tile (segmenters.predict.tile_grid shrinks it to fit). 768 rather than 512: a 2048-px
+# side then runs three tiles of 736 px instead of five of 480, 1.16x the image's pixels instead of 1.37x
+# (network on a 2048 x 2048 image, ONNX Runtime, 2 cores: 10.5 s against 13.0 s, medians of 3 interleaved,
+# loaded machine); images up to 768 px run as one tile. Mean |difference| of the probabilities 0.003.
+DEFAULT_TILE_SIZE = 768
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class SegmenterConfig:
     in_channels: int = 3  # input channels (images are HxWx3 after datasets.io.read_image)
     classes: int = 3  # background / nucleus interior / boundary (postprocess.targets)
     decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS  # Unet decoder widths, one per encoder stage
-    tile_size: int = 512  # inference tile side in pixels (multiple of 32)
+    tile_size: int = DEFAULT_TILE_SIZE  # largest inference tile side in pixels (multiple of 32)
     overlap: int = 64  # overlap between neighbouring inference tiles, pixels
     normalisation: str = "percentile"  # input normalisation, as datasets.io.read_image does it
     percentiles: tuple[float, float] = (1.0, 99.8)  # low/high percentiles of that normalisation

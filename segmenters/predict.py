@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from triageseg.devices import DEVICE_SPECS, resolve_device  # noqa: F401 - re-exported
+from triageseg.segmenters.model import DEFAULT_TILE_SIZE
 from triageseg.segmenters.scale import (
     RowResizer,
     check_scale,
@@ -154,7 +155,7 @@ def predict(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    tile_size: int = 512,
+    tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = 64,
     batch_size: int = 4,
     tta: bool = False,
@@ -255,7 +256,7 @@ def stream_probabilities(
     read_rows: RowReader,
     shape: tuple[int, int],
     *,
-    tile_size: int = 512,
+    tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = 64,
     batch_size: int = 4,
     tta: bool = False,

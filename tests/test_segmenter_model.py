@@ -20,7 +20,7 @@ SMALL = (32, 16, 16, 8, 8)
 
 def test_default_config_is_efficientnet_b3_three_classes():
     cfg = SegmenterConfig()
-    assert (cfg.encoder, cfg.in_channels, cfg.classes, cfg.tile_size) == ("efficientnet-b3", 3, 3, 512)
+    assert (cfg.encoder, cfg.in_channels, cfg.classes, cfg.tile_size) == ("efficientnet-b3", 3, 3, 768)
     assert cfg.encoder_init is None
 
 
@@ -49,7 +49,7 @@ def test_unknown_encoder_lists_valid_names():
     "changes",
     [
         {"tile_size": 500},
-        {"overlap": 256},
+        {"overlap": 384},
         {"decoder_channels": (16, 8)},
         {"classes": 1},
         {"normalisation": "zscore"},
