@@ -234,7 +234,8 @@ def test_size_signal_of_a_segmenter_config_is_checked_and_old_configs_read_auto(
 def test_a_large_in_memory_image_is_measured_from_crops_as_the_block_path_does(radius, monkeypatch):
     from triageseg.router import size as S
 
-    img = _disks(radius, size=1280)  # 1.6 MP: above LARGE_IMAGE_PIXELS
+    # 1.6 MP: above LARGE_IMAGE_PIXELS (small disks: a 320 px field tiled 4 x 4, drawn 16x faster)
+    img = np.tile(_disks(radius, size=320), (4, 4, 1)) if radius < 20 else _disks(radius, size=1280)
     whole = estimate_diameter(img).diameter
     seen = []
     real = S.estimate_diameter
