@@ -12,6 +12,12 @@ level, the saturated fraction, the spread of per-nucleus mean intensity (95th / 
 percentile over nuclei, background subtracted). Both: gradient energy (mean gradient
 magnitude after a 1-pixel blur) and texture energy inside nuclei (std of the image minus
 its 2-pixel blur, relative to the nucleus-background contrast).
+
+Stained images, the tissue between the nuclei (non-white pixels over 3 px from a nucleus:
+stroma or cytoplasm, what a segmenter must call background): the hematoxylin share of its
+H + E (each above its 1st percentile; lilac cytoplasm high, pink stroma low), and the std
+of its H in a fine band (image minus its 1-pixel blur: granules) and a mottle band (1- minus
+4-pixel blur), both relative to the nucleus contrast.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ def image_stats(image: np.ndarray, modality: str) -> dict[str, float]:
         means = np.clip(means, 1e-3, None)
         stats["nucleus_range"] = float(np.percentile(means, 95) / np.percentile(means, 5))
     if stained:
+        stats.update(_tissue_stats(image, hed, labels, contrast))
         for i, name in enumerate("HED"):
             stats[f"{name}_p50"], stats[f"{name}_p95"] = (float(v) for v in np.percentile(hed[..., i], [50, 95]))
         for i, name in enumerate("RGB"):
@@ -79,6 +86,27 @@ def image_stats(image: np.ndarray, modality: str) -> dict[str, float]:
         stats["background"] = float(np.median(gray[~fg])) if (~fg).any() else 0.0
         stats["saturated"] = float(np.mean(gray >= 0.999))
     return stats
+
+
+def _tissue_stats(image: np.ndarray, hed: np.ndarray, labels: np.ndarray, contrast: float) -> dict[str, float]:
+    """Colour and texture of the tissue between the nuclei (see the module docstring)."""
+    from scipy import ndimage
+
+    fg = labels > 0
+    od = -np.log10(np.clip(image[..., :3].astype(np.float32) / 255.0, 1.0 / 255.0, 1.0)).sum(-1)
+    tissue = ~ndimage.binary_dilation(fg, iterations=3) & (od >= 0.25)  # OD sum < 0.25: glass, lumina, fat
+    if tissue.sum() < 50:
+        return {}
+    h, e = hed[..., 0], hed[..., 1]
+    hn, en = h - np.percentile(h, 1), e - np.percentile(e, 1)
+    share = hn / np.clip(hn + en, 1e-4, None)
+    fine = h - ndimage.gaussian_filter(h, 1.0)
+    mottle = ndimage.gaussian_filter(h, 1.0) - ndimage.gaussian_filter(h, 4.0)
+    return {
+        "tissue_H_share": float(np.median(share[tissue])),
+        "tissue_H_fine": float(fine[tissue].std() / contrast),
+        "tissue_H_mottle": float(mottle[tissue].std() / contrast),
+    }
 
 
 def mean_stats(images, modality: str) -> dict[str, float]:

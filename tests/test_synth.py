@@ -67,7 +67,9 @@ def test_modalities_look_different():
         assert fg + 20 < bg and bg > 150  # dark nuclei on a light background
     for fg, bg, colour in stats["he"]:
         assert fg + 20 < bg
-        assert colour[1] + 30 < colour[0] and colour[1] + 30 < colour[2]  # pink/purple: green absorbed by eosin
+        # pink/purple/lilac: green absorbed most (by eosin, and by hematoxylin in the cytoplasm of cellular
+        # fields); the TCIA image's tissue between nuclei has R-G 55, B-G 43, paler samples less
+        assert colour[1] + 20 < colour[0] and colour[1] + 20 < colour[2]
     # nuclei are denser and smaller in H&E than in brightfield on average
     counts = {
         m: np.mean([synth_sample(m, size=128, rng=np.random.default_rng(s))[1].max() for s in range(4)])

@@ -174,3 +174,78 @@ def test_hed_jitter_identity_and_determinism():
     b = augment_sample(tf, image, labels, seed=5)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert a[0].min() >= 0.0 and a[0].max() <= 1.0
+
+
+def _cellular(monkeypatch, share):
+    from triageseg.datasets.synth import he
+
+    monkeypatch.setitem(he.HE_RANGES, "cellular_share", share)
+
+
+def test_he_cytoplasm_is_deterministic_and_within_its_documented_ranges():
+    from triageseg.datasets.synth.he import _cytoplasm_od
+
+    labels, _ = _place_nuclei(np.random.default_rng(3), 128, STYLES["he"])
+    one = _cytoplasm_od(np.random.default_rng(9), labels)
+    two = _cytoplasm_od(np.random.default_rng(9), labels)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    body, eosin, hema = one
+    assert body.min() >= 0.0 and body.max() <= 1.0 + 1e-6
+    cyto = (body > 0.95) & (labels == 0)
+    assert cyto.mean() > 0.2  # cell bodies fill a good part of the space between the nuclei
+    # Mean stain over the cell bodies within the documented ranges (cell levels are lognormal, mean <= 1.14;
+    # borders add at most their documented eosin).
+    h_lo, h_hi = HE_RANGES["cytoplasm_hematoxylin"]
+    e_lo, e_hi = HE_RANGES["cytoplasm_eosin"]
+    assert 0.7 * h_lo <= hema[cyto].mean() <= 1.2 * h_hi
+    assert 0.7 * e_lo <= eosin[cyto].mean() <= 1.2 * e_hi + HE_RANGES["cell_border_eosin"][1]
+    # Granular: the fine (1-px) texture of the hematoxylin is a visible share of its level.
+    from scipy import ndimage
+
+    fine = hema - ndimage.gaussian_filter(hema, 1.0)
+    assert fine[cyto].std() / hema[cyto].mean() > 0.05
+
+
+def test_he_cellular_fields_are_lilac_between_the_nuclei(monkeypatch):
+    labels, _ = _place_nuclei(np.random.default_rng(4), 128, STYLES["he"])
+    shares = {}
+    for share in (0.0, 1.0):
+        _cellular(monkeypatch, share)
+        per_seed = []
+        for seed in range(4):
+            eosin, hema = _tissue_od(np.random.default_rng(seed), labels)
+            bg = labels == 0
+            per_seed.append(np.median(hema[bg] / np.maximum(hema[bg] + eosin[bg], 1e-6)))
+        shares[share] = np.mean(per_seed)
+    # Measured on the TCIA image: the tissue between nuclei is 0.65 hematoxylin (rgb2hed H/(H+E)).
+    assert shares[1.0] > shares[0.0] + 0.1
+
+
+def test_he_cellular_share_is_what_is_documented(monkeypatch):
+    # With share 0 and 1 the same seed gives different images; with the default both kinds occur.
+    images = {}
+    for share in (0.0, 1.0):
+        _cellular(monkeypatch, share)
+        images[share] = [_sample("he", seed, size=64)[0] for seed in range(6)]
+    monkeypatch.undo()
+    assert 0.0 < HE_RANGES["cellular_share"] < 1.0
+    default = [_sample("he", seed, size=64)[0] for seed in range(6)]
+    like_cellular = [np.array_equal(d, c) for d, c in zip(default, images[1.0])]
+    like_sparse = [np.array_equal(d, s) for d, s in zip(default, images[0.0])]
+    assert all(a or b for a, b in zip(like_cellular, like_sparse))
+    assert any(like_cellular) and any(like_sparse)
+
+
+def test_he_vesicular_nuclei_have_a_crisp_envelope():
+    labels, nrad = _place_nuclei(np.random.default_rng(5), 160, STYLES["he"])
+    hema, _ = _nuclei_od(np.random.default_rng(5), labels, nrad)
+    rim_over_mid = []
+    for i in range(1, int(labels.max()) + 1):
+        mine = labels == i
+        rim, mid = mine & (nrad > 0.93), mine & (nrad > 0.5) & (nrad < 0.75)
+        if rim.sum() >= 5 and mid.sum() >= 5:
+            rim_over_mid.append(hema[rim].mean() / max(hema[mid].mean(), 1e-6))
+    # Vesicular nuclei: the envelope is darker than the nucleoplasm inside it; dense ones fall off at the rim.
+    assert max(rim_over_mid) > 1.4 and min(rim_over_mid) < 1.0
+    lo, hi = HE_RANGES["envelope_width"]
+    assert 0.0 < lo < hi <= 0.2

@@ -22,6 +22,7 @@ from triageseg.datasets.synth.textures import (
     _DAB,
     _HEMATOXYLIN,
     _absorbance_to_rgb,
+    _cells,
     _illumination,
     _jitter_stain,
     _jpeg,
@@ -35,16 +36,6 @@ IHC_RANGES = {
     "dab": (0.0, 1.2),  # OD of DAB anywhere (cytoplasm, membrane, positive nuclei)
     "positive_area": (0.15, 0.8),  # fraction of the image in DAB-positive regions
 }
-
-
-def _cells(labels: np.ndarray, grow: float) -> tuple[np.ndarray, np.ndarray]:
-    """(cell territories around each nucleus, soft membrane mask) from the nuclei."""
-    from scipy import ndimage
-    from skimage.segmentation import expand_labels, find_boundaries
-
-    cells = expand_labels(labels, distance=grow)
-    membrane = find_boundaries(cells, mode="inner") & (labels == 0) & (cells > 0)
-    return cells, ndimage.gaussian_filter(membrane.astype(np.float32), 0.8) * 2.5
 
 
 def _dab_od(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
