@@ -124,7 +124,8 @@ def compare(real: dict[str, float], before: dict[str, float] | None, after: dict
         a = after.get(k)
         mark = ""
         if b is not None and a is not None:
-            mark = "  after closer" if abs(a - real[k]) < abs(b - real[k]) else "  before closer"
+            da, db = abs(a - real[k]), abs(b - real[k])
+            mark = "  same" if da == db else "  after closer" if da < db else "  before closer"
         fmt = lambda v: f"{v:10.3f}" if v is not None else f"{'-':>10}"  # noqa: E731
         lines.append(f"    {k:<14}{fmt(real[k])}{fmt(b)}{fmt(a)}{mark}")
     return lines
