@@ -61,13 +61,13 @@ def zoom_series(n: int, size: int, seed: int = 123, modalities=MODALITIES, serie
 
 
 def estimate_errors(series, methods=("mask", "mask-area", "log")) -> dict:
-    from triageseg.router.size import estimate_diameter, median_diameter
+    from triageseg.router.size import estimate_diameter, median_diameter, signal_for
 
     errs: dict = {}
     for m, z, img, lab in series:
         true = median_diameter(lab)
-        for method in methods:
-            est = estimate_diameter(img, method=method).diameter
+        for method in methods:  # each modality on its own signal, as a bundle trained now measures it
+            est = estimate_diameter(img, method=method, signal=signal_for(m)).diameter
             err = np.inf if est is None or true is None else abs(np.log2(est / true))
             errs.setdefault(method, {}).setdefault(m, []).append(err)
     return errs

@@ -68,10 +68,13 @@ SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
 # (skimage.color.rgb2hed). In IHC the DAB chromogen marks a protein, often membranes and cytoplasm,
 # and splits better than the counterstain, so "auto" measured the brown tissue: on the synthetic IHC training
 # images of the demo the estimate's scatter around its own median was 0.77 / 1.48 octave (median / p95)
-# with "auto" and 0.13 / 1.23 with "haematoxylin"; on the H&E ones 0.18 / 0.40 against 0.27 / 0.71, so H&E
-# keeps "auto".
+# with "auto" and 0.13 / 1.23 with "haematoxylin". In H&E, lilac cytoplasm filling the space between
+# nuclei (cellular fields) pulls "auto" low and stroma does not (log2(estimate / true), 16 images each at
+# 14 px: -0.40 in cellular fields, -0.10 in stroma), so a mix of both has no one calibration; haematoxylin
+# is biased alike in both (-0.35, -0.32) and the calibration takes it out (demo training images: scatter
+# p95 0.41 against 1.67 with "auto").
 SIGNALS = ("auto", "haematoxylin")
-MODALITY_SIGNALS = {"ihc": "haematoxylin"}
+MODALITY_SIGNALS = {"ihc": "haematoxylin", "he": "haematoxylin"}
 # How a segmenter's size_calibration was measured (SegmenterConfig.size_signal): "auto" for every image
 # (bundles trained before the per-modality signal), or "modality" (each image's modality's signal).
 SIZE_SIGNAL_MODES = ("auto", "modality")

@@ -175,7 +175,8 @@ def test_the_haematoxylin_signal_of_a_grey_image_is_the_auto_signal():
 def test_each_modality_is_measured_on_its_signal_only_when_the_segmenter_was_calibrated_so():
     from triageseg.router.size import signal_for
 
-    assert signal_for("ihc") == "haematoxylin" and signal_for("he") == signal_for("fluorescence") == "auto"
+    assert signal_for("ihc") == signal_for("he") == "haematoxylin"
+    assert signal_for("fluorescence") == signal_for("brightfield") == "auto"
     assert signal_for(None) == "auto" and signal_for("ihc", "auto") == "auto"
     with pytest.raises(ValueError, match="modality"):
         signal_for("ihc", "per-image")
@@ -204,7 +205,7 @@ def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with
     from triageseg.pipeline import Pipeline
     from triageseg.router import size as S
 
-    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")  # the tiny bundle has no IHC segmenter
+    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")  # (already so; kept so the test does not hang on the table)
     img = _ihc_like(8)  # nuclei of 16 px: scale 1 for a segmenter trained at 16
     old = Pipeline.from_bundle(sized_bundle, device="cpu").decide(img, modality="he")
     assert old.scale < 0.5  # calibrated on "auto" (a bundle before the per-modality signal): auto it stays
