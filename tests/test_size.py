@@ -15,18 +15,24 @@ from click.testing import CliRunner
 from triageseg.router.size import check_diameter, decide_size, estimate_diameter, median_diameter
 
 
-def _disks(radius: float, *, size: int = 256, dark: bool = False, seed: int = 0) -> np.ndarray:
-    """Disks of ``radius`` on a grid with jitter, blurred a little, with noise; HxWx3 in [0, 1]."""
-    from scipy import ndimage as ndi
-
-    rng = np.random.default_rng(seed)
+def _disk_grid(rng: np.random.Generator, radius: float, size: int, values: tuple[float, float]) -> np.ndarray:
+    """Disks of ``radius`` on a grid 3 radii apart, jittered, each of a value drawn from ``values``; HxW."""
     yy, xx = np.mgrid[:size, :size]
     img = np.zeros((size, size), np.float32)
     step = 3 * radius
     for cy in np.arange(step / 2, size - radius, step):
         for cx in np.arange(step / 2, size - radius, step):
             jy, jx = rng.uniform(-radius / 3, radius / 3, 2)
-            img[(yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= radius**2] = rng.uniform(0.6, 1.0)
+            img[(yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= radius**2] = rng.uniform(*values)
+    return img
+
+
+def _disks(radius: float, *, size: int = 256, dark: bool = False, seed: int = 0) -> np.ndarray:
+    """Disks of ``radius`` on a grid with jitter, blurred a little, with noise; HxWx3 in [0, 1]."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    img = _disk_grid(rng, radius, size, (0.6, 1.0))
     img = ndi.gaussian_filter(img, 0.7) + rng.normal(0, 0.03, img.shape).astype(np.float32)
     img = np.clip(img, 0, 1)
     if dark:
@@ -140,13 +146,7 @@ def _ihc_like(radius: float, *, size: int = 256, seed: int = 0) -> np.ndarray:
     from skimage.color import hed2rgb
 
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    h = np.zeros((size, size), np.float32)
-    step = 3 * radius
-    for cy in np.arange(step / 2, size - radius, step):
-        for cx in np.arange(step / 2, size - radius, step):
-            jy, jx = rng.uniform(-radius / 3, radius / 3, 2)
-            h[(yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= radius**2] = rng.uniform(0.06, 0.1)
+    h = _disk_grid(rng, radius, size, (0.06, 0.1))
     dab = ndi.gaussian_filter(rng.standard_normal((size, size)), size / 16)
     dab = (dab > np.percentile(dab, 55)).astype(np.float32) * 0.12
     hed = np.stack([ndi.gaussian_filter(h, 0.7), np.zeros_like(h), ndi.gaussian_filter(dab, 1.0)], -1)
