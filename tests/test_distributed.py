@@ -463,6 +463,7 @@ def _slide(path: Path, rows: int, cols: int, seed: int) -> Path:
 BLOCK_ARGS = ("--blocks-above", "0.05", "--block-size", "160", "--block-margin", "32")
 
 
+@pytest.mark.slow  # 30 s; the default suite ran 604 s on 2 cores (goal 600): in `make test-slow`
 def test_slides_and_small_images_share_one_run(cluster, dist_bundle, images, tmp_path):
     """3 slides (block-wise), a cut-off one and 6 small images in one `segment --address` run == the local run."""
     from triageseg.datasets.tiffrecord import read_record
