@@ -205,7 +205,7 @@ def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with
     from triageseg.pipeline import Pipeline
     from triageseg.router import size as S
 
-    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")  # (already so; kept so the test does not hang on the table)
+    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")  # pinned: the test must not depend on the table
     img = _ihc_like(8)  # nuclei of 16 px: scale 1 for a segmenter trained at 16
     old = Pipeline.from_bundle(sized_bundle, device="cpu").decide(img, modality="he")
     assert old.scale < 0.5  # calibrated on "auto" (a bundle before the per-modality signal): auto it stays
