@@ -206,42 +206,32 @@ class TriagesegTool:
 
 
 class StarDistTool:
-    """StarDist 2D (grid 2, 32 rays, random weights); NMS on outputs made from the ground truth.
+    """StarDist 2D (grid 2, 32 rays, random weights) in this Python; NMS on outputs made from the ground truth.
 
-    Not run in this project's CI (TensorFlow is not a dependency); a failure skips the tool.
+    The model and what is timed are ``peer_stardist.py``'s (:class:`PeerStarDistTool` runs the
+    same in another environment). Not run in this project's CI (TensorFlow is not a
+    dependency); a failure skips the tool.
     """
 
     name = "stardist"
 
-    def __init__(self):
-        from stardist.models import Config2D, StarDist2D
-
+    def __init__(self, threads: int):
         self.skip = None
-        cfg = Config2D(n_rays=32, grid=(2, 2), n_channel_in=1)
-        self.model = StarDist2D(cfg, name="bench", basedir=tempfile.mkdtemp(prefix="stardist-"))
+        self.peer = _peer_stardist()
+        self.model = self.peer.build(threads)
 
     def run(self, path: Path, labels: np.ndarray) -> tuple[dict, np.ndarray]:
-        import tifffile
-        from csbdeep.utils import normalize
-        from stardist import edt_prob, star_dist
-        from stardist.geometry import polygons_to_label
-        from stardist.nms import non_maximum_suppression
+        return self.peer.measure(self.model, str(path), labels)
 
-        t0 = time.perf_counter()
-        image = tifffile.imread(path)
-        image = normalize(image.mean(axis=2) if image.ndim == 3 else image, 1, 99.8)
-        t1 = time.perf_counter()
-        x = image[None, ..., None].astype(np.float32)
-        self.model.keras_model.predict(x, verbose=0)  # the network on the whole image, as predict_instances does
-        t2 = time.perf_counter()
-        prob = edt_prob(labels)[::2, ::2]  # trained-like outputs (not timed: a trained network gives them)
-        dist = star_dist(labels, 32)[::2, ::2]
-        t3 = time.perf_counter()
-        points, probi, disti = non_maximum_suppression(dist, prob, grid=(2, 2), prob_thresh=0.5, nms_thresh=0.4)
-        out = polygons_to_label(disti, points, prob=probi, shape=labels.shape)
-        t4 = time.perf_counter()
-        return {"read": t1 - t0, "route": 0.0, "net": t2 - t1, "tiling": 0.0, "watershed": t4 - t3,
-                "e2e": (t2 - t0) + (t4 - t3)}, out
+
+def _peer_stardist():
+    """``peer_stardist.py`` beside this file, as a module (whether this file runs as a script or is imported)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peer_stardist", Path(__file__).with_name("peer_stardist.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class PeerStarDistTool:
@@ -301,7 +291,7 @@ def make_tools(names: list[str], bundle: Path, device: str, peers_python: str | 
                     found = ", ".join(f"{k} {v}" for k, v in tool.versions.items())
                     print(f"  stardist: peer {peers_python} ({found})")
             else:
-                tool = StarDistTool() if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
+                tool = StarDistTool(threads) if name == "stardist" else TriagesegTool(name, bundle, device, **tiling)
         except Exception as err:  # noqa: BLE001 - a peer that does not load is skipped, said plainly
             print(f"  {name}: skipped ({type(err).__name__}: {err})")
             continue

@@ -46,8 +46,11 @@ def build(threads: int):
     return StarDist2D(cfg, name="bench", basedir=tempfile.mkdtemp(prefix="stardist-"))
 
 
-def run(model, image_path: str, labels_path: str) -> dict:
-    """Stage seconds of one image (see the module docstring)."""
+def measure(model, image_path: str, labels):
+    """(stage seconds, label image) of one image, ``labels`` its ground truth (see the module docstring).
+
+    Also what ``bench_inference.StarDistTool`` runs when StarDist is installed beside triageseg.
+    """
     import numpy as np
     import tifffile
     from csbdeep.utils import normalize
@@ -55,21 +58,28 @@ def run(model, image_path: str, labels_path: str) -> dict:
     from stardist.geometry import polygons_to_label
     from stardist.nms import non_maximum_suppression
 
-    labels = np.load(labels_path)
     t0 = time.perf_counter()
     image = tifffile.imread(image_path)
     image = normalize(image.mean(axis=2) if image.ndim == 3 else image, 1, 99.8)
     t1 = time.perf_counter()
-    model.keras_model.predict(image[None, ..., None].astype(np.float32), verbose=0)
+    model.keras_model.predict(image[None, ..., None].astype(np.float32), verbose=0)  # as predict_instances
     t2 = time.perf_counter()
-    prob = edt_prob(labels)[::2, ::2]  # trained-like outputs: not timed
+    prob = edt_prob(labels)[::2, ::2]  # trained-like outputs (not timed: a trained network gives them)
     dist = star_dist(labels, 32)[::2, ::2]
     t3 = time.perf_counter()
     points, probi, disti = non_maximum_suppression(dist, prob, grid=(2, 2), prob_thresh=0.5, nms_thresh=0.4)
     out = polygons_to_label(disti, points, prob=probi, shape=labels.shape)
     t4 = time.perf_counter()
     return {"read": t1 - t0, "route": 0.0, "net": t2 - t1, "tiling": 0.0, "watershed": t4 - t3,
-            "e2e": (t2 - t0) + (t4 - t3), "objects": int(len(np.unique(out)) - 1)}
+            "e2e": (t2 - t0) + (t4 - t3)}, out
+
+
+def run(model, image_path: str, labels_path: str) -> dict:
+    """Stage seconds and object count of one image, its ground truth in a ``.npy`` file."""
+    import numpy as np
+
+    stages, out = measure(model, image_path, np.load(labels_path))
+    return {**stages, "objects": int(len(np.unique(out)) - 1)}
 
 
 def versions() -> dict:
