@@ -93,8 +93,10 @@ class SegmenterConfig:
         if not (0.1 <= float(self.size_calibration) <= 10.0):
             raise ValueError(f"size_calibration must be in [0.1, 10], got {self.size_calibration!r}")
         object.__setattr__(self, "size_calibration", float(self.size_calibration))
-        if self.size_signal not in ("auto", "modality"):  # router.size.SIZE_SIGNAL_MODES (no import: a leaf module)
-            raise ValueError(f"size_signal must be 'auto' or 'modality', got {self.size_signal!r}")
+        from triageseg.router.size import SIZE_SIGNAL_MODES  # NumPy only
+
+        if self.size_signal not in SIZE_SIGNAL_MODES:
+            raise ValueError(f"size_signal must be one of {', '.join(SIZE_SIGNAL_MODES)}, got {self.size_signal!r}")
         for name in ("diameter", "diameter_um"):
             value = getattr(self, name)
             if value is not None:
