@@ -67,6 +67,26 @@ def test_thumbnail_stats_tell_noise_and_blank_from_a_smooth_image():
     assert grad[1] > 5 * grad[0] and grad[2] == 0
 
 
+def test_thumbnail_stats_match_their_definition():
+    """Each column against a plain per-thumbnail computation (the fast layout must not change a value)."""
+    rng = np.random.default_rng(2)
+    thumbs = rng.random((3, 24, 24, 3), dtype=np.float32)
+    thumbs[1, :10] = 0.3  # a flat region: the background share column
+    got = O.thumbnail_stats(thumbs)
+    for i, t in enumerate(thumbs.astype(np.float64)):
+        flat = t.reshape(-1, 3)
+        grey = t.mean(axis=2)
+        spread = flat.max(1) - flat.min(1)
+        lap = np.abs(4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
+        want = np.concatenate([
+            np.percentile(flat, 5, axis=0), np.percentile(flat, 50, axis=0), np.percentile(flat, 95, axis=0),
+            flat.std(axis=0),
+            np.abs(np.diff(t, axis=0)).mean(axis=(0, 1)) + np.abs(np.diff(t, axis=1)).mean(axis=(0, 1)),
+            [spread.mean(), np.percentile(spread, 95), (np.abs(grey - np.median(grey)) < 0.05).mean(), lap.mean()],
+        ])
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
 def test_energy_is_low_for_confident_logits():
     e = O.energy_score(np.array([[10.0, 0.0], [0.1, 0.0]]))
     assert e[0] < e[1]

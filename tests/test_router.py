@@ -119,6 +119,47 @@ def test_thumbnail_preserves_the_mean_of_a_large_image():
     assert thumb.std() < 0.05  # anti-aliased: noise averaged out, not sampled
 
 
+@pytest.mark.parametrize("shape", [(512, 512, 3), (300, 700, 3), (2000, 1500, 3), (1, 900, 3), (50, 80, 3)])
+def test_thumbnail_equals_skimage_block_mean_and_resize(shape):
+    """The strided block mean is skimage's downscale_local_mean bit for bit, on every path."""
+    from skimage.transform import downscale_local_mean, resize
+
+    from triageseg.router.model import background_colour
+
+    image = np.random.default_rng(1).random(shape, dtype=np.float32)
+    size = 112
+    h, w = shape[:2]
+    scale = size / max(h, w)
+    factor = int(1 / scale) if scale < 1 else 1
+    img = image
+    if factor >= 2:
+        hh, ww = max((h // factor) * factor, factor), max((w // factor) * factor, factor)
+        img = np.pad(img, ((0, max(0, hh - h)), (0, max(0, ww - w)), (0, 0)), mode="edge")
+        img = downscale_local_mean(img[:hh, :ww], (factor, factor, 1)).astype(np.float32)
+    th, tw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    if img.shape[:2] != (th, tw):
+        img = resize(img, (th, tw, 3), order=1, anti_aliasing=img.shape[0] > th or img.shape[1] > tw,
+                     preserve_range=True).astype(np.float32)
+    expected = np.empty((size, size, 3), np.float32)
+    expected[:] = background_colour(image)
+    top, left = (size - th) // 2, (size - tw) // 2
+    expected[top : top + th, left : left + tw] = img
+    np.testing.assert_array_equal(make_thumbnail(image, size), np.clip(expected, 0, 1))
+
+
+def test_thumbnail_asks_for_the_fill_colour_only_when_it_pads():
+    calls = []
+
+    def fill():
+        calls.append(1)
+        return (0.5, 0.5, 0.5)
+
+    make_thumbnail(np.zeros((448, 448, 3), np.float32), 112, fill=fill)
+    assert calls == []
+    thumb = make_thumbnail(np.zeros((448, 224, 3), np.float32), 112, fill=fill)
+    assert calls == [1] and thumb[0, 0, 0] == 0.5 and thumb[0, 56, 0] == 0.0
+
+
 def test_thumbnail_rejects_bad_input():
     with pytest.raises(ValueError, match="dtype uint8"):
         make_thumbnail(np.zeros((10, 10, 3), np.uint8), 16)
