@@ -114,6 +114,9 @@ def _ray_options(func):
                          help="CPUs per actor on Ray (also its torch threads)."),
             click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0),
                          help="GPUs per actor on Ray; fractions share a GPU (0.25 = four actors per GPU)."),
+            click.option("--scratch", default=None,
+                         help="On Ray, keep block-wise images' journals (probabilities, finished blocks) here instead "
+                              "of beside the labels: a shared folder or a URI (s3://bucket/prefix)."),
             click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
                          type=click.FloatRange(min=0, min_open=True),
                          help="Seconds to wait for the cluster at --address before giving up."),
@@ -205,8 +208,8 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
             workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
-            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
-            backend, precision, label_format, diameter, use_pixel_size):
+            cpus_per_actor, gpus_per_actor, scratch, connect_timeout, level, blocks_above, block_size, block_margin,
+            geojson, backend, precision, label_format, diameter, use_pixel_size):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -255,8 +258,11 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
             ome_zarr_writer()
         except ImportError as err:
             raise click.UsageError(str(err)) from None
+    if scratch is not None and not on_ray:
+        raise click.UsageError("--scratch is for runs on Ray (--address or --ray); a local run keeps each "
+                               "block journal beside its labels")
     cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
-                                       gpus_per_actor) if on_ray else None
+                                       gpus_per_actor, scratch) if on_ray else None
     files, names = expand_inputs(inputs, recursive=recursive)
     if not on_ray and (is_uri(out_dir) or any(isinstance(f, str) for f in files)):
         raise click.UsageError("URI inputs or --out need a Ray run: add --ray or --address")
@@ -459,7 +465,7 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
         raise SystemExit(1)
 
 
-def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor):
+def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor, scratch=None):
     """The Ray options of `segment`, checked before anything is loaded."""
     from triageseg.pipeline.cluster.distributed import ClusterOptions, parse_actors
 
@@ -473,7 +479,7 @@ def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gp
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--actors") from None
     return ClusterOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
-                          gpus_per_actor=gpus_per_actor, progress=not quiet)
+                          gpus_per_actor=gpus_per_actor, progress=not quiet, scratch=scratch)
 
 
 def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, **options):

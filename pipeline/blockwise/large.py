@@ -48,7 +48,9 @@ from triageseg.pipeline.blockwise.journal import (  # noqa: F401 - Journal, JOUR
     Journal,
     claim_outputs,
     content_fingerprint,
+    journal_location,
 )
+from triageseg.pipeline.blockwise.location import child
 from triageseg.pipeline.blockwise.probstore import ProbabilityStore, Stream, compute_probabilities
 from triageseg.pipeline.blockwise.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.pipeline.local.records import label_record, routing_row
@@ -263,11 +265,9 @@ def segment_blocks(
     """
     from tqdm import tqdm
 
-    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
-
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
+    store = ProbabilityStore(child(journal.folder, "probs.zarr"), grid.shape)
     # always: the stored rows are read again below (quality sums), and a damaged chunk is computed again here
     rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
     if todo:
@@ -278,7 +278,37 @@ def segment_blocks(
                 bar.update(1)
     load = BlockCache(_block_loader(journal, store, grid, params), size=min(len(grid.cols) + 4, 16))
     numbering = number_blocks(grid, load)
-    sums = _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE, store)
+    with _cores_folder(journal, out_path) as cores:
+        return _render(grid, numbering, load, cores, store, out_path, geojson=geojson, modality=modality,
+                       pixel_size=pixel_size, before_write=before_write, record=record, journal=journal, name=name,
+                       summary={"blocks": len(grid), "computed": len(todo), "rows": rows})
+
+
+@contextlib.contextmanager
+def _cores_folder(journal: Journal, out_path: str | os.PathLike) -> Iterator[Path]:
+    """Where the rendered cores wait for the label writer: the journal, or beside the labels when it is remote.
+
+    A journal on object storage would cost a PUT and a GET per piece of core; the cores are
+    made again from the blocks on every finish, so a local temporary folder (removed by a
+    later run when a killed one left it: :func:`~triageseg.pipeline.blockwise.journal.temporaries`) loses nothing.
+    """
+    import tempfile
+
+    if not journal.remote:
+        yield journal.folder
+        return
+    out_path = Path(out_path)
+    stem = out_path.name.removesuffix(".tif").removesuffix(".zarr").removesuffix(".ome")
+    with tempfile.TemporaryDirectory(prefix=f".{stem}.cores.", dir=out_path.parent) as tmp:
+        yield Path(tmp)
+
+
+def _render(grid, numbering, load, cores: Path, store: ProbabilityStore, out_path, *, geojson, modality, pixel_size,
+            before_write, record, journal: Journal, name: str, summary: dict) -> dict:
+    """The numbered blocks rendered into ``cores``, then the label file (and GeoJSON) written; the summary."""
+    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
+
+    sums = _save_cores(grid, numbering, load, cores, _OUTPUT_TILE, store)
     areas = [load(block.index).area for block in grid.blocks]
     areas = np.concatenate(areas) if areas else np.zeros(0)
     if geojson is not None:
@@ -292,14 +322,13 @@ def segment_blocks(
     if before_write is not None:
         before_write()
     write_labels_file(out_path, grid.shape, numbering.dtype(),
-                      _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
+                      _row_reader(grid, cores, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
                       pixel_size=pixel_size, record=stored)
     journal.remove()
     if numbering.oversized:
         logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
                        "be cut where blocks meet", name, numbering.oversized, GROW_LIMIT)
-    return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
-            "grown": numbering.grown, "oversized": numbering.oversized,
+    return {"objects": numbering.n_objects, **summary, "grown": numbering.grown, "oversized": numbering.oversized,
             "quality_sums": sums, "median_area": median_area}
 
 
@@ -372,6 +401,7 @@ def segment_large_file(
     channel: int | None = None,
     options: BlockOptions = BlockOptions(),
     before_write: Callable[[dict], None] | None = None,
+    journal_at: str | os.PathLike | None = None,
 ) -> dict:
     """Segment one huge image file block-wise into ``out_dir/<name>.tif`` (and ``<name>.geojson``).
 
@@ -382,7 +412,8 @@ def segment_large_file(
     lock, and the temporaries an interrupted run left removed).
 
     ``before_write`` is called with the ``routing.csv`` row (without ``objects``) just
-    before the label file is written.
+    before the label file is written. ``journal_at`` puts the journal elsewhere (a shared
+    folder or an object-store URI, :func:`journal_location`).
 
     Returns:
         The ``routing.csv`` row (without ``seconds``), with ``objects``, ``quality`` (predicted from
@@ -396,7 +427,8 @@ def segment_large_file(
     # the lock of this image's outputs (one writer; a killed run's temporaries removed), then the input
     with claim_outputs(out_dir, name), open_source(path, level=options.level) as (source, pixel_size):
         shape = (int(source.shape[0]), int(source.shape[1]))
-        journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
+        journal = Journal(journal_at if journal_at is not None else journal_location(out_dir, name),
+                          _fingerprint(pipe, path, options, modality, channel))
         if journal.state is None:
             norm, overview = scan_image(source, channel=channel, name=str(path))
 

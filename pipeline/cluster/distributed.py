@@ -93,6 +93,7 @@ class ClusterOptions:
     progress: bool = True  # Ray Data's progress bars
     flush_seconds: float = 5.0  # how often routing.csv is rewritten while results arrive
     band_chunk_rows: int = 8  # probability chunk rows (of 256) per band task of a block-wise image
+    scratch: str | None = None  # where block-wise images' journals live (a shared folder or URI); None: beside labels
 
 
 @dataclass
