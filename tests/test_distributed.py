@@ -414,6 +414,7 @@ def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(clu
 
     The driver dies before the finish (the journal is then all in the bucket, none beside the
     labels); the rerun computes no band and no block again, and the labels are the local block path's.
+    Both with ``--prob-dtype float16``: the band actors round as the driver's pipeline does, the store is float16.
     """
     import ray
     import tifffile
@@ -433,7 +434,7 @@ def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(clu
     tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
                      photometric="rgb" if image.ndim == 3 else "minisblack")
     options = BlockOptions(block_size=160, margin=32, threshold_mp=0)
-    pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
+    pipe = Pipeline.from_bundle(dist_bundle, device="cpu", prob_dtype="float16")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors' thread count
     try:
@@ -461,6 +462,9 @@ def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(clu
         assert stored == ["block_00000.npz", "block_00001.npz", "block_00002.npz", "block_00003.npz",
                           "block_00004.npz", "block_00005.npz", "journal.json", "probs.zarr.json",
                           "probs.zarr/c/0/0/0", "probs.zarr/c/0/1/0", "probs.zarr/zarr.json"], stored
+        metadata = json.loads(fs.cat_file(next(p for p in fs.find(scratch.removeprefix("s3://"))
+                                               if p.endswith("probs.zarr/zarr.json"))))
+        assert metadata["data_type"] == "float16"
         assert not (tmp_path / "run" / ".slide.blocks").exists() and not (tmp_path / "run" / "slide.tif").exists()
         # the rerun (what `segment --address --scratch` runs) finds every band and block in the bucket
         report = segment_files_ray(pipe, [path], tmp_path / "run", blocks=options, log=messages.append,

@@ -230,6 +230,7 @@ def segment_blocks(
     name: str = "<array>",
     before_write: Callable[[], None] | None = None,
     record: Callable[[dict], dict | None] | None = None,
+    store_dtype: str = "float32",
 ) -> dict:
     """The block path for an array-like image: probabilities, every block, numbered, streamed to ``out_path``.
 
@@ -255,6 +256,8 @@ def segment_blocks(
         record: called with the summary (``objects``, ``quality_sums``, ``median_area``) just
             before the label file is written; what it returns is stored in the file
             (:func:`triageseg.datasets.tiffrecord.read_record`).
+        store_dtype: the probability store's dtype (float16 only for a ``stream`` whose rows
+            are float16 values already, e.g. a ``Pipeline(prob_dtype="float16")``'s: then exact).
 
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
@@ -267,7 +270,7 @@ def segment_blocks(
 
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    store = ProbabilityStore(child(journal.folder, "probs.zarr"), grid.shape)
+    store = ProbabilityStore(child(journal.folder, "probs.zarr"), grid.shape, dtype=store_dtype)
     # always: the stored rows are read again below (quality sums), and a damaged chunk is computed again here
     rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
     if todo:
@@ -388,6 +391,8 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
         "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
         "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size,
+        # only when not the default: journals begun before the setting existed keep their key
+        **({"prob_dtype": pipe.prob_dtype} if getattr(pipe, "prob_dtype", "float32") != "float32" else {}),
     }
 
 
@@ -465,6 +470,7 @@ def segment_large_file(
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
             before_write=None if before_write is None else lambda: before_write(dict(row)), record=record,
+            store_dtype=getattr(pipe, "prob_dtype", "float32"),
         )
     return made
 

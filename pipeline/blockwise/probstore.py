@@ -4,7 +4,8 @@
 (:func:`~triageseg.segmenters.predict.stream_probabilities`: the whole image's tiles,
 batches and blending, band of tile rows by band) over the normalised rows of an
 array-like image and writes the rows into a :class:`ProbabilityStore`, a zarr 3 array of
-float32 (the in-memory path's dtype) in the image's journal folder. The blocks are then
+float32 (the in-memory path's dtype; float16 where the pipeline rounds its probabilities to
+it, ``segment --prob-dtype``) in the image's journal folder. The blocks are then
 decoded from it (:func:`~triageseg.pipeline.blockwise.blocks.decode_block`). Rows are written in
 whole chunk rows, and each finished chunk row is recorded with a checksum of every chunk
 file it wrote, so an interrupted run resumes at the unfinished chunk rows.
@@ -56,12 +57,15 @@ logger = logging.getLogger(__name__)
 CHUNK_ROWS = 256
 CHUNK_COLS = 1024
 STATE_FORMAT = 2  # 2: finished chunk rows with a CRC-32 per chunk file (1: a count of finished rows)
+# What a store may hold: float32 (the network's output), or float16 (2-3x fewer bytes; the
+# pipeline then rounds its probabilities the same way in memory: Pipeline(prob_dtype=...)).
+DTYPES = ("float32", "float16")
 
 Stream = Callable[..., Iterator[tuple[int, int, np.ndarray]]]  # (read_rows, shape, start=) -> (y0, y1, probs)
 
 
 class ProbabilityStore:
-    """float32 ``3 x H x W`` class probabilities on disk (zarr 3, zstd), with the finished chunk rows.
+    """float32 (or float16) ``3 x H x W`` class probabilities on disk (zarr 3, zstd), with the finished chunk rows.
 
     ``<folder>.json`` (beside the store) records, for each finished chunk row, the CRC-32
     of each of its chunk files (``None``: no file, zarr keeps no chunk that is all fill
@@ -73,8 +77,12 @@ class ProbabilityStore:
     bytes back over the network.
     """
 
-    def _set_geometry(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int) -> None:
-        """The store's folder, shape, class count, chunk grid and state file (no I/O)."""
+    def _set_geometry(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int,
+                      dtype: str = "float32") -> None:
+        """The store's folder, shape, class count, dtype, chunk grid and state file (no I/O)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"a probability store holds {' or '.join(DTYPES)}, not {dtype!r}")
+        self.dtype = dtype
         self.folder: Location = location(folder)
         self.remote = is_remote(self.folder)
         self.shape = (int(shape[0]), int(shape[1]))
@@ -84,16 +92,17 @@ class ProbabilityStore:
         self._state = child(parent(self.folder), f"{name_of(self.folder)}.json")
         self._state_found = False
 
-    def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int = 3):
+    def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], classes: int = 3, *,
+                 dtype: str = "float32"):
         import zarr
 
-        self._set_geometry(folder, shape, classes)
+        self._set_geometry(folder, shape, classes, dtype)
         self._done = self._read_state()
         if self._done is None and self._state_found:
             logger.warning("%s: unreadable or foreign state file %s in the block journal; computing every probability "
                            "row again", self.folder, self._state.name)
         if self._done is None or not is_dir(self.folder):
-            self.array = zarr.create_array(zarr_store(self.folder), shape=(self.classes, *self.shape), dtype="float32",
+            self.array = zarr.create_array(zarr_store(self.folder), shape=(self.classes, *self.shape), dtype=self.dtype,
                                            chunks=(self.classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0,
                                            overwrite=True)
             self._done = {}
@@ -117,7 +126,8 @@ class ProbabilityStore:
         try:
             data = json.loads(text)
             if (data.get("format") != STATE_FORMAT or data.get("shape") != list(self.shape)
-                    or data.get("checksum", "crc32") != self._checksum_kind):
+                    or data.get("checksum", "crc32") != self._checksum_kind
+                    or data.get("dtype", "float32") != self.dtype):  # chunks of another dtype: computed again
                 return None
             done = {int(r): [None if s is None else int(s) for s in sums] for r, sums in data["chunks"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -133,7 +143,7 @@ class ProbabilityStore:
 
     def _write_state(self) -> None:
         state = {"format": STATE_FORMAT, "rows": self.rows, "shape": list(self.shape),
-                 "chunk": [CHUNK_ROWS, CHUNK_COLS], "checksum": self._checksum_kind,
+                 "chunk": [CHUNK_ROWS, CHUNK_COLS], "dtype": self.dtype, "checksum": self._checksum_kind,
                  "chunks": {str(r): self._done[r] for r in sorted(self._done)}}
         if self.remote:
             write_bytes(self._state, (json.dumps(state, indent=2) + "\n").encode("utf-8"))
@@ -147,7 +157,7 @@ class ProbabilityStore:
         import zarr
         from zarr.core.buffer import default_buffer_prototype
 
-        array = zarr.create_array(zarr.storage.MemoryStore(), shape=(self.classes, *self.shape), dtype="float32",
+        array = zarr.create_array(zarr.storage.MemoryStore(), shape=(self.classes, *self.shape), dtype=self.dtype,
                                   chunks=(self.classes, CHUNK_ROWS, CHUNK_COLS), fill_value=0.0)
         return array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 

@@ -119,6 +119,7 @@ class SlideRun:
         self.settings = {"device": "cuda" if gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                          "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                          "unknown": pipe.unknown, "backend": pipe.backend, "precision": pipe.precision,
+                         "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                          "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size}
         self.stats = SlideStats()
         self.waiting: deque = deque()  # items not opened yet
@@ -269,7 +270,8 @@ class SlideRun:
         with open_source(slide.item["source"], level=self.options.level) as (source, _):
             slide.shape = (int(source.shape[0]), int(source.shape[1]))
         slide.state = state
-        slide.store = ProbabilityStore(child(slide.journal.folder, "probs.zarr"), slide.shape)
+        slide.store = ProbabilityStore(child(slide.journal.folder, "probs.zarr"), slide.shape,
+                                       dtype=getattr(self.pipe, "prob_dtype", "float32"))
         bands = band_spans(slide.store.missing(), slide.shape[0], self.band_chunk_rows)
         grid = plan_blocks(slide.shape, block_size=self.options.block_size, margin=self.options.margin)
         todo = len(grid) - len(slide.journal.done() & set(range(len(grid))))
