@@ -159,3 +159,15 @@ def test_scratch_without_ray_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["segment", str(tmp_path / "a.png"), "--bundle", str(tmp_path / "bundle"),
                                       "--out", str(tmp_path / "out"), "--scratch", "s3://bucket/prefix"])
     assert result.exit_code == 2 and "--scratch is for runs on Ray" in result.output, result.output
+
+
+def test_scratch_reaches_the_cluster_options_and_cores_folders_are_temporaries(tmp_path):
+    from triageseg.cli.segment_cmds import _cluster_options
+    from triageseg.pipeline.blockwise.journal import temporaries
+
+    options = _cluster_options("auto", 0, True, "127.0.0.1:1", "1", 1.0, 0.0, "s3://bucket/prefix")
+    assert options.scratch == "s3://bucket/prefix"
+    # a finish task killed while rendering leaves .<name>.cores.XXXXXXXX beside the labels: the next run removes it
+    (tmp_path / ".img.cores.ab12cd_9").mkdir()
+    (tmp_path / ".img.b.cores.ab12cd_9").mkdir()  # another image's
+    assert [p.name for p in temporaries(tmp_path, "img")] == [".img.cores.ab12cd_9"]
