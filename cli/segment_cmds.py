@@ -114,6 +114,9 @@ def _ray_options(func):
                          help="CPUs per actor on Ray (also its torch threads)."),
             click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0),
                          help="GPUs per actor on Ray; fractions share a GPU (0.25 = four actors per GPU)."),
+            click.option("--scratch", default=None,
+                         help="On Ray, keep block-wise images' journals (probabilities, finished blocks) here instead "
+                              "of beside the labels: a shared folder or a URI (s3://bucket/prefix)."),
             click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
                          type=click.FloatRange(min=0, min_open=True),
                          help="Seconds to wait for the cluster at --address before giving up."),
@@ -175,6 +178,10 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto",
               show_default=True, help="How the segmenters run (README: Speed); a missing library falls back to "
               "torch with a note.")
+@click.option("--prob-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Round the class probabilities to this before decoding, in memory and block-wise alike: float16 "
+              "keeps block-wise images' probabilities in 2-3x less scratch, changing a few edge pixels "
+              "(benchmarks/RESULTS.md).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 on CPUs with AMX or AVX512-BF16 (slightly different answers; fp32 elsewhere).")
 @click.option("--overwrite", is_flag=True,
@@ -205,8 +212,8 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
 @_ray_options
 def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, modality, unknown, tile_size, batch_size,
             workers, tta, overwrite, on_error, overlays, rois, review_n, min_quality, quiet, address, use_ray, actors,
-            cpus_per_actor, gpus_per_actor, connect_timeout, level, blocks_above, block_size, block_margin, geojson,
-            backend, precision, label_format, diameter, use_pixel_size):
+            cpus_per_actor, gpus_per_actor, scratch, connect_timeout, level, blocks_above, block_size, block_margin,
+            geojson, backend, prob_dtype, precision, label_format, diameter, use_pixel_size):
     """Segment nuclei in INPUT images (files, folders or globs) into label TIFFs.
 
     Writes <name>.tif (uint16/uint32 instance labels, 0 = background) per input and
@@ -255,8 +262,11 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
             ome_zarr_writer()
         except ImportError as err:
             raise click.UsageError(str(err)) from None
+    if scratch is not None and not on_ray:
+        raise click.UsageError("--scratch is for runs on Ray (--address or --ray); a local run keeps each "
+                               "block journal beside its labels")
     cluster_options = _cluster_options(device, workers, quiet, address, actors, cpus_per_actor,
-                                       gpus_per_actor) if on_ray else None
+                                       gpus_per_actor, scratch) if on_ray else None
     files, names = expand_inputs(inputs, recursive=recursive)
     if not on_ray and (is_uri(out_dir) or any(isinstance(f, str) for f in files)):
         raise click.UsageError("URI inputs or --out need a Ray run: add --ray or --address")
@@ -275,7 +285,8 @@ def segment(inputs, bundle_path, recursive, device, channel, page, out_dir, moda
     with _backend_notes():
         pipe = Pipeline.from_bundle(bundle_path, device="cpu" if on_ray else device, tile_size=tile_size,
                                     batch_size=batch_size, tta=tta, unknown=unknown, backend=backend,
-                                    precision=precision, diameter=diameter, use_pixel_size=use_pixel_size)
+                                    precision=precision, diameter=diameter, use_pixel_size=use_pixel_size,
+                                    prob_dtype=prob_dtype)
     for note in pipe.size_notes():
         click.echo(f"note: {note}", err=True)
     if modality is None:
@@ -459,7 +470,7 @@ def route(inputs, bundle_path, recursive, device, channel, page, csv_out, on_err
         raise SystemExit(1)
 
 
-def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor):
+def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gpus_per_actor, scratch=None):
     """The Ray options of `segment`, checked before anything is loaded."""
     from triageseg.pipeline.cluster.distributed import ClusterOptions, parse_actors
 
@@ -473,7 +484,7 @@ def _cluster_options(device, workers, quiet, address, actors, cpus_per_actor, gp
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--actors") from None
     return ClusterOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
-                          gpus_per_actor=gpus_per_actor, progress=not quiet)
+                          gpus_per_actor=gpus_per_actor, progress=not quiet, scratch=scratch)
 
 
 def _segment_on_ray(pipe, files, names, out_dir, cluster_options, *, quiet, connect_timeout, **options):

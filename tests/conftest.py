@@ -108,3 +108,66 @@ def constant_bundle(tmp_path_factory):
         save_segmenter(B.segmenter_dir(root, name), model, cfg, params=None)
     B.update_manifest(root, modalities=list(modalities), fallback={"confidence_threshold": 1.0})
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), for journals on object storage; stopped by its PID at the end.
+
+    The endpoint and dummy keys go into the environment (``AWS_ENDPOINT_URL``...), where
+    s3fs and botocore read them, and back out at the end: nothing reaches a real network.
+    Yields ``{"endpoint": URL, "env": the variables set, "fs": an s3fs filesystem on it}``.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs a local S3")
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem could hold another endpoint
+        yield {"endpoint": env["AWS_ENDPOINT_URL"], "env": env, "fs": s3fs.S3FileSystem()}
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the local S3 server for one test: ``s3://<bucket>``."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    s3_server["fs"].mkdir(name)
+    yield f"s3://{name}"
+    s3_server["fs"].rm(name, recursive=True)

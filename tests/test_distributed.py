@@ -407,6 +407,79 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
     assert not (tmp_path / "ray" / ".slide.blocks").exists()  # the journal removed once the labels are written
 
 
+@pytest.mark.slow  # about 35 s on the loaded 2-core machine
+def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(cluster, dist_bundle, s3_server, s3_bucket,
+                                                                             tmp_path, monkeypatch):
+    """``--scratch s3://...``: bands write zarr chunks to S3 (moto on 127.0.0.1), decodes read them, blocks go there.
+
+    The driver dies before the finish (the journal is then all in the bucket, none beside the
+    labels); the rerun computes no band and no block again, and the labels are the local block path's.
+    Both with ``--prob-dtype float16``: the band actors round as the driver's pipeline does, the store is float16.
+    """
+    import ray
+    import tifffile
+    import torch
+
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
+    from triageseg.pipeline.cluster.ray_blocks import segment_large_file_ray
+    from triageseg.pipeline.cluster.ray_slides import SlideRun
+
+    rng = np.random.default_rng(7)
+    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(6)]
+    image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
+                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    options = BlockOptions(block_size=160, margin=32, threshold_mp=0)
+    pipe = Pipeline.from_bundle(dist_bundle, device="cpu", prob_dtype="float16")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' thread count
+    try:
+        segment_large_file(pipe, path, tmp_path / "local", "slide", options=options)
+    finally:
+        torch.set_num_threads(threads)
+    scratch, fs = f"{s3_bucket}/scratch", s3_server["fs"]
+    messages: list[str] = []
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    # the workers reach the local S3 through the same variables (a cluster's nodes would have theirs)
+    ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": s3_server["env"]})
+    try:
+        def driver_dies(*_args, **_kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(SlideRun, "_finish", driver_dies)
+            with pytest.raises(KeyboardInterrupt):
+                segment_large_file_ray(pipe, path, tmp_path / "run", "slide", options=options, actors=1,
+                                       band_chunk_rows=1, scratch=scratch)
+        fs.invalidate_cache()
+        stored = sorted(p.rsplit(".slide.blocks/", 1)[1] for p in fs.find(scratch.removeprefix("s3://")))
+        assert stored == ["block_00000.npz", "block_00001.npz", "block_00002.npz", "block_00003.npz",
+                          "block_00004.npz", "block_00005.npz", "journal.json", "probs.zarr.json",
+                          "probs.zarr/c/0/0/0", "probs.zarr/c/0/1/0", "probs.zarr/zarr.json"], stored
+        metadata = json.loads(fs.cat_file(next(p for p in fs.find(scratch.removeprefix("s3://"))
+                                               if p.endswith("probs.zarr/zarr.json"))))
+        assert metadata["data_type"] == "float16"
+        assert not (tmp_path / "run" / ".slide.blocks").exists() and not (tmp_path / "run" / "slide.tif").exists()
+        # the rerun (what `segment --address --scratch` runs) finds every band and block in the bucket
+        report = segment_files_ray(pipe, [path], tmp_path / "run", blocks=options, log=messages.append,
+                                   cluster_options=ClusterOptions(actors="1", progress=False, scratch=scratch))
+    finally:
+        ray.shutdown()
+    assert f"blocks: {path}: 0 of 1 band(s), 0 of 6 block(s) to do" in messages, messages  # 8 chunk rows a band
+    assert not report.failures and report.slides.bands == 0 and report.slides.blocks == 0
+    np.testing.assert_array_equal(read_labels(tmp_path / "run" / "slide.tif"),
+                                  read_labels(tmp_path / "local" / "slide.tif"))
+    fs.invalidate_cache()
+    assert fs.find(scratch.removeprefix("s3://")) == []  # the journal removed once the labels are written
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".slide")) == []
+
+
 @pytest.mark.slow
 def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local_out, tmp_path):
     """SIGKILL the second node's raylet while it runs a stage: Ray retries, every output is whole and single."""

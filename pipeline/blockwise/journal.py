@@ -39,6 +39,18 @@ from pathlib import Path
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blockwise.blocks import BlockResult
+from triageseg.pipeline.blockwise.location import (
+    Location,
+    child,
+    is_remote,
+    location,
+    make_dirs,
+    names,
+    read_bytes,
+    remove_file,
+    remove_tree,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,48 +94,62 @@ class Journal:
     ``journal.json`` holds a key (what the blocks were computed from: input file, settings)
     and a state (routing decision, normalisation). A journal with another key is discarded,
     so a changed input or setting never mixes old and new blocks; a warning says what changed.
+
+    ``folder`` may be a URI (``s3://bucket/prefix/.<name>.blocks``): the journal then lives
+    on object storage (:mod:`~triageseg.pipeline.blockwise.location`), each file one PUT.
     """
 
     def __init__(self, folder: str | os.PathLike, key: dict):
-        self.folder = Path(folder)
+        self.folder: Location = location(folder)
         self.key = json.loads(json.dumps(key))
         self.state: dict | None = None
-        manifest = self.folder / "journal.json"
-        if manifest.is_file():
+        try:
+            text = read_bytes(child(self.folder, "journal.json"))
+        except FileNotFoundError:
+            text = None
+        except OSError:
+            text = b""
+        if text is not None:
             try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                data = json.loads(text)
+            except ValueError:
                 data = {}
             if isinstance(data, dict) and data.get("format") == JOURNAL_FORMAT and data.get("key") == self.key:
                 self.state = data.get("state")
                 return
             logger.warning("%s: %s; starting this image from the beginning", self.folder,
                            _why_discarded(data, self.key))
-        if self.folder.exists():
+        if is_remote(self.folder):
+            remove_tree(self.folder)
+        elif self.folder.exists():
             shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        make_dirs(self.folder)
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.folder / "journal.json",
-                          {"format": JOURNAL_FORMAT, "key": self.key, "state": self.state})
+        data = {"format": JOURNAL_FORMAT, "key": self.key, "state": self.state}
+        if is_remote(self.folder):
+            write_bytes(child(self.folder, "journal.json"), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+        else:
+            write_json_atomic(self.folder / "journal.json", data)
 
     def set_state(self, state: dict) -> None:
         """Record the state (JSON-ready) that every later block of this run must agree with."""
         self.state = json.loads(json.dumps(state))
         self._write()
 
-    def block_path(self, index: int) -> Path:
+    def block_path(self, index: int) -> Location:
         """Where block ``index``'s result lives."""
         return block_file(self.folder, index)
 
     def done(self) -> set[int]:
         """Indices of the finished blocks."""
-        return {int(p.stem.split("_")[1]) for p in self.folder.glob("block_*.npz")}
+        return {int(n[len("block_"):-len(".npz")]) for n in names(self.folder)
+                if re.fullmatch(r"block_\d+\.npz", n)}
 
     def save(self, result: BlockResult) -> None:
         """Record a finished block (atomically: a block file is complete or absent)."""
-        result.save(self.block_path(result.index))
+        save_block(self.folder, result)
 
     def load(self, index: int) -> BlockResult:
         """A finished block's result.
@@ -132,20 +158,44 @@ class Journal:
             DataError: the block's file is missing or damaged (it is removed: the block is then not done).
         """
         try:
-            return BlockResult.load(self.block_path(index))
+            return BlockResult.from_bytes(read_bytes(self.block_path(index)))
         except Exception as err:  # noqa: BLE001 - a damaged journal file: say which; it is computed again
-            self.block_path(index).unlink(missing_ok=True)
+            remove_file(self.block_path(index))
             problem = f"damaged block journal entry ({type(err).__name__}: {err})"
             raise DataError(self.block_path(index), problem) from None
 
     def remove(self) -> None:
         """Delete the journal (after the outputs are in place)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_tree(self.folder)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the journal is on object storage."""
+        return is_remote(self.folder)
 
 
-def block_file(folder: str | os.PathLike, index: int) -> Path:
+def block_file(folder: str | os.PathLike, index: int) -> Location:
     """Where block ``index``'s result lives in the journal ``folder`` (a task writes it without opening the journal)."""
-    return Path(folder) / f"block_{index:05d}.npz"
+    return child(location(folder), f"block_{index:05d}.npz")
+
+
+def save_block(folder: str | os.PathLike, result: BlockResult) -> None:
+    """Write a finished block into the journal ``folder``, whole or not at all (a task does it without opening it)."""
+    write_bytes(block_file(folder, result.index), result.to_bytes())
+
+
+def journal_location(out_dir: str | os.PathLike, name: str, scratch: str | os.PathLike | None = None):
+    """Where the journal of output ``name`` in ``out_dir`` lives: ``out_dir/.<name>.blocks``, or under ``scratch``.
+
+    Under a scratch location (a shared folder or a URI such as ``s3://bucket/prefix``) the
+    journal is ``<scratch>/<out folder name>-<hash of its path>/.<name>.blocks``: runs into
+    different output folders never share a journal, and a rerun into the same one finds it.
+    """
+    if scratch is None:
+        return Path(out_dir) / f".{name}.blocks"
+    out = Path(out_dir).resolve()
+    tag = f"{out.name}-{hashlib.blake2b(str(out).encode(), digest_size=4).hexdigest()}"
+    return child(child(location(scratch), tag), f".{name}.blocks")
 
 
 def _why_discarded(data, key: dict) -> str:
@@ -168,14 +218,15 @@ def temporaries(out_dir: str | os.PathLike, name: str, suffixes: tuple[str, ...]
     """The temporaries of outputs ``<name><suffix>`` in ``out_dir``, as this package names them.
 
     Files ``.<name>.XXXXXXXX.part<suffix>`` (:func:`~triageseg.datasets.atomic.atomic_path`)
-    and folders ``.<name>.levels.XXXXXXXX`` (:func:`~triageseg.datasets.pyramid.write_pyramid`),
+    and folders ``.<name>.levels.XXXXXXXX`` (:func:`~triageseg.datasets.pyramid.write_pyramid`) and
+    ``.<name>.cores.XXXXXXXX`` (the rendered cores of a journal kept on object storage),
     ``XXXXXXXX`` being 8 of tempfile's random characters; nothing else, so another image's
     (``.<name>.b.XXXXXXXX.part.tif`` is ``<name>.b``'s) or a user's files never match.
     """
     stem = re.escape(name)
     ends = "|".join(re.escape(s) for s in suffixes)
     part = re.compile(rf"\.{stem}\.{_RANDOM}\.part(?:{ends})")
-    levels = re.compile(rf"\.{stem}\.levels\.{_RANDOM}")
+    levels = re.compile(rf"\.{stem}\.(?:levels|cores)\.{_RANDOM}")
     try:
         entries = list(os.scandir(out_dir))
     except FileNotFoundError:

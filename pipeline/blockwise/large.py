@@ -48,7 +48,9 @@ from triageseg.pipeline.blockwise.journal import (  # noqa: F401 - Journal, JOUR
     Journal,
     claim_outputs,
     content_fingerprint,
+    journal_location,
 )
+from triageseg.pipeline.blockwise.location import child
 from triageseg.pipeline.blockwise.probstore import ProbabilityStore, Stream, compute_probabilities
 from triageseg.pipeline.blockwise.stitch import BlockCache, kept_objects, number_blocks, render_core
 from triageseg.pipeline.local.records import label_record, routing_row
@@ -228,6 +230,7 @@ def segment_blocks(
     name: str = "<array>",
     before_write: Callable[[], None] | None = None,
     record: Callable[[dict], dict | None] | None = None,
+    store_dtype: str = "float32",
 ) -> dict:
     """The block path for an array-like image: probabilities, every block, numbered, streamed to ``out_path``.
 
@@ -253,6 +256,8 @@ def segment_blocks(
         record: called with the summary (``objects``, ``quality_sums``, ``median_area``) just
             before the label file is written; what it returns is stored in the file
             (:func:`triageseg.datasets.tiffrecord.read_record`).
+        store_dtype: the probability store's dtype (float16 only for a ``stream`` whose rows
+            are float16 values already, e.g. a ``Pipeline(prob_dtype="float16")``'s: then exact).
 
     Returns:
         A summary: ``objects``, ``blocks``, ``computed`` (blocks decoded now), ``rows``
@@ -263,11 +268,9 @@ def segment_blocks(
     """
     from tqdm import tqdm
 
-    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
-
     done = journal.done()
     todo = [b for b in grid.blocks if b.index not in done]
-    store = ProbabilityStore(journal.folder / "probs.zarr", grid.shape)
+    store = ProbabilityStore(child(journal.folder, "probs.zarr"), grid.shape, dtype=store_dtype)
     # always: the stored rows are read again below (quality sums), and a damaged chunk is computed again here
     rows = _probabilities(source, stream, store, norm, name=name, progress=progress)
     if todo:
@@ -278,7 +281,37 @@ def segment_blocks(
                 bar.update(1)
     load = BlockCache(_block_loader(journal, store, grid, params), size=min(len(grid.cols) + 4, 16))
     numbering = number_blocks(grid, load)
-    sums = _save_cores(grid, numbering, load, journal.folder, _OUTPUT_TILE, store)
+    with _cores_folder(journal, out_path) as cores:
+        return _render(grid, numbering, load, cores, store, out_path, geojson=geojson, modality=modality,
+                       pixel_size=pixel_size, before_write=before_write, record=record, journal=journal, name=name,
+                       summary={"blocks": len(grid), "computed": len(todo), "rows": rows})
+
+
+@contextlib.contextmanager
+def _cores_folder(journal: Journal, out_path: str | os.PathLike) -> Iterator[Path]:
+    """Where the rendered cores wait for the label writer: the journal, or beside the labels when it is remote.
+
+    A journal on object storage would cost a PUT and a GET per piece of core; the cores are
+    made again from the blocks on every finish, so a local temporary folder (removed by a
+    later run when a killed one left it: :func:`~triageseg.pipeline.blockwise.journal.temporaries`) loses nothing.
+    """
+    import tempfile
+
+    if not journal.remote:
+        yield journal.folder
+        return
+    out_path = Path(out_path)
+    stem = out_path.name.removesuffix(".tif").removesuffix(".zarr").removesuffix(".ome")
+    with tempfile.TemporaryDirectory(prefix=f".{stem}.cores.", dir=out_path.parent) as tmp:
+        yield Path(tmp)
+
+
+def _render(grid, numbering, load, cores: Path, store: ProbabilityStore, out_path, *, geojson, modality, pixel_size,
+            before_write, record, journal: Journal, name: str, summary: dict) -> dict:
+    """The numbered blocks rendered into ``cores``, then the label file (and GeoJSON) written; the summary."""
+    from triageseg.pipeline.blockwise.geojson import GeoJSONWriter
+
+    sums = _save_cores(grid, numbering, load, cores, _OUTPUT_TILE, store)
     areas = [load(block.index).area for block in grid.blocks]
     areas = np.concatenate(areas) if areas else np.zeros(0)
     if geojson is not None:
@@ -292,14 +325,13 @@ def segment_blocks(
     if before_write is not None:
         before_write()
     write_labels_file(out_path, grid.shape, numbering.dtype(),
-                      _row_reader(grid, journal.folder, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
+                      _row_reader(grid, cores, _OUTPUT_TILE, numbering.dtype()), tile=_OUTPUT_TILE,
                       pixel_size=pixel_size, record=stored)
     journal.remove()
     if numbering.oversized:
         logger.warning("%s: %d foreground component(s) larger than %d px were decoded in limited windows; they may "
                        "be cut where blocks meet", name, numbering.oversized, GROW_LIMIT)
-    return {"objects": numbering.n_objects, "blocks": len(grid), "computed": len(todo), "rows": rows,
-            "grown": numbering.grown, "oversized": numbering.oversized,
+    return {"objects": numbering.n_objects, **summary, "grown": numbering.grown, "oversized": numbering.oversized,
             "quality_sums": sums, "median_area": median_area}
 
 
@@ -359,6 +391,8 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
         "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
         "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size,
+        # only when not the default: journals begun before the setting existed keep their key
+        **({"prob_dtype": pipe.prob_dtype} if getattr(pipe, "prob_dtype", "float32") != "float32" else {}),
     }
 
 
@@ -372,6 +406,7 @@ def segment_large_file(
     channel: int | None = None,
     options: BlockOptions = BlockOptions(),
     before_write: Callable[[dict], None] | None = None,
+    journal_at: str | os.PathLike | None = None,
 ) -> dict:
     """Segment one huge image file block-wise into ``out_dir/<name>.tif`` (and ``<name>.geojson``).
 
@@ -382,7 +417,8 @@ def segment_large_file(
     lock, and the temporaries an interrupted run left removed).
 
     ``before_write`` is called with the ``routing.csv`` row (without ``objects``) just
-    before the label file is written.
+    before the label file is written. ``journal_at`` puts the journal elsewhere (a shared
+    folder or an object-store URI, :func:`journal_location`).
 
     Returns:
         The ``routing.csv`` row (without ``seconds``), with ``objects``, ``quality`` (predicted from
@@ -396,7 +432,8 @@ def segment_large_file(
     # the lock of this image's outputs (one writer; a killed run's temporaries removed), then the input
     with claim_outputs(out_dir, name), open_source(path, level=options.level) as (source, pixel_size):
         shape = (int(source.shape[0]), int(source.shape[1]))
-        journal = Journal(out_dir / f".{name}.blocks", _fingerprint(pipe, path, options, modality, channel))
+        journal = Journal(journal_at if journal_at is not None else journal_location(out_dir, name),
+                          _fingerprint(pipe, path, options, modality, channel))
         if journal.state is None:
             norm, overview = scan_image(source, channel=channel, name=str(path))
 
@@ -433,6 +470,7 @@ def segment_large_file(
             geojson=out_dir / f"{name}.geojson" if options.geojson else None, modality=state["modality"],
             pixel_size=pixel_size, progress=options.progress, name=str(path),
             before_write=None if before_write is None else lambda: before_write(dict(row)), record=record,
+            store_dtype=getattr(pipe, "prob_dtype", "float32"),
         )
     return made
 

@@ -93,6 +93,7 @@ class ClusterOptions:
     progress: bool = True  # Ray Data's progress bars
     flush_seconds: float = 5.0  # how often routing.csv is rewritten while results arrive
     band_chunk_rows: int = 8  # probability chunk rows (of 256) per band task of a block-wise image
+    scratch: str | None = None  # where block-wise images' journals live (a shared folder or URI); None: beside labels
 
 
 @dataclass
@@ -433,6 +434,7 @@ def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, 
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                       "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                       "backend": pipe.backend, "precision": pipe.precision,
+                      "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                       "unknown": pipe.unknown, "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size},
         )
         run = _Run(pipe, todo, options, cluster, stage, on_error, report, journal, log)

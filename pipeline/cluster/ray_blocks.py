@@ -4,7 +4,9 @@ This module holds the units (band actor, scan, decode); :mod:`~triageseg.pipelin
 schedules them. :class:`~triageseg.pipeline.cluster.ray_slides.SlideRun` does for many slides at once what
 :func:`~triageseg.pipeline.blockwise.large.segment_large_file` does for one, with every costly step as
 Ray work and the same journal beside each output (``out_dir/.<name>.blocks/``, on storage
-every node reads: a shared folder):
+every node reads: a shared folder), or under a scratch location (``--scratch``: a shared
+folder or object storage, ``s3://bucket/prefix``; see
+:func:`~triageseg.pipeline.blockwise.journal.journal_location`):
 
 ```
 scan + route     one CPU task per slide: normalisation statistics and overview (scan_image),
@@ -36,9 +38,14 @@ stream are the units both paths schedule, and the journal is the same, so the la
 the local block path's, id for id, and a run interrupted on the cluster resumes locally
 (or the other way round).
 
-Not yet (see the README's cluster section): a probability store on object storage
-(``s3://``: the store's checksums read its chunk files), the label pyramid written by block
-tasks (one finish task writes it, strip by strip).
+On object storage the journal's files go through fsspec
+(:mod:`~triageseg.pipeline.blockwise.location`): the bands write zarr chunks there, the
+decodes read windows of them and write their block files there, each file one PUT, and
+the chunk checksums are the store's own (ETag and size, from one listing per chunk row);
+the labels still go to ``out_dir``, a shared folder (its lock and the label writer are local).
+
+Not yet (see the README's cluster section): the label pyramid written by block tasks (one
+finish task writes it, strip by strip).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from triageseg.pipeline.blockwise.large import BlockOptions, open_source
+from triageseg.pipeline.blockwise.location import location, parent, zarr_store
 from triageseg.pipeline.blockwise.probstore import CHUNK_ROWS, ProbabilityStore, _compute_run
 
 logger = logging.getLogger(__name__)
@@ -71,7 +79,7 @@ class _BandStore(ProbabilityStore):
         import zarr
 
         self._set_geometry(folder, shape, classes)
-        self.array = zarr.open_array(self.folder, mode="r" if finished else "r+")
+        self.array = zarr.open_array(zarr_store(self.folder, read_only=finished), mode="r" if finished else "r+")
         # a finished store is read by block tasks: every row is there (the driver checked it)
         self._done = dict.fromkeys(range(self.n_chunk_rows), []) if finished else {}
         self.sums: dict[int, list[int | None]] = {}
@@ -160,25 +168,27 @@ def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, pa
     2,401 of them).
     """
     from triageseg.pipeline.blockwise.blocks import BlockGrid, decode_block
-    from triageseg.pipeline.blockwise.journal import block_file
+    from triageseg.pipeline.blockwise.journal import save_block
     from triageseg.postprocess.watershed import WatershedParams
 
     grid = BlockGrid(tuple(grid_dict["shape"]), int(grid_dict["margin"]), tuple(map(tuple, grid_dict["rows"])),
                      tuple(map(tuple, grid_dict["cols"])))
     store = _BandStore(folder, shape, finished=True)
     result = decode_block(store.read, grid.blocks[index], params=WatershedParams.from_dict(params), margin=grid.margin)
-    result.save(block_file(Path(folder).parent, index))
+    save_block(parent(location(folder)), result)
     return index
 
 
 def segment_large_file_ray(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, name: str, *,
                            modality: str | None = None, channel: int | None = None,
                            options: BlockOptions = BlockOptions(), actors: int = 1, cpus_per_actor: float = 1.0,
-                           gpus_per_actor: float = 0.0, band_chunk_rows: int = BAND_CHUNK_ROWS) -> dict:
+                           gpus_per_actor: float = 0.0, band_chunk_rows: int = BAND_CHUNK_ROWS,
+                           scratch: str | os.PathLike | None = None) -> dict:
     """:func:`~triageseg.pipeline.blockwise.large.segment_large_file` with every step on Ray (a one-slide ``SlideRun``).
 
     Ray must be initialised; ``out_dir`` must be a folder every node reads and writes
-    (the journal lives there). Returns what ``segment_large_file`` returns.
+    (the journal lives there, or under ``scratch``: a shared folder or an object-store
+    URI). Returns what ``segment_large_file`` returns.
     """
     from triageseg.pipeline.cluster.ray_slides import SlideRun
 
@@ -186,6 +196,7 @@ def segment_large_file_ray(pipe, path: str | os.PathLike, out_dir: str | os.Path
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     run = SlideRun(pipe, out_dir, options, modality=modality, channel=channel, actors=actors,
                    cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, band_chunk_rows=band_chunk_rows,
+                   scratch=scratch,
                    on_done=lambda _item, row: rows.append({k: v for k, v in row.items() if k != "seconds"}))
     source = str(Path(path).resolve())
     run.run([{"index": 0, "file": source, "name": name, "source": source}])

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triageseg.pipeline.blockwise.blocks import plan_blocks
-from triageseg.pipeline.blockwise.journal import Journal, claim_outputs
+from triageseg.pipeline.blockwise.journal import Journal, claim_outputs, journal_location
 from triageseg.pipeline.blockwise.large import BlockOptions, _fingerprint, open_source, segment_large_file
+from triageseg.pipeline.blockwise.location import child
 from triageseg.pipeline.blockwise.probstore import ProbabilityStore
 from triageseg.pipeline.cluster.ray_blocks import (
     BAND_CHUNK_ROWS,
@@ -37,7 +38,7 @@ from triageseg.pipeline.local.records import routing_row
 
 
 def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, modality, channel,
-            options: BlockOptions, key: dict) -> dict:
+            options: BlockOptions, key: dict, journal_at=None) -> dict:
     """Numbering, rendering and the label file of a slide whose journal is complete (a CPU task); its row.
 
     The task's Pipeline has the driver's settings, so the journal's key is the driver's: a
@@ -52,7 +53,8 @@ def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, mod
         changed = sorted(k for k in {*here, *key} if here.get(k) != key.get(k))
         raise ValueError(f"{path}: the finishing task sees another journal key ({', '.join(changed)} differ) than "
                          "the driver; is the input or the bundle on a folder every node reads the same?")
-    return segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel, options=options)
+    return segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel, options=options,
+                              journal_at=journal_at)
 
 
 @dataclass
@@ -91,7 +93,10 @@ class SlideStats:
 class SlideRun:
     """Many huge images as interleaved Ray work: scan tasks, one band actor pool, decode tasks, finish tasks.
 
-    Ray must be initialised and ``out`` must be a folder every node reads and writes.
+    Ray must be initialised and ``out`` must be a folder every node reads and writes. The
+    slides' journals live beside their labels, or under ``scratch`` (a shared folder or an
+    object-store URI such as ``s3://bucket/prefix``:
+    :func:`~triageseg.pipeline.blockwise.journal.journal_location`).
     :meth:`run` calls ``on_done(item, row)`` with each finished slide's routing.csv row
     (``seconds`` included) and ``on_fail(item, error)`` with each failure (it may raise to
     stop the run: the actors are stopped, the journals kept for a rerun).
@@ -99,7 +104,7 @@ class SlideRun:
 
     def __init__(self, pipe, out: str | os.PathLike, options: BlockOptions, *, modality=None, channel=None,
                  actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                 band_chunk_rows: int = BAND_CHUNK_ROWS, max_tasks: int | None = None,
+                 band_chunk_rows: int = BAND_CHUNK_ROWS, max_tasks: int | None = None, scratch=None,
                  log: Callable[[str], None] = lambda _m: None, on_done=None, on_fail=None, stop=None):
         import ray
 
@@ -107,12 +112,14 @@ class SlideRun:
         self.modality, self.channel = modality, channel
         self.max_actors, self.cpus, self.gpus = max(1, int(actors)), cpus_per_actor, gpus_per_actor
         self.band_chunk_rows = band_chunk_rows
+        self.scratch = None if scratch is None else os.fspath(scratch)
         self.max_tasks = max_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self.log, self.on_done, self.on_fail, self.stop = log, on_done, on_fail, stop
         self.bundle = str(Path(pipe.path).resolve())
         self.settings = {"device": "cuda" if gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                          "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                          "unknown": pipe.unknown, "backend": pipe.backend, "precision": pipe.precision,
+                         "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                          "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size}
         self.stats = SlideStats()
         self.waiting: deque = deque()  # items not opened yet
@@ -234,8 +241,8 @@ class SlideRun:
         try:
             lock.enter_context(claim_outputs(self.out, item["name"]))
             key = _fingerprint(self.pipe, path, self.options, self.modality, self.channel)
-            slide = _Slide(item, time.perf_counter(), lock, Journal(self.out / f".{item['name']}.blocks", key),
-                           json.loads(json.dumps(key)))
+            journal = Journal(journal_location(self.out, item["name"], self.scratch), key)
+            slide = _Slide(item, time.perf_counter(), lock, journal, json.loads(json.dumps(key)))
             self.open[id(slide)] = slide
             if slide.journal.state is None:
                 self.scanning += 1
@@ -263,7 +270,8 @@ class SlideRun:
         with open_source(slide.item["source"], level=self.options.level) as (source, _):
             slide.shape = (int(source.shape[0]), int(source.shape[1]))
         slide.state = state
-        slide.store = ProbabilityStore(slide.journal.folder / "probs.zarr", slide.shape)
+        slide.store = ProbabilityStore(child(slide.journal.folder, "probs.zarr"), slide.shape,
+                                       dtype=getattr(self.pipe, "prob_dtype", "float32"))
         bands = band_spans(slide.store.missing(), slide.shape[0], self.band_chunk_rows)
         grid = plan_blocks(slide.shape, block_size=self.options.block_size, margin=self.options.margin)
         todo = len(grid) - len(slide.journal.done() & set(range(len(grid))))
@@ -313,7 +321,7 @@ class SlideRun:
         item, settings = slide.item, {**self.settings, "device": str(self.pipe.device)}  # the driver's key
         self.tasks.append(("finish", slide, lambda: self._remote["finish"].remote(
             self.bundle, settings, str(item["source"]), str(self.out), item["name"], self.modality, self.channel,
-            self.options, slide.key)))
+            self.options, slide.key, None if self.scratch is None else str(slide.journal.folder))))
 
     def _finish_done(self, slide: _Slide, row: dict) -> None:
         self._done(slide, row)
@@ -356,7 +364,8 @@ def segment_slides(pipe, big: list[dict], out: str, journal, report, options, bl
     if is_uri(out):
         for item in big:
             _fail(report, _as_input(item["file"]), DataError(item["file"], "block-wise images on Ray need --out on a "
-                  "shared folder (the block journal lives beside the labels), not a URI"), on_error)
+                  "shared folder (the labels are written there; --scratch may put the block journal on object "
+                  "storage), not a URI"), on_error)
         return SlideStats()
     low, high = pool_size(options, cluster_info())
     log(f"blocks: {len(big)} image(s), up to {high} band actor(s)")
@@ -378,7 +387,8 @@ def segment_slides(pipe, big: list[dict], out: str, journal, report, options, bl
 
     run = SlideRun(pipe, out, blocks, modality=modality, channel=channel, actors=high,
                    cpus_per_actor=options.cpus_per_actor, gpus_per_actor=options.gpus_per_actor,
-                   band_chunk_rows=getattr(options, "band_chunk_rows", BAND_CHUNK_ROWS), log=log, on_done=done,
+                   band_chunk_rows=getattr(options, "band_chunk_rows", BAND_CHUNK_ROWS),
+                   scratch=getattr(options, "scratch", None), log=log, on_done=done,
                    on_fail=failed, stop=stop)
     run.run(big)
     return run.stats

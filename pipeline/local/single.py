@@ -31,6 +31,18 @@ from triageseg.postprocess.quality import QualityModel, load_quality, predict_qu
 from triageseg.postprocess.watershed import WatershedParams, watershed
 from triageseg.router.policy import UNKNOWN_POLICIES  # noqa: F401 - what `segment --unknown` accepts
 
+# What the class probabilities are rounded to before decoding (`segment --prob-dtype`): float32
+# is the network's output as it is; float16 lets the block path keep them in 2-3x less
+# scratch (pipeline/blockwise/probstore.py) while in-memory and block-wise labels still agree.
+PROB_DTYPES = ("float32", "float16")
+
+
+def round_probabilities(probs: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """``probs`` (float32) as a store of ``dtype`` keeps them: unchanged for float32, rounded to float16 else."""
+    if dtype == "float32":
+        return probs
+    return probs.astype(np.dtype(dtype)).astype(np.float32)
+
 
 class OODOffWarning(UserWarning):
     """The bundle's router has no OOD statistics: no image is called an unknown modality."""
@@ -94,6 +106,9 @@ class Pipeline:
     ``backend`` (``auto|torch|onnx|openvino``) and ``precision`` (``fp32|bf16``) say how the
     specialists run (:mod:`triageseg.segmenters.backends`); one that cannot run here falls
     back to torch / fp32 with one :class:`~triageseg.segmenters.backends.BackendNote`.
+    ``prob_dtype`` (:data:`PROB_DTYPES`) rounds the class probabilities before every decode,
+    in memory and block-wise alike (float16: the block path's store in 2-3x less scratch;
+    benchmarks/RESULTS.md states what the rounding changes).
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class Pipeline:
         use_pixel_size: bool = True,
         size_probe: bool = False,
         size_method: str = "mask",
+        prob_dtype: str = "float32",
     ):
         from triageseg.router.size import METHODS, check_diameter
         from triageseg.segmenters.backends import resolve
@@ -127,6 +143,9 @@ class Pipeline:
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
         self.unknown = unknown
+        if prob_dtype not in PROB_DTYPES:
+            raise ValueError(f"prob_dtype must be one of {', '.join(PROB_DTYPES)}, got {prob_dtype!r}")
+        self.prob_dtype = prob_dtype
         self.path = Path(path)
         self.manifest = _bundle.read_manifest(self.path)
         self.device = resolve_device(device)
@@ -355,7 +374,7 @@ class Pipeline:
         overlap = config.overlap if self.overlap is None else self.overlap
         if self.overlap is None and overlap >= tile_size // 2:
             overlap = tile_size // 4  # the model's overlap does not fit the smaller tile asked for
-        return predict(
+        probs = predict(
             model,
             image,
             tile_size=tile_size,
@@ -365,6 +384,7 @@ class Pipeline:
             device=self.device,
             scale=config.scale if scale is None else scale,
         )
+        return round_probabilities(probs, self.prob_dtype)
 
     def probability_stream(self, used_model: str, *, scale: float | None = None, name: str = "<array>"):
         """:meth:`probabilities` band by band, for the block path (``segmenters.predict.stream_probabilities``).
@@ -382,9 +402,23 @@ class Pipeline:
         tile_size, overlap, fixed = self.tiling(used_model)
         if self.overlap is None and overlap >= tile_size // 2:
             overlap = tile_size // 4  # as probabilities()
-        return functools.partial(stream_probabilities_scaled, model, scale=fixed if scale is None else scale,
-                                 tile_size=tile_size, overlap=overlap, batch_size=self.batch_size, tta=self.tta,
-                                 device=self.device)
+        stream = functools.partial(stream_probabilities_scaled, model, scale=fixed if scale is None else scale,
+                                   tile_size=tile_size, overlap=overlap, batch_size=self.batch_size, tta=self.tta,
+                                   device=self.device)
+        if self.prob_dtype == "float32":
+            return stream
+        dtype = self.prob_dtype
+
+        def rounded(read_rows, shape, start=0):  # the rows probabilities() gives, rounded the same way
+            rows = stream(read_rows, shape, start=start)
+            try:
+                for y0, y1, probs in rows:
+                    yield y0, y1, round_probabilities(probs, dtype)
+            finally:
+                if hasattr(rows, "close"):
+                    rows.close()
+
+        return rounded
 
     def params(self, used_model: str, scale: float | None = None) -> WatershedParams:
         """Watershed parameters of segmenter ``used_model`` for probabilities made at ``scale``.
