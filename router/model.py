@@ -529,7 +529,8 @@ def router_outputs(
         device = next(model.parameters()).device
     device = resolve_device(device)
     was_training = model.training
-    model.eval()
+    if was_training:  # eval() / train() walk every module: only when the mode changes
+        model.eval()
     logits, feats = [], []
     try:
         with torch.inference_mode():
@@ -545,7 +546,8 @@ def router_outputs(
                 logits.append(out.float().cpu().numpy())
                 feats.append(pooled.float().cpu().numpy())
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     if not logits:
         return np.zeros((0, len(config.class_names)), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(logits), np.concatenate(feats)

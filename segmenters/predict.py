@@ -298,7 +298,9 @@ def stream_probabilities(
         dev = param.device if param is not None else torch.device("cpu")
     else:
         dev = resolve_device(device)
-        model.to(dev)
+        param = next(model.parameters(), None)
+        if param is None or param.device != dev:  # .to() walks every module: ~10 ms per image for nothing
+            model.to(dev)
     channels_last = any(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
         for p in model.parameters()
@@ -316,7 +318,8 @@ def stream_probabilities(
     emitted = start
     transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
     was_training = model.training
-    model.eval()
+    if was_training:  # eval() / train() walk every module (an exported model's wrapper too): only when needed
+        model.eval()
     try:
         for n_done, batch in zip(itertools.count(batch_size, batch_size), _batches(tiles, batch_size)):
             y_lo, y_hi = batch[0][0], batch[-1][0] + th
@@ -345,7 +348,8 @@ def stream_probabilities(
                 # views: the next growth copies anyway, and the emitted rows above are never written again
                 acc, wsum, top = acc[:, final - top :], wsum[final - top :], final
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def stream_probabilities_scaled(
