@@ -280,3 +280,25 @@ def test_a_cut_coarse_level_is_refused_naming_it(tmp_path):
     with OmeZarrImage(path, labels="slide", level=1) as image, \
             pytest.raises(DataError, match=r"slide\.ome\.zarr/labels/slide/s1"):
         image[128:256, 128:256]
+
+
+def test_labels_to_s3_band_by_band_equal_the_local_zarr(s3_server, s3_bucket, tmp_path):
+    """An s3:// output (moto on 127.0.0.1): bands written straight to the bucket, the record last; every
+    level equals the local folder's, and verify_zarr accepts it (and refuses it once a chunk is gone)."""
+    labels = _labels(531, 300)
+    uri = f"{s3_bucket}/run/slide.ome.zarr"
+    for target in (uri, tmp_path / "slide.ome.zarr"):
+        write_labels_zarr(target, labels.shape, labels.dtype, lambda a, b: labels[a:b], tile=64, smallest=100,
+                          pixel_size=0.5, record={"k": 1})
+    assert verify_zarr(uri, labels.shape) is None and read_record(uri) == {"k": 1}
+    with OmeZarrImage(tmp_path / "slide.ome.zarr", labels="slide") as image:
+        levels = image.levels
+    assert len(levels) == 4
+    for k, (h, w) in enumerate(levels):
+        with OmeZarrImage(uri, labels="slide", level=k) as there, \
+                OmeZarrImage(tmp_path / "slide.ome.zarr", labels="slide", level=k) as here:
+            assert np.array_equal(there[0:h, 0:w], here[0:h, 0:w]) and there.pixel_size == here.pixel_size
+    fs = s3_server["fs"]
+    fs.rm(f"{uri.removeprefix('s3://')}/labels/slide/s3/c/0/0")
+    fs.invalidate_cache()
+    assert "level 's3'" in verify_zarr(uri)
