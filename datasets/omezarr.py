@@ -1,4 +1,4 @@
-"""OME-Zarr (NGFF) in and out: lazy input at any pyramid level, label pyramids written strip by strip.
+"""OME-Zarr (NGFF) in and out: lazy input at any pyramid level, label pyramids written band by band.
 
 Input: :class:`OmeZarrImage` opens one level of an NGFF ``multiscales`` image (a local
 folder or an fsspec URI such as ``s3://bucket/slide.ome.zarr``) and reads only the chunks
