@@ -1,4 +1,4 @@
-"""OME-Zarr (NGFF) in and out: lazy input at any pyramid level, label pyramids written strip by strip.
+"""OME-Zarr (NGFF) in and out: lazy input at any pyramid level, label pyramids written band by band.
 
 Input: :class:`OmeZarrImage` opens one level of an NGFF ``multiscales`` image (a local
 folder or an fsspec URI such as ``s3://bucket/slide.ome.zarr``) and reads only the chunks
@@ -8,12 +8,13 @@ microns from the level's ``coordinateTransformations`` and ``image[y0:y1, x0:x1]
 
 Output: :func:`write_labels_zarr` takes the same row reader as
 :func:`~triageseg.datasets.pyramid.write_pyramid` and writes an NGFF ``labels`` image
-(``<root>/labels/<name>``, a multiscale pyramid, nearest-neighbour levels) with the
-``ome-zarr`` library, which writes every piece of NGFF metadata. The rows are pulled strip
-by strip into a staging array and the pyramid built from it by dask, so the image is never\nwhole in memory. Locally the zarr is
-written under a temporary name and renamed when complete; to a URI it is written in place
-and our record (``triageseg`` attribute of the root) is written last. Every chunk is
-stored, empty ones too, so :func:`verify_zarr` can tell a cut-off write from empty space.
+(``<root>/labels/<name>``, a multiscale pyramid whose level ``k`` is every ``2**k``-th
+pixel, as in the OME-TIFF) band by band (:mod:`triageseg.datasets.zarrpyramid`: here, or
+by Ray tasks, the same bytes), the NGFF metadata written by the ``ome-zarr`` library.
+The image is never whole in memory. Locally the zarr is written under a temporary name
+and renamed when complete; to a URI it is written in place and our record (``triageseg``
+attribute of the root) is written last. Every chunk is stored, empty ones too, so
+:func:`verify_zarr` can tell a cut-off write from empty space.
 
 Example:
     >>> write_labels_zarr("out/slide.ome.zarr", (40000, 30000), np.uint32, read_rows, pixel_size=(0.25, 0.25))  # doctest: +SKIP
@@ -27,7 +28,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,27 +239,6 @@ def zarr_fingerprint(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _stage(folder: str, shape: tuple[int, int], dtype, read_rows: RowReader, tile: int):
-    """Level 0 stored strip by strip in a plain zarr array at ``folder``; returned as a dask array of its chunks.
-
-    ome-zarr computes level 0 and the pyramid from its input in separate passes: staging
-    makes each strip of ``read_rows`` (the costly part: rendering the stitched blocks) run once.
-    """
-    import dask.array as da
-    import zarr
-
-    h, w = shape
-    stage = zarr.create_array(folder, shape=(h, w), chunks=(tile, tile), dtype=dtype, fill_value=0,
-                              zarr_format=3, overwrite=True)
-    for y0 in range(0, h, tile):
-        y1 = min(h, y0 + tile)
-        rows = np.asarray(read_rows(y0, y1))
-        if rows.shape != (y1 - y0, w):
-            raise ValueError(f"rows {y0}:{y1}: got shape {rows.shape}, expected {(y1 - y0, w)}")
-        stage[y0:y1] = rows.astype(dtype, copy=False)
-    return da.from_zarr(stage)
-
-
 def write_labels_zarr(
     path: str | os.PathLike,
     shape: tuple[int, int],
@@ -271,8 +250,14 @@ def write_labels_zarr(
     name: str | None = None,
     record: dict | None = None,
     smallest: int = 1024,
+    tasks=None,
+    band_levels: int | None = None,
 ) -> None:
     """Write labels as an NGFF ``labels`` image (``<path>/labels/<name>``) with a multiscale pyramid.
+
+    The levels are written band by band (:mod:`triageseg.datasets.zarrpyramid`): here, or by
+    ``tasks`` (e.g. Ray tasks), the same bytes either way. Level ``k`` is every ``2**k``-th
+    pixel of level 0.
 
     Args:
         path: the ``*.ome.zarr`` folder, or an fsspec URI.
@@ -284,40 +269,39 @@ def write_labels_zarr(
         name: the labels image's name (default: the folder's stem).
         record: JSON-ready dict stored as the root's ``triageseg`` attribute (written last).
         smallest: levels are added until the longer side is at most this.
+        tasks: where the bands run (:class:`~triageseg.datasets.zarrpyramid.LabelTasks`; default
+            the one :func:`~triageseg.datasets.zarrpyramid.label_tasks` set, else here). Tasks
+            elsewhere need ``path`` on storage they all reach and a picklable ``read_rows``.
+        band_levels: levels made per stage of bands (default
+            :data:`~triageseg.datasets.zarrpyramid.BAND_LEVELS`).
     """
-    import dask
     import zarr
 
     from triageseg.datasets.pyramid import pyramid_shapes
+    from triageseg.datasets.zarrpyramid import BAND_LEVELS, write_label_pyramid
 
-    write_labels = ome_zarr_writer().write_labels
-
+    ome_zarr_writer()  # the clear ImportError when ome-zarr is missing
     target = str(path)
     name = name or Path(target.rstrip("/")).name.removesuffix(".zarr").removesuffix(".ome")
-    n_levels = len(pyramid_shapes(shape, smallest=smallest))
-    scale, units = None, None
+    shape = (int(shape[0]), int(shape[1]))
+    pair = None
     if pixel_size is not None:
         py, px = (pixel_size, pixel_size) if np.isscalar(pixel_size) else pixel_size
-        scale, units = {"y": float(py), "x": float(px)}, {"y": "micrometer", "x": "micrometer"}
+        pair = (float(py), float(px))
     local = not _is_uri(target)
     where = target
     if local:
         final = Path(target)
         final.parent.mkdir(parents=True, exist_ok=True)
-        where = str(final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        staging = where + ".stage"
-    else:
-        staging = tempfile.mkdtemp(prefix="triageseg-stage-")
+        # a name claim_outputs knows as this output's temporary (removed when a killed run left it)
+        where = tempfile.mkdtemp(prefix=f".{name}.levels.", dir=final.parent)
+        os.chmod(where, 0o755)
     try:
-        labels = _stage(staging, (int(shape[0]), int(shape[1])), np.dtype(dtype), read_rows, tile)
-        root = zarr.open_group(where, mode="w")
-        # every chunk stored (empty ones compress to a few bytes): a missing chunk then means a cut-off write
-        options = {"chunks": (tile, tile), "config": {"write_empty_chunks": True}}
-        with dask.config.set(scheduler="threads", num_workers=2):  # two strips in flight: memory stays bounded
-            write_labels(labels, root, name=name, scaler=None, scale_factors=[2**i for i in range(1, n_levels)],
-                         axes="yx", scale=scale, axes_units=units, storage_options=options)
+        write_label_pyramid(where, name, shape, dtype, read_rows, tile=tile,
+                            shapes=pyramid_shapes(shape, smallest=smallest), pixel_size=pair, tasks=tasks,
+                            band_levels=BAND_LEVELS if band_levels is None else band_levels)
         if record is not None:
-            root.attrs[RECORD_KEY] = record  # last: its presence marks the zarr complete
+            zarr.open_group(where, mode="r+").attrs[RECORD_KEY] = record  # last: its presence marks the zarr complete
         if local:
             if final.exists():
                 shutil.rmtree(final)
@@ -326,8 +310,6 @@ def write_labels_zarr(
         if local:
             shutil.rmtree(where, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

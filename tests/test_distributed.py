@@ -407,6 +407,109 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
     assert not (tmp_path / "ray" / ".slide.blocks").exists()  # the journal removed once the labels are written
 
 
+def _zarr_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_label_pyramid_bands_as_ray_tasks_equal_the_local_writer(cluster, tmp_path, monkeypatch):
+    """RayLabelTasks: every band of a 1031 x 777 label pyramid (5 levels, odd sides) a Ray task in a worker;
+    the zarr is the local writer's byte for byte, each level labels[::2**k, ::2**k]."""
+    import ray
+
+    from triageseg.datasets.omezarr import OmeZarrImage, verify_zarr, write_labels_zarr
+    from triageseg.pipeline.cluster.ray_blocks import RayLabelTasks
+
+    class RowsSeenBy:
+        """Label rows; notes which process read each strip (defined here: pickled by value to the workers)."""
+
+        def __init__(self, labels: np.ndarray, log: Path):
+            self.labels, self.log = labels, log
+
+        def __call__(self, y0: int, y1: int) -> np.ndarray:
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()} {y0}\n")
+            return self.labels[y0:y1]
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.repeat(rng.integers(0, 400, (130, 98), dtype=np.uint32), 8, 0), 8, 1)[:1031, :777]
+    kwargs = {"tile": 64, "smallest": 100, "pixel_size": 0.5, "record": {"k": 1}}
+    write_labels_zarr(tmp_path / "local" / "s.ome.zarr", labels.shape, labels.dtype, lambda a, b: labels[a:b],
+                      **kwargs)
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False)
+    try:
+        write_labels_zarr(tmp_path / "ray" / "s.ome.zarr", labels.shape, labels.dtype,
+                          RowsSeenBy(labels, tmp_path / "reads.txt"), tasks=RayLabelTasks(), **kwargs)
+    finally:
+        ray.shutdown()
+    reads = [line.split() for line in (tmp_path / "reads.txt").read_text().splitlines()]
+    assert sorted(int(y) for _, y in reads) == list(range(0, 1031, 64))  # every strip of level 0 read once
+    assert os.getpid() not in {int(pid) for pid, _ in reads}  # by the band tasks, not here
+    local, there = _zarr_tree(tmp_path / "local" / "s.ome.zarr"), _zarr_tree(tmp_path / "ray" / "s.ome.zarr")
+    assert len(local) > 100 and local == there
+    with OmeZarrImage(tmp_path / "ray" / "s.ome.zarr", labels="s") as image:
+        levels = image.levels
+    assert levels == [(1031, 777), (516, 389), (258, 195), (129, 98), (65, 49)]
+    for k, (h, w) in enumerate(levels):
+        with OmeZarrImage(tmp_path / "ray" / "s.ome.zarr", labels="s", level=k) as level:
+            np.testing.assert_array_equal(level[0:h, 0:w], labels[:: 2**k, :: 2**k])
+            assert level.pixel_size == pytest.approx((0.5 * 2**k, 0.5 * 2**k))
+    assert verify_zarr(tmp_path / "ray" / "s.ome.zarr", labels.shape) is None
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["s.ome.zarr"]  # the temporary renamed
+
+
+@pytest.mark.slow  # about 25 s on the loaded 2-core machine
+def test_segment_ome_zarr_on_ray_equals_the_local_block_path_at_every_level(cluster, dist_bundle, tmp_path,
+                                                                              monkeypatch):
+    """--format ome-zarr through segment_files_ray (finish task + band tasks) == the local block path's zarr,
+    array for array at every level (a 320 x 1280 slide: two levels)."""
+    import ray
+    import tifffile
+    import torch
+
+    from triageseg.datasets.omezarr import OmeZarrImage
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
+
+    rng = np.random.default_rng(11)
+    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(16)]
+    image = np.concatenate([np.concatenate(tiles[:8], axis=1), np.concatenate(tiles[8:], axis=1)], axis=0)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
+                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    options = BlockOptions(block_size=160, margin=32, format="ome-zarr")
+    pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' thread count
+    try:
+        segment_large_file(pipe, path, tmp_path / "local", "slide", options=options)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False)
+    try:
+        report = segment_files_ray(pipe, [path], tmp_path / "ray", blocks=options,
+                                   cluster_options=ClusterOptions(actors="1", progress=False))
+    finally:
+        ray.shutdown()
+    assert len(report.written) == 1 and not report.failures
+    zarrs = [tmp_path / where / "slide.ome.zarr" for where in ("local", "ray")]
+    trees = [{k: v for k, v in _zarr_tree(z).items() if k.startswith("labels/")} for z in zarrs]
+    assert any(k.startswith("labels/slide/s1/") for k in trees[0]) and trees[0] == trees[1]
+    for level in (0, 1):
+        with OmeZarrImage(zarrs[0], labels="slide", level=level) as a, \
+                OmeZarrImage(zarrs[1], labels="slide", level=level) as b:
+            assert a.levels == b.levels == [(320, 1280), (160, 640)]
+            h, w = a.shape[:2]
+            np.testing.assert_array_equal(a[0:h, 0:w], b[0:h, 0:w])
+            assert a[0:h, 0:w].max() > 0
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")) == []
+
+
 @pytest.mark.slow  # about 35 s on the loaded 2-core machine
 def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(cluster, dist_bundle, s3_server, s3_bucket,
                                                                              tmp_path, monkeypatch):

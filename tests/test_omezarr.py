@@ -48,10 +48,12 @@ def test_labels_round_trip_keeps_pixels_pixel_size_and_record(tmp_path):
         assert np.array_equal(image[0:700, 0:530], labels)
         assert np.array_equal(image[100:300, 50:60], labels[100:300, 50:60])
         assert image.pixel_size == pytest.approx((0.5, 0.25))
-        assert image.levels[:3] == [(700, 530), (350, 265), (175, 132)]  # the library rounds down
-    with OmeZarrImage(path, labels="slide", level=1) as half:
-        assert half.pixel_size == pytest.approx((1.0, 0.5))
-        assert set(np.unique(half[0:350, 0:265])) <= set(np.unique(labels))  # nearest neighbour: ids stay ids
+        assert image.levels == [(700, 530), (350, 265), (175, 133)]  # halved rounding up, as the OME-TIFF's
+    for level in (1, 2):
+        with OmeZarrImage(path, labels="slide", level=level) as coarse:
+            assert coarse.pixel_size == pytest.approx((0.5 * 2**level, 0.25 * 2**level))  # exactly 2**k: strided
+            h, w = coarse.shape
+            assert np.array_equal(coarse[0:h, 0:w], labels[:: 2**level, :: 2**level])  # every 2**k-th pixel
     assert read_record(path) == {"output": "slide.ome.zarr"}
     assert verify_zarr(path, (700, 530)) is None
     assert "differs" in verify_zarr(path, (700, 531))
@@ -182,3 +184,122 @@ def test_labels_to_a_uri_through_fsspec():
         assert np.array_equal(image[0:300, 0:200], labels) and image.pixel_size == pytest.approx((0.5, 0.5))
     assert verify_zarr(uri, (300, 200)) is None and read_record(uri) == {"k": 1}
     assert verify_zarr("memory://bucket/run7/none.ome.zarr") is not None
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("shape", [(1031, 777), (2100, 1500)])
+def test_bands_in_any_order_elsewhere_give_the_same_zarr_and_strided_levels(tmp_path, shape):
+    """Bands pickled (as they travel to a Ray worker) and run last first: the same bytes as here, in order;
+    every level is labels[::2**k, ::2**k] with sides halved rounding up and scale exactly 2**k, odd sides too."""
+    import json
+
+    cloudpickle = pytest.importorskip("cloudpickle")  # how Ray sends a task's function and arguments
+    from triageseg.datasets.zarrpyramid import LabelTasks
+
+    class Elsewhere(LabelTasks):
+        def __init__(self):
+            self.calls = []
+
+        def map(self, fn, calls):
+            for args in reversed(calls):
+                self.calls.append(args[3:7])
+                fn(*cloudpickle.loads(cloudpickle.dumps(args)))
+
+    labels = _labels(*shape)
+    labels[-1, :] = 77  # the last row and column: kept at every level only where the side is odd
+    labels[:, -1] = 78
+    tasks = Elsewhere()
+    for folder, kwargs in (("here", {}), ("there", {"tasks": tasks}), ("stages", {"band_levels": 1})):
+        write_labels_zarr(tmp_path / folder / "s.ome.zarr", shape, np.uint32, lambda a, b: labels[a:b], tile=64,
+                          smallest=100, pixel_size=0.5, record={"k": 1}, **kwargs)
+    # stages (0..2), (2..4), ...: bands of 4 chunk rows of level 0, then of level 2, ...
+    n_levels = 5 if shape[0] < 2048 else 6
+    assert sorted({c[:2] for c in tasks.calls}) == [(0, 2), (2, 4), (4, 5)][: 2 if n_levels == 5 else 3]
+    assert sorted(c[2:] for c in tasks.calls if c[0] == 0) == [(y, min(shape[0], y + 256))
+                                                               for y in range(0, shape[0], 256)]
+    here = _tree(tmp_path / "here" / "s.ome.zarr")
+    assert len(here) > 50
+    assert here == _tree(tmp_path / "there" / "s.ome.zarr") == _tree(tmp_path / "stages" / "s.ome.zarr")
+    h, w = shape
+    expected = [(h, w)]
+    while max(expected[-1]) > 100:
+        expected.append((-(-expected[-1][0] // 2), -(-expected[-1][1] // 2)))
+    meta = json.loads((tmp_path / "here" / "s.ome.zarr" / "labels" / "s" / "zarr.json").read_text())["attributes"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in meta["ome"]["multiscales"][0]["datasets"]]
+    assert scales == [[0.5 * 2**k, 0.5 * 2**k] for k in range(len(expected))]
+    with OmeZarrImage(tmp_path / "here" / "s.ome.zarr", labels="s") as image:
+        assert image.levels == expected and len(expected) == n_levels
+    for k, (lh, lw) in enumerate(expected):
+        with OmeZarrImage(tmp_path / "there" / "s.ome.zarr", labels="s", level=k) as level:
+            assert np.array_equal(level[0:lh, 0:lw], labels[:: 2**k, :: 2**k])
+    assert verify_zarr(tmp_path / "there" / "s.ome.zarr", shape) is None
+
+
+def test_our_labels_read_by_ome_zarr_reader_as_a_multiscale_labels_image(tmp_path):
+    """What napari-ome-zarr does: ome_zarr.reader finds the labels image and every level."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    labels = _labels()
+    _write(tmp_path / "slide.ome.zarr", labels, pixel_size=0.5, record={})
+    nodes = list(Reader(parse_url(str(tmp_path / "slide.ome.zarr" / "labels" / "slide")))())
+    assert nodes and nodes[0].load(__import__("ome_zarr.reader").reader.Label) is not None
+    data = nodes[0].data
+    assert [tuple(d.shape) for d in data] == [(700, 530), (350, 265), (175, 133)]
+    assert np.array_equal(np.asarray(data[2]), labels[::4, ::4])
+
+
+def test_a_failed_band_leaves_no_output_and_a_temporary_claim_outputs_knows(tmp_path):
+    from triageseg.pipeline.blockwise.journal import temporaries
+
+    labels = _labels()
+
+    def read_rows(y0, y1):
+        if y0 >= 512:
+            raise OSError("worker lost")
+        return labels[y0:y1]
+
+    with pytest.raises(OSError, match="worker lost"):
+        write_labels_zarr(tmp_path / "slide.ome.zarr", labels.shape, labels.dtype, read_rows, tile=128, smallest=200)
+    assert list(tmp_path.iterdir()) == []  # nothing under the output's name, the temporary removed
+    # a killed writer's temporary (.slide.levels.XXXXXXXX) is one claim_outputs removes
+    (tmp_path / ".slide.levels.ab3_x9zq").mkdir()
+    assert temporaries(tmp_path, "slide") == [tmp_path / ".slide.levels.ab3_x9zq"]
+
+
+def test_a_cut_coarse_level_is_refused_naming_it(tmp_path):
+    labels = _labels()
+    path = tmp_path / "slide.ome.zarr"
+    _write(path, labels, record={})
+    next((path / "labels" / "slide" / "s2").rglob("c/1/0")).unlink()
+    assert "level 's2' holds 3 of 4 chunks" in verify_zarr(path)
+    chunk = path / "labels" / "slide" / "s1" / "c" / "1" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    with OmeZarrImage(path, labels="slide", level=1) as image, \
+            pytest.raises(DataError, match=r"slide\.ome\.zarr/labels/slide/s1"):
+        image[128:256, 128:256]
+
+
+def test_labels_to_s3_band_by_band_equal_the_local_zarr(s3_server, s3_bucket, tmp_path):
+    """An s3:// output (moto on 127.0.0.1): bands written straight to the bucket, the record last; every
+    level equals the local folder's, and verify_zarr accepts it (and refuses it once a chunk is gone)."""
+    labels = _labels(531, 300)
+    uri = f"{s3_bucket}/run/slide.ome.zarr"
+    for target in (uri, tmp_path / "slide.ome.zarr"):
+        write_labels_zarr(target, labels.shape, labels.dtype, lambda a, b: labels[a:b], tile=64, smallest=100,
+                          pixel_size=0.5, record={"k": 1})
+    assert verify_zarr(uri, labels.shape) is None and read_record(uri) == {"k": 1}
+    with OmeZarrImage(tmp_path / "slide.ome.zarr", labels="slide") as image:
+        levels = image.levels
+    assert len(levels) == 4
+    for k, (h, w) in enumerate(levels):
+        with OmeZarrImage(uri, labels="slide", level=k) as there, \
+                OmeZarrImage(tmp_path / "slide.ome.zarr", labels="slide", level=k) as here:
+            assert np.array_equal(there[0:h, 0:w], here[0:h, 0:w]) and there.pixel_size == here.pixel_size
+    fs = s3_server["fs"]
+    fs.rm(f"{uri.removeprefix('s3://')}/labels/slide/s3/c/0/0")
+    fs.invalidate_cache()
+    assert "level 's3'" in verify_zarr(uri)

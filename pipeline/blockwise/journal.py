@@ -218,7 +218,8 @@ def temporaries(out_dir: str | os.PathLike, name: str, suffixes: tuple[str, ...]
     """The temporaries of outputs ``<name><suffix>`` in ``out_dir``, as this package names them.
 
     Files ``.<name>.XXXXXXXX.part<suffix>`` (:func:`~triageseg.datasets.atomic.atomic_path`)
-    and folders ``.<name>.levels.XXXXXXXX`` (:func:`~triageseg.datasets.pyramid.write_pyramid`) and
+    and folders ``.<name>.levels.XXXXXXXX`` (:func:`~triageseg.datasets.pyramid.write_pyramid`'s levels,
+    :func:`~triageseg.datasets.omezarr.write_labels_zarr`'s zarr before its rename) and
     ``.<name>.cores.XXXXXXXX`` (the rendered cores of a journal kept on object storage),
     ``XXXXXXXX`` being 8 of tempfile's random characters; nothing else, so another image's
     (``.<name>.b.XXXXXXXX.part.tif`` is ``<name>.b``'s) or a user's files never match.

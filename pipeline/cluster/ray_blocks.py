@@ -44,8 +44,15 @@ decodes read windows of them and write their block files there, each file one PU
 the chunk checksums are the store's own (ETag and size, from one listing per chunk row);
 the labels still go to ``out_dir``, a shared folder (its lock and the label writer are local).
 
-Not yet (see the README's cluster section): the label pyramid written by block tasks (one
-finish task writes it, strip by strip).
+With ``--format ome-zarr`` the label pyramid is written by Ray tasks (:class:`RayLabelTasks`):
+the finish task lays out the NGFF group, then every band of chunk rows (of level 0 and the
+levels it makes, then of the coarser levels in stages) is a CPU task writing straight into
+the zarr's temporary folder beside the output, renamed by the finish task when every band
+is in. The bands are the local writer's own calls (:mod:`triageseg.datasets.zarrpyramid`),
+so the zarr is the local block path's, array for array.
+
+Not yet (see the README's cluster section): the numbering and the rendering of the cores
+as tasks (one finish task per slide does them).
 """
 
 from __future__ import annotations
@@ -177,6 +184,23 @@ def _decode(folder: str, shape: tuple[int, int], grid_dict: dict, index: int, pa
     result = decode_block(store.read, grid.blocks[index], params=WatershedParams.from_dict(params), margin=grid.margin)
     save_block(parent(location(folder)), result)
     return index
+
+
+class RayLabelTasks:
+    """Label pyramid bands as Ray CPU tasks (:class:`~triageseg.datasets.zarrpyramid.LabelTasks`).
+
+    Used inside a slide's finish task (:func:`~triageseg.datasets.zarrpyramid.label_tasks`):
+    its output folder is one every node reads and writes. A band lost with its worker is
+    run again (it writes the same chunks); the task waiting on the bands gives its CPU back
+    while it waits, so the bands get it.
+    """
+
+    def map(self, fn: Callable, calls: list[tuple]) -> None:
+        """Every ``fn(*args)`` of ``calls`` as a Ray task; returns when all are done (raises the first error)."""
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=-1)(fn)
+        ray.get([remote.remote(*args) for args in calls])
 
 
 def segment_large_file_ray(pipe, path: str | os.PathLike, out_dir: str | os.PathLike, name: str, *,

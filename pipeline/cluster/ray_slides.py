@@ -41,6 +41,9 @@ def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, mod
             options: BlockOptions, key: dict, journal_at=None) -> dict:
     """Numbering, rendering and the label file of a slide whose journal is complete (a CPU task); its row.
 
+    An OME-Zarr label pyramid is written by band tasks this task starts
+    (:class:`~triageseg.pipeline.cluster.ray_blocks.RayLabelTasks`).
+
     The task's Pipeline has the driver's settings, so the journal's key is the driver's: a
     key that differs would make segment_large_file start the slide again here, on one CPU,
     so it is refused instead.
@@ -53,8 +56,13 @@ def _finish(bundle: str, settings: dict, path: str, out_dir: str, name: str, mod
         changed = sorted(k for k in {*here, *key} if here.get(k) != key.get(k))
         raise ValueError(f"{path}: the finishing task sees another journal key ({', '.join(changed)} differ) than "
                          "the driver; is the input or the bundle on a folder every node reads the same?")
-    return segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel, options=options,
-                              journal_at=journal_at)
+    from triageseg.datasets.zarrpyramid import label_tasks
+    from triageseg.pipeline.cluster.ray_blocks import RayLabelTasks
+
+    # an OME-Zarr's pyramid bands as Ray tasks (a TIFF is written here, strip by strip)
+    with label_tasks(RayLabelTasks() if options.format == "ome-zarr" else None):
+        return segment_large_file(pipe, path, out_dir, name, modality=modality, channel=channel, options=options,
+                                  journal_at=journal_at)
 
 
 @dataclass
