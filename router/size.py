@@ -12,10 +12,12 @@ diameter (a lone nucleus its equivalent-circle diameter, a clump of touching nuc
 median of its distance-transform peaks), and the median over the objects, specks under half
 the typical size left out, is the diameter. Images whose nuclei are large are measured again
 on a copy downsampled so that the nuclei are 16 to 32 px (chromatin texture breaks their
-masks at full resolution). Otsu's threshold is taken on the signal clipped at its 98th
-percentile when that stands clear of the background noise (a few saturated nuclei would lift
-it above the dim majority), and the other polarity is tried when the threshold selected the
-background. Each object is one vote: an area-weighted median
+masks at full resolution). The haematoxylin signal (H&E, IHC) goes further (:func:`_descend`):
+down the pyramid until its nuclei measure under :data:`DESCENT_SIZE` px, with a hysteresis
+threshold (the pale bodies of vesicular nuclei join their granules). Otsu's threshold is
+taken on the signal clipped at its 98th percentile when that stands clear of the background
+noise (a few saturated nuclei would lift it above the dim majority), and the other polarity is
+tried when the threshold selected the background. Each object is one vote: an area-weighted median
 (``method="mask-area"``, the first version) lets one large clump or the few largest nuclei
 of a sparse image decide (measured: brightfield 0.44 octave low at the median, fluorescence
 images of 7 nuclei 0.5 octave high). ``method="log"`` is a scale-space alternative: the
