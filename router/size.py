@@ -47,6 +47,7 @@ import numpy as np
 from triageseg.router.size_signals import (  # noqa: F401
     MODALITY_SIGNALS,
     SIGNALS,
+    SIZE_SIGNAL_MODE,
     SIZE_SIGNAL_MODES,
     haematoxylin_signal,
     nucleus_signal,
@@ -197,14 +198,14 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask", signal: str = 
     signal, dark = nucleus_signal(img)
     if float(np.percentile(signal, 99.5) - np.percentile(signal, 0.5)) < 0.05:  # empty: whatever the stain
         return SizeEstimate(None, 0)
-    hema = haematoxylin_signal(img) if which == "haematoxylin" else None
+    hema = haematoxylin_signal(img) if which.startswith("haematoxylin") else None
     signal = signal if hema is None else hema
     if method == "log":
         return _estimate_log(signal)
     per_object = method == "mask"
     # The pyramid descent (with hysteresis) for the counterstain only: measured, it helps H&E and IHC and
     # costs fluorescence and brightfield accuracy (benchmarks/RESULTS.md), so "auto" is measured as before.
-    descent = hema is not None and per_object
+    descent = hema is not None and per_object and which == "haematoxylin"
     hysteresis = HYSTERESIS if descent else 0.0
     first = _estimate_mask(signal, 1.0, per_object=per_object, hysteresis=hysteresis)
     if first is _BACKGROUND and per_object:

@@ -21,18 +21,27 @@ import numpy as np
 # 14 px: -0.40 in cellular fields, -0.10 in stroma), so a mix of both has no one calibration; haematoxylin
 # is biased alike in both (-0.35, -0.32) and the calibration takes it out (demo training images: scatter
 # p95 0.41 against 1.67 with "auto").
-SIGNALS = ("auto", "haematoxylin")
+# "haematoxylin-v1" is the haematoxylin measured as before the pyramid descent (router.size._descend), for
+# the segmenters calibrated with it.
+SIGNALS = ("auto", "haematoxylin", "haematoxylin-v1")
 MODALITY_SIGNALS = {"ihc": "haematoxylin", "he": "haematoxylin"}
 # How a segmenter's size_calibration was measured (SegmenterConfig.size_signal): "auto" for every image
-# (bundles trained before the per-modality signal), or "modality" (each image's modality's signal).
-SIZE_SIGNAL_MODES = ("auto", "modality")
+# (bundles trained before the per-modality signal), "modality" (each image's modality's signal, the
+# haematoxylin at native resolution: bundles trained before the descent) or "modality-pyramid" (the same,
+# the haematoxylin measured down the pyramid: what train records now, SIZE_SIGNAL_MODE). A segmenter's
+# calibration is only valid for the estimate it was measured with, so an older bundle keeps its estimate.
+SIZE_SIGNAL_MODES = ("auto", "modality", "modality-pyramid")
+SIZE_SIGNAL_MODE = "modality-pyramid"
 
 
-def signal_for(modality: str | None, mode: str = "modality") -> str:
+def signal_for(modality: str | None, mode: str = SIZE_SIGNAL_MODE) -> str:
     """The signal (one of :data:`SIGNALS`) an image of ``modality`` is measured on, under a segmenter's ``mode``."""
     if mode not in SIZE_SIGNAL_MODES:
         raise ValueError(f"unknown size signal mode {mode!r}; valid: {', '.join(SIZE_SIGNAL_MODES)}")
-    return MODALITY_SIGNALS.get(modality or "", "auto") if mode == "modality" else "auto"
+    if mode == "auto":
+        return "auto"
+    signal = MODALITY_SIGNALS.get(modality or "", "auto")
+    return "haematoxylin-v1" if mode == "modality" and signal == "haematoxylin" else signal
 
 
 def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -222,8 +222,18 @@ def test_each_modality_is_measured_on_its_signal_only_when_the_segmenter_was_cal
     assert signal_for("ihc") == signal_for("he") == "haematoxylin"
     assert signal_for("fluorescence") == signal_for("brightfield") == "auto"
     assert signal_for(None) == "auto" and signal_for("ihc", "auto") == "auto"
+    assert signal_for("he", "modality") == "haematoxylin-v1" and signal_for("fluorescence", "modality") == "auto"
     with pytest.raises(ValueError, match="modality"):
         signal_for("ihc", "per-image")
+
+
+def test_a_segmenter_calibrated_before_the_descent_keeps_the_first_haematoxylin_estimate():
+    # Its size_calibration describes the first estimate ("modality"); a bundle trained now records the pyramid.
+    from triageseg.router.size import SIZE_SIGNAL_MODE, signal_for
+
+    img = _he_like(24)
+    assert estimate_diameter(img, signal="haematoxylin-v1").diameter < 24  # the pieces, as before
+    assert abs(estimate_diameter(img, signal=signal_for("he", SIZE_SIGNAL_MODE)).diameter / 48 - 1) <= 0.15
 
 
 def test_size_calibration_measures_each_image_on_the_signal_it_is_given():
@@ -258,6 +268,7 @@ def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with
     path = B.segmenter_dir(root, "he") / B.CONFIG
     path.write_text(json.dumps({**json.loads(path.read_text()), "size_signal": "modality"}))
     pipe = Pipeline.from_bundle(root, device="cpu")
+    assert pipe.size_signal("he", "he") == "haematoxylin-v1"  # calibrated before the pyramid descent
     d = pipe.decide(img, modality="he")
     assert d.size_source == "estimated" and d.scale == pytest.approx(1.0, rel=0.15)
     # the block path's decision (overview and crops) takes the same signal
