@@ -242,8 +242,18 @@ def _descend(signal: np.ndarray, first: SizeEstimate) -> SizeEstimate:
     DESCENT_SIZE at native resolution keeps its first estimate (no upsampling).
     """
     size, level, small, blobs = first.diameter, 0, signal, first.blobs
-    if size is None or size < DESCENT_SIZE:
+    if size is None:
         return first
+    if size < DESCENT_SIZE:
+        # Small nuclei, or the pieces of large ones (granules): one level down, small nuclei measure under
+        # DESCENT_SIZE again, and pieces merge into their nucleus, from where the descent goes on.
+        if min(small.shape) < 64:
+            return first
+        small = _downsample2(small)
+        est = _estimate_mask(small, 1.0, hysteresis=HYSTERESIS)
+        if est.diameter is None or est.diameter < DESCENT_SIZE:
+            return first
+        size, level, blobs = est.diameter, 1, est.blobs
     while min(small.shape) >= 64:
         small = _downsample2(small)
         est = _estimate_mask(small, 1.0, hysteresis=HYSTERESIS)

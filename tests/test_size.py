@@ -162,7 +162,7 @@ def test_ihc_nuclei_are_measured_on_the_haematoxylin_not_on_the_dab(radius):
     assert estimate_diameter(img).diameter > 2 * (2 * radius)
 
 
-def _he_like(radius: float, *, seed: int = 0) -> np.ndarray:
+def _he_like(radius: float, *, seed: int = 0, size: int | None = None) -> np.ndarray:
     """Vesicular H&E nuclei of ``radius`` in lilac cytoplasm: a pale body, a broken envelope, granules; HxWx3.
 
     The envelope has three gaps (hole filling does not close it) and the chromatin granules are
@@ -172,7 +172,7 @@ def _he_like(radius: float, *, seed: int = 0) -> np.ndarray:
     from scipy import ndimage as ndi
     from skimage.color import hed2rgb
 
-    size = max(256, int(12 * radius))
+    size = size or max(256, int(12 * radius))
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     h = np.zeros((size, size), np.float32)
@@ -225,6 +225,17 @@ def test_each_modality_is_measured_on_its_signal_only_when_the_segmenter_was_cal
     assert signal_for("he", "modality") == "haematoxylin-v1" and signal_for("fluorescence", "modality") == "auto"
     with pytest.raises(ValueError, match="modality"):
         signal_for("ihc", "per-image")
+
+
+def test_a_whole_slide_of_large_he_nuclei_is_measured_on_its_crops_when_its_overview_is_too_coarse():
+    # Crops of 512 px hold ~10 nuclei of 48 px across: too few for the descent (the overview is asked for),
+    # but the slide's overview (40x smaller) would show them at ~1 px: the crops' estimate stands.
+    from triageseg.router.size import estimate_overview
+
+    img = _he_like(24, size=1024)
+    read = lambda top, left, h, w: img[top % 512 : top % 512 + h, left % 512 : left % 512 + w]  # noqa: E731
+    est = estimate_overview(img[::40, ::40], (40960, 40960), read, signal="haematoxylin")
+    assert est.diameter is not None and abs(est.diameter / 48 - 1) <= 0.15, est
 
 
 def test_a_segmenter_calibrated_before_the_descent_keeps_the_first_haematoxylin_estimate():
