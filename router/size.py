@@ -12,10 +12,12 @@ diameter (a lone nucleus its equivalent-circle diameter, a clump of touching nuc
 median of its distance-transform peaks), and the median over the objects, specks under half
 the typical size left out, is the diameter. Images whose nuclei are large are measured again
 on a copy downsampled so that the nuclei are 16 to 32 px (chromatin texture breaks their
-masks at full resolution). Otsu's threshold is taken on the signal clipped at its 98th
-percentile when that stands clear of the background noise (a few saturated nuclei would lift
-it above the dim majority), and the other polarity is tried when the threshold selected the
-background. Each object is one vote: an area-weighted median
+masks at full resolution). The haematoxylin signal (H&E, IHC) goes further (:func:`_descend`):
+down the pyramid until its nuclei measure under :data:`DESCENT_SIZE` px, with a hysteresis
+threshold (the pale bodies of vesicular nuclei join their granules). Otsu's threshold is
+taken on the signal clipped at its 98th percentile when that stands clear of the background
+noise (a few saturated nuclei would lift it above the dim majority), and the other polarity is
+tried when the threshold selected the background. Each object is one vote: an area-weighted median
 (``method="mask-area"``, the first version) lets one large clump or the few largest nuclei
 of a sparse image decide (measured: brightfield 0.44 octave low at the median, fluorescence
 images of 7 nuclei 0.5 octave high). ``method="log"`` is a scale-space alternative: the
@@ -41,6 +43,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The signals live in size_signals (the image measured); imported here, where callers have always found them.
+from triageseg.router.size_signals import (  # noqa: F401
+    MODALITY_SIGNALS,
+    SIGNALS,
+    SIZE_SIGNAL_MODE,
+    SIZE_SIGNAL_MODES,
+    haematoxylin_signal,
+    nucleus_signal,
+    signal_for,
+)
+
 # Diameters the estimator can report (pixels); images outside get the fallback.
 MIN_DIAMETER, MAX_DIAMETER = 3.0, 400.0
 # Sigmas per octave of the scale space.
@@ -61,32 +74,17 @@ NOISE_CLEARANCE = 2.0
 # at most OVERVIEW_SIDE pixels a side when their nuclei are too large for a crop.
 LARGE_IMAGE_PIXELS = 1_500_000
 OVERVIEW_SIDE = 1024
+# The haematoxylin signal (H&E, IHC) is measured down a pyramid (_descend): on 2x-downsampled copies
+# until its nuclei measure under DESCENT_SIZE pixels, the diameter read where the estimate crosses it. Its
+# threshold has hysteresis: pixels above background + HYSTERESIS x (Otsu - background) that touch an object
+# above Otsu's threshold belong to it. Measured on the synthetic zoom series (benchmarks/RESULTS.md).
+DESCENT_SIZE = 8.0
+HYSTERESIS = 0.5
+# With the descent, a crop (estimate_overview) must hold this many nuclei across: in fewer, the background
+# (a Gaussian of an eighth of the crop) is no wider than a nucleus and takes the nuclei with it.
+DESCENT_CROP_NUCLEI = 12
 # Size sources recorded in routing.csv.
 SIZE_SOURCES = ("estimated", "given", "metadata", "fallback", "off")
-# The image the nuclei are measured on (estimate_diameter's signal): "auto" picks the channel (or the grey
-# image) that splits best (nucleus_signal); "haematoxylin" is the nuclear counterstain unmixed from RGB
-# (skimage.color.rgb2hed). In IHC the DAB chromogen marks a protein, often membranes and cytoplasm,
-# and splits better than the counterstain, so "auto" measured the brown tissue: on the synthetic IHC training
-# images of the demo the estimate's scatter around its own median was 0.77 / 1.48 octave (median / p95)
-# with "auto" and 0.13 / 1.23 with "haematoxylin". In H&E, lilac cytoplasm filling the space between
-# nuclei (cellular fields) pulls "auto" low and stroma does not (log2(estimate / true), 16 images each at
-# 14 px: -0.40 in cellular fields, -0.10 in stroma), so a mix of both has no one calibration; haematoxylin
-# is biased alike in both (-0.35, -0.32) and the calibration takes it out (demo training images: scatter
-# p95 0.41 against 1.67 with "auto").
-SIGNALS = ("auto", "haematoxylin")
-MODALITY_SIGNALS = {"ihc": "haematoxylin", "he": "haematoxylin"}
-# How a segmenter's size_calibration was measured (SegmenterConfig.size_signal): "auto" for every image
-# (bundles trained before the per-modality signal), or "modality" (each image's modality's signal).
-SIZE_SIGNAL_MODES = ("auto", "modality")
-
-
-def signal_for(modality: str | None, mode: str = "modality") -> str:
-    """The signal (one of :data:`SIGNALS`) an image of ``modality`` is measured on, under a segmenter's ``mode``."""
-    if mode not in SIZE_SIGNAL_MODES:
-        raise ValueError(f"unknown size signal mode {mode!r}; valid: {', '.join(SIZE_SIGNAL_MODES)}")
-    return MODALITY_SIGNALS.get(modality or "", "auto") if mode == "modality" else "auto"
-
-
 @dataclass(frozen=True)
 class SizeEstimate:
     """An image's estimated nucleus size.
@@ -110,65 +108,6 @@ def median_diameter(labels: np.ndarray) -> float | None:
     if area.size == 0:
         return None
     return float(2.0 * np.sqrt(np.median(area) / np.pi))
-
-
-def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(float32 image where nuclei are bright, whether it was inverted: nuclei dark on a bright background).
-
-    Nuclei are the minority phase, so the median pixel is background: a median nearer the
-    bright end means dark objects on a bright background (stained brightfield, H&E). Of the
-    channels (and their mean), the one whose two Otsu classes
-    are best apart (between-class variance over total variance) is kept: the red channel
-    separates haematoxylin from eosin, the blue one DAB from the background.
-    """
-    from skimage.filters import threshold_otsu
-
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = img[..., None]
-    step = max(1, max(img.shape[:2]) // 256)
-    sample = img[::step, ::step]
-    grey = sample.mean(axis=2)
-    lo, hi = np.percentile(grey, [1, 99])
-    dark = float(np.median(grey)) > 0.5 * float(lo + hi)  # the background (the majority) is the bright end
-    best, best_eta = -1, -1.0
-    candidates = [sample[..., c] for c in range(sample.shape[2])] + ([grey] if sample.shape[2] > 1 else [])
-    for c, ch in enumerate(candidates):
-        var = float(ch.var())
-        if var <= 1e-8:
-            continue
-        thr = threshold_otsu(ch)
-        hi = ch > thr
-        w1 = float(hi.mean())
-        if not 0 < w1 < 1:
-            continue
-        between = w1 * (1 - w1) * (float(ch[hi].mean()) - float(ch[~hi].mean())) ** 2
-        if between / var > best_eta:
-            best, best_eta = c, between / var
-    signal = img.mean(axis=2) if best in (-1, img.shape[2]) else img[..., best]
-    if dark:
-        signal = 1.0 - signal
-    return np.ascontiguousarray(signal, dtype=np.float32), dark
-
-
-def haematoxylin_signal(image: np.ndarray) -> np.ndarray | None:
-    """Haematoxylin optical density (``rgb2hed``) scaled to [0, 1] by its 0.5 / 99.5 percentiles; nuclei bright.
-
-    None for an image that is not colour (grey, or grey replicated to three channels): there is
-    no stain to unmix, and the caller measures the ``auto`` signal instead.
-    """
-    from skimage.color import rgb2hed
-
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 3 or img.shape[2] != 3:
-        return None
-    step = max(1, max(img.shape[:2]) // 256)
-    sample = img[::step, ::step]
-    if float(np.abs(sample - sample.mean(axis=2, keepdims=True)).max()) < 0.02:
-        return None
-    h = rgb2hed(np.clip(img, 0.0, 1.0))[..., 0].astype(np.float32)
-    lo, hi = np.percentile(h[::step, ::step], [0.5, 99.5])
-    return np.ascontiguousarray(np.clip((h - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0), dtype=np.float32)
 
 
 def _background(signal: np.ndarray) -> np.ndarray:
@@ -276,18 +215,23 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask", signal: str = 
     lo, hi = np.percentile(signal, [0.5, 99.5])  # one partition for both
     if float(hi - lo) < 0.05:  # empty: whatever the stain
         return SizeEstimate(None, 0)
-    if which == "haematoxylin":
-        hema = haematoxylin_signal(img)
-        signal = signal if hema is None else hema
+    hema = haematoxylin_signal(img) if which.startswith("haematoxylin") else None
+    signal = signal if hema is None else hema
     if method == "log":
         return _estimate_log(signal)
     per_object = method == "mask"
-    first = _estimate_mask(signal, 1.0, per_object=per_object)
+    # The pyramid descent (with hysteresis) for the counterstain only: measured, it helps H&E and IHC and
+    # costs fluorescence and brightfield accuracy (benchmarks/RESULTS.md), so "auto" is measured as before.
+    descent = hema is not None and per_object and which == "haematoxylin"
+    hysteresis = HYSTERESIS if descent else 0.0
+    first = _estimate_mask(signal, 1.0, per_object=per_object, hysteresis=hysteresis)
     if first is _BACKGROUND and per_object:
         # The threshold found the background: the polarity was wrong (strong uneven illumination puts the
         # median of a brightfield image below its mid-range), so the other one.
         signal = 1.0 - signal
-        first = _estimate_mask(signal, 1.0, per_object=per_object)
+        first = _estimate_mask(signal, 1.0, per_object=per_object, hysteresis=hysteresis)
+    if descent:
+        return _descend(signal, first)
     if first.diameter is None or first.diameter < 32:
         return first
     # Texture inside large nuclei (chromatin) breaks their masks: again, on a copy downsampled so
@@ -301,11 +245,51 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask", signal: str = 
     return SizeEstimate(float(np.clip(second.diameter * factor, MIN_DIAMETER, MAX_DIAMETER)), second.blobs)
 
 
+def _descend(signal: np.ndarray, first: SizeEstimate) -> SizeEstimate:
+    """The diameter read where the nuclei measure :data:`DESCENT_SIZE` px, down a pyramid of ``signal``.
+
+    Large textured nuclei (vesicular chromatin, granules, an envelope) break into pieces at
+    native resolution, and more so the larger they are: the raw estimate fell 0.5 to 1.6
+    octaves short at zoom 6 and 0.1 at zoom 1, which no one calibration corrects. Each 2x
+    downsampling smooths the texture at the nuclei's own scale; the estimate, in the level's
+    pixels, falls with the level, and the (fractional) level where it crosses DESCENT_SIZE
+    (log-linear between the two levels around it) gives the diameter. So every image is read
+    with its nuclei at the same size, whatever its zoom, and the segmenter's calibration
+    (measured at its training size) holds at every zoom. An image whose nuclei measure under
+    DESCENT_SIZE at native resolution keeps its first estimate (no upsampling).
+    """
+    size, level, small, blobs = first.diameter, 0, signal, first.blobs
+    if size is None:
+        return first
+    if size < DESCENT_SIZE:
+        # Small nuclei, or the pieces of large ones (granules): one level down, small nuclei measure under
+        # DESCENT_SIZE again, and pieces merge into their nucleus, from where the descent goes on.
+        if min(small.shape) < 64:
+            return first
+        small = _downsample2(small)
+        est = _estimate_mask(small, 1.0, hysteresis=HYSTERESIS)
+        if est.diameter is None or est.diameter < DESCENT_SIZE:
+            return first
+        size, level, blobs = est.diameter, 1, est.blobs
+    while min(small.shape) >= 64:
+        small = _downsample2(small)
+        est = _estimate_mask(small, 1.0, hysteresis=HYSTERESIS)
+        if est.diameter is None:
+            break
+        if est.diameter < DESCENT_SIZE:
+            frac = math.log2(size / DESCENT_SIZE) / max(math.log2(size / est.diameter), 1e-6)
+            return SizeEstimate(float(np.clip(DESCENT_SIZE * 2.0 ** (level + frac), MIN_DIAMETER, MAX_DIAMETER)),
+                                blobs)
+        size, level, blobs = est.diameter, level + 1, est.blobs
+    return SizeEstimate(float(np.clip(size * 2.0**level, MIN_DIAMETER, MAX_DIAMETER)), blobs)
+
+
 # What _estimate_mask answers when its threshold selected the background (most of the image), not nuclei.
 _BACKGROUND = SizeEstimate(None, 0)
 
 
-def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True) -> SizeEstimate:
+def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True,
+                   hysteresis: float = 0.0) -> SizeEstimate:
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
@@ -326,6 +310,15 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True)
     fg = smooth > thr
     if fg.mean() > 0.7:  # the threshold found the background, not nuclei
         return _BACKGROUND
+    if hysteresis > 0:
+        # The pale body of a vesicular nucleus is under Otsu's threshold, its granules and envelope above:
+        # the lower threshold joins the pieces into the nucleus they belong to.
+        base = float(np.median(sample))
+        low, n_low = ndi.label(smooth > base + hysteresis * (thr - base))
+        touched = np.zeros(n_low + 1, bool)
+        touched[low[fg]] = True
+        touched[0] = False
+        fg = touched[low]
     fg = _fill_holes(fg)
     lab, n = ndi.label(fg)
     if n < 1:
@@ -353,10 +346,12 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True)
         plab, pval = plab[order], pval[order]
         starts = np.searchsorted(plab, np.arange(1, n + 2))
         keep_ids = np.nonzero(ok)[0] + 1
-        for j in np.nonzero(~single)[0]:
-            a, b = starts[keep_ids[j] - 1], starts[keep_ids[j]]
-            if b > a:
-                diam[j] = 2.0 * float(np.median(pval[a:b])) * CALIBRATION
+        # Each clump's peaks are a sorted run of pval: its median is the middle one (or two), for all at once.
+        clumps = np.nonzero(~single)[0]
+        a, b = starts[keep_ids[clumps] - 1], starts[keep_ids[clumps]]
+        has = b > a
+        clumps, a, cnt = clumps[has], a[has], (b - a)[has]
+        diam[clumps] = 2.0 * ((pval[a + (cnt - 1) // 2] + pval[a + cnt // 2]) / 2) * CALIBRATION
     # Area-weighted median: specks of noise weigh little, clumps of nuclei count per pixel.
     order = np.argsort(diam)
     cum = np.cumsum(area[order])
@@ -505,11 +500,14 @@ def estimate_overview(overview, shape: tuple[int, int], read_crop, *, crop: int 
                 found.append(est)
     if found:
         d = float(np.median([e.diameter for e in found]))
-        if d <= c / 6:
+        if d <= c / 6 and (signal != "haematoxylin" or method != "mask" or d <= c / DESCENT_CROP_NUCLEI):
             return SizeEstimate(d, sum(e.blobs for e in found))
     if callable(overview):
         overview = overview()
     factor = h / overview.shape[0]
+    if found and d <= c / 6 and d / factor < 2 * DESCENT_SIZE:
+        # Too few nuclei in a crop for the descent, but too small in the overview (a whole slide): the crops.
+        return SizeEstimate(d, sum(e.blobs for e in found))
     if min(overview.shape[:2]) < 8:
         return SizeEstimate(None, 0)
     ov = estimate_diameter(overview, method=method, signal=signal)

@@ -70,8 +70,9 @@ class SegmenterConfig:
     diameter: float | None = None  # median nucleus diameter (px) the network was trained at; None: no size triage
     diameter_um: float | None = None  # the same in microns, when the training images had a pixel size
     size_calibration: float = 1.0  # label diameter / router.size estimate, median over the training images
-    # what that estimate measured (router.size.SIZE_SIGNAL_MODES): "modality" (each modality's signal,
-    # router.size.signal_for) or "auto" (the grey/best channel for every image: bundles trained before it)
+    # what that estimate measured (router.size.SIZE_SIGNAL_MODES): "modality-pyramid" (each modality's signal,
+    # router.size.signal_for), "modality" (the same before the haematoxylin's pyramid descent) or "auto" (the
+    # grey/best channel for every image: bundles trained before the per-modality signal)
     size_signal: str = "auto"
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ from triageseg.segmenters.checkpoint import (  # noqa: F401 - CHECKPOINT_* and s
     save_checkpoint,
     set_rng_states,
 )
-from triageseg.router.size import signal_for
+from triageseg.router.size import SIZE_SIGNAL_MODE, signal_for
 from triageseg.segmenters.config import TrainConfig, TrainResult
 from triageseg.segmenters.data import (
     CropDataset,
@@ -181,7 +181,7 @@ def train_segmenter(
     seg_config = config.segmenter_config()
     if diameter is not None:  # what the network sees: the diameter at its own scale
         seg_config = dataclasses.replace(seg_config, diameter=round(diameter * config.scale, 2),
-                                         size_calibration=calibration, size_signal="modality")
+                                         size_calibration=calibration, size_signal=SIZE_SIGNAL_MODE)
     model, optimizer, scaler = _build_model(seg_config, config, dev, log)
     cuda = dev.type == "cuda"
     if resume and ckpt_path.is_file():

@@ -162,6 +162,50 @@ def test_ihc_nuclei_are_measured_on_the_haematoxylin_not_on_the_dab(radius):
     assert estimate_diameter(img).diameter > 2 * (2 * radius)
 
 
+def _he_like(radius: float, *, seed: int = 0, size: int | None = None) -> np.ndarray:
+    """Vesicular H&E nuclei of ``radius`` in lilac cytoplasm: a pale body, a broken envelope, granules; HxWx3.
+
+    The envelope has three gaps (hole filling does not close it) and the chromatin granules are
+    a fifth of a radius across, so at native resolution a nucleus is pieces standing out of a
+    body barely darker than the cytoplasm around it.
+    """
+    from scipy import ndimage as ndi
+    from skimage.color import hed2rgb
+
+    size = size or max(256, int(12 * radius))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    h = np.zeros((size, size), np.float32)
+    nuclei = np.zeros((size, size), bool)
+    g = ndi.gaussian_filter(rng.standard_normal((size, size)), radius / 6)
+    granules = g > np.percentile(g, 80)
+    step = 2.6 * radius
+    for cy in np.arange(step / 2, size - radius, step):
+        for cx in np.arange(step / 2, size - radius, step):
+            jy, jx = rng.uniform(-radius / 4, radius / 4, 2)
+            dy, dx = yy - cy - jy, xx - cx - jx
+            rr = np.sqrt(dy**2 + dx**2)
+            inside = rr <= radius
+            gaps = np.sin(3 * np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi)) > 0.3
+            h[inside] = 0.06
+            h[inside & ((rr > 0.85 * radius) & ~gaps | granules)] = 0.14
+            nuclei |= inside
+    cytoplasm = np.clip(0.03 + 0.006 * ndi.gaussian_filter(rng.standard_normal((size, size)), 1.0) / 0.28, 0, None)
+    h = np.where(nuclei, h, cytoplasm)
+    e = np.where(nuclei, 0.02, 0.08)
+    hed = np.stack([ndi.gaussian_filter(h, 0.7), ndi.gaussian_filter(e, 0.7), np.zeros_like(h)], -1)
+    return np.clip(hed2rgb(hed) + rng.normal(0, 0.01, (size, size, 3)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("zoom", [1, 2, 4])
+def test_large_textured_he_nuclei_drawn_at_a_zoom_get_their_diameter_within_15_percent(zoom):
+    # At zoom 4 (48 px) the first version measured the pieces (5.7 px): the second look on a downsampled
+    # copy started only when the first estimate was already >= 32 px. The descent smooths them at their scale.
+    radius = 6 * zoom
+    est = estimate_diameter(_he_like(radius), signal="haematoxylin")
+    assert est.diameter is not None and abs(est.diameter / (2 * radius) - 1) <= 0.15, (est, 2 * radius)
+
+
 def test_the_haematoxylin_signal_of_a_grey_image_is_the_auto_signal():
     from triageseg.router.size import haematoxylin_signal
 
@@ -178,8 +222,29 @@ def test_each_modality_is_measured_on_its_signal_only_when_the_segmenter_was_cal
     assert signal_for("ihc") == signal_for("he") == "haematoxylin"
     assert signal_for("fluorescence") == signal_for("brightfield") == "auto"
     assert signal_for(None) == "auto" and signal_for("ihc", "auto") == "auto"
+    assert signal_for("he", "modality") == "haematoxylin-v1" and signal_for("fluorescence", "modality") == "auto"
     with pytest.raises(ValueError, match="modality"):
         signal_for("ihc", "per-image")
+
+
+def test_a_whole_slide_of_large_he_nuclei_is_measured_on_its_crops_when_its_overview_is_too_coarse():
+    # Crops of 512 px hold ~10 nuclei of 48 px across: too few for the descent (the overview is asked for),
+    # but the slide's overview (40x smaller) would show them at ~1 px: the crops' estimate stands.
+    from triageseg.router.size import estimate_overview
+
+    img = _he_like(24, size=1024)
+    read = lambda top, left, h, w: img[top % 512 : top % 512 + h, left % 512 : left % 512 + w]  # noqa: E731
+    est = estimate_overview(img[::40, ::40], (40960, 40960), read, signal="haematoxylin")
+    assert est.diameter is not None and abs(est.diameter / 48 - 1) <= 0.15, est
+
+
+def test_a_segmenter_calibrated_before_the_descent_keeps_the_first_haematoxylin_estimate():
+    # Its size_calibration describes the first estimate ("modality"); a bundle trained now records the pyramid.
+    from triageseg.router.size import SIZE_SIGNAL_MODE, signal_for
+
+    img = _he_like(24)
+    assert estimate_diameter(img, signal="haematoxylin-v1").diameter < 24  # the pieces, as before
+    assert abs(estimate_diameter(img, signal=signal_for("he", SIZE_SIGNAL_MODE)).diameter / 48 - 1) <= 0.15
 
 
 def test_size_calibration_measures_each_image_on_the_signal_it_is_given():
@@ -214,6 +279,7 @@ def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with
     path = B.segmenter_dir(root, "he") / B.CONFIG
     path.write_text(json.dumps({**json.loads(path.read_text()), "size_signal": "modality"}))
     pipe = Pipeline.from_bundle(root, device="cpu")
+    assert pipe.size_signal("he", "he") == "haematoxylin-v1"  # calibrated before the pyramid descent
     d = pipe.decide(img, modality="he")
     assert d.size_source == "estimated" and d.scale == pytest.approx(1.0, rel=0.15)
     # the block path's decision (overview and crops) takes the same signal

@@ -161,7 +161,7 @@ def test_train_end_to_end_writes_a_bundle_that_loads(synth_data, tmp_path):
     model, cfg, params = load_segmenter(run)
     # size triage: the training set's median nucleus diameter and the estimate's calibration are recorded
     assert cfg.diameter is not None and cfg.diameter > 0 and 0.1 <= cfg.size_calibration <= 10
-    assert cfg.size_signal == "modality"  # its calibration measured each image on its modality's signal
+    assert cfg.size_signal == "modality-pyramid"  # its calibration measured each image on its modality's signal
     assert dataclasses.replace(cfg, diameter=None, size_calibration=1.0, size_signal="auto") == TINY.segmenter_config()
     assert params == result.params
     config = json.loads((run / "config.json").read_text())
