@@ -56,8 +56,6 @@ from triageseg.router.size_signals import (  # noqa: F401
 
 # Diameters the estimator can report (pixels); images outside get the fallback.
 MIN_DIAMETER, MAX_DIAMETER = 3.0, 400.0
-# Sigmas per octave of the scale space.
-LEVELS_PER_OCTAVE = 4
 # Multiplier from 2 sqrt(2) sigma of the strongest blobs to the label diameter (measured, see module docstring).
 CALIBRATION = 1.0
 # Fewer blobs than this: too little to estimate from (an empty image), the caller falls back.
@@ -146,45 +144,6 @@ def _downsample2(img: np.ndarray) -> np.ndarray:
     return 0.25 * (v[0::2, 0::2] + v[1::2, 0::2] + v[0::2, 1::2] + v[1::2, 1::2])
 
 
-def _blobs(signal: np.ndarray, *, min_diameter: float, max_diameter: float) -> tuple[np.ndarray, np.ndarray]:
-    """(sigma in full-resolution pixels, response) of the scale-space maxima of ``signal``.
-
-    Level ``k`` is filtered on the image downsampled by ``f = 2^floor(log2(sigma_k / 1.5))``,
-    so every sigma is 1.5 to 3 pixels of the image it runs on; a level is compared with its
-    scale neighbours computed at its own resolution.
-    """
-    from scipy import ndimage as ndi
-
-    sig_lo, sig_hi = min_diameter / (2 * math.sqrt(2)), max_diameter / (2 * math.sqrt(2))
-    n = int(math.ceil(LEVELS_PER_OCTAVE * math.log2(sig_hi / sig_lo))) + 1
-    sigmas = sig_lo * 2.0 ** (np.arange(n) / LEVELS_PER_OCTAVE)
-    octave = np.maximum(0, np.floor(np.log2(sigmas / 1.5))).astype(int)
-    pyramid = [signal]
-    sigmas_out, responses = [], []
-    for o in np.unique(octave):
-        while len(pyramid) <= o:
-            pyramid.append(_downsample2(pyramid[-1]))
-        img, factor = pyramid[o], 2.0**o
-        if min(img.shape) < 8:
-            break
-        levels = np.nonzero(octave == o)[0]
-        idx = list(range(max(0, levels[0] - 1), min(n, levels[-1] + 2)))
-        stack = np.stack([-((s / factor) ** 2) * ndi.gaussian_laplace(img, s / factor, mode="reflect")
-                          for s in sigmas[idx]])
-        peak = (ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest") == stack) & (stack > 0)
-        peak[:, 0], peak[:, -1], peak[:, :, 0], peak[:, :, -1] = False, False, False, False
-        for i, k in enumerate(idx):
-            if octave[k] != o:
-                continue
-            ys, xs = np.nonzero(peak[i])
-            if ys.size:
-                responses.append(stack[i][ys, xs])
-                sigmas_out.append(np.full(ys.size, sigmas[k]))
-    if not responses:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(sigmas_out), np.concatenate(responses)
-
-
 def estimate_diameter(image: np.ndarray, *, method: str = "mask", signal: str = "auto") -> SizeEstimate:
     """Median nucleus diameter (pixels) of a normalised image (see the module docstring).
 
@@ -218,7 +177,9 @@ def estimate_diameter(image: np.ndarray, *, method: str = "mask", signal: str = 
     hema = haematoxylin_signal(img) if which.startswith("haematoxylin") else None
     signal = signal if hema is None else hema
     if method == "log":
-        return _estimate_log(signal)
+        from triageseg.router.size_log import estimate_log  # the scale-space alternative
+
+        return estimate_log(signal)
     per_object = method == "mask"
     # The pyramid descent (with hysteresis) for the counterstain only: measured, it helps H&E and IHC and
     # costs fluorescence and brightfield accuracy (benchmarks/RESULTS.md), so "auto" is measured as before.
@@ -361,21 +322,6 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True,
         # the labels' median counts nuclei, not pixels, and one clump must not outvote the lone nuclei.
         diameter = float(np.median(diam[diam >= SPECK_FRACTION * diameter]))
     return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(ok.sum()))
-
-
-def _estimate_log(signal: np.ndarray, *, strongest: float = 0.25) -> SizeEstimate:
-    max_diameter = min(240.0, 0.5 * min(signal.shape))
-    if max_diameter <= 4.0:
-        return SizeEstimate(None, 0)
-    sig, resp = _blobs(signal, min_diameter=4.0, max_diameter=max_diameter)
-    if resp.size == 0:
-        return SizeEstimate(None, 0)
-    top = float(np.percentile(resp, 99))
-    keep = resp >= strongest * top
-    if int(keep.sum()) < MIN_BLOBS or top < 0.02:
-        return SizeEstimate(None, int(keep.sum()))
-    diameter = float(np.median(sig[keep])) * 2 * math.sqrt(2)
-    return SizeEstimate(float(np.clip(diameter, MIN_DIAMETER, MAX_DIAMETER)), int(keep.sum()))
 
 
 # Diameters a user may give (pixels): a nucleus narrower than 2 px or wider than 2000 px is a typo.
