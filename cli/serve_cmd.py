@@ -61,5 +61,6 @@ def serve(bundle_path, host, port, max_upload_mb, max_pixels, allow_hosts, devic
                          tile_size=tile_size, temp_dir=temp_dir, max_pixels=max_pixels, allow_hosts=allow_hosts)
     try:
         run(config, echo=click.echo)
-    except KeyboardInterrupt:
-        click.echo("stopped")
+    except KeyboardInterrupt:  # Ctrl-C outside the server's own signal handling (it returns when it handled it)
+        pass
+    click.echo("stopped")  # either way: the server has shut down and its temp folder is gone
