@@ -295,12 +295,14 @@ def _wrappers():
     return Bf16Net, ExportedNet
 
 
+# A new module starts in training mode: the wrappers take the eager network's mode, so that predict() finds
+# a loaded model in eval mode and does not walk its modules to switch on every image.
 def _Bf16Net(eager):  # noqa: N802 - reads as the class it makes
-    return _wrappers()[0](eager)
+    return _wrappers()[0](eager).train(eager.training)
 
 
 def _ExportedNet(eager, runner, name: str):  # noqa: N802
-    return _wrappers()[1](eager, runner, name)
+    return _wrappers()[1](eager, runner, name).train(eager.training)
 
 
 def _ort_runner(path: Path, threads: int, outputs: int = 1):

@@ -443,3 +443,12 @@ def test_a_model_in_eval_mode_is_not_walked_on_every_image(monkeypatch):
     walks.clear()
     predict(net, image, tile_size=64, overlap=8, device="cpu")
     assert walks == [False, True] and net.training  # put back as it was
+
+
+def test_wrappers_take_the_eager_networks_mode():
+    import torch
+
+    eager = torch.nn.Conv2d(3, 3, 1).eval()
+    assert not B._ExportedNet(eager, lambda a: a, "fake").training
+    assert not B._Bf16Net(eager).training
+    assert B._ExportedNet(eager.train(), lambda a: a, "fake").training

@@ -70,7 +70,8 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
         _backends.note(f"backend auto: {choice.backend} could not run the router ({type(err).__name__}: {err}); "
                        "running it on torch")
         return model
-    return _wrapper()(model, run, choice.backend)
+    # a new module starts in training mode: mirror the eager one's, so inference never walks it to switch
+    return _wrapper()(model, run, choice.backend).train(model.training)
 
 
 def _export_router(model, path) -> None:
