@@ -205,6 +205,34 @@ def images(tmp_path_factory):
     return folder
 
 
+def _tile_scan(path: Path, *, seed: int, columns: int = 3) -> Path:
+    """A 320 x (160 x columns) tiled TIFF of synthetic fluorescence tiles (a small slide for the block path)."""
+    import tifffile
+
+    from triageseg.datasets.synth import synth_sample
+
+    rng = np.random.default_rng(seed)
+    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(2 * columns)]
+    image = np.concatenate([np.concatenate(tiles[:columns], axis=1), np.concatenate(tiles[columns:], axis=1)], axis=0)
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
+                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    return path
+
+
+def _local_block_path(pipe, path: Path, out: Path, options):
+    """The local block path at the actors' thread count (one), the reference the Ray runs must equal."""
+    import torch
+
+    from triageseg.pipeline.blockwise.large import segment_large_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return segment_large_file(pipe, path, out, "slide", options=options)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _local_segment(bundle, inputs, out, *extra):
     """The local `segment` at one torch thread, the thread count of a 1-CPU actor."""
     import torch
@@ -325,10 +353,7 @@ def test_shipped_bundle_forced_modality_and_uri_output(cluster, dist_bundle, ima
 def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundle, tmp_path, monkeypatch):
     """Scan + route (a task), probability bands (an actor pool), block decodes (CPU tasks) == the local block path."""
     import ray
-    import tifffile
-    import torch
 
-    from triageseg.datasets.synth import synth_sample
     from triageseg.pipeline import Pipeline
     from triageseg.pipeline.blockwise import large
     from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
@@ -336,20 +361,10 @@ def test_block_path_as_ray_tasks_equals_the_local_block_path(cluster, dist_bundl
     from triageseg.pipeline.cluster.ray_blocks import segment_large_file_ray
 
     messages: list[str] = []
-    rng = np.random.default_rng(3)
-    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(6)]
-    image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
-    path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
-                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    path = _tile_scan(tmp_path / "slide.tif", seed=3)
     options = BlockOptions(block_size=160, margin=32, threshold_mp=0)
     pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors' thread count
-    try:
-        local = segment_large_file(pipe, path, tmp_path / "local", "slide", options=options)
-    finally:
-        torch.set_num_threads(threads)
+    local = _local_block_path(pipe, path, tmp_path / "local", options)
 
     def nothing_here(*_args, **_kwargs):
         raise AssertionError("the driver computed what the cluster should have")
@@ -465,29 +480,16 @@ def test_segment_ome_zarr_on_ray_equals_the_local_block_path_at_every_level(clus
     """--format ome-zarr through segment_files_ray (finish task + band tasks) == the local block path's zarr,
     array for array at every level (a 320 x 1280 slide: two levels)."""
     import ray
-    import tifffile
-    import torch
 
     from triageseg.datasets.omezarr import OmeZarrImage
-    from triageseg.datasets.synth import synth_sample
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.blockwise.large import BlockOptions
     from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
 
-    rng = np.random.default_rng(11)
-    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(16)]
-    image = np.concatenate([np.concatenate(tiles[:8], axis=1), np.concatenate(tiles[8:], axis=1)], axis=0)
-    path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
-                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    path = _tile_scan(tmp_path / "slide.tif", seed=11, columns=8)
     options = BlockOptions(block_size=160, margin=32, format="ome-zarr")
     pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors' thread count
-    try:
-        segment_large_file(pipe, path, tmp_path / "local", "slide", options=options)
-    finally:
-        torch.set_num_threads(threads)
+    _local_block_path(pipe, path, tmp_path / "local", options)
     for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
     ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False)
@@ -520,30 +522,17 @@ def test_block_journal_on_s3_scratch_resumes_and_equals_the_local_block_path(clu
     Both with ``--prob-dtype float16``: the band actors round as the driver's pipeline does, the store is float16.
     """
     import ray
-    import tifffile
-    import torch
 
-    from triageseg.datasets.synth import synth_sample
     from triageseg.pipeline import Pipeline
-    from triageseg.pipeline.blockwise.large import BlockOptions, segment_large_file
+    from triageseg.pipeline.blockwise.large import BlockOptions
     from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
     from triageseg.pipeline.cluster.ray_blocks import segment_large_file_ray
     from triageseg.pipeline.cluster.ray_slides import SlideRun
 
-    rng = np.random.default_rng(7)
-    tiles = [synth_sample("fluorescence", size=160, rng=rng)[0] for _ in range(6)]
-    image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
-    path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib",
-                     photometric="rgb" if image.ndim == 3 else "minisblack")
+    path = _tile_scan(tmp_path / "slide.tif", seed=7)
     options = BlockOptions(block_size=160, margin=32, threshold_mp=0)
     pipe = Pipeline.from_bundle(dist_bundle, device="cpu", prob_dtype="float16")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors' thread count
-    try:
-        segment_large_file(pipe, path, tmp_path / "local", "slide", options=options)
-    finally:
-        torch.set_num_threads(threads)
+    _local_block_path(pipe, path, tmp_path / "local", options)
     scratch, fs = f"{s3_bucket}/scratch", s3_server["fs"]
     messages: list[str] = []
     for key, value in RAY_ENV.items():
