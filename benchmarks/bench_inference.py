@@ -196,9 +196,10 @@ class TriagesegTool:
         t2 = time.perf_counter()
         self._prepare(d.used_model)
         self.timer.seconds = 0.0
-        probs = self.pipe.probabilities(image, d.used_model)
+        # at the size decision's scale, as `segment` runs it (the resize both ways is part of the time)
+        probs = self.pipe.probabilities(image, d.used_model, d.scale)
         t3 = time.perf_counter()
-        labels = watershed(probs, self.pipe.params(d.used_model))
+        labels = watershed(probs, self.pipe.params(d.used_model, d.scale))
         t4 = time.perf_counter()
         net = self.timer.seconds
         return {"read": t1 - t0, "route": t2 - t1, "net": net, "tiling": t3 - t2 - net, "watershed": t4 - t3,

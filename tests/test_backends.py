@@ -452,3 +452,35 @@ def test_wrappers_take_the_eager_networks_mode():
     assert not B._ExportedNet(eager, lambda a: a, "fake").training
     assert not B._Bf16Net(eager).training
     assert B._ExportedNet(eager.train(), lambda a: a, "fake").training
+
+
+def test_benchmark_runs_at_the_size_decisions_scale(tmp_path):
+    """bench_inference times what `segment` does: the image resized by the size decision and decoded at that
+    scale (the first version ran every image at the segmenter's own scale, 1)."""
+    import tifffile
+    import torch
+
+    from triageseg import bundle as B
+    from triageseg.router.model import RouterConfig, create_router, save_router
+    from triageseg.segmenters.model import create_segmenter, save_segmenter
+
+    torch.manual_seed(0)
+    root = tmp_path / "bundle"
+    rcfg = RouterConfig(class_names=("fluorescence",), image_size=32)
+    save_router(B.router_dir(root), create_router(rcfg), rcfg)
+    cfg = SegmenterConfig(decoder_channels=(16, 16, 16, 16, 16), tile_size=128, overlap=32,
+                          modality="fluorescence", diameter=20.0)
+    save_segmenter(B.segmenter_dir(root, "fluorescence"), create_segmenter(cfg), cfg, params=None)
+    B.update_manifest(root, modalities=["fluorescence"])
+    bench = _bench()
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, bench.synthetic_image(160, seed=1)[0])
+    tool = bench.TriagesegTool("torch", root, "cpu")
+    tool.pipe.diameter = 10.0  # given: scale 20 / 10 = 2
+    seen = {}
+    probabilities, params = tool.pipe.probabilities, tool.pipe.params
+    tool.pipe.probabilities = lambda image, model, scale=None: (seen.setdefault("probs", scale),
+                                                                probabilities(image, model, scale))[1]
+    tool.pipe.params = lambda model, scale=None: (seen.setdefault("params", scale), params(model, scale))[1]
+    stages, labels = tool.run(path)
+    assert seen == {"probs": 2.0, "params": 2.0} and labels.shape == (160, 160)
