@@ -599,7 +599,7 @@ def test_the_pixel_size_decides_when_the_segmenter_knows_its_nuclei_in_um(tmp_pa
 
 
 def test_fill_holes_is_scipys():
-    """The labelling fill gives binary_fill_holes' mask on random masks with holes, border-touching background and lakes."""
+    """The labelling fill gives binary_fill_holes' mask on random masks (holes, border-touching background, lakes)."""
     from scipy import ndimage as ndi
 
     from triageseg.router.size import _fill_holes
