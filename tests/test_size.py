@@ -323,6 +323,23 @@ def test_a_large_in_memory_image_is_measured_from_crops_as_the_block_path_does(r
     assert seen == [(1000, 1000)]
 
 
+@pytest.mark.parametrize("key", [[7, 1, 3], [11, 1, 1]])
+def test_large_textured_nuclei_too_few_per_crop_are_measured_on_the_overview(key):
+    """Nuclei of about 115-125 px in a 1536 px brightfield image (the zoom series at zoom 6, seeds 7 and 11).
+
+    Its 512 px crops hold four or five across, many cut by the crop's border: they put the median at
+    59 and 82 px (0.94 and 0.62 octave short), under the old acceptance limit (a sixth of the crop).
+    """
+    from triageseg.datasets.synth import synth_sample
+    from triageseg.datasets.synth.styles import STYLES
+    from triageseg.router.size import estimate_image
+
+    lo, hi = STYLES["brightfield"].radius
+    img, lab = synth_sample("brightfield", size=1536, rng=np.random.default_rng(key), diameter=12 * math.sqrt(lo * hi))
+    true, est = median_diameter(lab), estimate_image(img.astype(np.float32) / 255.0).diameter
+    assert abs(math.log2(est / true)) <= 0.25, (est, true)
+
+
 def test_an_empty_image_has_no_estimate_and_falls_back_to_scale_1():
     flat = np.full((128, 128, 3), 0.2, np.float32)
     assert estimate_diameter(flat).diameter is None
