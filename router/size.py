@@ -454,10 +454,10 @@ def estimate_overview(overview, shape: tuple[int, int], read_crop, *, crop: int 
     """The estimate of an image too large to hold: from native-resolution crops, else from the overview.
 
     Four crops of ``crop`` pixels (centred on the quarter points) are estimated at native
-    resolution; their median wins when the nuclei are small enough for a crop to hold
-    several. Otherwise (large nuclei, or empty crops) the overview's estimate, times its
-    downsampling factor, is used (``overview`` may be a function that makes it: called only
-    then). ``method`` and ``signal`` are :func:`estimate_diameter`'s.
+    resolution; their median wins when a crop holds :data:`CROP_NUCLEI` nuclei across.
+    Otherwise (large nuclei, or empty crops) the overview's estimate, times its downsampling
+    factor, is used where the overview resolves the nuclei (``overview`` may be a function
+    that makes it: called only then). ``method`` and ``signal`` are :func:`estimate_diameter`'s.
     """
     h, w = int(shape[0]), int(shape[1])
     c = min(crop, h, w)
