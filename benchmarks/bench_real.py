@@ -132,6 +132,7 @@ def _display(path: Path, normalised: np.ndarray) -> np.ndarray:
 
 
 def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None, tag: str = "") -> None:
+    from triageseg.bundle import GENERALIST
     from triageseg.datasets.io import read_image, read_labels
     from triageseg.postprocess.classical import classical_segment
 
@@ -158,6 +159,9 @@ def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None
         print(f"  bundle: routed {res.modality} ({conf}, used {res.used_model}), OOD {ood}, "
               f"quality {res.quality if res.quality is None else round(res.quality, 3)}")
         print(f"  bundle: {_scores(res.labels, gt)}")
+        if GENERALIST in pipe.available and res.used_model != GENERALIST:
+            # The routed comparison on real images too: the generalist at its own size decision.
+            print(f"  generalist: {_scores(pipe.segment(image, modality=GENERALIST).labels, gt)}")
         if docs is not None:
             _overlay(_display(item.path, image), res.labels, docs / f"real_{item.name}{tag}.png",
                      f"{res.modality}, {int(res.labels.max())} nuclei")

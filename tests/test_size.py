@@ -288,6 +288,31 @@ def test_the_pipeline_measures_with_the_signal_its_segmenter_was_calibrated_with
     assert d2.scale == pytest.approx(1.0, rel=0.15)
 
 
+def test_a_forced_generalist_measures_the_image_on_the_signal_of_the_routers_modality(sized_bundle, tmp_path,
+                                                                                     monkeypatch):
+    """The generalist was calibrated on each training image's own signal; forced, it names no modality."""
+    import types
+
+    from triageseg import bundle as B
+    from triageseg.pipeline import Pipeline
+    from triageseg.router import size as S
+
+    monkeypatch.setitem(S.MODALITY_SIGNALS, "he", "haematoxylin")
+    root = tmp_path / "bundle"
+    shutil.copytree(sized_bundle, root)
+    path = B.segmenter_dir(root, B.GENERALIST) / B.CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "size_signal": "modality-pyramid"}))
+    pipe = Pipeline.from_bundle(root, device="cpu")
+    assert pipe.manifest.get("has_router")
+    routed = []
+    monkeypatch.setattr(pipe, "route", lambda images: routed.append(1) or [
+        types.SimpleNamespace(modality="he", confidence=1.0, ood_score=None)])
+    img = _ihc_like(8)  # nuclei of 16 px on brown tissue: scale 1 when measured on the haematoxylin
+    d = pipe.decide(img, modality=B.GENERALIST)
+    assert routed and (d.modality, d.used_model, d.decision) == (B.GENERALIST, B.GENERALIST, "forced")
+    assert d.scale == pytest.approx(1.0, rel=0.15)  # the brown tissue ("auto") put it under 0.5
+
+
 def test_size_signal_of_a_segmenter_config_is_checked_and_old_configs_read_auto():
     from triageseg.segmenters.model import SegmenterConfig
 

@@ -189,7 +189,8 @@ class Pipeline:
             from triageseg.router.model import load_router
 
             if not self.manifest.get("has_router"):
-                raise BundleError(_bundle.router_dir(self.path), "the bundle has no router; pass a modality to skip routing")
+                raise BundleError(_bundle.router_dir(self.path),
+                                  "the bundle has no router; pass a modality to skip routing")
             from triageseg.pipeline.local.router_backend import prepare_router
 
             model, config = load_router(_bundle.router_dir(self.path), device=self.device)
@@ -504,18 +505,25 @@ class Pipeline:
                                   used, pixel_size, probe=(shape, read_crop)))
 
     def _decision(self, modality: str | None, predict, size=None) -> Decision:
+        measured_as = modality  # the modality whose signal the size is measured on (size_signals.signal_for)
         if modality is not None:
             # The user's choice: no unknown verdict, but the score is recorded when the router has one.
             self.check_modality(modality)
-            score = predict().ood_score if self._scores_when_forced() else None
+            # A forced generalist names no modality, yet it was calibrated on each training image's own signal
+            # (the haematoxylin of H&E and IHC): the router says which signal this image is measured on.
+            generalist = modality == _bundle.GENERALIST and size is not None and bool(self.manifest.get("has_router"))
+            pred = predict() if generalist or self._scores_when_forced() else None
+            score = pred.ood_score if pred is not None and self._scores_when_forced() else None
+            measured_as = pred.modality if generalist else modality
             d = Decision(modality, None, modality, "forced", score)
         else:
             pred = predict()
             used, decision = self.choose(pred)
             d = Decision(pred.modality, float(pred.confidence), used, decision, pred.ood_score)
+            measured_as = d.modality
         if size is None or d.skipped:
             return d
-        s = size(d.used_model, d.modality)
+        s = size(d.used_model, measured_as)
         return d._replace(diameter=s.diameter, scale=s.scale, size_source=s.source)
 
     def _scores_when_forced(self) -> bool:
