@@ -75,6 +75,26 @@ def pointwise(fn, band: int = 100, log: list | None = None):
     return stream
 
 
+def interrupt_after(monkeypatch, blocks: int = 4) -> list:
+    """Make the block path stop (KeyboardInterrupt) after decoding ``blocks`` blocks.
+
+    Returns the list that counts the decoded blocks (one item each); padding it past ``blocks``
+    lets the next run go on.
+    """
+    from triageseg.pipeline.blockwise import large
+
+    real, decoded = large.decode_block, []
+
+    def decode(*args, **kwargs):
+        if len(decoded) == blocks:
+            raise KeyboardInterrupt
+        decoded.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(large, "decode_block", decode)
+    return decoded
+
+
 def channels(image: np.ndarray) -> np.ndarray:
     """Fake probabilities: the image's three channels are the probability map."""
     return np.ascontiguousarray(image.transpose(2, 0, 1))
@@ -522,18 +542,7 @@ def test_segment_files_goes_block_wise_and_resumes_to_the_same_file(tmp_path, ti
     assert next(csv.DictReader((tmp_path / "whole" / "routing.csv").open()))["mode"] != "blocks"
     assert same_up_to_numbering(read_labels(tmp_path / "whole" / "mosaic.tif"), labels)
 
-    from triageseg.pipeline.blockwise import large
-
-    real_decode = large.decode_block
-    decoded = []
-
-    def flaky(*args, **kwargs):
-        if len(decoded) == 2:
-            raise KeyboardInterrupt
-        decoded.append(1)
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(large, "decode_block", flaky)
+    decoded = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipe.segment_files([path], tmp_path / "resumed", blocks=options)
     assert not (tmp_path / "resumed" / "mosaic.tif").exists()

@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from test_blocks import class_image, draw_labels, one_hot, pointwise, run_blocks
+from test_blocks import class_image, draw_labels, interrupt_after, one_hot, pointwise, run_blocks
 
 from triageseg.datasets.errors import DataError
-from triageseg.pipeline.blockwise import large
 from triageseg.pipeline.blockwise.large import BlockOptions
 from triageseg.pipeline.blockwise.probstore import ProbabilityStore
 
@@ -54,19 +53,6 @@ def same_label_file(a: Path, b: Path) -> bool:
                 for key, row in record.items()}
 
     return kept(ra) == kept(rb) and bool(ra)
-
-
-def interrupt_after(monkeypatch, blocks: int = 4) -> None:
-    """Make the block path stop (KeyboardInterrupt) after decoding ``blocks`` blocks."""
-    real, decoded = large.decode_block, []
-
-    def decode(*args, **kwargs):
-        if len(decoded) == blocks:
-            raise KeyboardInterrupt
-        decoded.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(large, "decode_block", decode)
 
 
 def chunk(folder: Path, row: int) -> Path:

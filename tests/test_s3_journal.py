@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_blocks import class_image, draw_labels, one_hot, pointwise
+from test_blocks import class_image, draw_labels, interrupt_after, one_hot, pointwise
 
 from triageseg.datasets.errors import DataError
 from triageseg.pipeline.blockwise.blocks import plan_blocks, scan_image
@@ -123,22 +123,11 @@ def test_block_path_with_its_journal_on_s3_writes_the_local_label_file(s3_server
 
 
 def test_block_path_resumes_from_a_journal_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
-    from triageseg.pipeline.blockwise import large
-
     image = class_image(draw_labels(512, seed=5))
     grid = plan_blocks(image.shape, block_size=256, margin=48)
     norm = scan_image(image)[0]
     folder = f"{s3_bucket}/j/.img.blocks"
-    decoded = []
-    real = large.decode_block
-
-    def stop_after_two(*args, **kwargs):
-        if len(decoded) == 2:
-            raise KeyboardInterrupt
-        decoded.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(large, "decode_block", stop_after_two)
+    interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         segment_blocks(image, tmp_path / "img.tif", stream=pointwise(one_hot), params=PARAMS, grid=grid, norm=norm,
                        journal=Journal(folder, {"test": "img"}))
