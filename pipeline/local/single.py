@@ -512,8 +512,9 @@ class Pipeline:
             # A forced generalist names no modality, yet it was calibrated on each training image's own signal
             # (the haematoxylin of H&E and IHC): the router says which signal this image is measured on.
             generalist = modality == _bundle.GENERALIST and size is not None and bool(self.manifest.get("has_router"))
-            pred = predict() if generalist or self._scores_when_forced() else None
-            score = pred.ood_score if pred is not None and self._scores_when_forced() else None
+            scores = self._scores_when_forced()
+            pred = predict() if generalist or scores else None
+            score = pred.ood_score if scores else None
             measured_as = pred.modality if generalist else modality
             d = Decision(modality, None, modality, "forced", score)
         else:
