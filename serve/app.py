@@ -45,13 +45,44 @@ AUTO = ("", "auto")
 # read this much past the upload limit so a client that sends a little too much gets the
 # answer rather than a reset; then stop reading (and close the connection)
 DRAIN_BYTES = 4 * 2**20
+# after answering a request whose body was not read to its end, go on reading (and dropping)
+# for this long or this much before the connection closes: a socket closed with unread data
+# sends a reset, and a reset can destroy the answer before the client has read it
+LINGER_SECONDS, LINGER_BYTES = 2.0, 16 * 2**20
 UPLOAD_TYPES = ("application/octet-stream",)  # besides image/*: none a form or a simple fetch can send
 log = logging.getLogger("triageseg.serve")
 
 
+class _LingeringAnswer(JSONResponse):
+    """A JSON answer sent in full, then held open while the rest of the request body is read and dropped.
+
+    The answer goes out first (its length is declared, so the client knows it is complete);
+    the connection closes after :data:`LINGER_SECONDS` or :data:`LINGER_BYTES`, or as soon as
+    the client stops sending. Closed at once, the server's socket would answer the bytes
+    still in flight with a reset, which may discard the answer in the client's buffer.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        loop = asyncio.get_running_loop()
+        deadline, dropped = loop.time() + LINGER_SECONDS, 0
+        while dropped < LINGER_BYTES and (left := deadline - loop.time()) > 0:
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except TimeoutError:
+                break
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            dropped += len(message.get("body", b""))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
     """``{"error": message}``; ``close`` when the request body was not read to its end."""
-    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+    if close:
+        return _LingeringAnswer({"error": message}, status_code=status, headers={"connection": "close"})
+    return JSONResponse({"error": message}, status_code=status)
 
 
 async def _receive(request, dest: Path, limit: int) -> tuple[int, bool, bool]:
