@@ -24,7 +24,13 @@ Two more modes, for whole slides on the cluster (issue 21):
   times and the time lost to the kill (the rest of that run has one CPU fewer), and
   whether the labels are identical.
 
-``--small`` makes either mode a quick check (2 slides of 1536 x 1536 and 8 images of
+- ``--mode slide``: one slide of 16000 x 16000 (``--slide-size``), ``triageseg segment`` on this
+  machine's cores (block-wise) against ``triageseg segment --address`` on a two-node cluster on
+  this machine (1 CPU each): both wall times and their ratio (goal <= 1.25x), the peak RSS of
+  the local child, of the cluster's driver and of every Ray process (goal <= 3 GiB), and
+  whether the label files are identical. The slide is kept in ``.bench/slide`` for reruns.
+
+``--small`` makes any of these modes a quick check (2 slides of 1536 x 1536 and 8 images of
 256 x 256; a 1536 x 1536 slide for ``kill``).
 
 Usage:
@@ -105,15 +111,17 @@ def run_ray(bundle: Path, files: list[Path], out: Path, ray_cpus: int, actors: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("images", "mix", "kill"), default="images",
+    parser.add_argument("--mode", choices=("images", "mix", "kill", "slide"), default="images",
                         help="images: local vs Ray on small images; mix: slides and images in one run (idle share); "
-                             "kill: time lost to a node killed mid-slide.")
+                             "kill: time lost to a node killed mid-slide; slide: one slide, local vs two nodes.")
     parser.add_argument("--bundle", default=None, help="Model bundle (default: untrained, default architectures).")
     parser.add_argument("--n", type=int, default=None, help="Small images (images: 48, mix: 40; --small: 8).")
     parser.add_argument("--size", type=int, default=None, help="Small image side in pixels (512; --small: 256).")
     parser.add_argument("--slides", type=int, default=None, help="mix: slides (4; --small: 2).")
-    parser.add_argument("--slide-size", type=int, default=None, help="mix, kill: slide side (8000; --small: 1536).")
-    parser.add_argument("--small", action="store_true", help="mix, kill: a quick check at small sizes.")
+    parser.add_argument("--slide-size", type=int, default=None,
+                        help="mix, kill: slide side (8000; slide: 16000; --small: 1536).")
+    parser.add_argument("--small", action="store_true", help="mix, kill, slide: a quick check at small sizes.")
+    parser.add_argument("--work", default=None, help="slide: where the slide is built and kept (.bench/slide).")
     parser.add_argument("--actors", default="auto", help="mix: --actors of the Ray run (kill: 2, one per node).")
     parser.add_argument("--no-check", action="store_true", help="mix: skip the local run and the label comparison.")
     parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)),
@@ -123,9 +131,9 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of its own: no token file in ~/.ray
     if args.mode != "images":
-        from bench_slides import run_kill, run_mix
+        from bench_slides import run_kill, run_mix, run_slide
 
-        figures = (run_mix if args.mode == "mix" else run_kill)(args)
+        figures = {"mix": run_mix, "kill": run_kill, "slide": run_slide}[args.mode](args)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return

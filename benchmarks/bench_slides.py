@@ -4,6 +4,9 @@ mix:  N slides + M small images in one ``segment_files_ray`` run on a local Ray;
       of time the actors sat idle; the labels against the local run at one torch thread.
 kill: one slide on a two-node cluster on this machine, clean, then with the second node
       SIGKILLed when half its probability rows are recorded; the time lost.
+slide: one slide, ``triageseg segment`` locally (block-wise) against ``segment --address`` on a
+      two-node cluster on this machine (1 CPU per node); wall times, peak RSS of the driver and
+      of every Ray process, the labels compared.
 """
 
 from __future__ import annotations
@@ -192,3 +195,120 @@ def run_kill(args) -> dict:
           f"not 2); labels identical: {same}")
     return {"side": side, "clean_s": walls[0], "kill_s": walls[1], "lost_s": lost, "killed": killed,
             "labels_identical": same}
+
+
+def _peak_kib(pid: int) -> int:
+    """The peak resident memory (VmHWM) of a live process, in KiB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _short(command: str) -> str:
+    """A process's command line without the interpreter's and the packages' paths."""
+    words = [w.rsplit("site-packages/", 1)[-1] if "/" in w else w for w in command.split()]
+    return " ".join(w for w in words if not w.endswith(("/python", "/python3")))[:90]
+
+
+def _watch_peaks(groups: list[int], stop: threading.Event, peaks: dict) -> None:
+    """Until ``stop``: every process of these process groups and their descendants, its peak RSS and command."""
+    from local_cluster import cmdline, processes
+
+    while True:
+        table = processes()
+        ours = {pid for pid, _, pgid in table if pgid in groups}
+        grew = True
+        while grew:  # descendants that left the group
+            more = {pid for pid, ppid, _ in table if ppid in ours} - ours
+            ours |= more
+            grew = bool(more)
+        for pid in ours:
+            kib = _peak_kib(pid)
+            if kib:
+                command = peaks[pid][1] if pid in peaks else _short(cmdline(pid))
+                peaks[pid] = (max(kib, peaks.get(pid, (0, ""))[0]), command)
+        if stop.wait(0.5):
+            return
+
+
+def _cli(argv: list[str], env: dict) -> tuple[float, float, str]:
+    """Run ``triageseg`` in a child: (wall seconds, the child's peak RSS in GiB, its output's last lines)."""
+    import os
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "triageseg", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"triageseg {' '.join(argv[:3])} ... failed ({proc.returncode}):\n{output[-3000:]}")
+    return wall, usage.ru_maxrss / 2**20, "\n".join(output.strip().splitlines()[-4:])
+
+
+def _compare(a: Path, b: Path) -> dict:
+    """Whether two label files are identical; if not, the pixels that differ and F1 between them."""
+    from triageseg.datasets.io import read_labels
+    from triageseg.postprocess.metrics import match_image
+
+    x, y = read_labels(a), read_labels(b)
+    if np.array_equal(x, y):
+        return {"identical": True, "objects": int(x.max())}
+    found = match_image(x, y)
+    return {"identical": False, "objects": int(x.max()), "objects_b": int(y.max()),
+            "pixels_differ": int(np.count_nonzero(x != y)), "f1_05": float(found.f1[0]), "mean_f1": found.mean_f1}
+
+
+def run_slide(args) -> dict:
+    """One slide: the local block path (``segment``, the machine's cores) against a two-node cluster on this
+    machine (``segment --address``, 1 CPU per node): wall times, peak RSS of every process, the labels."""
+    import os
+
+    side = args.slide_size or (1536 if args.small else 16000)
+    work = Path(args.work) if args.work else Path(__file__).resolve().parents[1] / ".bench" / "slide"
+    env = {**os.environ, **RAY_ENV}
+    with tempfile.TemporaryDirectory(prefix="bench_slide_", dir=work.parent if work.parent.is_dir() else None) as tmp:
+        tmp = Path(tmp)
+        bundle = _bundle(args, tmp)
+        print(f"building (or reusing) a slide of {side}^2 in {work} ...", flush=True)
+        slide = _slides(work, 1, side)[0]
+        common = [str(slide), "--bundle", str(bundle), "--quiet", "--blocks-above", "0"]
+        local_s, local_gib, local_tail = _cli(["segment", *common, "--out", str(tmp / "local")], env)
+        print(f"local block path: {local_s:.1f} s, peak RSS {local_gib:.2f} GiB\n{local_tail}", flush=True)
+        peaks: dict = {}
+        with LocalCluster(head_cpus=1, nodes=(1,)) as cluster:
+            stop = threading.Event()
+            watcher = threading.Thread(target=_watch_peaks, args=(cluster.groups, stop, peaks), daemon=True)
+            watcher.start()
+            try:
+                ray_s, driver_gib, ray_tail = _cli(["segment", *common, "--out", str(tmp / "ray"), "--address",
+                                                    cluster.address, *(["--actors", args.actors]
+                                                                       if args.actors != "auto" else [])], env)
+            finally:
+                stop.set()
+                watcher.join()
+        print(f"two-node cluster: {ray_s:.1f} s, driver peak RSS {driver_gib:.2f} GiB\n{ray_tail}", flush=True)
+        same = _compare(tmp / "local" / f"{slide.stem}.tif", tmp / "ray" / f"{slide.stem}.tif")
+    top = sorted(peaks.values(), reverse=True)
+    workers = [(kib, cmd) for kib, cmd in top if "default_worker" in cmd or cmd.startswith("ray::")]
+    worst = max((kib for kib, _ in workers), default=0) / 2**20
+    print(f"bench_distributed --mode slide: one slide of {side}x{side}; local `segment` on "
+          f"{len(os.sched_getaffinity(0))} cores against `segment --address` on a head + second node of 1 CPU each "
+          f"(127.0.0.1); {platform.processor() or platform.machine()}")
+    print(f"wall: local {local_s:.1f} s, cluster {ray_s:.1f} s = {ray_s / local_s:.2f}x (goal <= 1.25x)")
+    print(f"peak RSS: local child {local_gib:.2f} GiB; cluster driver {driver_gib:.2f} GiB; worst Ray worker "
+          f"{worst:.2f} GiB of {len(workers)} (goal <= 3 GiB)")
+    for kib, cmd in top[:6]:
+        print(f"  {kib / 2**20:.2f} GiB  {cmd}")
+    print("labels identical to the local block path: " + (f"yes ({same['objects']} objects)" if same["identical"] else
+          f"NO: {same['pixels_differ']} pixels differ, objects {same['objects']} / {same['objects_b']}, "
+          f"F1@0.5 {same['f1_05']:.5f}, mean F1 {same['mean_f1']:.5f}"))
+    return {"side": side, "local_s": local_s, "ray_s": ray_s, "ratio": ray_s / local_s, "local_rss_gib": local_gib,
+            "driver_rss_gib": driver_gib, "worker_rss_gib": worst, "labels": same}
