@@ -82,6 +82,9 @@ def _apply_taps(arr: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> n
     return out if axis == 0 else out.reshape((arr.shape[0], idx.shape[0]) + arr.shape[2:])
 
 
+ROW_CHUNK = 64  # output rows RowResizer.rows computes at once
+
+
 class RowResizer:
     """Rows of an image resized to ``shape``, computed from the rows of the source that they need.
 
@@ -103,11 +106,20 @@ class RowResizer:
         return int(idx.min()), int(idx.max()) + 1
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
-        """Output rows ``y0:y1`` (float32, H x W x C or H x W as the source)."""
+        """Output rows ``y0:y1`` (float32, H x W x C or H x W as the source).
+
+        Computed :data:`ROW_CHUNK` output rows at a time into one array: the temporaries of
+        the taps are those of a few rows, not of the band (on a slide's full-width bands
+        they were several times the band's size).
+        """
         lo, hi = self.source_rows(y0, y1)
         src = np.asarray(self._read(lo, hi), dtype=np.float32)
-        out = _apply_taps(src, self._iy[y0:y1] - lo, self._wy[y0:y1], axis=0)
-        return np.ascontiguousarray(_apply_taps(out, self._ix, self._wx, axis=1), dtype=np.float32)
+        out = np.empty((y1 - y0, self.shape[1]) + src.shape[2:], np.float32)
+        for a in range(y0, y1, ROW_CHUNK):
+            b = min(y1, a + ROW_CHUNK)
+            part = _apply_taps(src, self._iy[a:b] - lo, self._wy[a:b], axis=0)
+            out[a - y0 : b - y0] = _apply_taps(part, self._ix, self._wx, axis=1)
+        return out
 
 
 def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -153,12 +165,14 @@ def resample_probability_stream(bands, src_shape: tuple[int, int], shape: tuple[
     emitted = start
     for y0, y1, probs in bands:
         rows = np.ascontiguousarray(probs.transpose(1, 2, 0))
+        del probs  # a band of a slide's width at the network's scale: gone before the next one is made
         if buf["rows"] is None:
             buf["top"], buf["rows"] = y0, rows
         else:
             if y0 != buf["top"] + buf["rows"].shape[0]:
                 raise ValueError(f"probability bands are not consecutive: rows from {y0}")
             buf["rows"] = np.concatenate([buf["rows"], rows])
+        del rows
         ready = h if y1 >= src_shape[0] else int(np.searchsorted(last_tap, y1, side="left"))
         if ready > emitted:
             out = _renormalise(resizer.rows(emitted, ready).transpose(2, 0, 1))

@@ -8,6 +8,13 @@ those of the local `segment` on the same bundle with the same torch thread count
 actors (one), and routing.csv must equal the local one but for the seconds column.
 Every Ray process the module starts is stopped by its process group; the module fails
 if a raylet it started is left running.
+
+What "on 127.0.0.1" can mean with Ray 2.60: the nodes are started with ``--node-ip-address
+127.0.0.1`` and the driver connects to ``127.0.0.1:PORT``, but Ray replaces a loopback node
+address by the machine's own (``ray._private.services.resolve_ip_for_localhost``; only with
+multi-node clusters switched off does it keep 127.0.0.1), and its GCS and raylet gRPC servers
+listen on all interfaces. Ray has no setting that binds them to loopback, so for the life of
+this module (free ports, chosen per run) the two nodes can be reached from the network.
 """
 
 from __future__ import annotations
@@ -858,6 +865,8 @@ def test_actor_pool_sizes():
             parse_actors(bad)
     cpu_cluster = {"CPU": 3.0, "GPU": 0.0}
     assert pool_size(ClusterOptions(), cpu_cluster) == (1, 2)  # one CPU left for the read and write tasks
+    assert pool_size(ClusterOptions(), cpu_cluster, spare_cpu=False) == (1, 3)  # band actors: every CPU
+    assert pool_size(ClusterOptions(), {"CPU": 1.0, "GPU": 0.0}) == (1, 1)
     assert pool_size(ClusterOptions(cpus_per_actor=2), {"CPU": 9.0, "GPU": 0.0}) == (1, 4)
     assert pool_size(ClusterOptions(gpus_per_actor=0.25), {"CPU": 8.0, "GPU": 2.0}) == (1, 8)
     assert pool_size(ClusterOptions(actors="2:3", gpus_per_actor=0.25), {"CPU": 8.0, "GPU": 2.0}) == (2, 3)
@@ -1060,8 +1069,8 @@ def test_slides_interleave_the_actors_never_wait_for_a_decode(tmp_path, monkeypa
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text("{}")
-    pipe = types.SimpleNamespace(path=bundle, tile_size=64, overlap=16, batch_size=1, tta=False, unknown="generalist",
-                                 backend="torch", precision="fp32", diameter=None, use_pixel_size=True, device="cpu",
+    pipe = types.SimpleNamespace(path=bundle, tile_size=64, overlap=16, batch_size=1, batch_size_option=None,
+                                 tta=False, unknown="generalist", backend="torch", precision="fp32", diameter=None, use_pixel_size=True, device="cpu",
                                  params=lambda _m, _s: types.SimpleNamespace(to_dict=dict))
     items = []
     for name in ("a", "b"):

@@ -129,6 +129,19 @@ def test_pipeline_refuses_bad_tile_and_batch_sizes(tiny_bundle):
             Pipeline.from_bundle(tiny_bundle, device="cpu", **kwargs)
 
 
+def test_tiles_per_pass_default_to_one_on_a_cpu_and_four_on_a_gpu(tiny_bundle):
+    import torch
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.local.single import default_batch_size
+
+    pipe = Pipeline.from_bundle(tiny_bundle, device="cpu")
+    assert (pipe.batch_size, pipe.batch_size_option) == (1, None)  # a Ray actor on a GPU chooses its own
+    assert Pipeline.from_bundle(tiny_bundle, device="cpu", batch_size=3).batch_size == 3
+    assert default_batch_size(torch.device("cuda", 0)) == 4 and default_batch_size("cuda") == 4
+    assert default_batch_size(torch.device("cpu")) == 1
+
+
 # ------------------------------------------------------------ 6: resume verifies what it skips
 
 

@@ -68,6 +68,7 @@ from triageseg.pipeline.local.batch import (
     routing_row,
     verify_output,
 )
+from triageseg.pipeline.local.single import default_batch_size
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION
 
@@ -129,10 +130,12 @@ def parse_actors(spec: str) -> tuple[int, int] | None:
     return sizes[0], sizes[1]
 
 
-def pool_size(options: ClusterOptions, cluster: dict[str, float]) -> tuple[int, int]:
+def pool_size(options: ClusterOptions, cluster: dict[str, float], *, spare_cpu: bool = True) -> tuple[int, int]:
     """(min, max) actors of one pool: ``--actors``, or for ``auto`` as many as the cluster holds.
 
-    ``auto`` keeps one CPU free for the read and write tasks when actors use CPUs only.
+    ``auto`` keeps one CPU free for the read and write tasks when actors use CPUs only
+    (``spare_cpu``). The band actors of block-wise images keep none: they are stopped
+    whenever no band waits, and the scans and decodes get the CPUs then.
     """
     sizes = parse_actors(options.actors)
     if sizes is not None:
@@ -140,7 +143,7 @@ def pool_size(options: ClusterOptions, cluster: dict[str, float]) -> tuple[int, 
     if options.gpus_per_actor > 0:
         most = int(cluster["GPU"] // options.gpus_per_actor)
     else:
-        most = int(max(1.0, cluster["CPU"] - 1) // options.cpus_per_actor)
+        most = int(max(1.0, cluster["CPU"] - spare_cpu) // options.cpus_per_actor)
     return 1, max(1, most)
 
 
@@ -391,7 +394,8 @@ def segment_files_ray(
     if not is_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
     storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
-        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu", "batch_size": pipe.batch_size,
+        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu",
+        "batch_size": pipe.batch_size_option or default_batch_size("cuda" if options.gpus_per_actor > 0 else "cpu"),
         "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
         "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
 
@@ -432,7 +436,7 @@ def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, 
             overlays=overlays, rois=rois,
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
+                      "overlap": pipe.overlap, "batch_size": pipe.batch_size_option, "tta": pipe.tta,
                       "backend": pipe.backend, "precision": pipe.precision,
                       "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                       "unknown": pipe.unknown, "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size},
