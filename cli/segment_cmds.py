@@ -172,8 +172,8 @@ def _tile_size(ctx, param, value: int | None) -> int | None:
               help="Tile side in pixels, a multiple of 32 (default: the model's). A tile too small for the "
                    "model's overlap gets an overlap of a quarter tile.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Tiles per forward pass (default: 1 on a CPU, where batches are no faster and cost memory; "
-                   "4 on a GPU).")
+              help="Tiles per forward pass (default: 4 on a GPU; on a CPU as many as fill one 768 x 768 tile, "
+                   "as larger batches are no faster there and cost memory).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes for watershed and writing (0: in the main process).")
 @click.option("--tta", is_flag=True, help="D4 test-time augmentation (8x slower, a little more accurate).")

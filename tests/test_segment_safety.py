@@ -129,17 +129,19 @@ def test_pipeline_refuses_bad_tile_and_batch_sizes(tiny_bundle):
             Pipeline.from_bundle(tiny_bundle, device="cpu", **kwargs)
 
 
-def test_tiles_per_pass_default_to_one_on_a_cpu_and_four_on_a_gpu(tiny_bundle):
+def test_tiles_per_pass_by_device_and_tile_size(tiny_bundle):
     import torch
 
     from triageseg.pipeline import Pipeline
     from triageseg.pipeline.local.single import default_batch_size
 
     pipe = Pipeline.from_bundle(tiny_bundle, device="cpu")
-    assert (pipe.batch_size, pipe.batch_size_option) == (1, None)  # a Ray actor on a GPU chooses its own
-    assert Pipeline.from_bundle(tiny_bundle, device="cpu", batch_size=3).batch_size == 3
-    assert default_batch_size(torch.device("cuda", 0)) == 4 and default_batch_size("cuda") == 4
-    assert default_batch_size(torch.device("cpu")) == 1
+    assert pipe.batch_size is None and pipe.batch_for(768) == 1 and pipe.batch_for(64) == 4  # a Ray actor chooses too
+    assert Pipeline.from_bundle(tiny_bundle, device="cpu", batch_size=3).batch_for(768) == 3
+    cpu = torch.device("cpu")
+    assert [default_batch_size(cpu, t) for t in (768, 736, 512, 384, 256, 64)] == [1, 1, 2, 4, 4, 4]
+    assert default_batch_size(cpu) == 1
+    assert default_batch_size(torch.device("cuda", 0), 768) == 4 and default_batch_size("cuda") == 4
 
 
 # ------------------------------------------------------------ 6: resume verifies what it skips

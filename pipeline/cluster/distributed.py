@@ -68,7 +68,6 @@ from triageseg.pipeline.local.batch import (
     routing_row,
     verify_output,
 )
-from triageseg.pipeline.local.single import default_batch_size
 from triageseg.ray_cluster import check_storage, cluster_info, is_shared, is_uri
 from triageseg.router.policy import SKIPPED, UNKNOWN_DECISION
 
@@ -395,7 +394,7 @@ def segment_files_ray(
         Path(out).mkdir(parents=True, exist_ok=True)
     storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
         **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu",
-        "batch_size": pipe.batch_size_option or default_batch_size("cuda" if options.gpus_per_actor > 0 else "cpu"),
+        "batch_size": pipe.batch_size,
         "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
         "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
 
@@ -436,7 +435,7 @@ def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, 
             overlays=overlays, rois=rois,
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                      "overlap": pipe.overlap, "batch_size": pipe.batch_size_option, "tta": pipe.tta,
+                      "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                       "backend": pipe.backend, "precision": pipe.precision,
                       "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                       "unknown": pipe.unknown, "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size},

@@ -125,7 +125,7 @@ class SlideRun:
         self.log, self.on_done, self.on_fail, self.stop = log, on_done, on_fail, stop
         self.bundle = str(Path(pipe.path).resolve())
         self.settings = {"device": "cuda" if gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
-                         "overlap": pipe.overlap, "batch_size": pipe.batch_size_option, "tta": pipe.tta,
+                         "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
                          "unknown": pipe.unknown, "backend": pipe.backend, "precision": pipe.precision,
                          "prob_dtype": getattr(pipe, "prob_dtype", "float32"),
                          "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size}

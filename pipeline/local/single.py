@@ -154,8 +154,9 @@ class Pipeline:
         self.choice = resolve(backend, precision, self.device)
         self.tile_size = tile_size
         self.overlap = overlap
-        self.batch_size_option = batch_size  # as asked: None lets each device (a Ray actor's too) choose
-        self.batch_size = default_batch_size(self.device) if batch_size is None else batch_size
+        # tiles per pass as asked; None: by the device and the tile size (default_batch_size), so that a Ray
+        # actor on a GPU chooses for its own device
+        self.batch_size = batch_size
         self.tta = tta
         self.available: list[str] = list(self.manifest.get("segmenters", []))
         if not self.available:
@@ -381,12 +382,16 @@ class Pipeline:
             image,
             tile_size=tile_size,
             overlap=overlap,
-            batch_size=self.batch_size,
+            batch_size=self.batch_for(tile_size),
             tta=self.tta,
             device=self.device,
             scale=config.scale if scale is None else scale,
         )
         return round_probabilities(probs, self.prob_dtype)
+
+    def batch_for(self, tile_size: int) -> int:
+        """Tiles per forward pass for tiles of ``tile_size``: ``batch_size``, else :func:`default_batch_size`."""
+        return self.batch_size if self.batch_size is not None else default_batch_size(self.device, tile_size)
 
     def probability_stream(self, used_model: str, *, scale: float | None = None, name: str = "<array>"):
         """:meth:`probabilities` band by band, for the block path (``segmenters.predict.stream_probabilities``).
@@ -405,8 +410,8 @@ class Pipeline:
         if self.overlap is None and overlap >= tile_size // 2:
             overlap = tile_size // 4  # as probabilities()
         stream = functools.partial(stream_probabilities_scaled, model, scale=fixed if scale is None else scale,
-                                   tile_size=tile_size, overlap=overlap, batch_size=self.batch_size, tta=self.tta,
-                                   device=self.device)
+                                   tile_size=tile_size, overlap=overlap, batch_size=self.batch_for(tile_size),
+                                   tta=self.tta, device=self.device)
         if self.prob_dtype == "float32":
             return stream
         dtype = self.prob_dtype
@@ -556,15 +561,22 @@ def _probe(probe_diameter, pipe, used_model: str, where, diameter: float) -> flo
     return probe_diameter(pipe, used_model, diameter, shape, read_crop)
 
 
-# Tiles per forward pass when none is asked for. On a CPU a batch runs no faster per tile than one tile
-# (ONNX Runtime 0.28 s per 736 x 768 tile alone, 0.31 s in fours, 2 cores) and its activations cost memory
-# that stays with the process (1.85 GiB in fours, 0.59 GiB alone): one at a time. A GPU wants batches.
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 4
+# Tiles per forward pass when none is asked for. A GPU wants batches. On a CPU a batch of large tiles runs no
+# faster per tile than one tile (ONNX Runtime, 2 cores: 0.28 s per 736 x 768 tile alone, 0.31 s in fours) and
+# its activations stay in the process's memory (1.85 GiB in fours, 0.59 GiB alone), while small tiles gain
+# (128 px: 1.6x, 256 px: 1.25x in fours): a CPU batch holds at most CPU_BATCH_PIXELS, up to GPU_BATCH_SIZE tiles.
+GPU_BATCH_SIZE = 4
+CPU_BATCH_PIXELS = 768 * 768
 
 
-def default_batch_size(device) -> int:
-    """:data:`GPU_BATCH_SIZE` on a CUDA device, else :data:`CPU_BATCH_SIZE`."""
-    return GPU_BATCH_SIZE if getattr(device, "type", str(device)).startswith("cuda") else CPU_BATCH_SIZE
+def default_batch_size(device, tile_size: int | None = None) -> int:
+    """:data:`GPU_BATCH_SIZE` on a CUDA device; on a CPU as many tiles of ``tile_size`` as fill
+    :data:`CPU_BATCH_PIXELS` (1 to :data:`GPU_BATCH_SIZE`; 1 for an unknown tile size)."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        return GPU_BATCH_SIZE
+    if not tile_size:
+        return 1
+    return max(1, min(GPU_BATCH_SIZE, CPU_BATCH_PIXELS // (int(tile_size) ** 2)))
 
 
 def _check_sizes(*, tile_size: int | None, overlap: int | None, batch_size: int) -> None:
