@@ -393,8 +393,7 @@ def segment_files_ray(
     if not is_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
     storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
-        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu",
-        "batch_size": pipe.batch_size,
+        **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu", "batch_size": pipe.batch_size,
         "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
         "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
 

@@ -376,7 +376,7 @@ def segment_slides(pipe, big: list[dict], out: str, journal, report, options, bl
                   "storage), not a URI"), on_error)
         return SlideStats()
     # every CPU a band actor: a CPU kept for the decodes idles while the bands run (a 16000 x 16000 slide on two
-    # nodes of 1 CPU: one band actor 724 s, two 401 s, the local block path on both cores 420 s)
+    # nodes of 1 CPU: with one band actor one node idled through the bands; with two, 0.96x the local block path)
     low, high = pool_size(options, cluster_info(), spare_cpu=False)
     log(f"blocks: {len(big)} image(s), up to {high} band actor(s)")
 
