@@ -71,12 +71,12 @@ def _env() -> dict:
     return env
 
 
-def run_child(args: list[str], log: Path) -> tuple[float, float]:
-    """Run a command in a child process; (wall seconds, peak RSS in GiB of that child)."""
+def run_child(args: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run a command in a child process (``env`` added to the environment); (wall seconds, peak RSS in GiB of it)."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
-                              env=_env(), check=False)
+                              env={**_env(), **(env or {})}, check=False)
     wall = time.perf_counter() - t0
     fh_text = proc.stdout
     log.write_text(log.read_text() + fh_text)

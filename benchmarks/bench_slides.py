@@ -235,24 +235,6 @@ def _watch_peaks(groups: list[int], stop: threading.Event, peaks: dict) -> None:
             return
 
 
-def _cli(argv: list[str], env: dict) -> tuple[float, float, str]:
-    """Run ``triageseg`` in a child: (wall seconds, the child's peak RSS in GiB, its output's last lines)."""
-    import os
-    import subprocess
-    import sys
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "triageseg", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"triageseg {' '.join(argv[:3])} ... failed ({proc.returncode}):\n{output[-3000:]}")
-    return wall, usage.ru_maxrss / 2**20, "\n".join(output.strip().splitlines()[-4:])
-
-
 def _compare(a: Path, b: Path) -> dict:
     """Whether two label files are identical; if not, the pixels that differ and F1 between them."""
     from triageseg.datasets.io import read_labels
@@ -273,28 +255,30 @@ def run_slide(args) -> dict:
 
     side = args.slide_size or (1536 if args.small else 16000)
     work = Path(args.work) if args.work else Path(__file__).resolve().parents[1] / ".bench" / "slide"
-    env = {**os.environ, **RAY_ENV}
+    from bench_large import run_child, segment_cmd
+
     with tempfile.TemporaryDirectory(prefix="bench_slide_", dir=work.parent if work.parent.is_dir() else None) as tmp:
         tmp = Path(tmp)
         bundle = _bundle(args, tmp)
         print(f"building (or reusing) a slide of {side}^2 in {work} ...", flush=True)
         slide = _slides(work, 1, side)[0]
-        common = [str(slide), "--bundle", str(bundle), "--quiet", "--blocks-above", "0"]
-        local_s, local_gib, local_tail = _cli(["segment", *common, "--out", str(tmp / "local")], env)
-        print(f"local block path: {local_s:.1f} s, peak RSS {local_gib:.2f} GiB\n{local_tail}", flush=True)
+        local_s, local_gib = run_child(segment_cmd([slide], bundle, tmp / "local", "--blocks-above", "0"),
+                                       tmp / "local.log", RAY_ENV)
+        print(f"local block path: {local_s:.1f} s, peak RSS {local_gib:.2f} GiB", flush=True)
         peaks: dict = {}
         with LocalCluster(head_cpus=1, nodes=(1,)) as cluster:
             stop = threading.Event()
             watcher = threading.Thread(target=_watch_peaks, args=(cluster.groups, stop, peaks), daemon=True)
             watcher.start()
             try:
-                ray_s, driver_gib, ray_tail = _cli(["segment", *common, "--out", str(tmp / "ray"), "--address",
-                                                    cluster.address, *(["--actors", args.actors]
-                                                                       if args.actors != "auto" else [])], env)
+                actors = ["--actors", args.actors] if args.actors != "auto" else []
+                ray_s, driver_gib = run_child(segment_cmd([slide], bundle, tmp / "ray", "--blocks-above", "0",
+                                                          "--address", cluster.address, *actors),
+                                              tmp / "ray.log", RAY_ENV)
             finally:
                 stop.set()
                 watcher.join()
-        print(f"two-node cluster: {ray_s:.1f} s, driver peak RSS {driver_gib:.2f} GiB\n{ray_tail}", flush=True)
+        print(f"two-node cluster: {ray_s:.1f} s, driver peak RSS {driver_gib:.2f} GiB", flush=True)
         same = _compare(tmp / "local" / f"{slide.stem}.tif", tmp / "ray" / f"{slide.stem}.tif")
     top = sorted(peaks.values(), reverse=True)
     workers = [(kib, cmd) for kib, cmd in top if "default_worker" in cmd or cmd.startswith("ray::")]
