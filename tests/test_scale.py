@@ -46,6 +46,26 @@ def test_resize_image_and_probabilities():
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(23, 61), (97, 130), (41, 30)])
+def test_probabilities_resize_plane_by_plane_as_the_image_layout_does(shape):
+    """Probabilities are resized channels first (no transpose): the same values, bit for bit, as resizing the
+    H x W x C array, and the banded resampler gives the same rows again."""
+    from triageseg.segmenters.scale import resample_probability_stream
+
+    p = np.random.default_rng(2).random((3, 40, 30)).astype(np.float32)
+    p /= p.sum(0)
+    hwc = resize_image(np.ascontiguousarray(p.transpose(1, 2, 0)), shape).transpose(2, 0, 1)
+    expected = np.clip(hwc, 0.0, None)
+    expected /= np.maximum(expected.sum(axis=0, keepdims=True), 1e-12)
+    q = resize_probabilities(p, shape)
+    assert q.flags.c_contiguous and q.dtype == np.float32 and q.shape == (3, *shape)
+    assert np.array_equal(q, expected)
+    bands = ((y, min(y + 7, 40), p[:, y : y + 7]) for y in range(0, 40, 7))
+    rows = list(resample_probability_stream(bands, (40, 30), shape))
+    assert rows[0][0] == 0 and rows[-1][1] == shape[0]
+    assert np.array_equal(np.concatenate([r for _, _, r in rows], axis=1), q)
+
+
 @pytest.mark.parametrize("scale", [0.5, 1.5])
 def test_training_with_a_scale_saves_it_and_the_pipeline_applies_it(synth_data, tmp_path, scale, monkeypatch):
     from triageseg.datasets.layout import Dataset
