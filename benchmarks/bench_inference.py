@@ -16,8 +16,9 @@ and, with ``--accuracy DATA``, the cost of each backend on the test split: mean 
 modality against torch fp32 (goal for bf16: within 0.002 on every modality) and the
 largest probability difference (goal for fp32 backends: <= 1e-4; labels identical).
 
-Tools (``--tools``): ``torch`` (eager, channels_last, inference_mode), ``torch-bf16`` (CPU
-autocast; only on CPUs with AMX/AVX512-BF16), ``onnx`` (ONNX Runtime), ``openvino``,
+Tools (``--tools``): ``auto`` (what ``segment`` runs by default here), ``torch`` (eager,
+channels_last, inference_mode), ``torch-bf16`` (CPU autocast; only on CPUs with
+AMX/AVX512-BF16), ``onnx`` (ONNX Runtime), ``openvino``,
 ``openvino-bf16``, ``stardist`` (2D, grid 2, random weights: the same compute as a trained
 model; its end to end adds its NMS run on outputs made from the ground truth, as a trained
 model would give, because NMS on random outputs is 5-8x slower). Missing libraries skip
@@ -64,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOOLS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "stardist")
+TOOLS = ("auto", "torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "stardist")
 
 
 # ------------------------------------------------------------------ inputs
@@ -162,6 +163,12 @@ class _Timed:
         return TimedNet()
 
 
+def _precision(backend: str, precision: str) -> str:
+    """A tool name's precision: ``auto`` is the default of ``segment`` (backend and precision), the others fp32
+    unless named (``openvino-bf16``)."""
+    return precision or ("auto" if backend == "auto" else "fp32")
+
+
 class TriagesegTool:
     """The routed pipeline with one backend and precision; times each stage of each image."""
 
@@ -173,8 +180,11 @@ class TriagesegTool:
         self.name = name
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always", BackendNote)
-            self.pipe = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32", **tiling)
+            self.pipe = Pipeline(bundle, device=device, backend=backend, precision=_precision(backend, precision),
+                                 **tiling)
         self.skip = next((str(w.message) for w in seen if issubclass(w.category, BackendNote)), None)
+        if backend == "auto":
+            print(f"  auto: {self.pipe.choice.backend} {self.pipe.choice.precision} (the default of `segment`)")
         self.timer = _Timed()
         self._wrapped: set[str] = set()
 
@@ -412,7 +422,7 @@ def accuracy(bundle: Path, data: Path, names: list[str], device: str, split: str
     pipes = {}
     for n in names:
         backend, _, precision = n.partition("-")
-        pipes[n] = Pipeline(bundle, device=device, backend=backend, precision=precision or "fp32")
+        pipes[n] = Pipeline(bundle, device=device, backend=backend, precision=_precision(backend, precision))
     results = {n: [] for n in names}
     max_prob = {n: 0.0 for n in names}
     same_labels = {n: 0 for n in names}
@@ -423,8 +433,8 @@ def accuracy(bundle: Path, data: Path, names: list[str], device: str, split: str
         modality_of[sample.id] = sample.modality or "unknown"
         ref = None
         for n, pipe in pipes.items():
-            probs = pipe.probabilities(image, d.used_model)
-            labels = watershed(probs, pipe.params(d.used_model))
+            probs = pipe.probabilities(image, d.used_model, d.scale)  # at the size decision's scale, as `segment`
+            labels = watershed(probs, pipe.params(d.used_model, d.scale))
             if ref is None:
                 ref = (probs, labels)
             max_prob[n] = max(max_prob[n], float(np.abs(probs - ref[0]).max()))

@@ -16,7 +16,9 @@ Backends:
 * ``openvino``: OpenVINO (``pip install triageseg[openvino]``), CPU only; it reads the
   same cached ONNX file. Its precision hint is pinned to f32 (OpenVINO would otherwise
   pick bf16 by itself on CPUs with AMX or AVX512-BF16).
-* ``auto``: the backend of :data:`AUTO_ORDER` that is installed (CPU), torch on CUDA/MPS.
+* ``auto``: on a CPU with native bf16 (AMX or AVX512-BF16) and precision ``auto``, OpenVINO
+  in bf16 when it is installed (:data:`AUTO_BF16`); otherwise the backend of :data:`AUTO_ORDER`
+  that is installed; torch on CUDA/MPS.
   ``$TRIAGESEG_AUTO_BACKEND`` (:data:`AUTO_ENV`), when set, names what ``auto`` means
   instead (the test suite pins torch with it: an export per test bundle would cost more
   than the tests' tiny images gain). Where ``auto`` picked an exported backend and the
@@ -26,7 +28,9 @@ Backends:
 Precision ``bf16`` (autocast on CPU; OpenVINO's bf16 hint) runs only where the CPU has
 native bf16 (AMX or AVX512-BF16, :func:`cpu_bf16_support`); elsewhere fp32 with a note.
 It changes the answers slightly (``BF16_PROB_TOLERANCE``); its F1 cost is what
-``benchmarks/bench_inference.py --accuracy`` measures.
+``benchmarks/bench_inference.py --accuracy`` measures. Precision ``auto`` (the default) is
+bf16 for the backends of :data:`AUTO_BF16` on such a CPU and fp32 everywhere else: bf16 is
+the default only where its mean F1 was measured within 0.002 of fp32 on every modality.
 
 A backend whose library is missing (or that cannot run on the device) falls back to torch
 with one note (``warnings.warn(..., BackendNote)``, once per process and reason).
@@ -45,7 +49,7 @@ import importlib.util
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 # What `auto` picks on a CPU, first installed wins. Measured on a quiet 2-core CPU
 # (benchmarks/RESULTS.md, "Inference backends on a quiet machine"; e2e s/img, demo bundle):
 # 512²: torch 0.466, ONNX Runtime 0.340, OpenVINO 0.312; 2048²: torch 12.2, ONNX Runtime
@@ -74,6 +78,12 @@ PRECISIONS = ("fp32", "bf16")
 # the same labels as torch (largest probability difference 3.4e-6), and it is in the
 # `test` extra, so CI runs the path users get. OpenVINO is only taken when asked for.
 AUTO_ORDER: tuple[str, ...] = ("onnx", "torch")
+# The backends whose bf16 is the default (precision `auto`) on a CPU with native bf16, and the one `auto` then
+# prefers when installed. Measured on the demo test split at the size decision's scale (46 images, 2026-12-08,
+# benchmarks/RESULTS.md): OpenVINO bf16 within 0.0016 mean F1 of fp32 on every modality and 1.5x faster than
+# ONNX Runtime fp32 end to end (512² and 2048²); torch bf16 off by +0.0040 on IHC (over the 0.002 asked) and
+# slower than ONNX Runtime fp32. fp32 everywhere else.
+AUTO_BF16: tuple[str, ...] = ("openvino",)
 # When set (torch | onnx | openvino), what `auto` means instead of AUTO_ORDER (tests/conftest.py pins torch).
 AUTO_ENV = "TRIAGESEG_AUTO_BACKEND"
 # The Python modules each optional backend needs (onnx: the exporter both read from).
@@ -144,10 +154,15 @@ class Choice:
     backend: str  # torch | onnx | openvino
     precision: str  # fp32 | bf16
     auto: bool = False  # picked by `auto`: a failing export falls back to torch (noted) instead of raising
+    # the precision came from `auto` (not asked for): a fallback to torch takes fp32, torch's measured default
+    precision_auto: bool = field(default=False, compare=False)
 
 
-def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.device = "cpu") -> Choice:
+def resolve(backend: str = "auto", precision: str = "auto", device: str | torch.device = "cpu") -> Choice:
     """What runs for a requested ``backend`` and ``precision`` on ``device``; a fallback is noted once.
+
+    ``precision="auto"`` is bf16 for a backend of :data:`AUTO_BF16` on a CPU with native
+    bf16, fp32 otherwise (never a note: nothing asked for is refused).
 
     Raises:
         ValueError: an unknown backend or precision (the message lists the valid ones).
@@ -157,9 +172,9 @@ def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     on_cpu = str(getattr(device, "type", device)).split(":")[0] == "cpu"
-    auto = backend == "auto"
+    auto, precision_auto = backend == "auto", precision == "auto"
     if auto:
-        backend = _auto_backend(on_cpu)
+        backend = _auto_backend(on_cpu, bf16=precision in ("auto", "bf16") and on_cpu and _native_bf16())
     elif backend != "torch" and not available(backend):
         missing = _missing(backend) or list(_MODULES[backend])
         note(f"backend {backend!r} needs the Python package {' and '.join(map(repr, missing))}, not installed "
@@ -168,19 +183,26 @@ def resolve(backend: str = "auto", precision: str = "fp32", device: str | torch.
     elif backend != "torch" and not on_cpu:
         note(f"backend {backend!r} runs on the CPU only; running on torch on {device}")
         backend = "torch"
-    if precision == "bf16" and not on_cpu:
+    if precision == "auto":
+        precision = "bf16" if on_cpu and backend in AUTO_BF16 and _native_bf16() else "fp32"
+    elif precision == "bf16" and not on_cpu:
         note(f"precision bf16 is for the CPU; on {device} the network already runs in half precision (AMP)")
         precision = "fp32"
     elif precision == "bf16" and cpu_bf16_support() is None:
         note("precision bf16 needs a CPU with AMX or AVX512-BF16 (emulated bf16 is slower than fp32); running fp32")
         precision = "fp32"
-    return Choice(backend, precision, auto=auto and backend != "torch")
+    return Choice(backend, precision, auto=auto and backend != "torch", precision_auto=precision_auto)
 
 
-def _auto_backend(on_cpu: bool) -> str:
-    """What ``auto`` runs: ``$TRIAGESEG_AUTO_BACKEND`` when set, else the first installed of AUTO_ORDER (CPU).
+def _native_bf16() -> bool:
+    return cpu_bf16_support() is not None
 
-    The note when the preferred library is missing is said once per process: it is the
+
+def _auto_backend(on_cpu: bool, bf16: bool = False) -> str:
+    """What ``auto`` runs: ``$TRIAGESEG_AUTO_BACKEND`` when set, else (CPU) an installed backend of AUTO_BF16
+    when ``bf16`` (the CPU has native bf16 and bf16 is allowed), else the first installed of AUTO_ORDER.
+
+    The note when the AUTO_ORDER library is missing is said once per process: it is the
     only sign a user gets that the CPU could run faster.
     """
     pinned = os.environ.get(AUTO_ENV, "").strip().lower()
@@ -192,6 +214,8 @@ def _auto_backend(on_cpu: bool) -> str:
         order = AUTO_ORDER
     if not on_cpu:
         return "torch"  # CUDA/MPS: the exported backends here are CPU runtimes
+    if bf16 and not pinned:
+        order = tuple(b for b in AUTO_BF16 if available(b)) + order
     for backend in order:
         if available(backend):
             return backend
@@ -204,7 +228,7 @@ def _auto_backend(on_cpu: bool) -> str:
 
 
 def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, backend: str = "auto",
-                    precision: str = "fp32", device: str | torch.device = "cpu",
+                    precision: str = "auto", device: str | torch.device = "cpu",
                     threads: int | None = None, choice: Choice | None = None) -> torch.nn.Module:
     """The module ``predict`` should run for ``model`` with the chosen backend and precision.
 
@@ -233,7 +257,7 @@ def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *
                 raise
             note(f"backend auto: {choice.backend} could not run this network ({type(err).__name__}: {err}); "
                  "running on torch")
-            choice = Choice("torch", choice.precision)
+            choice = Choice("torch", "fp32" if choice.precision_auto else choice.precision)
         else:
             return _ExportedNet(model, run, choice.backend)
     model = model.to(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU too

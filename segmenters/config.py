@@ -16,7 +16,7 @@ from typing import Any
 from triageseg import bundle
 from triageseg.datasets.atomic import write_json_atomic
 from triageseg.datasets.errors import DataError
-from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, DEFAULT_TILE_SIZE, SegmenterConfig
+from triageseg.segmenters.model import DEFAULT_DECODER_CHANNELS, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, SegmenterConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN; scale and shift still train): fine-tuning
     seed: int = 0  # seeds weights init, crop sampling and augmentation
     tile_size: int = DEFAULT_TILE_SIZE  # largest inference tile (validation and the saved model)
-    overlap: int = 64  # inference tile overlap in pixels
+    overlap: int = DEFAULT_OVERLAP  # inference tile overlap in pixels
     val_batch_size: int = 4  # tiles per forward pass during validation
     max_val_images: int = 16  # validation images used per epoch and for tuning (balanced over modalities)
     time_budget_s: float | None = None  # stop training cleanly after this many seconds (then tune + save)

@@ -45,6 +45,12 @@ DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # (network on a 2048 x 2048 image, ONNX Runtime, 2 cores: 10.5 s against 13.0 s, medians of 3 interleaved,
 # loaded machine); images up to 768 px run as one tile. Mean |difference| of the probabilities 0.003.
 DEFAULT_TILE_SIZE = 768
+# Overlap between neighbouring tiles (pixels at the network's scale). 32 px instead of 64: 12 tiled synthetic
+# images of 1280 x 1280 (four modalities, nuclei 10-18 px, run at the size decision's scale 1.2-2.4) scored
+# mean F1 0.4135 with 32, 0.4132 with 64 and 0.4139 with 128, F1@0.5 0.6976 / 0.6974 / 0.6975, while the
+# network computes about 10 % fewer pixels (a 3133-px side: 1.15x its pixels instead of 1.26x; 794 px: 1.10x
+# instead of 1.27x). benchmarks/RESULTS.md, 2026-12-08. Bundles keep the overlap they were saved with.
+DEFAULT_OVERLAP = 32
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class SegmenterConfig:
     classes: int = 3  # background / nucleus interior / boundary (postprocess.targets)
     decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS  # Unet decoder widths, one per encoder stage
     tile_size: int = DEFAULT_TILE_SIZE  # largest inference tile side in pixels (multiple of 32)
-    overlap: int = 64  # overlap between neighbouring inference tiles, pixels
+    overlap: int = DEFAULT_OVERLAP  # overlap between neighbouring inference tiles, pixels
     normalisation: str = "percentile"  # input normalisation, as datasets.io.read_image does it
     percentiles: tuple[float, float] = (1.0, 99.8)  # low/high percentiles of that normalisation
     modality: str | None = None  # modality this specialist serves; None for the generalist

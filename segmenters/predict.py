@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from triageseg.devices import DEVICE_SPECS, resolve_device  # noqa: F401 - re-exported
-from triageseg.segmenters.model import DEFAULT_TILE_SIZE
+from triageseg.segmenters.model import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE
 from triageseg.segmenters.scale import (
     RowResizer,
     check_scale,
@@ -156,7 +156,7 @@ def predict(
     image: np.ndarray,
     *,
     tile_size: int = DEFAULT_TILE_SIZE,
-    overlap: int = 64,
+    overlap: int = DEFAULT_OVERLAP,
     batch_size: int = 4,
     tta: bool = False,
     device: str | torch.device | None = None,
@@ -257,7 +257,7 @@ def stream_probabilities(
     shape: tuple[int, int],
     *,
     tile_size: int = DEFAULT_TILE_SIZE,
-    overlap: int = 64,
+    overlap: int = DEFAULT_OVERLAP,
     batch_size: int = 4,
     tta: bool = False,
     device: str | torch.device | None = None,

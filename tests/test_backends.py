@@ -71,7 +71,7 @@ def test_fp32_backend_matches_eager(run_dir, backend, shape):
     eager = _eager(run_dir)
     image = _image(shape)
     want = predict(eager, image, **TILING)
-    net = B.prepare_network(_eager(run_dir), run_dir, backend=backend, threads=1)
+    net = B.prepare_network(_eager(run_dir), run_dir, backend=backend, precision="fp32", threads=1)
     assert B.backend_of(net) == backend
     got = predict(net, image, **TILING)
     assert got.shape == want.shape == (3, *shape)
@@ -119,7 +119,8 @@ def test_auto_without_extra_libraries_is_pure_torch_with_one_note(monkeypatch):
 
 
 @pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
-def test_auto_is_onnx_runtime_on_cpu_and_torch_on_gpus():
+def test_auto_is_onnx_runtime_on_cpu_and_torch_on_gpus(monkeypatch):
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: None)  # a CPU without native bf16: fp32 everywhere
     assert B.AUTO_ORDER[0] == "onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to say: these are auto's picks, not fallbacks
@@ -127,6 +128,49 @@ def test_auto_is_onnx_runtime_on_cpu_and_torch_on_gpus():
         assert B.resolve("auto", device="cuda:0") == B.Choice("torch", "fp32")
         assert B.resolve("auto", device="mps") == B.Choice("torch", "fp32")
         assert B.resolve("onnx") == B.Choice("onnx", "fp32")  # asked for by name: not auto's to undo
+
+
+@pytest.mark.parametrize("installed", [("torch", "onnx", "openvino"), ("torch", "onnx"), ("torch",)])
+def test_auto_precision_is_bf16_only_where_measured_and_native(monkeypatch, installed):
+    """On a CPU with native bf16, `auto` runs OpenVINO in bf16 (its F1 measured within 0.002 of fp32); torch and
+    ONNX Runtime stay fp32, asked for or picked; without native bf16, or on a GPU, everything is fp32."""
+    monkeypatch.setattr(B, "available", lambda backend: backend in installed)
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: "avx512_bf16")
+    assert B.AUTO_BF16 == ("openvino",)
+    first = next(b for b in ("onnx", "torch") if b in installed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", B.BackendNote)  # picks, not fallbacks: nothing to say ...
+        if "onnx" not in installed:  # ... except the one note that ONNX Runtime would be faster than torch
+            warnings.simplefilter("ignore", B.BackendNote)
+        if "openvino" in installed:
+            assert B.resolve("auto") == B.Choice("openvino", "bf16", auto=True)
+            assert B.resolve("openvino") == B.Choice("openvino", "bf16")
+            assert B.resolve("openvino", "fp32") == B.Choice("openvino", "fp32")
+        else:
+            assert B.resolve("auto") == B.Choice(first, "fp32", auto=first != "torch")
+        assert B.resolve("auto", "fp32") == B.Choice(first, "fp32", auto=first != "torch")  # fp32 asked: no OpenVINO
+        assert B.resolve("torch") == B.Choice("torch", "fp32")
+        assert B.resolve("auto", device="cuda:0") == B.Choice("torch", "fp32")
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", B.BackendNote)
+        assert B.resolve("auto") == B.Choice(first, "fp32", auto=first != "torch")
+        assert B.resolve("auto").precision_auto and not B.resolve("auto", "fp32").precision_auto
+
+
+def test_auto_precision_falls_back_to_torch_in_fp32(run_dir, monkeypatch):
+    """OpenVINO bf16 picked by `auto` that cannot run gives torch fp32 (torch's bf16 is not within the tolerance),
+    while a bf16 asked for by name stays bf16 on torch."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no export today")
+
+    monkeypatch.setattr(B, "available", lambda backend: True)
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: "avx512_bf16")
+    monkeypatch.setattr(B, "export_onnx", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", B.BackendNote)
+        assert B.backend_of(B.prepare_network(_eager(run_dir), run_dir)) == "torch"
+        assert B.backend_of(B.prepare_network(_eager(run_dir), run_dir, precision="bf16")) == "torch-bf16"
 
 
 def test_auto_env_pins_what_auto_means(monkeypatch):
@@ -170,7 +214,7 @@ def test_exported_backends_run_on_cpu_only():
 def test_unknown_backend_lists_the_valid_ones():
     with pytest.raises(ValueError, match="auto, torch, onnx, openvino"):
         B.resolve("tensorrt")
-    with pytest.raises(ValueError, match="fp32, bf16"):
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
         B.resolve("torch", "fp16")
 
 
@@ -256,7 +300,7 @@ def test_labels_identical_on_synthetic_images(tiny_bundle, synth_data):
     ds = Dataset(synth_data)
     samples = ds.select(split="test")
     assert samples
-    pipes = {b: Pipeline(tiny_bundle, device="cpu", backend=b) for b in FP32}
+    pipes = {b: Pipeline(tiny_bundle, device="cpu", backend=b, precision="fp32") for b in FP32}
     for sample in samples:
         image, _ = ds.load(sample)
         model, cfg, params = load_segmenter(bundle.segmenter_dir(tiny_bundle, sample.modality))
@@ -380,10 +424,11 @@ def test_worker_thread_limit_does_not_import_torch():
 
 
 @pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
-def test_auto_runs_onnx_runtime_on_a_real_bundle(tiny_bundle, synth_data):
-    """The default backend on a CPU with onnxruntime: the specialists and the router run exported, into the
-    cache (never the bundle), once; the answers are torch's (labels identical, routing within 1e-4); a
-    damaged cache is exported again."""
+def test_auto_runs_onnx_runtime_on_a_real_bundle(tiny_bundle, synth_data, monkeypatch):
+    """The default backend on a CPU with onnxruntime and without native bf16: the specialists and the router
+    run exported, into the cache (never the bundle), once; the answers are torch's (labels identical, routing
+    within 1e-4); a damaged cache is exported again."""
+    monkeypatch.setattr(B, "cpu_bf16_support", lambda: None)
     from triageseg import bundle
     from triageseg.datasets.layout import Dataset
     from triageseg.pipeline import Pipeline
@@ -484,3 +529,22 @@ def test_benchmark_runs_at_the_size_decisions_scale(tmp_path):
     tool.pipe.params = lambda model, scale=None: (seen.setdefault("params", scale), params(model, scale))[1]
     stages, labels = tool.run(path)
     assert seen == {"probs": 2.0, "params": 2.0} and labels.shape == (160, 160)
+
+
+@pytest.mark.skipif(not (B.available("openvino") and B.cpu_bf16_support()), reason="needs OpenVINO and native bf16")
+def test_auto_runs_openvino_bf16_on_a_native_bf16_cpu(tiny_bundle, synth_data):
+    """The default on this CPU: the specialists in OpenVINO bf16 (probabilities within bf16's tolerance of
+    torch fp32), the router in fp32 (its routing within the fp32 tolerance)."""
+    from triageseg.datasets.layout import Dataset
+    from triageseg.pipeline import Pipeline
+
+    ds = Dataset(synth_data)
+    image, _ = ds.load(ds.select(split="test")[0])
+    auto, eager = Pipeline(tiny_bundle, device="cpu"), Pipeline(tiny_bundle, device="cpu", backend="torch")
+    assert auto.choice == B.Choice("openvino", "bf16", auto=True)
+    d, e = auto.decide(image), eager.decide(image)
+    assert d.used_model == e.used_model and abs(d.confidence - e.confidence) <= B.FP32_PROB_TOLERANCE
+    got, want = auto.probabilities(image, d.used_model, d.scale), eager.probabilities(image, e.used_model, e.scale)
+    assert B.backend_of(auto.segmenter(d.used_model)[0]) == "openvino"
+    err = np.abs(got - want).max()
+    assert 0 < err <= B.BF16_PROB_TOLERANCE
