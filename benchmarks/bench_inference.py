@@ -140,6 +140,7 @@ class _Timed:
 
     def __init__(self):
         self.seconds = 0.0
+        self.pixels = 0  # pixels the network computed (tiles x their sides)
 
     def wrap(self, net):
         import torch
@@ -153,6 +154,7 @@ class _Timed:
                 self.backend_name = getattr(net, "backend_name", "torch")
 
             def forward(self, x):
+                timer.pixels += int(x.shape[0]) * int(x.shape[2]) * int(x.shape[3])
                 t0 = time.perf_counter()
                 y = self.inner(x)
                 if y.device.type == "cuda":
@@ -205,7 +207,7 @@ class TriagesegTool:
         d = self.pipe.decide(image)
         t2 = time.perf_counter()
         self._prepare(d.used_model)
-        self.timer.seconds = 0.0
+        self.timer.seconds, self.timer.pixels = 0.0, 0
         # at the size decision's scale, as `segment` runs it (the resize both ways is part of the time)
         probs = self.pipe.probabilities(image, d.used_model, d.scale)
         t3 = time.perf_counter()
@@ -213,7 +215,8 @@ class TriagesegTool:
         t4 = time.perf_counter()
         net = self.timer.seconds
         return {"read": t1 - t0, "route": t2 - t1, "net": net, "tiling": t3 - t2 - net, "watershed": t4 - t3,
-                "e2e": t4 - t0}, labels
+                "e2e": t4 - t0, "net_pixels": self.timer.pixels / float(image.shape[0] * image.shape[1]),
+                "scale": float(d.scale)}, labels
 
 
 class StarDistTool:
@@ -256,7 +259,7 @@ class PeerStarDistTool:
 
     def __init__(self, python: str, threads: int, script: Path | None = None):
         script = script or Path(__file__).with_name("peer_stardist.py")
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {**PEER_ENV, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
         env.pop("PYTHONPATH", None)  # the peer's own packages only (its NumPy, not ours)
         self.proc = subprocess.Popen([python, str(script), "--threads", str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -396,6 +399,11 @@ def print_table(medians: dict, tools: list, sizes: list[int]) -> list[dict]:
                   f"{m['e2e'] / mp:>9.3f}  {m['read']:>6.3f} {m['route']:>6.3f} {m['net']:>6.3f} "
                   f"{m['tiling']:>6.3f} {m['watershed']:>6.3f}  {vs_torch:>8} {vs_star:>11}")
             rows.append(row)
+    counted = [(n, s) for s in sizes for n in names if "net_pixels" in medians[(n, s)]]
+    if counted:  # what size triage and the tiles make the network compute (counted in its forward calls)
+        print("\nnetwork pixels per image pixel (the size decision's scale, then the tiles' overlap): " + "; ".join(
+            f"{n} {s}²: {medians[(n, s)]['net_pixels']:.2f}x at scale {medians[(n, s)]['scale']:.2f}"
+            for n, s in counted))
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
         print(f"\ns/MP growth {lo}² -> {hi}² (goal <= 1.15x):")
@@ -458,9 +466,16 @@ def accuracy(bundle: Path, data: Path, names: list[str], device: str, split: str
     return out
 
 
+# The environment a peer starts with: the user's, as it was before this process took `segment`'s settings.
+PEER_ENV = dict(os.environ)
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
-    from triageseg.segmenters.model import DEFAULT_TILE_SIZE
+    from triageseg.segmenters.model import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE
+    from triageseg.segmenters.threads import HUGEPAGE_ENV, set_memory_advice
+
+    set_memory_advice()  # what `triageseg segment` does at its start (peers keep their defaults: PEER_ENV)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a trained bundle (default: untrained models, same compute)")
@@ -472,7 +487,8 @@ def main() -> None:
                         help="interleaved rounds; medians are printed (0: no timing, e.g. with --accuracy)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile-size", type=int, default=None, help="tile side (default: the models')")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (segment's default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tiles per forward pass (default: segment's, which depends on the tile size and device)")
     parser.add_argument("--threads", type=int, default=None, help="torch/ORT/OpenVINO threads (default: all cores)")
     parser.add_argument("--busy", type=int, default=0, help="run this many busy-looping processes meanwhile")
     parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also score the tools on DATA's test split")
@@ -496,11 +512,14 @@ def main() -> None:
     print(f"triageseg inference benchmark: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} logical CPUs, torch {torch.__version__} at {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, native bf16: {cpu_bf16_support()}, "
-          f"busy processes: {args.busy}")
+          f"busy processes: {args.busy}, {HUGEPAGE_ENV}: here {os.environ.get(HUGEPAGE_ENV)} (as `segment`), "
+          f"peers {PEER_ENV.get(HUGEPAGE_ENV, '(unset)')}")
     for size in args.sizes:
         tile = args.tile_size or DEFAULT_TILE_SIZE
-        print(f"  tiling at {size}²: the network computes {tiling_overhead(size, tile, 64):.2f}x the image's pixels "
-              f"(tile {tile}, overlap 64), batches of {args.batch_size} tiles")
+        over = tiling_overhead(size, tile, DEFAULT_OVERLAP)
+        print(f"  tiling at {size}², scale 1: the network would compute {over:.2f}x the image's pixels (tile {tile}, "
+              f"overlap {DEFAULT_OVERLAP}; the bundle's own overlap and the size decision's scale are counted "
+              f"below), batches of {args.batch_size or 'segment default'} tiles")
     stop = multiprocessing.Event()
     busy = [multiprocessing.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.busy)]
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:

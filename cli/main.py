@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 # Importing the command modules registers their commands on the groups.
 from triageseg.cli import (  # noqa: F401
     bioimageio_cmds,
@@ -20,13 +18,14 @@ from triageseg.cli import (  # noqa: F401
     tune_cmd,
 )
 from triageseg.cli.groups import cli
-from triageseg.segmenters.threads import set_thread_waiting
+from triageseg.segmenters.threads import set_memory_advice, set_thread_waiting
 
 
 def main() -> None:
     """Run the command line."""
     # Before torch is imported: idle OpenMP threads spin only briefly, then sleep.
     set_thread_waiting()
+    set_memory_advice()  # no huge-page advice on NumPy's large arrays (compaction stalls), unless the user chose
     cli(prog_name="triageseg")
 
 

@@ -31,6 +31,7 @@ machine, and within 1.3x of ``PASSIVE`` on a shared one. The user's own
 from __future__ import annotations
 
 import os
+import sys
 
 
 def network_threads(workers: int = 0, cores: int | None = None, decode_thread: bool = False) -> int:
@@ -127,6 +128,35 @@ def set_thread_waiting(environ: dict | None = None) -> None:
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         env["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+# ------------------------------------------------------------------ memory
+HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
+
+
+def set_memory_advice(environ: dict | None = None) -> None:
+    """NumPy's large arrays without transparent-huge-page advice, unless the user chose (``$NUMPY_MADVISE_HUGEPAGE``).
+
+    NumPy asks the kernel for huge pages (``madvise(MADV_HUGEPAGE)``) on every array of 4 MiB
+    or more. Where the kernel compacts memory synchronously for such requests (Ubuntu's
+    default ``transparent_hugepage/defrag = madvise``) and free memory is fragmented, each
+    fresh array can stall in compaction. The tiled path allocates many (the resized image,
+    the tile rows, the probabilities), so on a 2-core VM the default cost the 2048 x 2048
+    benchmark 1.0-2.3 s of kernel time per image (benchmarks/RESULTS.md, 2026-12-08). The
+    variable is set for child processes too (watershed workers, Ray workers). Where NumPy is
+    already imported (and ``environ`` is this process's), its switch is turned off as well.
+    """
+    env = os.environ if environ is None else environ
+    if HUGEPAGE_ENV in env:
+        return
+    env[HUGEPAGE_ENV] = "0"
+    if environ is None and "numpy" in sys.modules:
+        import numpy as np
+
+        core = getattr(np, "_core", None) or getattr(np, "core", None)
+        switch = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+        if switch is not None:  # a private NumPy switch (1.20+): if it is gone, only the variable is set
+            switch(False)
 
 
 def runtime_may_spin(environ: dict | None = None) -> bool:

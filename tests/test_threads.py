@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from triageseg.segmenters.threads import SPIN_COUNT, runtime_may_spin, set_thread_waiting
+from triageseg.segmenters.threads import (
+    HUGEPAGE_ENV,
+    SPIN_COUNT,
+    runtime_may_spin,
+    set_memory_advice,
+    set_thread_waiting,
+)
 
 
 def test_short_spin_is_the_default():
@@ -36,3 +42,32 @@ def test_the_cli_sets_it_before_torch_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == SPIN_COUNT
+
+
+def test_numpy_huge_page_advice_is_off_unless_the_user_chose():
+    env: dict[str, str] = {}
+    set_memory_advice(env)
+    assert env == {HUGEPAGE_ENV: "0"}
+    for given in ("1", "0"):
+        env = {HUGEPAGE_ENV: given}
+        set_memory_advice(env)
+        assert env == {HUGEPAGE_ENV: given}
+
+
+def test_the_cli_turns_numpys_huge_page_advice_off_in_its_own_process():
+    """NumPy is imported before main() runs (the command modules import it): its switch is turned off there, and
+    the variable is left for child processes; a user's own setting is kept."""
+    code = ("import os, sys; os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None)\n"
+            "import numpy as np, triageseg.cli.main as m\n"
+            "core = getattr(np, '_core', None) or np.core\n"
+            "calls = []; core.multiarray._set_madvise_hugepage = lambda on: calls.append(on)\n"
+            "sys.argv = ['triageseg', '--help']\n"
+            "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('NUMPY_MADVISE_HUGEPAGE'), calls)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 [False]"
+    kept = subprocess.run([sys.executable, "-c", code.replace("os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None)",
+                                                             "os.environ['NUMPY_MADVISE_HUGEPAGE'] = '1'")],
+                          capture_output=True, text=True, timeout=120)
+    assert kept.stdout.strip().splitlines()[-1] == "1 []", kept.stderr
