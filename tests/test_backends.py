@@ -241,6 +241,21 @@ def test_corrupt_cache_is_rebuilt(run_dir, fresh_cache):
     assert np.abs(predict(net, image, **TILING) - predict(_eager(run_dir), image, **TILING)).max() <= 1e-4
 
 
+@pytest.mark.skipif(not B.available("openvino"), reason="openvino not installed")
+def test_openvino_keeps_its_compiled_network_in_the_cache_and_recompiles_a_damaged_one(run_dir, fresh_cache):
+    model, image = _eager(run_dir), _image((64, 64))
+    want = predict(model, image, **TILING)
+    net = B.prepare_network(model, run_dir, backend="openvino", precision="fp32", threads=1)
+    blobs = list((B.cache_dir(model, run_dir) / B.OPENVINO_CACHE).glob("*.blob"))
+    assert len(blobs) == 1 and fresh_cache in blobs[0].parents and run_dir not in blobs[0].parents
+    assert np.abs(predict(net, image, **TILING) - want).max() <= B.FP32_PROB_TOLERANCE
+    good = blobs[0].read_bytes()
+    blobs[0].write_bytes(good[: len(good) // 2])
+    again = B.prepare_network(model, run_dir, backend="openvino", precision="fp32", threads=1)
+    assert np.abs(predict(again, image, **TILING) - want).max() <= B.FP32_PROB_TOLERANCE
+    assert blobs[0].stat().st_size == len(good)  # compiled and written again
+
+
 @pytest.mark.skipif(not B.available("onnx"), reason="onnxruntime not installed")
 def test_cache_is_reused_and_keyed_by_weights(run_dir, tmp_path):
     model = _eager(run_dir)
