@@ -32,16 +32,23 @@ def test_the_users_wait_policy_wins():
     assert runtime_may_spin({})  # a library user who set nothing keeps the runtimes' own default
 
 
-def test_the_cli_sets_it_before_torch_is_imported():
-    code = ("import os, sys; os.environ.pop('GOMP_SPINCOUNT', None); os.environ.pop('OMP_WAIT_POLICY', None)\n"
-            "import triageseg.cli.main as m\n"
-            "assert 'torch' not in sys.modules, 'the CLI imported torch before setting the wait policy'\n"
+def _cli_help(before: str, after: str) -> str:
+    """Run ``triageseg --help`` through the console script's ``main()`` in a fresh Python, with ``before`` run
+    ahead of it and ``after`` printing what the test checks; the last line printed."""
+    code = (f"{before}\n"
             "sys.argv = ['triageseg', '--help']\n"
             "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
-            "print(os.environ.get('GOMP_SPINCOUNT'))")
+            f"{after}")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == SPIN_COUNT
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_cli_sets_it_before_torch_is_imported():
+    before = ("import os, sys; os.environ.pop('GOMP_SPINCOUNT', None); os.environ.pop('OMP_WAIT_POLICY', None)\n"
+              "import triageseg.cli.main as m\n"
+              "assert 'torch' not in sys.modules, 'the CLI imported torch before setting the wait policy'")
+    assert _cli_help(before, "print(os.environ.get('GOMP_SPINCOUNT'))") == SPIN_COUNT
 
 
 def test_numpy_huge_page_advice_is_off_unless_the_user_chose():
@@ -57,17 +64,11 @@ def test_numpy_huge_page_advice_is_off_unless_the_user_chose():
 def test_the_cli_turns_numpys_huge_page_advice_off_in_its_own_process():
     """NumPy is imported before main() runs (the command modules import it): its switch is turned off there, and
     the variable is left for child processes; a user's own setting is kept."""
-    code = ("import os, sys; os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None)\n"
-            "import numpy as np, triageseg.cli.main as m\n"
-            "core = getattr(np, '_core', None) or np.core\n"
-            "calls = []; core.multiarray._set_madvise_hugepage = lambda on: calls.append(on)\n"
-            "sys.argv = ['triageseg', '--help']\n"
-            "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
-            "print(os.environ.get('NUMPY_MADVISE_HUGEPAGE'), calls)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "0 [False]"
-    kept = subprocess.run([sys.executable, "-c", code.replace("os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None)",
-                                                             "os.environ['NUMPY_MADVISE_HUGEPAGE'] = '1'")],
-                          capture_output=True, text=True, timeout=120)
-    assert kept.stdout.strip().splitlines()[-1] == "1 []", kept.stderr
+    spy = ("import numpy as np, triageseg.cli.main as m\n"
+           "core = getattr(np, '_core', None) or np.core\n"
+           "calls = []; core.multiarray._set_madvise_hugepage = lambda on: calls.append(on)")
+    report = "print(os.environ.get('NUMPY_MADVISE_HUGEPAGE'), calls)"
+    unset = "import os, sys; os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None)\n" + spy
+    assert _cli_help(unset, report) == "0 [False]"
+    chosen = "import os, sys; os.environ['NUMPY_MADVISE_HUGEPAGE'] = '1'\n" + spy
+    assert _cli_help(chosen, report) == "1 []"
