@@ -14,8 +14,8 @@ Backends:
 * ``onnx``: ONNX Runtime (``pip install triageseg[onnx]``), CPU only. The network is
   exported once per weights into a cache (:func:`cache_dir`), never into the bundle.
 * ``openvino``: OpenVINO (``pip install triageseg[openvino]``), CPU only; it reads the
-  same cached ONNX file. Its precision hint is pinned to f32 (OpenVINO would otherwise
-  pick bf16 by itself on CPUs with AMX or AVX512-BF16).
+  same cached ONNX file. Its precision hint is always set, f32 for fp32 and bf16 for bf16
+  (OpenVINO would otherwise pick bf16 by itself on CPUs with AMX).
 * ``auto``: on a CPU with native bf16 (AMX or AVX512-BF16) and precision ``auto``, OpenVINO
   in bf16 when it is installed (:data:`AUTO_BF16`); otherwise the backend of :data:`AUTO_ORDER`
   that is installed; torch on CUDA/MPS.
@@ -76,10 +76,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # 512²: torch 0.466, ONNX Runtime 0.340, OpenVINO 0.312; 2048²: torch 12.2, ONNX Runtime
 # 5.3, OpenVINO 5.9. ONNX Runtime first: within 10% of OpenVINO at 512², ahead at 2048²,
 # the same labels as torch (largest probability difference 3.4e-6), and it is in the
-# `test` extra, so CI runs the path users get. OpenVINO is only taken when asked for.
+# `test` extra, so CI runs the path users get. OpenVINO in fp32 is only taken when asked for
+# (in bf16 it comes first on CPUs that have bf16: AUTO_BF16).
 AUTO_ORDER: tuple[str, ...] = ("onnx", "torch")
 # The backends whose bf16 is the default (precision `auto`) on a CPU with native bf16, and the one `auto` then
-# prefers when installed. Measured on the demo test split at the size decision's scale (46 images, 2026-12-08,
+# prefers when installed. Measured on the demo test split at the size decision's scale (46 images, 2026-12-07,
 # benchmarks/RESULTS.md): OpenVINO bf16 within 0.0016 mean F1 of fp32 on every modality and 1.5x faster than
 # ONNX Runtime fp32 end to end (512² and 2048²); torch bf16 off by +0.0040 on IHC (over the 0.002 asked) and
 # slower than ONNX Runtime fp32. fp32 everywhere else.

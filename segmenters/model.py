@@ -49,7 +49,7 @@ DEFAULT_TILE_SIZE = 768
 # images of 1280 x 1280 (four modalities, nuclei 10-18 px, run at the size decision's scale 1.2-2.4) scored
 # mean F1 0.4135 with 32, 0.4132 with 64 and 0.4139 with 128, F1@0.5 0.6976 / 0.6974 / 0.6975, while the
 # network computes about 10 % fewer pixels (a 3133-px side: 1.15x its pixels instead of 1.26x; 794 px: 1.10x
-# instead of 1.27x). benchmarks/RESULTS.md, 2026-12-08. Bundles keep the overlap they were saved with.
+# instead of 1.27x). benchmarks/RESULTS.md, 2026-12-07. Bundles keep the overlap they were saved with.
 DEFAULT_OVERLAP = 32
 
 

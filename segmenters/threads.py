@@ -142,7 +142,7 @@ def set_memory_advice(environ: dict | None = None) -> None:
     default ``transparent_hugepage/defrag = madvise``) and free memory is fragmented, each
     fresh array can stall in compaction. The tiled path allocates many (the resized image,
     the tile rows, the probabilities), so on a 2-core VM the default cost the 2048 x 2048
-    benchmark 1.0-2.3 s of kernel time per image (benchmarks/RESULTS.md, 2026-12-08). The
+    benchmark 1.0-2.3 s of kernel time per image (benchmarks/RESULTS.md, 2026-12-07). The
     variable is set for child processes too (watershed workers, Ray workers). Where NumPy is
     already imported (and ``environ`` is this process's), its switch is turned off as well.
     """
