@@ -81,8 +81,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AUTO_ORDER: tuple[str, ...] = ("onnx", "torch")
 # The backends whose bf16 is the default (precision `auto`) on a CPU with native bf16, and the one `auto` then
 # prefers when installed. Measured on the demo test split at the size decision's scale (46 images, 2026-12-07,
-# benchmarks/RESULTS.md): OpenVINO bf16 within 0.0016 mean F1 of fp32 on every modality and 1.5x faster than
-# ONNX Runtime fp32 end to end (512² and 2048²); torch bf16 off by +0.0040 on IHC (over the 0.002 asked) and
+# benchmarks/RESULTS.md): OpenVINO bf16 within 0.0016 mean F1 of fp32 on every modality and 1.3-1.6x faster
+# than ONNX Runtime fp32 end to end (512² and 2048²); torch bf16 off by +0.0040 on IHC (over the 0.002 asked) and
 # slower than ONNX Runtime fp32. fp32 everywhere else.
 AUTO_BF16: tuple[str, ...] = ("openvino",)
 # When set (torch | onnx | openvino), what `auto` means instead of AUTO_ORDER (tests/conftest.py pins torch).
