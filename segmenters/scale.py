@@ -167,7 +167,7 @@ def resample_probability_stream(bands, src_shape: tuple[int, int], shape: tuple[
         ``(y0, y1, probs)`` for consecutive output rows from ``start`` to ``shape[0]``.
     """
     h = int(shape[0])
-    buf: dict = {"top": None, "rows": None}  # source rows held, HxWxC
+    buf: dict = {"top": None, "rows": None}  # source rows held, C x H x W
 
     def read(a: int, b: int) -> np.ndarray:
         return buf["rows"][:, a - buf["top"] : b - buf["top"]]

@@ -141,8 +141,8 @@ def set_memory_advice(environ: dict | None = None) -> None:
     or more. Where the kernel compacts memory synchronously for such requests (Ubuntu's
     default ``transparent_hugepage/defrag = madvise``) and free memory is fragmented, each
     fresh array can stall in compaction. The tiled path allocates many (the resized image,
-    the tile rows, the probabilities), so on a 2-core VM the default cost the 2048 x 2048
-    benchmark 1.0-2.3 s of kernel time per image (benchmarks/RESULTS.md, 2026-12-07). The
+    the tile rows, the probabilities): on a 2-core VM a 2048 x 2048 image took 5.0-5.7 s end
+    to end with the advice and 3.8-3.9 s without (benchmarks/RESULTS.md, 2026-12-07). The
     variable is set for child processes too (watershed workers, Ray workers). Where NumPy is
     already imported (and ``environ`` is this process's), its switch is turned off as well.
     """
