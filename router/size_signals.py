@@ -59,12 +59,13 @@ def nucleus_signal(image: np.ndarray) -> tuple[np.ndarray, bool]:
     if img.ndim == 2:
         img = img[..., None]
     step = max(1, max(img.shape[:2]) // 256)
-    sample = img[::step, ::step]
-    grey = sample.mean(axis=2)
+    # the sample's channels as contiguous planes: every reduction and histogram below runs along memory
+    planes = np.ascontiguousarray(img[::step, ::step].transpose(2, 0, 1))
+    grey = planes.mean(axis=0)  # (r + g) + b, as a mean over the channel axis adds them
     lo, hi = np.percentile(grey, [1, 99])
     dark = float(np.median(grey)) > 0.5 * float(lo + hi)  # the background (the majority) is the bright end
     best, best_eta = -1, -1.0
-    candidates = [sample[..., c] for c in range(sample.shape[2])] + ([grey] if sample.shape[2] > 1 else [])
+    candidates = list(planes) + ([grey] if planes.shape[0] > 1 else [])
     for c, ch in enumerate(candidates):
         var = float(ch.var())
         if var <= 1e-8:

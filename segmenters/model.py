@@ -43,7 +43,8 @@ DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # Largest inference tile (segmenters.predict.tile_grid shrinks it to fit). 768 rather than 512: a 2048-px
 # side then runs three tiles of 736 px instead of five of 480, 1.16x the image's pixels instead of 1.37x
 # (network on a 2048 x 2048 image, ONNX Runtime, 2 cores: 10.5 s against 13.0 s, medians of 3 interleaved,
-# loaded machine); images up to 768 px run as one tile. Mean |difference| of the probabilities 0.003.
+# loaded machine); images up to 768 px run as one tile (up to 960 px, predict.SINGLE_TILE_SLACK). Mean
+# |difference| of the probabilities 0.003.
 DEFAULT_TILE_SIZE = 768
 # Overlap between neighbouring tiles (pixels at the network's scale). 32 px instead of 64: 12 tiled synthetic
 # images of 1280 x 1280 (four modalities, nuclei 10-18 px, run at the size decision's scale 1.2-2.4) scored

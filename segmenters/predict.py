@@ -38,6 +38,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 RowReader = Callable[[int, int], np.ndarray]  # (y0, y1) -> float32 rows y0:y1 of a normalised HxWxC image
+# An axis up to this many times the tile size runs as one tile. Two tiles always compute more pixels than one
+# (the overlap, and each rounded up to 32), and blending them costs more; the tile size bounds memory, which a
+# tile 1.25x as wide raises by at most 1.56x, and only for images that are small anyway (a slide's long axis
+# is tiled as before). Measured, one fluorescence specialist on OpenVINO bf16, 2 cores, medians of 5: an
+# axis of 928 px as one tile 0.262 s against four of 480 px 0.323 s, 864 px 0.219 / 0.233 s, 800 px 0.207 /
+# 0.204 s; per pixel the network costs the same at 416 to 1024 px (0.29-0.32 us).
+SINGLE_TILE_SLACK = 1.25
 
 # Smallest blending weight: keeps every pixel's weight sum positive and tile edges usable.
 WINDOW_FLOOR = 1e-3
@@ -68,9 +75,10 @@ def tile_grid(length: int, tile_size: int, overlap: int) -> tuple[int, list[int]
     As few tiles as ``tile_size`` needs, each shrunk to the smallest multiple of 32 that
     still covers the axis with ``overlap`` between neighbours: a 672-px axis takes two
     384-px tiles, not two of 512 (0.75x the pixels per axis), a 2048-px one five of 480.
-    An axis that fits is one tile of its own length.
+    An axis that fits is one tile of its own length, and so is one up to
+    :data:`SINGLE_TILE_SLACK` times ``tile_size`` (see there).
     """
-    if length <= tile_size:
+    if length <= max(tile_size, 32 * int(SINGLE_TILE_SLACK * tile_size / 32)):
         return length, [0]
     n = len(tile_starts(length, tile_size, tile_size - overlap))
     side = 32 * math.ceil((length + (n - 1) * overlap) / (32 * n))
@@ -203,12 +211,18 @@ def predict(
     scale = check_scale(scale)
     if scale != 1.0:
         resized = resize_image(np.asarray(image, dtype=np.float32), scaled_shape(image.shape, scale))
-        probs = predict(model, resized, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
-                        device=device, amp=amp)
+        probs = _single_tile(model, resized, tile_size=tile_size, overlap=overlap, tta=tta, device=device, amp=amp,
+                             copy=False)
+        if probs is None:
+            probs = predict(model, resized, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
+                            device=device, amp=amp)
         return resize_probabilities(probs, image.shape[:2])
 
     h, w = image.shape[:2]
     image = np.asarray(image, dtype=np.float32)
+    single = _single_tile(model, image, tile_size=tile_size, overlap=overlap, tta=tta, device=device, amp=amp)
+    if single is not None:
+        return single
     out: np.ndarray | None = None
     for y0, y1, rows in stream_probabilities(model, lambda a, b: image[a:b], (h, w), tile_size=tile_size,
                                              overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp):
@@ -217,6 +231,56 @@ def predict(
         out[:, y0:y1] = rows
     assert out is not None  # at least one tile always exists
     return out
+
+
+def _single_tile(model, image: np.ndarray, *, tile_size: int, overlap: int, tta: bool, device, amp: bool,
+                 copy: bool = True) -> np.ndarray | None:
+    """:func:`predict`'s probabilities of an image that runs as one tile; None when it takes several.
+
+    One tile has no neighbour, so its blending window is 1 everywhere and the blended rows
+    are the tile's own probabilities: this gives the streamed path's values bit for bit
+    (the same padded input, the same batch of one) without its accumulator, weights and
+    copies (about 10 ms of a 512 x 512 image enlarged to 742 px, on 2 cores). ``copy``
+    False may return a view of the padded output (the caller resizes it anyway).
+    """
+    h, w = image.shape[:2]
+    hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
+    if len(tile_grid(hp, tile_size, overlap)[1]) > 1 or len(tile_grid(wp, tile_size, overlap)[1]) > 1:
+        return None
+    dev, channels_last = _prepare_model(model, device)
+    padded = _gather_padded(image, _reflect_index(h, hp), _reflect_index(w, wp) if wp != w else None)
+    # 1 x C x hp x wp in the streamed batch's memory layout (np.stack keeps the tiles' H x W x C order in memory)
+    arr = np.stack([padded.transpose(2, 0, 1)])
+    transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        probs = _run_batch(model, arr, dev, channels_last, transforms, amp)[0]
+    finally:
+        if was_training:
+            model.train()
+    probs = probs[:, :h, :w]
+    return np.ascontiguousarray(probs) if copy else probs
+
+
+def _prepare_model(model, device) -> tuple:
+    """(the device the model runs on, whether its weights are channels_last), moving it to ``device`` if asked."""
+    import torch
+
+    if device is None:
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+        param = next(model.parameters(), None)
+        if param is None or param.device != dev:  # .to() walks every module (~5 ms per image on 2 cores)
+            model.to(dev)
+    # the first 4-D weight whose two layouts differ (a 1 x 1 or depthwise kernel can be both) stands for all: a
+    # model is converted whole, and walking every parameter of an efficientnet-b3 Unet took ~2 ms per image
+    first = next((p for p in model.parameters()
+                  if p.dim() == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)), None)
+    return dev, first is not None and not first.is_contiguous()
 
 
 def _reflect_index(length: int, padded: int) -> np.ndarray:
@@ -240,15 +304,45 @@ class _PaddedRows:
         if y1 > end or keep is None:
             lo = y0 if keep is None else end
             src = self._iy[lo:y1]
-            raw = np.asarray(self._read(int(src.min()), int(src.max()) + 1), dtype=np.float32)
-            # rows inside the image are read as they are (a view), only reflected rows are gathered
-            in_order = src.size == raw.shape[0] and src[0] == src.min() and bool(np.all(np.diff(src) == 1))
-            rows = raw if in_order else raw[src - src.min()]
+            first = int(src.min())
+            raw = np.asarray(self._read(first, int(src.max()) + 1), dtype=np.float32)
             # C-contiguous HxWxC, as np.pad gives: the tiles' memory layout decides the convolutions' rounding
-            rows = np.ascontiguousarray(rows if self._ix is None else rows[:, self._ix])
+            rows = _gather_padded(raw, src - first, self._ix)
             keep = rows if keep is None else np.concatenate([keep, rows])
         self._start, self._rows = y0, keep
         return keep[: y1 - y0]
+
+
+def _run_length(idx: np.ndarray) -> int:
+    """How many of ``idx`` count up by one from ``idx[0]`` (the rows or columns inside the image)."""
+    steps = np.flatnonzero(np.diff(idx) != 1)
+    return int(steps[0]) + 1 if steps.size else int(idx.size)
+
+
+def _gather_padded(raw: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    """``raw[rows][:, cols]`` as a C-contiguous array (``cols`` None: every column), copied by slices.
+
+    The indices are reflect padding's: a run inside the image, then (at the far edges) the
+    reflected rows and columns, at most 31 of each for images of 32 px and more. Fancy
+    indexing gathered the whole band element by element (13 ms for a 768 x 768 x 3 tile, 4x
+    a copy); here the run is one slice copy and only the reflected part is gathered. The
+    values are the same either way (copies only). Inside the image with every column, the
+    rows come back as a view of ``raw`` when it is C-contiguous.
+    """
+    kr = _run_length(rows)
+    if cols is None:
+        if kr == rows.size:
+            return np.ascontiguousarray(raw[rows[0] : rows[0] + kr])
+        cols = np.arange(raw.shape[1])
+    kc = _run_length(cols)
+    out = np.empty((rows.size, cols.size) + raw.shape[2:], np.float32)
+    inside = raw[rows[0] : rows[0] + kr]
+    out[:kr, :kc] = inside[:, cols[0] : cols[0] + kc]
+    if kc < cols.size:
+        out[:kr, kc:] = inside[:, cols[kc:]]
+    if kr < rows.size:
+        out[kr:] = raw[rows[kr:]][:, cols]
+    return out
 
 
 def stream_probabilities(
@@ -285,26 +379,13 @@ def stream_probabilities(
         ``(y0, y1, probs)``: float32 ``(classes, y1 - y0, W)`` for consecutive row ranges
         from ``start`` to H.
     """
-    import torch
-
     h, w = int(shape[0]), int(shape[1])
     _check_tiling(tile_size, overlap, batch_size)
     if not 0 <= start <= h:
         raise ValueError(f"start must be in [0, {h}], got {start}")
     if start == h:
         return
-    if device is None:
-        param = next(model.parameters(), None)
-        dev = param.device if param is not None else torch.device("cpu")
-    else:
-        dev = resolve_device(device)
-        param = next(model.parameters(), None)
-        if param is None or param.device != dev:  # .to() walks every module (~5 ms per image on 2 cores)
-            model.to(dev)
-    channels_last = any(
-        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-        for p in model.parameters()
-    )
+    dev, channels_last = _prepare_model(model, device)
     hp, wp = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
     (th, ys), (tw, xs) = tile_grid(hp, tile_size, overlap), tile_grid(wp, tile_size, overlap)
     tiles = [(y, x) for y in ys for x in xs]

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from triageseg.segmenters.model import SegmenterConfig, create_segmenter
-from triageseg.segmenters.predict import _ramp_1d, predict, resolve_device, tile_grid, tile_starts
+from triageseg.segmenters.predict import (
+    SINGLE_TILE_SLACK,
+    _ramp_1d,
+    predict,
+    resolve_device,
+    tile_grid,
+    tile_starts,
+)
 
 SMALL = (32, 16, 16, 8, 8)
 
@@ -127,7 +134,9 @@ def test_tile_grid_covers_the_axis_with_the_fewest_smallest_tiles(length, tile_s
     assert side % 32 == 0 and side <= max(tile_size, length) and 2 * overlap < side or len(starts) == 1
     assert starts[0] == 0 and starts[-1] + side == max(length, side)
     assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))  # neighbours overlap by >= overlap
-    assert len(starts) == len(tile_starts(length, min(tile_size, length), tile_size - overlap))  # no extra tile
+    single = max(tile_size, 32 * int(SINGLE_TILE_SLACK * tile_size / 32))
+    expected = 1 if length <= single else len(tile_starts(length, tile_size, tile_size - overlap))
+    assert len(starts) == expected  # no extra tile
     if len(starts) > 1:
         assert (side - 32) * len(starts) - (len(starts) - 1) * overlap < length or side - 32 <= 2 * overlap
 
@@ -135,6 +144,15 @@ def test_tile_grid_covers_the_axis_with_the_fewest_smallest_tiles(length, tile_s
 def test_tile_grid_of_a_672_px_axis_is_two_384_px_tiles():
     assert tile_grid(672, 512, 64) == (384, [0, 288])
     assert tile_grid(512, 512, 64) == (512, [0])
+
+
+def test_an_axis_a_little_over_the_tile_size_is_one_tile():
+    # two tiles compute more pixels than one (overlap, rounding): up to 1.25x the tile size runs whole
+    assert tile_grid(928, 768, 32) == (928, [0])
+    assert tile_grid(960, 768, 32) == (960, [0])
+    side, starts = tile_grid(992, 768, 32)
+    assert len(starts) == 2 and side <= 768
+    assert tile_grid(640, 512, 64) == (640, [0]) and len(tile_grid(672, 512, 64)[1]) == 2
 
 
 def test_window_ramps_only_towards_neighbours():
@@ -200,3 +218,35 @@ def test_scale_out_of_range_is_refused(unet):
         predict(unet, _image(32, 32), scale=9.0)  # size triage widened the range to [1/32, 8]
     with pytest.raises(ValueError, match="scale must be in"):
         SegmenterConfig(scale=0.01)
+
+
+@pytest.mark.parametrize("h,w", [(742, 742), (5, 37), (64, 64), (33, 100)])
+def test_padded_rows_are_np_pad_reflect_copied_by_slices(h, w):
+    from triageseg.segmenters.predict import _PaddedRows
+
+    img = np.random.default_rng(h * w).random((h, w, 3), dtype=np.float32)
+    hp, wp = 32 * -(-h // 32), 32 * -(-w // 32)
+    expected = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
+    rows = _PaddedRows(lambda a, b: img[a:b], (h, w), (hp, wp))
+    for y0, y1 in [(0, min(hp, 32)), (0, hp), (hp // 2, hp), (hp - 32, hp)]:
+        got = rows.get(y0, y1)
+        assert got.flags.c_contiguous and got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected[y0:y1])
+
+
+@pytest.mark.parametrize("shape,scale", [((300, 517), 1.0), ((120, 90), 1.0), ((70, 45), 1.45), ((64, 64), 1.0)])
+@pytest.mark.parametrize("tta", [False, True])
+def test_one_tile_images_skip_the_blending_with_the_same_values(unet, shape, scale, tta):
+    """An image that runs as one tile is predicted directly: bit for bit what the streamed tiles give."""
+    from triageseg.segmenters.predict import resize_probabilities, stream_probabilities
+    from triageseg.segmenters.scale import resize_image, scaled_shape
+
+    image = _image(*shape, seed=5)
+    got = predict(unet, image, tile_size=544, overlap=32, batch_size=2, tta=tta, scale=scale)
+    src = image if scale == 1.0 else resize_image(image, scaled_shape(image.shape, scale))
+    rows = list(stream_probabilities(unet, lambda a, b: src[a:b], src.shape[:2], tile_size=544, overlap=32,
+                                     batch_size=2, tta=tta))
+    streamed = np.concatenate([r[2] for r in rows], axis=1)
+    expected = streamed if scale == 1.0 else resize_probabilities(streamed, shape)
+    assert got.shape == (3,) + shape and got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, expected)
