@@ -462,15 +462,20 @@ class Pipeline:
         return Result(labels, d.modality, d.confidence, d.used_model, d.decision, d.ood_score, quality, *size)
 
     def image_size(self, image: np.ndarray, used_model: str, *, pixel_size=None, given: float | None = None,
-                   modality: str | None = None):
-        """The size decision of an in-memory image of ``modality`` going to ``used_model`` (:meth:`size`)."""
+                   modality: str | None = None, early: dict | None = None):
+        """The size decision of an in-memory image of ``modality`` going to ``used_model`` (:meth:`size`).
+
+        ``early``: estimates already taken, by signal (``pipeline.local.early_size``).
+        """
         from triageseg.router.size import estimate_image
 
         def crop(top: int, left: int, height: int, width: int) -> np.ndarray:
             return image[top : top + height, left : left + width]
 
         signal = self.size_signal(used_model, modality)
-        return self.size(lambda: estimate_image(image, method=self.size_method, signal=signal), used_model,
+        known = (early or {}).get(signal)
+        return self.size((lambda: known) if known is not None else
+                         (lambda: estimate_image(image, method=self.size_method, signal=signal)), used_model,
                          pixel_size, probe=(image.shape[:2], crop), given=given)
 
     def decide(self, image: np.ndarray, modality: str | None = None, *, pixel_size=None) -> Decision:
@@ -479,8 +484,13 @@ class Pipeline:
         The size (``diameter``, ``scale``, ``size_source``) is decided for the chosen segmenter
         (:meth:`size`): the given diameter, the pixel size, or the estimate from ``image``.
         """
-        return self._decision(modality, lambda: self.route([image])[0],
-                              lambda used, mod: self.image_size(image, used, pixel_size=pixel_size, modality=mod))
+        from triageseg.pipeline.local import early_size
+
+        route, early = lambda: self.route([image])[0], None
+        if early_size.worth_it(self, modality, pixel_size):  # the size measured while the router runs
+            route, early = early_size.route_and_estimate(self, image)
+        return self._decision(modality, route, lambda used, mod: self.image_size(
+            image, used, pixel_size=pixel_size, modality=mod, early=early))
 
     def route_overview(self, overview: np.ndarray, shape: tuple[int, int], read_crop):
         """Triage an image too large to hold from a downsampled ``overview`` and crops read on demand.
