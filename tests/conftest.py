@@ -78,6 +78,27 @@ def tiny_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sized_bundle(tiny_bundle, tmp_path_factory):
+    """``tiny_bundle`` with every segmenter trained (as its config says) at a nucleus diameter of 16 px.
+
+    Read-only for tests: copy it before modifying anything.
+    """
+    import json
+    import shutil
+
+    from triageseg import bundle as B
+
+    root = tmp_path_factory.mktemp("sized") / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    for name in ("fluorescence", "brightfield", "he", B.GENERALIST):
+        path = B.segmenter_dir(root, name) / B.CONFIG
+        cfg = json.loads(path.read_text())
+        cfg["diameter"] = 16.0
+        path.write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.fixture(scope="session")
 def constant_bundle(tmp_path_factory):
     """A bundle whose results are known exactly: an untrained router, segmenters with constant output.
 

@@ -13,16 +13,14 @@ from test_size import _disks, _ihc_like
 
 
 @pytest.fixture(scope="module")
-def sized(tiny_bundle, tmp_path_factory):
-    """``tiny_bundle`` with size triage on (16 px); the he specialist measures its images on the haematoxylin."""
+def sized(sized_bundle, tmp_path_factory):
+    """``sized_bundle`` (size triage on, 16 px) whose he specialist measures its images on the haematoxylin."""
     from triageseg import bundle as B
 
     root = tmp_path_factory.mktemp("early") / "bundle"
-    shutil.copytree(tiny_bundle, root)
-    for name in ("fluorescence", "brightfield", "he", B.GENERALIST):
-        path = B.segmenter_dir(root, name) / B.CONFIG
-        extra = {"size_signal": "modality-pyramid"} if name == "he" else {}
-        path.write_text(json.dumps({**json.loads(path.read_text()), "diameter": 16.0, **extra}))
+    shutil.copytree(sized_bundle, root)
+    path = B.segmenter_dir(root, "he") / B.CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "size_signal": "modality-pyramid"}))
     return root
 
 

@@ -401,21 +401,6 @@ def test_given_sizes_win_then_metadata_then_the_estimate():
     assert (s.diameter, s.scale, s.source) == (None, 1.5, "off")
 
 
-@pytest.fixture(scope="module")
-def sized_bundle(tiny_bundle, tmp_path_factory):
-    """``tiny_bundle`` with every segmenter trained (as its config says) at a nucleus diameter of 16 px."""
-    from triageseg import bundle as B
-
-    root = tmp_path_factory.mktemp("sized") / "bundle"
-    shutil.copytree(tiny_bundle, root)
-    for name in ("fluorescence", "brightfield", "he", B.GENERALIST):
-        path = B.segmenter_dir(root, name) / B.CONFIG
-        cfg = json.loads(path.read_text())
-        cfg["diameter"] = 16.0
-        path.write_text(json.dumps(cfg))
-    return root
-
-
 def test_an_old_bundle_loads_with_size_triage_off_and_a_one_line_note(tiny_bundle, sized_bundle):
     from triageseg.pipeline import Pipeline
 
