@@ -8,9 +8,11 @@ haematoxylin for H&E and IHC, ``auto`` for the rest), so the ``auto`` estimate i
 on the calling thread while the router runs on a worker thread, and used when the routed
 segmenter measures ``auto``; otherwise it is dropped and the right one taken after the
 route, as before. The decision is the same either way (the same function on the same
-pixels); only the wall time changes. Measured on 16 synthetic 512 x 512 fluorescence images
-(2 cores, OpenVINO router; medians of 3 rounds): route + estimate 66-75 ms one after the
-other, 50-53 ms side by side.
+pixels); only the wall time changes. Measured on 2 cores (OpenVINO router, ``OMP_WAIT_POLICY=PASSIVE``,
+16 images per set, medians of 3 interleaved rounds), the decision one after the other / side
+by side: synthetic 512 x 512 fluorescence 66.7 / 51.9 ms, 256 x 256 brightfield 21.5 / 16.2
+ms, fluorescence 20.5 / 14.9 ms; H&E 31.4 / 37.6 ms and IHC 34.7 / 40.3 ms, where the early
+estimate is dropped (``benchmarks/RESULTS.md``).
 
 It runs only where it can gain: no forced modality (the router runs anyway), no size given
 (``--diameter``), no pixel size that may decide instead, size triage on for some segmenter,
