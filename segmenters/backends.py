@@ -253,7 +253,13 @@ def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *
     if choice.backend != "torch":
         threads = threads or torch.get_num_threads()
         try:
-            run = runner(choice, export_onnx(model, run_dir), threads)
+            path = export_onnx(model, run_dir)
+            run = runner(choice, path, threads)
+            if run_dir is not None:  # what serving it without the eager network needs (segmenters.served)
+                from triageseg.segmenters.predict import _input_channels
+                from triageseg.segmenters.served import write_meta
+
+                write_meta(path, {"in_channels": _input_channels(model)})
         except Exception as err:  # noqa: BLE001 - `auto` must never be worse than torch
             if not choice.auto:
                 raise
@@ -412,7 +418,8 @@ def cache_dir(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: s
     return cache_root() / cache_key(model, run_dir, kind)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -440,7 +447,7 @@ def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, ki
             recorded = checksum.read_text(encoding="ascii").split()[0]
         except (OSError, IndexError, UnicodeDecodeError):
             recorded = ""
-        if recorded == _sha256(path):
+        if recorded == file_sha256(path):
             return path
         note(f"{path}: the cached export does not match its checksum (damaged); exporting it again")
     folder.mkdir(parents=True, exist_ok=True)
@@ -448,7 +455,7 @@ def export_onnx(model: torch.nn.Module, run_dir: str | os.PathLike | None, *, ki
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
         (export or _export)(model, tmp)
-    write_text_atomic(checksum, f"{_sha256(path)}  {ONNX_FILE}\n")
+    write_text_atomic(checksum, f"{file_sha256(path)}  {ONNX_FILE}\n")
     return path
 
 

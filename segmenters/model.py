@@ -303,6 +303,44 @@ def save_segmenter(
     return run_dir
 
 
+def _read_run(run_dir: Path) -> tuple[SegmenterConfig, WatershedParams]:
+    """The config and watershed parameters of a run folder (BundleError naming a missing or bad file)."""
+    from triageseg.postprocess.watershed import WatershedParams
+
+    config = SegmenterConfig.from_json(run_dir / bundle.CONFIG)
+    pp_path = run_dir / POSTPROCESS
+    bundle.read_json(pp_path)  # missing / corrupt JSON -> BundleError naming it
+    try:
+        params = WatershedParams.from_json(pp_path)
+    except BundleError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise BundleError(pp_path, f"invalid watershed parameters ({err})") from None
+    return config, params
+
+
+def load_served_segmenter(run_dir: str | os.PathLike, *, choice, device="cpu") -> tuple | None:
+    """``(network, config, watershed params)`` served from the export cache without the eager Unet; None if not.
+
+    See :mod:`triageseg.segmenters.served`: None (no valid cached export of exactly these
+    files, the torch backend, a GPU, an imported bioimage.io model) means the caller loads
+    with :func:`load_segmenter` and :func:`~triageseg.segmenters.backends.prepare_network`.
+    """
+    from triageseg.export.zoo_segmenter import is_zoo_run
+    from triageseg.segmenters import served
+    from triageseg.segmenters.backends import _ExportedNet
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or is_zoo_run(run_dir):
+        return None
+    config, params = _read_run(run_dir)
+    got = served.cached_runner(run_dir, choice, device, kind="segmenter")
+    if got is None:
+        return None
+    run, _meta = got
+    return _ExportedNet(served.segmenter_stand_in(config.in_channels), run, choice.backend), config, params
+
+
 def load_segmenter(
     run_dir: str | os.PathLike, *, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, SegmenterConfig, WatershedParams]:
@@ -315,7 +353,6 @@ def load_segmenter(
         BundleError: a missing, corrupt or truncated file, or weights that do not match
             the config beside them (the message names the file).
     """
-    from triageseg.postprocess.watershed import WatershedParams
     from triageseg.segmenters.predict import resolve_device
 
     run_dir = Path(run_dir)
@@ -325,15 +362,7 @@ def load_segmenter(
 
     if is_zoo_run(run_dir):  # an imported bioimage.io model (TorchScript the user trusted at import)
         return load_zoo_segmenter(run_dir, device=device)
-    config = SegmenterConfig.from_json(run_dir / bundle.CONFIG)
-    pp_path = run_dir / POSTPROCESS
-    bundle.read_json(pp_path)  # missing / corrupt JSON -> BundleError naming it
-    try:
-        params = WatershedParams.from_json(pp_path)
-    except BundleError:
-        raise
-    except (ValueError, TypeError, KeyError, OSError) as err:
-        raise BundleError(pp_path, f"invalid watershed parameters ({err})") from None
+    config, params = _read_run(run_dir)
     try:
         model = create_segmenter(config)
     except ValueError as err:

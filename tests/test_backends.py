@@ -235,7 +235,7 @@ def test_corrupt_cache_is_rebuilt(run_dir, fresh_cache):
         B._noted.clear()
         with pytest.warns(B.BackendNote, match="exporting it again"):
             again = B.export_onnx(model, run_dir)
-        assert again == path and B._sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0], damage
+        assert again == path and B.file_sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0], damage
     net = B.prepare_network(model, run_dir, backend="onnx", threads=1)
     image = _image((64, 64))
     assert np.abs(predict(net, image, **TILING) - predict(_eager(run_dir), image, **TILING)).max() <= 1e-4
@@ -482,7 +482,7 @@ def test_auto_runs_onnx_runtime_on_a_real_bundle(tiny_bundle, synth_data, monkey
         got = Pipeline(tiny_bundle, device="cpu").segment(image)
     assert np.array_equal(got.labels, want[samples[0].id].labels)
     for path in exports:
-        assert B._sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0]
+        assert B.file_sha256(path) == (path.parent / B.CHECKSUM_FILE).read_text().split()[0]
 
 
 

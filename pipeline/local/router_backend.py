@@ -64,6 +64,11 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
     try:
         path = _backends.export_onnx(model, run_dir, kind=KIND, export=_export_router)
         run = _backends.runner(fp32, path, threads or torch.get_num_threads(), outputs=2)
+        head = getattr(model, "head", None)
+        if run_dir is not None and isinstance(head, torch.nn.Linear):  # what load_served_router needs
+            from triageseg.segmenters.served import write_meta
+
+            write_meta(path, {"feature_dim": head.in_features, "classes": head.out_features})
     except Exception as err:  # noqa: BLE001 - `auto` must never be worse than torch
         if not choice.auto:
             raise
@@ -72,6 +77,38 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
         return model
     # a new module starts in training mode: mirror the eager one's, so inference never walks it to switch
     return _wrapper()(model, run, choice.backend).train(model.training)
+
+
+def load_served_router(run_dir: str | os.PathLike, *, choice: _backends.Choice, device="cpu") -> tuple | None:
+    """``(router module, config)`` served from the export cache without building the ViT; None if not.
+
+    The module is :func:`prepare_router`'s wrapper around a stand-in of the ViT's head
+    (:mod:`triageseg.segmenters.served`), so the pipeline uses it as it uses the wrapper of
+    an eager ViT. None (no valid cached export of exactly this folder's files, the torch
+    backend, a GPU, an export whose classes differ from the config's) means the caller
+    loads with :func:`triageseg.router.model.load_router` and :func:`prepare_router`.
+    """
+    from pathlib import Path
+
+    from triageseg.bundle import CONFIG
+    from triageseg.router.model import RouterConfig
+    from triageseg.segmenters import served
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        return None
+    config = RouterConfig.from_json(run_dir / CONFIG)
+    got = served.cached_runner(run_dir, choice, device, kind=KIND, outputs=2)
+    if got is None:
+        return None
+    run, meta = got
+    try:
+        feature_dim, classes = int(meta["feature_dim"]), int(meta["classes"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if classes != len(config.class_names):
+        return None
+    return _wrapper()(served.router_stand_in(feature_dim, classes), run, choice.backend).eval(), config
 
 
 def _export_router(model, path) -> None:

@@ -132,12 +132,17 @@ class Pipeline(SizeDecisions):
             if not self.manifest.get("has_router"):
                 raise BundleError(_bundle.router_dir(self.path),
                                   "the bundle has no router; pass a modality to skip routing")
-            from triageseg.pipeline.local.router_backend import prepare_router
+            from triageseg.pipeline.local.router_backend import load_served_router, prepare_router
 
-            model, config = load_router(_bundle.router_dir(self.path), device=self.device)
-            self._ood = self._load_ood(model, config)
-            # on the specialists' backend, fp32 always (pipeline.local.router_backend)
-            self._router = (prepare_router(model, _bundle.router_dir(self.path), choice=self.choice), config)
+            run_dir = _bundle.router_dir(self.path)
+            # on the specialists' backend, fp32 always (pipeline.local.router_backend); from the export cache
+            # without building the ViT when it holds these weights (segmenters.served)
+            served = load_served_router(run_dir, choice=self.choice, device=self.device)
+            if served is None:
+                model, config = load_router(run_dir, device=self.device)
+                served = (prepare_router(model, run_dir, choice=self.choice), config)
+            self._ood = self._load_ood(*served)
+            self._router = served
         return self._router
 
     def load_router(self) -> list[str]:
@@ -186,12 +191,14 @@ class Pipeline(SizeDecisions):
         with self._lock:
             if name not in self._segmenters:
                 from triageseg.segmenters.backends import prepare_network
-                from triageseg.segmenters.model import load_segmenter
+                from triageseg.segmenters.model import load_segmenter, load_served_segmenter
 
                 run_dir = _bundle.segmenter_dir(self.path, name)
-                model, config, params = load_segmenter(run_dir, device=self.device)
-                net = prepare_network(model, run_dir, choice=self.choice, device=self.device)
-                self._segmenters[name] = (net, config, params)
+                loaded = load_served_segmenter(run_dir, choice=self.choice, device=self.device)
+                if loaded is None:
+                    model, config, params = load_segmenter(run_dir, device=self.device)
+                    loaded = (prepare_network(model, run_dir, choice=self.choice, device=self.device), config, params)
+                self._segmenters[name] = loaded
         return self._segmenters[name]
 
     def quality_model(self, name: str) -> QualityModel | None:
