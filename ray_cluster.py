@@ -220,14 +220,16 @@ def _answers_http2(sock: socket.socket, deadline: float) -> bool:
 
 
 def cluster_info() -> dict[str, float]:
-    """``{"nodes", "hosts", "CPU", "GPU"}`` of the connected Ray: alive nodes, the machines they run on."""
+    """``{"nodes", "hosts", "CPU", "GPU", "node_CPU"}`` of the connected Ray: alive nodes, the machines they
+    run on, the cluster's CPUs and GPUs, and the CPUs of its smallest node that has any (0: none)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     res = ray.cluster_resources()
     hosts = {n.get("NodeManagerAddress") for n in nodes}
+    node_cpus = [float((n.get("Resources") or {}).get("CPU", 0)) for n in nodes]
     return {"nodes": len(nodes), "hosts": len(hosts), "CPU": float(res.get("CPU", 0)),
-            "GPU": float(res.get("GPU", 0))}
+            "GPU": float(res.get("GPU", 0)), "node_CPU": min((c for c in node_cpus if c > 0), default=0.0)}
 
 
 @contextlib.contextmanager

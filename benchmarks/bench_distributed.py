@@ -89,7 +89,8 @@ def run_local(bundle: Path, files: list[Path], out: Path, threads: int):
     return pipe.segment_files(files, out)
 
 
-def run_ray(bundle: Path, files: list[Path], out: Path, ray_cpus: int, actors: str, cpus_per_actor: float):
+def run_ray(bundle: Path, files: list[Path], out: Path, ray_cpus: int, actors: str,
+            cpus_per_actor: float | None):
     """A local Ray of ``ray_cpus`` logical CPUs for the run; returns (report, seconds to start Ray)."""
     import ray
 
@@ -149,12 +150,10 @@ def main() -> None:
         files = sorted((data / "images").iterdir())
 
         local = run_local(bundle, files, tmp / "local", args.cpus)
-        # Two ways to give Ray the same cores: the default (auto: actors of one CPU, one
-        # CPU kept for the read/write tasks), and one actor with as many torch threads as
-        # the local run, plus one logical CPU so the watershed tasks interleave with it
-        # as they do in the local process.
-        setups = [(f"ray auto ({args.cpus} CPUs)", args.cpus, "auto", 1.0),
-                  (f"ray 1 actor x {args.cpus} threads", args.cpus + 1, "1", float(args.cpus))]
+        # Two ways to give Ray the same cores: the default (auto: one actor per node with every CPU
+        # of it, reading, decoding and writing its own images), and actors of one CPU (one thread) each.
+        setups = [(f"ray auto ({args.cpus} CPUs)", args.cpus, "auto", None),
+                  ("ray actors of 1 thread", args.cpus, "auto", 1.0)]
         runs = []
         for label, ray_cpus, actors, per_actor in setups:
             out = tmp / f"ray{len(runs)}"

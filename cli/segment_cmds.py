@@ -110,9 +110,10 @@ def _ray_options(func):
             click.option("--ray", "use_ray", is_flag=True, help="Run on a Ray started on this machine for the run."),
             click.option("--actors", default="auto", show_default=True,
                          help="Actors per model on Ray: N, or MIN:MAX to autoscale; auto = 1 up to what fits."),
-            click.option("--cpus-per-actor", default=1.0, show_default=True,
-                         type=click.FloatRange(min=0, min_open=True),
-                         help="CPUs per actor on Ray (also its torch threads)."),
+            click.option("--cpus-per-actor", default=None, type=click.FloatRange(min=0, min_open=True),
+                         help="CPUs per actor on Ray (also its torch threads). Default: CPU actors get every CPU "
+                              "of the smallest node (one actor per node, as a local run is one process), GPU "
+                              "actors and whole-slide band actors 1."),
             click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0),
                          help="GPUs per actor on Ray; fractions share a GPU (0.25 = four actors per GPU)."),
             click.option("--scratch", default=None,

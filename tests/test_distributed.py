@@ -315,6 +315,45 @@ def test_cluster_run_equals_local_then_resumes(cluster, dist_bundle, images, loc
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")} == before  # nothing rewritten
 
 
+def test_write_tasks_beside_the_actors_equal_the_local_run(cluster, dist_bundle, images, local_out, tmp_path,
+                                                            monkeypatch):
+    """``decode="tasks"`` (what GPU actors use): read tasks, the actor pool, write tasks; the same files as locally."""
+    import ray
+
+    from triageseg.pipeline import Pipeline
+    from triageseg.pipeline.cluster import ray_stages
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, segment_files_ray
+
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    files = sorted(p for p in Path(images).iterdir() if p.name != "zz_broken.png")
+    ray.init(address=cluster["address"], logging_level="WARNING", log_to_driver=False)
+    try:
+        pipe = Pipeline.from_bundle(dist_bundle, device="cpu")
+        report = segment_files_ray(pipe, files, tmp_path / "out", on_error="skip", log=lambda _m: None,
+                                   cluster_options=ClusterOptions(actors="1", decode="tasks", progress=False))
+    finally:
+        ray.shutdown()
+    assert not report.failures and report.stage_seconds["write"] > 0
+    _assert_same_outputs(tmp_path / "out", local_out)
+    assert ray_stages.StageOptions(out="x").decode_in_actor is False
+
+
+def test_actor_cpus_follow_the_layout():
+    from triageseg.pipeline.cluster.distributed import ClusterOptions, actor_cpus, check_cluster
+
+    nodes = {"CPU": 10.0, "GPU": 0.0, "node_CPU": 4.0}
+    assert ClusterOptions().decode_in_actor() and actor_cpus(ClusterOptions(), nodes) == 4.0  # a node's CPUs
+    assert actor_cpus(ClusterOptions(cpus_per_actor=3), nodes) == 3.0  # asked for: wins
+    assert actor_cpus(ClusterOptions(decode="tasks"), nodes) == 1.0  # beside write tasks
+    gpu = ClusterOptions(gpus_per_actor=0.5)
+    assert not gpu.decode_in_actor() and actor_cpus(gpu, {**nodes, "GPU": 2.0}) == 1.0
+    assert ClusterOptions(decode="actor", gpus_per_actor=1).decode_in_actor()
+    assert actor_cpus(ClusterOptions(), {"CPU": 2.0, "GPU": 0.0}) == 2.0  # no node figure: the cluster's
+    with pytest.raises(ValueError, match="decode must be auto, actor or tasks"):
+        check_cluster(ClusterOptions(decode="gpu"), nodes)
+
+
 # Slow: the default suite must stay under 10 minutes on 2 cores (a shipped bundle, a forced modality
 # and a URI output on the cluster: 17 s).
 @pytest.mark.slow
@@ -591,7 +630,8 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, dist_bundle, images, local
     def kill_when_busy() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            busy = [_cmdline(p) for p, ppid, _ in _procs() if ppid == raylet and _cmdline(p).startswith("ray::Map")]
+            busy = [_cmdline(p) for p, ppid, _ in _procs()
+                    if ppid == raylet and _cmdline(p).startswith(("ray::Map", "ray::SegmentActor"))]
             if busy and len(list(out.glob("*.tif"))) >= 4:
                 os.kill(raylet, signal.SIGKILL)
                 killed.append(busy[0][:80])

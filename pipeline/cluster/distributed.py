@@ -10,6 +10,10 @@ read + normalise (CPU tasks) -> route + segment (one actor pool; each actor hold
                              -> watershed + write (CPU tasks) -> rows to the driver -> routing.csv
 ```
 
+That is the Ray Data pass GPU actors get. CPU actors read, decode and write their own
+images as well (``ClusterOptions.decode``), on plain actors
+(:mod:`~triageseg.pipeline.cluster.actor_pass`): one actor per node with every CPU of it.
+
 The model pools run side by side inside one pool: an image is routed and segmented in
 the same actor, so each image is read once and a run pays actor start and each model's
 load once per actor (a pass per model paid them per model: +78-88 % over the local run
@@ -32,6 +36,7 @@ are the local block path's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -86,7 +91,7 @@ class ClusterOptions:
 
     address: str | None = None  # the cluster joined ("auto", HOST:PORT), None for a local Ray; named in messages
     actors: str = "auto"  # actors per model: "N" fixed, "MIN:MAX" autoscaling, "auto" = 1 up to what fits
-    cpus_per_actor: float = 1.0  # CPUs reserved per actor (also its torch threads)
+    cpus_per_actor: float | None = None  # CPUs reserved per actor (also its torch threads); None: actor_cpus
     gpus_per_actor: float = 0.0  # GPUs per actor; fractions share a GPU (0.25 = four actors per GPU)
     images_per_batch: int = 4  # images handed to an actor at once (all for its model)
     ship_bundle: bool | None = None  # copy the bundle through the object store; None = when a node could not read it
@@ -94,6 +99,15 @@ class ClusterOptions:
     flush_seconds: float = 5.0  # how often routing.csv is rewritten while results arrive
     band_chunk_rows: int = 8  # probability chunk rows (of 256) per band task of a block-wise image
     scratch: str | None = None  # where block-wise images' journals live (a shared folder or URI); None: beside labels
+    # where small images' watershed + writes run: "actor" (the actor that computed the probabilities, as the local
+    # path does), "tasks" (CPU tasks beside the actors), "auto" (actor for CPU actors, tasks for GPU actors)
+    decode: str = "auto"
+
+    def decode_in_actor(self) -> bool:
+        """Whether small images are decoded and written by the actor that segmented them (see ``decode``)."""
+        if self.decode not in ("auto", "actor", "tasks"):
+            raise ValueError(f"decode must be auto, actor or tasks, got {self.decode!r}")
+        return self.decode == "actor" or (self.decode == "auto" and self.gpus_per_actor <= 0)
 
 
 @dataclass
@@ -133,7 +147,7 @@ def pool_size(options: ClusterOptions, cluster: dict[str, float], *, spare_cpu: 
     """(min, max) actors of one pool: ``--actors``, or for ``auto`` as many as the cluster holds.
 
     ``auto`` keeps one CPU free for the read and write tasks when actors use CPUs only
-    (``spare_cpu``). The band actors of block-wise images keep none: they are stopped
+    (``spare_cpu``); actors that read, decode and write their own images keep none. The band actors of block-wise images keep none: they are stopped
     whenever no band waits, and the scans and decodes get the CPUs then.
     """
     sizes = parse_actors(options.actors)
@@ -142,22 +156,40 @@ def pool_size(options: ClusterOptions, cluster: dict[str, float], *, spare_cpu: 
     if options.gpus_per_actor > 0:
         most = int(cluster["GPU"] // options.gpus_per_actor)
     else:
-        most = int(max(1.0, cluster["CPU"] - spare_cpu) // options.cpus_per_actor)
+        most = int(max(1.0, cluster["CPU"] - spare_cpu) // (options.cpus_per_actor or 1.0))
     return 1, max(1, most)
+
+
+def actor_cpus(options: ClusterOptions, cluster: dict[str, float]) -> float:
+    """CPUs (and torch threads) of one small-image actor: ``--cpus-per-actor``, else by the layout.
+
+    CPU actors that decode their own images (``ClusterOptions.decode``) get every CPU of
+    the smallest node: one actor per node, as a local run is one process using every core
+    (on 2 cores, 48 images of 512 x 512: one actor of 2 threads +24 % over the local run,
+    two actors of one thread +86 %; ``benchmarks/RESULTS.md``). GPU actors, and CPU actors
+    beside write tasks, get one.
+    """
+    if options.cpus_per_actor is not None:
+        return float(options.cpus_per_actor)
+    if options.gpus_per_actor > 0 or not options.decode_in_actor():
+        return 1.0
+    return max(1.0, float(int(cluster.get("node_CPU") or cluster["CPU"])))
 
 
 def check_cluster(options: ClusterOptions, cluster: dict[str, float], *, log: Log = _echo) -> None:
     """Refuse actors that can never be placed on a local Ray (they would wait forever); warn on a cluster."""
-    if options.cpus_per_actor <= 0 or options.gpus_per_actor < 0:
+    options.decode_in_actor()  # a bad ``decode`` is refused here
+    cpus = actor_cpus(options, cluster)
+    if cpus <= 0 or options.gpus_per_actor < 0:
         raise ValueError(f"--cpus-per-actor must be > 0 and --gpus-per-actor >= 0, got "
-                         f"{options.cpus_per_actor:g} and {options.gpus_per_actor:g}")
+                         f"{cpus:g} and {options.gpus_per_actor:g}")
     if options.gpus_per_actor > 1 and not float(options.gpus_per_actor).is_integer():
         raise ValueError(f"--gpus-per-actor above 1 must be a whole number, got {options.gpus_per_actor:g}")
     if options.images_per_batch < 1:
         raise ValueError(f"images per batch must be >= 1, got {options.images_per_batch}")
     short = []
-    if options.cpus_per_actor > cluster["CPU"]:
-        short.append(f"{options.cpus_per_actor:g} CPUs per actor but the cluster has {cluster['CPU']:g}")
+    if cpus > cluster["CPU"]:
+        short.append(f"{cpus:g} CPUs per actor but the cluster has {cluster['CPU']:g}")
     if options.gpus_per_actor > cluster["GPU"]:
         short.append(f"{options.gpus_per_actor:g} GPUs per actor but the cluster has {cluster['GPU']:g}")
     if short and options.address is None:
@@ -284,6 +316,10 @@ def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: Clu
                  stage: StageOptions, *, write: bool):
     """The Ray Data graph of a pass: read tasks -> an actor pool -> (write tasks).
 
+    With ``stage.decode_in_actor`` the actors read, segment, decode and write each image
+    themselves (``write`` is then ignored): a task stage beside actors that hold every CPU
+    would wait for a CPU forever, and Ray Data fuses a task stage into an actor pool only
+    when their CPU requests match.
     """
     import ray.data as rd
 
@@ -291,12 +327,13 @@ def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: Clu
     ds = rd.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
     # Ray Data's defaults are the retry policy: tasks max_retries=-1 (system failures such
     # as a lost node), pool actors max_restarts=-1 and max_task_retries=-1.
-    ds = ds.map(read_stage, fn_kwargs={"options": stage}, num_cpus=1)
+    if not stage.decode_in_actor:
+        ds = ds.map(read_stage, fn_kwargs={"options": stage}, num_cpus=1)
     ds = ds.map_batches(
         actor, fn_constructor_args=constructor_args, batch_size=options.images_per_batch, batch_format="numpy",
         compute=_strategy(sizes), num_cpus=options.cpus_per_actor, num_gpus=gpus if gpus > 0 else None,
     )
-    if write:
+    if write and not stage.decode_in_actor:
         ds = ds.map(write_stage, fn_kwargs={"options": stage}, num_cpus=1)
     return ds
 
@@ -394,7 +431,8 @@ def segment_files_ray(
         Path(out).mkdir(parents=True, exist_ok=True)
     storage.write_text(storage.join(out, SEGMENT_CONFIG), json.dumps({
         **settings, "device": "cuda" if options.gpus_per_actor > 0 else "cpu", "batch_size": pipe.batch_size,
-        "address": options.address or "local", "actors": options.actors, "cpus_per_actor": options.cpus_per_actor,
+        "address": options.address or "local", "actors": options.actors,
+        "cpus_per_actor": actor_cpus(options, cluster),
         "gpus_per_actor": options.gpus_per_actor, "n_inputs": len(shown)}, indent=2) + "\n")
 
     report = DistributedReport()
@@ -429,9 +467,10 @@ def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, 
                   overlays, rois) -> None:
     """The one Ray Data pass over the images not segmented block-wise."""
     if todo:
+        options = dataclasses.replace(options, cpus_per_actor=actor_cpus(options, cluster))
         stage = StageOptions(
             out=out, threads=max(1, int(options.cpus_per_actor)), channel=channel, page=page, modality=modality,
-            overlays=overlays, rois=rois,
+            overlays=overlays, rois=rois, decode_in_actor=options.decode_in_actor(),
             # an actor sees only the GPUs Ray gave it: cuda with a GPU share, else cpu
             pipeline={"device": "cuda" if options.gpus_per_actor > 0 else "cpu", "tile_size": pipe.tile_size,
                       "overlap": pipe.overlap, "batch_size": pipe.batch_size, "tta": pipe.tta,
@@ -463,7 +502,8 @@ class _Run:
                  on_error: str, report: DistributedReport, journal: _Journal, log: Log):
         self.pipe, self.todo, self.options, self.stage = pipe, todo, options, stage
         self.on_error, self.report, self.journal, self.log = on_error, report, journal, log
-        self.sizes = pool_size(options, cluster)
+        # actors that decode their own images leave no task a CPU to keep free for
+        self.sizes = pool_size(options, cluster, spare_cpu=not stage.decode_in_actor)
         self.n_hosts = int(cluster["hosts"])
         self.by_index = {item["index"]: item for item in todo}
 
@@ -472,12 +512,12 @@ class _Run:
         self.bundle = bundle_source(self.pipe.path, self.options, self.n_hosts, log=self.log)
         self.segment(self.todo)
 
-    def _rows(self, label: str, n: int, ds) -> Iterator[tuple[dict, dict]]:
-        """(input item, result row) of a pass; failed inputs go to ``on_error`` instead."""
+    def _rows(self, label: str, n: int, rows) -> Iterator[tuple[dict, dict]]:
+        """(input item, result row) of a pass's ``rows``; failed inputs go to ``on_error`` instead."""
         low, high = self.sizes
         self.log(f"{label}: {n} image(s), {low if low == high else f'{low}-{high}'} actor(s)")
         t0 = time.perf_counter()
-        for row in ds.iter_rows():
+        for row in rows:
             _stage_times(self.report, row)
             item = self.by_index[int(row["index"])]
             err = row_error(row)
@@ -493,10 +533,18 @@ class _Run:
         self.log(f"{label}: done in {seconds:.1f} s")
 
     def segment(self, items: list[dict]) -> None:
-        """The pass: read tasks, one actor pool that routes and segments with every model, write tasks."""
-        ds = pass_dataset(items, SegmentActor, (self.bundle, self.stage), self.options, self.sizes, self.stage,
-                          write=True)
-        for item, row in self._rows("segment", len(items), ds):
+        """The pass: read tasks, one actor pool that routes and segments with every model, write tasks (or the
+        actors decode and write, ``ClusterOptions.decode``)."""
+        if self.stage.decode_in_actor:  # nothing left for Ray Data to schedule: plain actors (actor_pass)
+            from triageseg.pipeline.cluster.actor_pass import actor_pass
+
+            rows = actor_pass(items, self.bundle, self.stage, actors=self.sizes[1], cpus=self.options.cpus_per_actor,
+                              gpus=self.options.gpus_per_actor, images_per_batch=self.options.images_per_batch,
+                              progress=self.options.progress)
+        else:
+            rows = pass_dataset(items, SegmentActor, (self.bundle, self.stage), self.options, self.sizes, self.stage,
+                                write=True).iter_rows()
+        for item, row in self._rows("segment", len(items), rows):
             self.record(item, row, objects=int(row["objects"]), seconds=float(row["t_route"]) +
                         float(row["t_segment"]) + float(row["t_write"]))
 

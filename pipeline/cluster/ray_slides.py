@@ -396,7 +396,7 @@ def segment_slides(pipe, big: list[dict], out: str, journal, report, options, bl
         _fail(report, _as_input(item["file"]), err, on_error)
 
     run = SlideRun(pipe, out, blocks, modality=modality, channel=channel, actors=high,
-                   cpus_per_actor=options.cpus_per_actor, gpus_per_actor=options.gpus_per_actor,
+                   cpus_per_actor=options.cpus_per_actor or 1.0, gpus_per_actor=options.gpus_per_actor,
                    band_chunk_rows=getattr(options, "band_chunk_rows", BAND_CHUNK_ROWS),
                    scratch=getattr(options, "scratch", None), log=log, on_done=done,
                    on_fail=failed, stop=stop)

@@ -64,6 +64,7 @@ class StageOptions:
     modality: str | None = None  # forced specialist (no routing pass)
     overlays: bool = False  # also write overlays/<name>.png
     rois: bool = False  # also write <name>.rois.zip
+    decode_in_actor: bool = False  # SegmentActor runs write_stage on its own rows (no write tasks)
 
 
 def error_fields(err: BaseException, file: str, local: str | None = None) -> dict[str, str]:
@@ -173,6 +174,10 @@ class SegmentActor:
         self.router_loaded = False
         self.models: dict[str, tuple[str, str]] = {}  # model -> (watershed params, quality model) as JSON
 
+    def ready(self) -> bool:
+        """True once the actor is made (``pipeline.cluster.actor_pass`` hands work only to started actors)."""
+        return True
+
     def _decide(self, image: np.ndarray, out: dict, pixel_size) -> tuple[str, float | None]:
         """Route and size ``image`` (timed as ``t_route``, the router's first load as ``t_load``).
 
@@ -206,6 +211,8 @@ class SegmentActor:
         keep_image = self.options.overlays or self.options.rois
         rows = []
         for row in _rows(batch):
+            if self.options.decode_in_actor:  # the input item itself: read here (pass_dataset)
+                row = read_stage(row, options=self.options)
             out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
                    "decision": "", "diameter": np.nan, "scale": np.nan, "size_source": "",
                    "probs": np.zeros((0, 0, 0), np.float32), "params": "", "quality_model": "",
@@ -226,7 +233,8 @@ class SegmentActor:
                             out["image"] = image
                 except Exception as err:  # noqa: BLE001
                     out.update(error_fields(err, row["file"]))
-            rows.append(out)
+            # decoded here, the probabilities never leave the actor's process (no object store, no task to schedule)
+            rows.append(write_stage(out, options=self.options) if self.options.decode_in_actor else out)
         return _columns(rows)
 
 
