@@ -165,8 +165,8 @@ def actor_cpus(options: ClusterOptions, cluster: dict[str, float]) -> float:
 
     CPU actors that decode their own images (``ClusterOptions.decode``) get every CPU of
     the smallest node: one actor per node, as a local run is one process using every core
-    (on 2 cores, 48 images of 512 x 512: one actor of 2 threads +24 % over the local run,
-    two actors of one thread +86 %; ``benchmarks/RESULTS.md``). GPU actors, and CPU actors
+    (on 2 cores, 48 images of 512 x 512: one actor of 2 threads +14 to +40 % over the local
+    run, two actors of one thread +52 to +75 %; ``benchmarks/RESULTS.md``). GPU actors, and CPU actors
     beside write tasks, get one.
     """
     if options.cpus_per_actor is not None:
