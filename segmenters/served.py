@@ -32,7 +32,11 @@ META_FILE = "meta.json"  # beside model.onnx in the export cache: what the stand
 
 
 def write_meta(onnx_path: str | os.PathLike, meta: dict) -> None:
-    """Record ``meta`` beside a cached export (atomically; unchanged content is not rewritten)."""
+    """Record ``meta`` beside a cached export (atomically; unchanged content is not rewritten).
+
+    A cache folder that cannot be written (read-only, full) is left as it is: the export
+    still runs, only later processes build the eager network again.
+    """
     from triageseg.datasets.atomic import write_text_atomic
 
     path = Path(onnx_path).parent / META_FILE
@@ -42,7 +46,10 @@ def write_meta(onnx_path: str | os.PathLike, meta: dict) -> None:
             return
     except (OSError, UnicodeDecodeError):
         pass
-    write_text_atomic(path, text)
+    try:
+        write_text_atomic(path, text)
+    except OSError:
+        pass
 
 
 def cached_runner(run_dir: str | os.PathLike, choice, device, *, kind: str, threads: int | None = None,

@@ -133,3 +133,18 @@ def test_a_fresh_process_serves_a_cached_bundle_without_timm(bundle):
                          cwd=Path(bundle).parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_cache_that_cannot_take_meta_still_runs_the_export(bundle, monkeypatch):
+    """meta.json is an optimisation: a write that fails leaves the exported backend running, not torch."""
+    from triageseg.datasets import atomic
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError("read-only cache")
+
+    monkeypatch.setattr(atomic, "write_text_atomic", refuse)
+    pipe = Pipeline(bundle, backend="onnx")
+    pipe.decide(_image())
+    net = pipe.segmenter("fluorescence")[0]
+    assert BK.backend_of(net) == "onnx" and pipe._router[0].backend_name == "onnx"
+

@@ -147,8 +147,9 @@ def pool_size(options: ClusterOptions, cluster: dict[str, float], *, spare_cpu: 
     """(min, max) actors of one pool: ``--actors``, or for ``auto`` as many as the cluster holds.
 
     ``auto`` keeps one CPU free for the read and write tasks when actors use CPUs only
-    (``spare_cpu``); actors that read, decode and write their own images keep none. The band actors of block-wise images keep none: they are stopped
-    whenever no band waits, and the scans and decodes get the CPUs then.
+    (``spare_cpu``). Actors that read, decode and write their own images keep none, nor do
+    the band actors of block-wise images: they are stopped whenever no band waits, and the
+    scans and decodes get the CPUs then.
     """
     sizes = parse_actors(options.actors)
     if sizes is not None:
@@ -465,7 +466,7 @@ def segment_files_ray(
 
 def _small_images(pipe, todo, out, journal, report, options, cluster, on_error, log, *, channel, page, modality,
                   overlays, rois) -> None:
-    """The one Ray Data pass over the images not segmented block-wise."""
+    """The one pass over the images not segmented block-wise (plain actors or Ray Data, ``_Run.segment``)."""
     if todo:
         options = dataclasses.replace(options, cpus_per_actor=actor_cpus(options, cluster))
         stage = StageOptions(
