@@ -166,7 +166,7 @@ def actor_cpus(options: ClusterOptions, cluster: dict[str, float]) -> float:
 
     CPU actors that decode their own images (``ClusterOptions.decode``) get every CPU of
     the smallest node: one actor per node, as a local run is one process using every core
-    (on 2 cores, 48 images of 512 x 512: one actor of 2 threads +14 to +40 % over the local
+    (on 2 cores, 48 images of 512 x 512: one actor of 2 threads +15 to +40 % over the local
     run, two actors of one thread +52 to +75 %; ``benchmarks/RESULTS.md``). GPU actors, and CPU actors
     beside write tasks, get one.
     """
@@ -317,10 +317,9 @@ def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: Clu
                  stage: StageOptions, *, write: bool):
     """The Ray Data graph of a pass: read tasks -> an actor pool -> (write tasks).
 
-    With ``stage.decode_in_actor`` the actors read, segment, decode and write each image
-    themselves (``write`` is then ignored): a task stage beside actors that hold every CPU
-    would wait for a CPU forever, and Ray Data fuses a task stage into an actor pool only
-    when their CPU requests match.
+    For actors that write their own images, see :mod:`~triageseg.pipeline.cluster.actor_pass`
+    instead: a task stage beside actors that hold every CPU would wait for a CPU forever, and
+    Ray Data fuses a task stage into an actor pool only when their CPU requests match.
     """
     import ray.data as rd
 
@@ -328,13 +327,14 @@ def pass_dataset(items: list[dict], actor, constructor_args: tuple, options: Clu
     ds = rd.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
     # Ray Data's defaults are the retry policy: tasks max_retries=-1 (system failures such
     # as a lost node), pool actors max_restarts=-1 and max_task_retries=-1.
-    if not stage.decode_in_actor:
-        ds = ds.map(read_stage, fn_kwargs={"options": stage}, num_cpus=1)
+    if stage.decode_in_actor:
+        raise ValueError("actors that decode their own images run on plain actors (actor_pass), not Ray Data")
+    ds = ds.map(read_stage, fn_kwargs={"options": stage}, num_cpus=1)
     ds = ds.map_batches(
         actor, fn_constructor_args=constructor_args, batch_size=options.images_per_batch, batch_format="numpy",
         compute=_strategy(sizes), num_cpus=options.cpus_per_actor, num_gpus=gpus if gpus > 0 else None,
     )
-    if write and not stage.decode_in_actor:
+    if write:
         ds = ds.map(write_stage, fn_kwargs={"options": stage}, num_cpus=1)
     return ds
 

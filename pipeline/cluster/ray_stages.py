@@ -211,7 +211,7 @@ class SegmentActor:
         keep_image = self.options.overlays or self.options.rois
         rows = []
         for row in _rows(batch):
-            if self.options.decode_in_actor:  # the input item itself: read here (pass_dataset)
+            if self.options.decode_in_actor:  # the input item itself: read here (actor_pass)
                 row = read_stage(row, options=self.options)
             out = {**_carry(row), "modality": "", "confidence": np.nan, "ood_score": np.nan, "used_model": "",
                    "decision": "", "diameter": np.nan, "scale": np.nan, "size_source": "",
