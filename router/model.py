@@ -373,6 +373,14 @@ def to_tensor(thumbs: np.ndarray, config: RouterConfig) -> torch.Tensor:
     return normalise(x, config)
 
 
+def to_array(thumbs: np.ndarray, config: RouterConfig) -> np.ndarray:
+    """:func:`to_tensor` in numpy (the same float32 operations, so the same values): ``N x 3 x S x S``, C-contiguous."""
+    x = np.ascontiguousarray(thumbs, dtype=np.float32).transpose(0, 3, 1, 2)
+    mean = np.asarray(config.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(config.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
 def normalise(x: torch.Tensor, config: RouterConfig) -> torch.Tensor:
     """Apply the config's per-channel mean/std to an ``N x 3 x S x S`` tensor in [0, 1]."""
     import torch
@@ -520,10 +528,21 @@ def router_outputs(
     -> ``head``, which is what ``model(x)`` computes in eval mode. A model without timm's
     ``forward_head`` (a stand-in classifier) gives its logits as the features.
     """
+    # an exported router (pipeline.local.router_backend, segmenters.served): both outputs from one pass of
+    # another runtime, on numpy arrays: no torch
+    numpy_run = getattr(model, "numpy_logits_and_features", None)
+    if numpy_run is not None:
+        logits, feats = [], []
+        for start in range(0, len(thumbs), batch_size):
+            out, pooled = numpy_run(to_array(thumbs[start : start + batch_size], config))
+            logits.append(np.asarray(out, dtype=np.float32))
+            feats.append(np.asarray(pooled, dtype=np.float32))
+        if not logits:
+            return np.zeros((0, len(config.class_names)), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(feats)
     import torch
 
     timm_vit = all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
-    # an exported router (pipeline.local.router_backend): both outputs from one pass of another runtime
     exported = getattr(model, "logits_and_features", None)
     if device is None:
         device = next(model.parameters()).device

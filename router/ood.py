@@ -373,6 +373,8 @@ def router_feature_dim(model, class_names) -> int:
     A timm ViT: its head's input (the pre-logits); any other classifier: its logits. An
     exported router (``pipeline.local.router_backend``) answers for the ViT it wraps.
     """
+    if getattr(model, "feature_dim", None) is not None:  # served from its export (segmenters.served)
+        return int(model.feature_dim)
     model = getattr(model, "eager", model)
     if all(hasattr(model, a) for a in ("forward_features", "forward_head", "head")):
         width = getattr(model.head, "in_features", None) or getattr(model, "head_hidden_size", None)

@@ -240,7 +240,7 @@ def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *
             export cache; ``None`` keys it by the weights in memory.
         backend, precision: as for :func:`resolve`.
         device: where ``model`` runs.
-        threads: intra-op threads of an exported backend (default: torch's current count).
+        threads: intra-op threads of an exported backend (default: the network's, ``threads.current_threads``).
         choice: an already resolved :class:`Choice` (a :class:`~triageseg.pipeline.Pipeline`
             resolves once); it wins over ``backend`` and ``precision``.
 
@@ -249,9 +249,11 @@ def prepare_network(model: torch.nn.Module, run_dir: str | os.PathLike | None, *
     """
     import torch
 
+    from triageseg.segmenters.threads import current_threads
+
     choice = choice or resolve(backend, precision, device)
     if choice.backend != "torch":
-        threads = threads or torch.get_num_threads()
+        threads = threads or current_threads()
         try:
             path = export_onnx(model, run_dir)
             run = runner(choice, path, threads)
@@ -319,6 +321,10 @@ def _wrappers():
             self.eager = eager
             self._runner = runner
             self.backend_name = name
+
+        def numpy_forward(self, arr):
+            """What ``predict`` runs: a float32 numpy batch to numpy logits (as a served network runs)."""
+            return self._runner(arr)
 
         def forward(self, x):
             arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
@@ -392,13 +398,11 @@ def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: s
     16 hex digits. ``kind`` keeps apart two exports of one network with other outputs
     (the router's export gives its logits and its pooled features).
     """
-    import torch
-
     from triageseg._version import __version__
     from triageseg.bundle import CONFIG, WEIGHTS
 
     h = hashlib.sha256()
-    h.update(json.dumps({"torch": torch.__version__, "triageseg": __version__, "opset": ONNX_OPSET,
+    h.update(json.dumps({"torch": _torch_version(), "triageseg": __version__, "opset": ONNX_OPSET,
                          "kind": kind}).encode())
     files = [Path(run_dir) / WEIGHTS, Path(run_dir) / CONFIG] if run_dir is not None else []
     if files and all(f.is_file() for f in files):
@@ -411,6 +415,19 @@ def cache_key(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: s
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def _torch_version() -> str:
+    """The installed torch's version, from its package metadata: a served export is found without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:  # pragma: no cover - a torch not installed as a distribution
+        import torch
+
+        return torch.__version__
 
 
 def cache_dir(model: torch.nn.Module, run_dir: str | os.PathLike | None, kind: str = "segmenter") -> Path:

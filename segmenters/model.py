@@ -328,7 +328,6 @@ def load_served_segmenter(run_dir: str | os.PathLike, *, choice, device="cpu") -
     """
     from triageseg.export.zoo_segmenter import is_zoo_run
     from triageseg.segmenters import served
-    from triageseg.segmenters.backends import _ExportedNet
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or is_zoo_run(run_dir):
@@ -338,7 +337,7 @@ def load_served_segmenter(run_dir: str | os.PathLike, *, choice, device="cpu") -
     if got is None:
         return None
     run, _meta = got
-    return _ExportedNet(served.segmenter_stand_in(config.in_channels), run, choice.backend), config, params
+    return served.ServedNet(run, choice.backend, config.in_channels), config, params
 
 
 def load_segmenter(

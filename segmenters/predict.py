@@ -118,6 +118,8 @@ def _d4_inverse(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 def _input_channels(model: torch.nn.Module) -> int | None:
+    if getattr(model, "in_channels", None) is not None:  # served from its export (segmenters.served)
+        return int(model.in_channels)
     import torch
 
     for module in model.modules():
@@ -135,8 +137,46 @@ def _check_tiling(tile_size: int, overlap: int, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def _runs_on_numpy(model) -> bool:
+    """Whether ``model`` is an exported network (ONNX Runtime, OpenVINO) that ``predict`` runs on numpy arrays."""
+    return getattr(model, "numpy_forward", None) is not None
+
+
+def _run_batch_numpy(model, arr: np.ndarray, transforms: list) -> np.ndarray:
+    """:func:`_run_batch` of an exported network, without torch: the same tiles, flips and rotations, in numpy.
+
+    Served networks (:mod:`triageseg.segmenters.served`) and the wrappers of eager ones that
+    run their export (:func:`~triageseg.segmenters.backends.prepare_network`) both come here,
+    so the two give the same probabilities bit for bit.
+    """
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    probs = None
+    for k, flip in transforms:
+        view = x
+        if k or flip:
+            view = np.ascontiguousarray(np.rot90(view[..., ::-1] if flip else view, k, axes=(-2, -1)))
+        p = _softmax_classes(np.asarray(model.numpy_forward(view), dtype=np.float32))
+        if k or flip:
+            p = np.rot90(p, -k, axes=(-2, -1))
+            p = p[..., ::-1] if flip else p
+        probs = np.ascontiguousarray(p) if probs is None else np.add(probs, p, out=probs)  # p: a new array
+    if len(transforms) > 1:
+        probs /= len(transforms)
+    return probs
+
+
+def _softmax_classes(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 (the classes) of N x C x h x w float32 logits, in place."""
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
 def _run_batch(model, arr: np.ndarray, dev, channels_last: bool, transforms: list, amp: bool) -> np.ndarray:
     """Softmax probabilities of a batch of tiles (B x C x h x w), averaged over ``transforms`` (D4 TTA)."""
+    if _runs_on_numpy(model):
+        return _run_batch_numpy(model, arr, transforms)
     import torch
 
     with torch.inference_mode(), autocast_context(dev, amp):
@@ -265,7 +305,12 @@ def _single_tile(model, image: np.ndarray, *, tile_size: int, overlap: int, tta:
 
 
 def _prepare_model(model, device) -> tuple:
-    """(the device the model runs on, whether its weights are channels_last), moving it to ``device`` if asked."""
+    """(the device the model runs on, whether its weights are channels_last), moving it to ``device`` if asked.
+
+    An exported network runs on numpy arrays on the CPU (:func:`_run_batch_numpy`): ``(None, False)``.
+    """
+    if _runs_on_numpy(model):
+        return None, False
     import torch
 
     if device is None:

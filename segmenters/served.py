@@ -10,14 +10,16 @@ the file already there. Building them imports timm (and through it torchvision a
 :func:`cached_runner` skips that when it can: the cache key is a hash of the run folder's
 files (:func:`~triageseg.segmenters.backends.cache_key`), so the export of exactly these
 weights and this config is found without the network, checked against its SHA-256, and
-run. The wrapper keeps a stand-in module where the eager network was: what the pipeline
-reads from it (the input channels, the device, the router's feature width and class
-count) comes from the config and from ``meta.json``, written beside the export the first
-time the eager path makes or finds it. Whatever is missing or does not match (no cache,
-a damaged file, no ``meta.json``, a GPU, the torch backend, an imported bioimage.io
-model) returns None, and the caller builds the eager network as before; a weights file
-damaged after its export hashes to another key, so it is refused by the eager load with
-the file named.
+run. What the pipeline reads from a network (the input channels, the router's feature
+width and class count) comes from the config and from ``meta.json``, written beside the
+export the first time the eager path makes or finds it. A served network is not a torch
+module (:class:`ServedNet`, :class:`ServedRouter`): ``predict`` and ``router_outputs`` run
+it on numpy arrays, so a process that only serves exports on the CPU never imports torch
+(about another second of its start: a one-image ``triageseg segment``, a Ray actor).
+Whatever is missing or does not match (no cache, a damaged file, no ``meta.json``, a GPU,
+the torch backend, an imported bioimage.io model) returns None, and the caller builds the
+eager network as before; a weights file damaged after its export hashes to another key, so
+it is refused by the eager load with the file named.
 """
 
 from __future__ import annotations
@@ -61,15 +63,14 @@ def cached_runner(run_dir: str | os.PathLike, choice, device, *, kind: str, thre
         choice: the resolved backend (:class:`~triageseg.segmenters.backends.Choice`).
         device: where the pipeline runs (only the CPU is served from the cache).
         kind: the export's kind (``segmenter``, ``router``), part of the cache key.
-        threads: intra-op threads of the runtime (default: torch's current count).
+        threads: intra-op threads of the runtime (default: the network's, ``segmenters.threads.current_threads``).
         outputs: how many outputs the runner returns.
     """
-    import torch
-
     from triageseg.bundle import CONFIG, WEIGHTS
-    from triageseg.segmenters.predict import resolve_device
+    from triageseg.devices import device_name
+    from triageseg.segmenters.threads import current_threads
 
-    if choice.backend == "torch" or resolve_device(device).type != "cpu":
+    if choice.backend == "torch" or device_name(device).split(":")[0] != "cpu":
         return None
     run_dir = Path(run_dir)
     if not ((run_dir / WEIGHTS).is_file() and (run_dir / CONFIG).is_file()):
@@ -82,40 +83,55 @@ def cached_runner(run_dir: str | os.PathLike, choice, device, *, kind: str, thre
         if not isinstance(meta, dict) or recorded != _backends.file_sha256(path):
             return None  # the eager path notes the damage and exports again
         fp32 = _backends.Choice(choice.backend, "fp32", auto=choice.auto) if kind == "router" else choice
-        run = _backends.runner(fp32, path, threads or torch.get_num_threads(), outputs=outputs)
+        run = _backends.runner(fp32, path, threads or current_threads(), outputs=outputs)
     except Exception:  # noqa: BLE001 - anything wrong here is for the eager path to report or repair
         return None
     return run, meta
 
 
-def segmenter_stand_in(in_channels: int):
-    """What an exported segmenter's wrapper keeps in place of the eager Unet: one 1 x 1 convolution.
+class _Served:
+    """What a network served from its export shows the pipeline in place of a torch module.
 
-    ``predict`` reads the input channels from the first convolution and the device from
-    the first parameter; the stand-in answers both and computes nothing.
+    ``predict`` and ``router_outputs`` run it through its numpy method (no torch: a process
+    that only serves exports never imports it); the module methods they would otherwise
+    call on a network answer as for a model in eval mode on the CPU.
     """
-    import torch
 
-    return torch.nn.Sequential(torch.nn.Conv2d(int(in_channels), 1, kernel_size=1, bias=False)).eval()
+    training = False
+
+    def __init__(self, run, name: str):
+        self._run = run
+        self.backend_name = name
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a network served from its export cannot train")
+        return self
 
 
-def router_stand_in(feature_dim: int, classes: int):
-    """What an exported router's wrapper keeps in place of the eager ViT: its head, and timm's method names.
+class ServedNet(_Served):
+    """An exported segmenter: ``numpy_forward(N x C x h x w float32) -> N x classes x h x w`` logits."""
 
-    :func:`~triageseg.router.ood.router_feature_dim` reads the head's input width; the
-    methods exist so that the wrapper is recognised as a ViT's, and refuse to compute.
+    def __init__(self, run, name: str, in_channels: int):
+        super().__init__(run, name)
+        self.in_channels = int(in_channels)
+
+    def numpy_forward(self, arr):
+        return self._run(arr)
+
+
+class ServedRouter(_Served):
+    """An exported router: ``numpy_logits_and_features(N x 3 x S x S float32) -> (logits, features)``.
+
+    ``feature_dim`` and ``classes`` come from ``meta.json`` (the ViT's head); the OOD check reads them.
     """
-    import torch
 
-    class RouterStandIn(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(int(feature_dim), int(classes))
-            self.num_features = int(feature_dim)
+    def __init__(self, run, name: str, feature_dim: int, classes: int):
+        super().__init__(run, name)
+        self.feature_dim, self.classes = int(feature_dim), int(classes)
 
-        def _served(self, *_args, **_kwargs):
-            raise RuntimeError("this router is served from its export; only the exported runner computes")
-
-        forward = forward_features = forward_head = _served
-
-    return RouterStandIn().eval()
+    def numpy_logits_and_features(self, arr):
+        return self._run(arr)

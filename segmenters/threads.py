@@ -87,15 +87,56 @@ def decode_thread_init() -> None:
 
 
 def configure_threads(workers: int = 0, decode_thread: bool | None = None) -> int:
-    """Set torch's intra-op threads to :func:`network_threads` (ONNX Runtime/OpenVINO read it too); returns it.
+    """Give the network :func:`network_threads` intra-op threads (:func:`set_network_threads`); returns it.
 
     ``decode_thread`` defaults to ``workers == 0`` (the batch path then decodes in a thread).
     """
-    import torch
-
     n = network_threads(workers, decode_thread=workers == 0 if decode_thread is None else decode_thread)
-    torch.set_num_threads(n)
+    return set_network_threads(n)
+
+
+# The network's thread count, set before torch was imported: the exported runtimes read it
+# (current_threads), and torch takes it when a device is first resolved (devices.resolve_device).
+_pending: int | None = None
+
+
+def set_network_threads(n: int) -> int:
+    """The network's intra-op threads: torch's, and the exported runtimes' (ONNX Runtime, OpenVINO); returns it.
+
+    A network served from its export (:mod:`triageseg.segmenters.served`) runs without
+    torch, and importing torch costs a fresh process about a second, so torch is not
+    imported for this: with torch not loaded yet, the count is kept, the runtimes read it
+    (:func:`current_threads`), and torch is given it the first time a device is resolved
+    (:func:`take_pending`), before any eager network runs.
+    """
+    global _pending
+    n = max(1, int(n))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+        _pending = None
+    else:
+        _pending = n
     return n
+
+
+def current_threads() -> int:
+    """The network's intra-op threads now: the count set and not yet handed to torch, else torch's.
+
+    Without torch loaded and nothing set: :func:`network_threads` (the cores this process may use).
+    """
+    if _pending is not None:
+        return _pending
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    return network_threads()
+
+
+def take_pending(torch) -> None:
+    """Hand a count set before torch was loaded to torch (called once torch is imported for a device)."""
+    global _pending
+    if _pending is not None:
+        torch.set_num_threads(_pending)
+        _pending = None
 
 
 def limit_worker_threads() -> None:

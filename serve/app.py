@@ -245,7 +245,7 @@ def create_app(pipe, config: ServeConfig, *, workspace: Workspace, queue: Device
             "models": pipe.available,
             "has_router": bool(pipe.manifest.get("has_router")),
             "confidence_threshold": pipe.confidence_threshold,
-            "device": str(pipe.device),
+            "device": pipe.device_name,
             "max_upload_mb": config.max_upload_mb,
             "max_upload_bytes": config.max_upload_bytes,
             "max_pixels": config.max_pixels,

@@ -86,7 +86,7 @@ def serve(config: ServeConfig, *, echo: Callable[[str], None] = print) -> None:
         app = create_app(pipe, config, workspace=workspace, queue=queue)
         server = _server(app, config, queue)
         host = f"[{config.host}]" if ":" in config.host else config.host
-        echo(f"triageseg serve: bundle {pipe.path} ({', '.join(pipe.available)}) on {pipe.device}")
+        echo(f"triageseg serve: bundle {pipe.path} ({', '.join(pipe.available)}) on {pipe.device_name}")
         echo(f"open http://{host}:{config.port}/ (Ctrl-C to stop)")
         echo(f"limits: uploads up to {config.max_upload_mb:g} MB, images up to {config.max_pixels / 1e6:g} MP "
              "(--max-upload-mb, --max-pixels)")

@@ -1111,6 +1111,7 @@ def test_slides_interleave_the_actors_never_wait_for_a_decode(tmp_path, monkeypa
     (bundle / "bundle.json").write_text("{}")
     pipe = types.SimpleNamespace(path=bundle, tile_size=64, overlap=16, batch_size=1, tta=False, unknown="generalist",
                                  backend="torch", precision="fp32", diameter=None, use_pixel_size=True, device="cpu",
+                                 device_name="cpu",
                                  params=lambda _m, _s: types.SimpleNamespace(to_dict=dict))
     items = []
     for name in ("a", "b"):

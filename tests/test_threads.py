@@ -72,3 +72,36 @@ def test_the_cli_turns_numpys_huge_page_advice_off_in_its_own_process():
     assert _cli_help(unset, report) == "0 [False]"
     chosen = "import os, sys; os.environ['NUMPY_MADVISE_HUGEPAGE'] = '1'\n" + spy
     assert _cli_help(chosen, report) == "1 []"
+
+
+def test_a_thread_count_set_before_torch_reaches_the_runtimes_then_torch():
+    """set_network_threads without torch loaded: the exported runtimes read it, torch takes it when a device
+    is first resolved (before any eager network runs); the CPU device is named without importing torch."""
+    code = (
+        "import sys\n"
+        "from triageseg.segmenters import threads\n"
+        "from triageseg.devices import device_name\n"
+        "assert threads.set_network_threads(1) == 1 and threads.current_threads() == 1\n"
+        "assert device_name('cpu') == 'cpu' and device_name(' CPU ') == 'cpu'\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "n = torch.get_num_threads()\n"
+        "from triageseg.devices import resolve_device\n"
+        "assert str(resolve_device('cpu')) == 'cpu'\n"
+        "print(n, torch.get_num_threads(), threads.current_threads())\n"
+    )
+    env_code = "import os; os.environ['OMP_NUM_THREADS'] = '2'\n" + code  # torch's own default: 2 threads
+    out = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "1", "1"]
+
+
+def test_device_names_match_the_torch_devices():
+    import pytest
+
+    from triageseg.devices import device_name, resolve_device
+
+    for spec in ("cpu", "auto", None):
+        assert device_name(spec) == str(resolve_device(spec))
+    with pytest.raises(ValueError, match="unknown device"):
+        device_name("tpu")

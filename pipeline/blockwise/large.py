@@ -389,7 +389,7 @@ def _fingerprint(pipe, path: Path, options: BlockOptions, modality: str | None, 
         "channel": channel, "modality": modality, "bundle": str(Path(pipe.path).resolve()),
         "bundle_mtime_ns": manifest.st_mtime_ns,
         "block_size": options.block_size, "margin": options.margin, "tile_size": pipe.tile_size,
-        "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": str(pipe.device),
+        "overlap": pipe.overlap, "tta": pipe.tta, "batch_size": pipe.batch_size, "device": pipe.device_name,
         "diameter": pipe.diameter, "use_pixel_size": pipe.use_pixel_size,
         # only when not the default: journals begun before the setting existed keep their key
         **({"prob_dtype": pipe.prob_dtype} if getattr(pipe, "prob_dtype", "float32") != "float32" else {}),

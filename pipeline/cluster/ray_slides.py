@@ -326,7 +326,7 @@ class SlideRun:
     def _finish(self, slide: _Slide) -> None:
         """Queue the finish task; the driver lets go of the slide's lock first (the task takes it)."""
         slide.lock.close()
-        item, settings = slide.item, {**self.settings, "device": str(self.pipe.device)}  # the driver's key
+        item, settings = slide.item, {**self.settings, "device": self.pipe.device_name}  # the driver's key
         self.tasks.append(("finish", slide, lambda: self._remote["finish"].remote(
             self.bundle, settings, str(item["source"]), str(self.out), item["name"], self.modality, self.channel,
             self.options, slide.key, None if self.scratch is None else str(slide.journal.folder))))

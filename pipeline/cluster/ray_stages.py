@@ -106,10 +106,11 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 
 def _set_threads(threads: int) -> None:
-    import torch
+    from triageseg.segmenters.threads import set_network_threads
 
-    # The same thread count as the local run gives bit-identical probabilities.
-    torch.set_num_threads(max(1, int(threads)))
+    # The same thread count as the local run gives bit-identical probabilities (torch's, or the exported
+    # runtime's when the networks are served from their exports without torch).
+    set_network_threads(threads)
 
 
 def read_stage(row: dict, *, options: StageOptions) -> dict:

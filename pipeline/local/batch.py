@@ -158,7 +158,7 @@ def segment_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     with out_dir_lock(out_dir):  # a second run into out_dir is refused: it would lose this run's rows
         check_settings(out_dir, settings, overwrite=overwrite)
-        write_json_atomic(out_dir / SEGMENT_CONFIG, {**settings, "device": str(pipe.device),
+        write_json_atomic(out_dir / SEGMENT_CONFIG, {**settings, "device": pipe.device_name,
                                                       "batch_size": pipe.batch_size, "workers": workers,
                                                       "n_inputs": len(paths), **blocks.to_config()})
         return _segment_locked(pipe, paths, names, out_dir, modality=modality, overwrite=overwrite,

@@ -41,11 +41,11 @@ def _executor() -> ThreadPoolExecutor:
 
 def worth_it(pipe, modality: str | None, pixel_size) -> bool:
     """Whether :func:`route_and_estimate` can save time for this image (see the module docstring)."""
-    import torch
+    from triageseg.segmenters.threads import current_threads
 
     if modality is not None or pipe.diameter is not None or (pixel_size is not None and pipe.use_pixel_size):
         return False
-    if torch.get_num_threads() < 2:
+    if current_threads() < 2:
         return False
     return any(pipe.size_config(name)[0] is not None for name in pipe.available)
 

@@ -46,7 +46,7 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
         run_dir: its folder (``config.json`` + ``model.safetensors``): the export cache's key.
         choice: the resolved backend (:func:`~triageseg.segmenters.backends.resolve`); its
             precision is not used (the router runs fp32, see the module docstring).
-        threads: intra-op threads of the exported runtime (default: torch's current count).
+        threads: intra-op threads of the exported runtime (default: the network's, ``threads.current_threads``).
 
     Returns:
         ``model`` (torch, or a router that is not a timm ViT), or a module whose
@@ -58,12 +58,14 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
     """
     import torch
 
+    from triageseg.segmenters.threads import current_threads
+
     if choice.backend == "torch" or not is_timm_vit(model):
         return model
     fp32 = _backends.Choice(choice.backend, "fp32", auto=choice.auto)
     try:
         path = _backends.export_onnx(model, run_dir, kind=KIND, export=_export_router)
-        run = _backends.runner(fp32, path, threads or torch.get_num_threads(), outputs=2)
+        run = _backends.runner(fp32, path, threads or current_threads(), outputs=2)
         head = getattr(model, "head", None)
         if run_dir is not None and isinstance(head, torch.nn.Linear):  # what load_served_router needs
             from triageseg.segmenters.served import write_meta
@@ -82,11 +84,11 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
 def load_served_router(run_dir: str | os.PathLike, *, choice: _backends.Choice, device="cpu") -> tuple | None:
     """``(router module, config)`` served from the export cache without building the ViT; None if not.
 
-    The module is :func:`prepare_router`'s wrapper around a stand-in of the ViT's head
-    (:mod:`triageseg.segmenters.served`), so the pipeline uses it as it uses the wrapper of
-    an eager ViT. None (no valid cached export of exactly this folder's files, the torch
-    backend, a GPU, an export whose classes differ from the config's) means the caller
-    loads with :func:`triageseg.router.model.load_router` and :func:`prepare_router`.
+    The router is a :class:`~triageseg.segmenters.served.ServedRouter` (no torch module: the
+    pipeline runs it on numpy arrays, as it runs :func:`prepare_router`'s wrapper). None (no
+    valid cached export of exactly this folder's files, the torch backend, a GPU, an export
+    whose classes differ from the config's) means the caller loads with
+    :func:`triageseg.router.model.load_router` and :func:`prepare_router`.
     """
     from pathlib import Path
 
@@ -108,7 +110,7 @@ def load_served_router(run_dir: str | os.PathLike, *, choice: _backends.Choice, 
         return None
     if classes != len(config.class_names):
         return None
-    return _wrapper()(served.router_stand_in(feature_dim, classes), run, choice.backend).eval(), config
+    return served.ServedRouter(run, choice.backend, feature_dim, classes), config
 
 
 def _export_router(model, path) -> None:
@@ -157,6 +159,10 @@ def _wrapper():
             self.eager = eager
             self._run = run
             self.backend_name = name
+
+        def numpy_logits_and_features(self, arr):
+            """What ``router_outputs`` runs: normalised thumbnails as numpy, the same way a served router runs."""
+            return self._run(arr)
 
         def logits_and_features(self, x):
             arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

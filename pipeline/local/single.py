@@ -68,9 +68,9 @@ class Pipeline(SizeDecisions):
         size_method: str = "mask",
         prob_dtype: str = "float32",
     ):
+        from triageseg.devices import device_name
         from triageseg.router.size import METHODS, check_diameter
         from triageseg.segmenters.backends import resolve
-        from triageseg.segmenters.predict import resolve_device
 
         _check_sizes(tile_size=tile_size, overlap=overlap, batch_size=1 if batch_size is None else batch_size)
         self.diameter = None if diameter is None else check_diameter(diameter)  # --diameter: forces the size
@@ -87,10 +87,13 @@ class Pipeline(SizeDecisions):
         self.prob_dtype = prob_dtype
         self.path = Path(path)
         self.manifest = _bundle.read_manifest(self.path)
-        self.device = resolve_device(device)
+        # "cpu", "cuda:1", ...: without importing torch where that is the CPU (devices.device_name); the
+        # torch.device (self.device) is made when an eager network or a GPU needs it
+        self.device_name = device_name(device)
+        self._device = None
         # the segmenters' inference backend (segmenters.backends), resolved once: a fallback is noted here
         self.backend, self.precision = backend, precision
-        self.choice = resolve(backend, precision, self.device)
+        self.choice = resolve(backend, precision, self.device_name)
         self.tile_size = tile_size
         self.overlap = overlap
         # tiles per pass as asked; None: by the device and the tile size (default_batch_size), so that a Ray
@@ -119,6 +122,15 @@ class Pipeline(SizeDecisions):
         """Open the bundle at ``path`` (see :class:`Pipeline` for the keyword options)."""
         return cls(path, **kwargs)
 
+    @property
+    def device(self):
+        """The torch.device the networks run on (importing torch: served exports use :attr:`device_name`)."""
+        if self._device is None:
+            from triageseg.devices import resolve_device
+
+            self._device = resolve_device(self.device_name)
+        return self._device
+
     # ----------------------------------------------------------------- models
     @property
     def specialists(self) -> list[str]:
@@ -137,7 +149,7 @@ class Pipeline(SizeDecisions):
             run_dir = _bundle.router_dir(self.path)
             # on the specialists' backend, fp32 always (pipeline.local.router_backend); from the export cache
             # without building the ViT when it holds these weights (segmenters.served)
-            served = load_served_router(run_dir, choice=self.choice, device=self.device)
+            served = load_served_router(run_dir, choice=self.choice, device=self.device_name)
             if served is None:
                 model, config = load_router(run_dir, device=self.device)
                 served = (prepare_router(model, run_dir, choice=self.choice), config)
@@ -194,7 +206,7 @@ class Pipeline(SizeDecisions):
                 from triageseg.segmenters.model import load_segmenter, load_served_segmenter
 
                 run_dir = _bundle.segmenter_dir(self.path, name)
-                loaded = load_served_segmenter(run_dir, choice=self.choice, device=self.device)
+                loaded = load_served_segmenter(run_dir, choice=self.choice, device=self.device_name)
                 if loaded is None:
                     model, config, params = load_segmenter(run_dir, device=self.device)
                     loaded = (prepare_network(model, run_dir, choice=self.choice, device=self.device), config, params)
@@ -231,7 +243,7 @@ class Pipeline(SizeDecisions):
         from triageseg.router.model import classify
 
         model, config = self._load_router()
-        return classify(model, config, list(images), device=self.device, ood=self._ood)
+        return classify(model, config, list(images), device=self.device_name, ood=self._ood)
 
     def choose(self, prediction) -> tuple[str, str]:
         """Which segmenter runs for a router prediction, and why (:func:`triageseg.router.policy.decide`).
@@ -274,14 +286,14 @@ class Pipeline(SizeDecisions):
             overlap=overlap,
             batch_size=self.batch_for(tile_size),
             tta=self.tta,
-            device=self.device,
+            device=self.device_name,
             scale=config.scale if scale is None else scale,
         )
         return round_probabilities(probs, self.prob_dtype)
 
     def batch_for(self, tile_size: int) -> int:
         """Tiles per forward pass for tiles of ``tile_size``: ``batch_size``, else :func:`default_batch_size`."""
-        return self.batch_size if self.batch_size is not None else default_batch_size(self.device, tile_size)
+        return self.batch_size if self.batch_size is not None else default_batch_size(self.device_name, tile_size)
 
     def probability_stream(self, used_model: str, *, scale: float | None = None, name: str = "<array>"):
         """:meth:`probabilities` band by band, for the block path (``segmenters.predict.stream_probabilities``).
@@ -301,7 +313,7 @@ class Pipeline(SizeDecisions):
             overlap = tile_size // 4  # as probabilities()
         stream = functools.partial(stream_probabilities_scaled, model, scale=fixed if scale is None else scale,
                                    tile_size=tile_size, overlap=overlap, batch_size=self.batch_for(tile_size),
-                                   tta=self.tta, device=self.device)
+                                   tta=self.tta, device=self.device_name)
         if self.prob_dtype == "float32":
             return stream
         dtype = self.prob_dtype
@@ -374,7 +386,7 @@ class Pipeline(SizeDecisions):
 
         model, config = self._load_router()
         views = overview_views(overview, shape, read_crop, config)
-        return classify_views(model, config, [views], device=self.device, ood=self._ood)[0]
+        return classify_views(model, config, [views], device=self.device_name, ood=self._ood)[0]
 
     def decide_overview(
         self, overview: np.ndarray, shape: tuple[int, int], read_crop, modality: str | None = None, *,
