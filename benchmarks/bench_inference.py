@@ -143,9 +143,32 @@ class _Timed:
         self.pixels = 0  # pixels the network computed (tiles x their sides)
 
     def wrap(self, net):
-        import torch
+        from triageseg.segmenters.predict import _input_channels
 
         timer = self
+        if getattr(net, "numpy_forward", None) is not None:  # an exported network: predict runs it on numpy
+
+            class TimedExport:
+                training = False
+
+                def __init__(self):
+                    self.inner = net
+                    self.backend_name = getattr(net, "backend_name", "torch")
+                    self.in_channels = _input_channels(net)
+
+                def eval(self):
+                    return self
+
+                def numpy_forward(self, arr):
+                    timer.pixels += int(arr.shape[0]) * int(arr.shape[2]) * int(arr.shape[3])
+                    t0 = time.perf_counter()
+                    y = net.numpy_forward(arr)
+                    timer.seconds += time.perf_counter() - t0
+                    return y
+
+            return TimedExport()
+        import torch
+
 
         class TimedNet(torch.nn.Module):
             def __init__(self):
