@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from triageseg import bundle as B
 
-TINY = dict(scale=1.0, total_steps=40, steps_per_epoch=5, batch_size=2, crop_size=64, router_epochs=2,
+TINY = dict(scale=1.0, total_steps=24, steps_per_epoch=5, batch_size=2, crop_size=64, router_epochs=2,
             router_seconds=4.0, decoder_channels=(16, 16, 16, 16, 16))
 
 
@@ -31,7 +31,7 @@ def test_train_bundle_writes_every_model(trained):
     assert set(summary["val_mean_f1"]) == {"base", "_generalist", "brightfield", "fluorescence", "he"}
     # same total budget: base + generalist = base + all specialists = total_steps
     steps = summary["steps"]
-    assert steps["base"] + steps["_generalist"] == 40 and steps["base"] == 30
+    assert steps["base"] + steps["_generalist"] == 24 and steps["base"] == 18
     assert steps["fluorescence"] + steps["brightfield"] + steps["he"] == steps["_generalist"]
     spec = [steps[m] for m in ("brightfield", "fluorescence", "he")]
     assert max(spec) - min(spec) <= 1  # the default split is equal, whatever the modality counts

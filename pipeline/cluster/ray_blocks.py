@@ -119,11 +119,11 @@ class BandActor:
     """Probability bands of huge images; each segmenter loaded once per actor (``Pipeline.probability_stream``)."""
 
     def __init__(self, bundle: str, pipeline: dict, threads: int = 1):
-        import torch
-
         from triageseg.pipeline.local.single import Pipeline
+        from triageseg.segmenters.threads import set_network_threads
 
-        torch.set_num_threads(max(1, int(threads)))  # the local run's thread count: the same probabilities
+        # the local run's thread count: the same probabilities (torch's, or the exported runtime's without torch)
+        set_network_threads(threads)
         self.pipe = Pipeline(bundle, **pipeline)
 
     def band(self, path: str, level: int, norm: dict, model: str, scale: float | None, folder: str,
