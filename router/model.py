@@ -543,7 +543,6 @@ def router_outputs(
     import torch
 
     timm_vit = all(hasattr(model, a) for a in ("forward_features", "forward_head", "head"))
-    exported = getattr(model, "logits_and_features", None)
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
@@ -555,9 +554,7 @@ def router_outputs(
         with torch.inference_mode():
             for start in range(0, len(thumbs), batch_size):
                 x = to_tensor(thumbs[start : start + batch_size], config).to(device)
-                if exported is not None:
-                    out, pooled = exported(x)
-                elif timm_vit:
+                if timm_vit:
                     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
                     out = model.head(pooled)
                 else:  # any other classifier: its logits stand in for the features

@@ -123,7 +123,7 @@ def test_missing_library_keeps_the_router_on_torch(router_dir, monkeypatch, tmp_
         warnings.simplefilter("always")
         choice = B.resolve("onnx")
         net = RB.prepare_router(model, router_dir, choice=choice)
-    assert net is model and not hasattr(net, "logits_and_features")
+    assert net is model and not hasattr(net, "numpy_logits_and_features")
     assert len([w for w in seen if issubclass(w.category, B.BackendNote)]) == 1
     assert not B.cache_root().exists() or not list(B.cache_root().rglob(B.ONNX_FILE))
 

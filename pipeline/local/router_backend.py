@@ -6,8 +6,8 @@ and the ViT is about 40% of that stage (a profile on 2 cores), so the ViT is exp
 same way as the specialists: one ONNX file per router weights, in the same cache (never in
 the bundle), giving both outputs the pipeline reads from one pass: the logits (routing: modality, confidence) and the pooled pre-logits
 features (the OOD score). :func:`triageseg.router.model.router_outputs` runs the wrapper
-this module makes through its ``logits_and_features`` method; the router package itself
-never imports a backend.
+this module makes through its ``numpy_logits_and_features`` method, on numpy arrays; the
+router package itself never imports a backend.
 
 The router always runs fp32, whatever ``--precision`` says: its outputs are thresholded
 (the confidence fallback, the OOD threshold), and those thresholds were calibrated on fp32
@@ -50,7 +50,7 @@ def prepare_router(model, run_dir: str | os.PathLike | None, *, choice: _backend
 
     Returns:
         ``model`` (torch, or a router that is not a timm ViT), or a module whose
-        ``logits_and_features(x)`` gives ``(logits N x C, features N x D)`` as torch tensors.
+        ``numpy_logits_and_features(x)`` gives ``(logits N x C, features N x D)`` as numpy arrays.
 
     Raises:
         Exception: the export or its runtime failed for a backend asked for by name (``auto``
@@ -164,12 +164,8 @@ def _wrapper():
             """What ``router_outputs`` runs: normalised thumbnails as numpy, the same way a served router runs."""
             return self._run(arr)
 
-        def logits_and_features(self, x):
-            arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-            logits, features = self._run(arr)
-            return torch.from_numpy(logits), torch.from_numpy(features)
-
         def forward(self, x):
-            return self.logits_and_features(x)[0]
+            logits, _features = self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()))
+            return torch.from_numpy(logits)
 
     return ExportedRouter
