@@ -99,3 +99,45 @@ def test_training_with_a_scale_saves_it_and_the_pipeline_applies_it(synth_data, 
     out = pipe.segment(image, modality="he")
     assert seen[0] == pytest.approx(scale, abs=1e-3)  # (predict then calls itself on the resized image)
     assert out.labels.shape == image.shape[:2]
+
+
+def test_labels_shrunk_by_two_stay_on_their_image():
+    """Nearest neighbour put labels shrunk by 2 a quarter pixel up-left of their image; shares keep them on it."""
+    from scipy import ndimage
+
+    lab = np.zeros((200, 200), np.int32)
+    yy, xx = np.mgrid[0:200, 0:200]
+    rng = np.random.default_rng(3)
+    centres = [(30 + 35 * (i // 5) + rng.random(), 30 + 35 * (i % 5) + rng.random()) for i in range(25)]
+    for i, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 7.5**2] = i
+    small = resize_labels(lab, (100, 100))
+    assert set(np.unique(small)) == set(np.unique(lab))
+    ids = np.arange(1, 26)
+    want = (np.array(ndimage.center_of_mass(lab > 0, lab, ids)) + 0.5) / 2 - 0.5
+    got = np.array(ndimage.center_of_mass(small > 0, small, ids))
+    assert np.abs((got - want).mean(axis=0)).max() < 0.03  # nearest neighbour: -0.25 in both
+    ratio = np.bincount(small.ravel())[1:].sum() / np.bincount(lab.ravel())[1:].sum() * 4
+    assert 0.95 < ratio < 1.05
+    # the image's own operator decides: an object's pixels are those where its share under resize_image wins
+    share = resize_image((lab == 1).astype(np.float32), (100, 100))
+    assert np.array_equal(small == 1, (share > 0.5 + 1e-5) | ((np.abs(share - 0.5) <= 1e-5) & (small == 1)))
+
+
+def test_label_ties_alternate_and_pieces_stay_whole():
+    from triageseg.segmenters.label_resize import operator_matrix
+
+    lab = np.zeros((40, 40), np.int32)
+    lab[:, 21:] = 1  # the edge at 21 splits the 2 x 2 blocks of column pair 20-21: every output pixel of column 10 ties
+    small = resize_labels(lab, (20, 20))
+    assert (small[:, 11:] == 1).all() and (small[:, :10] == 0).all()
+    assert (small[:, 10] == 1).sum() == 10  # half the ties to each side: the edge does not move
+    thin = np.zeros((40, 40), np.int32)
+    thin[5:35, 20] = 1  # one pixel wide: its shares are 0.5 at best, so it keeps one 4-connected piece or vanishes
+    out = resize_labels(thin, (20, 20))
+    from scipy import ndimage
+
+    assert ndimage.label(out == 1)[1] <= 1
+    mat = operator_matrix(lambda a, n: resize_image(a, (n, a.shape[1])), 777, 300)
+    x = np.random.default_rng(0).random((777, 5)).astype(np.float32)
+    assert np.allclose(mat @ x, resize_image(x, (300, 5)), atol=1e-5)

@@ -196,3 +196,28 @@ def test_cli_synth_summary_and_errors(tmp_path):
     bad = _run_cli("data", "synth", "--out", str(tmp_path / "e"), "--modalities", "he,phase")
     assert bad.exit_code == 2 and "valid: fluorescence, brightfield, he" in bad.output
     assert _run_cli("data", "synth", "--help").exit_code == 0
+
+
+@pytest.mark.parametrize("modality", ["fluorescence", "he"])
+def test_a_sample_shrunk_by_two_keeps_its_labels_on_the_nuclei(modality):
+    """The same layout drawn at zoom 1 (side 2S) and zoom 0.5 (side S): the labels' centroids agree to 0.05 px."""
+    from triageseg.datasets.synth.styles import STYLES
+
+    r_lo, r_hi = STYLES[modality].radius
+    typical = 2.0 * np.sqrt(r_lo * r_hi)
+    _, big = synth_sample(modality, size=256, rng=np.random.default_rng(4), diameter=typical)
+    image, small = synth_sample(modality, size=128, rng=np.random.default_rng(4), diameter=typical / 2)
+    assert image.shape == (128, 128, 3) and small.max() >= 10
+    assert np.array_equal(np.unique(small), np.arange(small.max() + 1))
+    for i, sl in enumerate(ndimage.find_objects(small), start=1):
+        assert ndimage.label(small[sl] == i)[1] == 1
+    # ids were renumbered after shrinking: pair each small nucleus with the big one under its centre
+    got = np.array(ndimage.center_of_mass(small > 0, small, np.arange(1, small.max() + 1)))
+    pairs = []
+    for cy, cx in got:
+        k = big[int(round(2 * cy + 0.5)), int(round(2 * cx + 0.5))]
+        if k:
+            want = (np.array(ndimage.center_of_mass(big == k)) + 0.5) / 2 - 0.5
+            pairs.append(np.array([cy, cx]) - want)
+    assert len(pairs) >= 10
+    assert np.abs(np.mean(pairs, axis=0)).max() < 0.05  # nearest neighbour: -0.25 in rows and columns

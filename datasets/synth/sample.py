@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from triageseg.datasets.synth.brightfield import _render_brightfield
@@ -35,7 +37,8 @@ def synth_sample(
         rng: the random generator; the same generator state gives the same sample.
         diameter: the median nucleus diameter (px) wanted: the sample is drawn at the
             modality's own size on a canvas of ``size / zoom`` and resized by ``zoom``
-            (bilinear up, area down; labels nearest), so texture and blur scale with the
+            (bilinear up, smoothed down; each label pixel to the nucleus covering most of it
+            under the same resize), so texture and blur scale with the
             nuclei as under another objective. None (default): the modality's own sizes,
             the samples of earlier versions bit for bit.
 
@@ -58,6 +61,8 @@ def _zoomed(modality: str, size: int, rng: np.random.Generator, diameter: float)
     """A sample whose nuclei have a median diameter near ``diameter``: drawn at base size, then resized."""
     from skimage.transform import resize
 
+    from triageseg.segmenters.label_resize import resize_labels_like
+
     if not (2.0 <= diameter <= 1000.0):
         raise ValueError(f"diameter must be in [2, 1000] pixels, got {diameter}")
     r_lo, r_hi = STYLES[modality].radius
@@ -69,10 +74,17 @@ def _zoomed(modality: str, size: int, rng: np.random.Generator, diameter: float)
         return image, labels
     image = resize(image.astype(np.float32), (size, size), order=1, anti_aliasing=zoom < 1, preserve_range=True)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    labels = resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(np.uint32)
+    labels = resize_labels_like(labels, (size, size), partial(_resize_rows, anti_aliasing=zoom < 1))
     # ids stay consecutive: a nucleus lost when shrinking is dropped from the numbering
     ids = np.unique(labels)
     lut = np.zeros(int(labels.max()) + 1, np.uint32)
     lut[ids[ids > 0]] = np.arange(1, int((ids > 0).sum()) + 1, dtype=np.uint32)
     return image, lut[labels]
 
+
+
+def _resize_rows(arr: np.ndarray, n_out: int, *, anti_aliasing: bool) -> np.ndarray:
+    """The image's resize in :func:`_zoomed`, along the rows of ``arr`` only (its labels follow it)."""
+    from skimage.transform import resize
+
+    return resize(arr, (int(n_out), arr.shape[1]), order=1, anti_aliasing=anti_aliasing, preserve_range=True)
