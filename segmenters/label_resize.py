@@ -131,14 +131,22 @@ def resize_labels_like(labels: np.ndarray, shape: tuple[int, int], resample: Res
     return _largest_pieces(out)
 
 
+def stray_pieces(mask: np.ndarray) -> np.ndarray | None:
+    """The pixels of ``mask`` outside its largest 4-connected piece, or None when it is one piece (or empty)."""
+    pieces, count = ndi.label(mask)
+    if count <= 1:
+        return None
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return mask & (pieces != sizes.argmax())
+
+
 def _largest_pieces(labels: np.ndarray) -> np.ndarray:
     """Each label reduced to its largest 4-connected piece (the rest becomes background), in place."""
     for k, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        mask = labels[sl] == k
-        pieces, n = ndi.label(mask)
-        if n > 1:
-            sizes = np.bincount(pieces.ravel())[1:]
-            labels[sl][mask & (pieces != 1 + int(np.argmax(sizes)))] = 0
+        stray = stray_pieces(labels[sl] == k)
+        if stray is not None:
+            labels[sl][stray] = 0
     return labels

@@ -84,6 +84,8 @@ def _keep_connected(
     labels: np.ndarray, nrad: np.ndarray, intended: np.ndarray, ndimage
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep each nucleus's largest 4-connected piece; drop small remains; relabel 1..N."""
+    from triageseg.segmenters.label_resize import stray_pieces
+
     n = int(labels.max())
     if n == 0:
         return labels, nrad
@@ -92,16 +94,12 @@ def _keep_connected(
         if sl is None:
             continue
         mine = labels[sl] == i
-        pieces, count = ndimage.label(mine)
-        if count > 1:
-            sizes = np.bincount(pieces.ravel())
-            sizes[0] = 0
-            stray = mine & (pieces != sizes.argmax())
+        stray = stray_pieces(mine)
+        if stray is not None:
             labels[sl][stray] = 0
             nrad[sl][stray] = np.inf
-            area = sizes.max()
-        else:
-            area = int(mine.sum())
+            mine &= ~stray
+        area = int(mine.sum())
         keep[i] = area >= max(12, 0.5 * intended[i - 1])
     lut = np.zeros(n + 1, np.uint32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
