@@ -2,7 +2,7 @@
 
 Nearest-neighbour resizing takes one point of the source per output pixel. When an image is
 shrunk by an even whole factor that point is not the output pixel's centre but one corner of
-the source pixels it covers (for 2x: the point at ``2i + 1`` of the block ``[2i, 2i + 2)``,
+the source pixels it covers (for 2x: ``2i`` or ``2i + 1`` of the block ``[2i, 2i + 2)``,
 whose centre is ``2i + 0.5``), so the labels come out a quarter of an output pixel off the
 image, which is area-averaged around the true centre. For nuclei of 8 px that offset alone
 costs IoU 0.1 (``benchmarks/RESULTS.md``: the synthetic zoom series at 0.5).
@@ -30,8 +30,8 @@ from scipy import sparse
 Resample1D = Callable[[np.ndarray, int], np.ndarray]
 
 _COMB = 512  # impulses this far apart (input pixels) never share an output pixel for factors up to ~100
-_TIE = 1e-5
-_DENSE_MAX = 1 << 22  # shares this close are a tie (float32 sums of the same weights)
+_TIE = 1e-5  # shares this close are a tie (float32 sums of the same weights)
+_DENSE_MAX = 1 << 22  # an axis's matrix is kept dense up to this many entries (16 MB)
 
 
 def operator_matrix(resample: Resample1D, n_in: int, n_out: int) -> sparse.csr_matrix:
@@ -67,7 +67,7 @@ class _Axis:
 
     def __init__(self, mat: sparse.csr_matrix):
         self.mat = mat.tocsr()
-        # slicing a dense copy is ~10x faster than a sparse one: kept up to 16 MB
+        # slicing a dense copy is ~10x faster than a sparse one
         self.dense = mat.toarray().astype(np.float32) if mat.shape[0] * mat.shape[1] <= _DENSE_MAX else None
         csc = mat.tocsc()
         n_in = mat.shape[1]

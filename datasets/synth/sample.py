@@ -82,7 +82,6 @@ def _zoomed(modality: str, size: int, rng: np.random.Generator, diameter: float)
     return image, lut[labels]
 
 
-
 def _resize_rows(arr: np.ndarray, n_out: int, *, anti_aliasing: bool) -> np.ndarray:
     """The image's resize in :func:`_zoomed`, along the rows of ``arr`` only (its labels follow it)."""
     from skimage.transform import resize
