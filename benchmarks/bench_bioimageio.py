@@ -95,7 +95,7 @@ def _watershed_in_torchscript(bundle: Path, data: Path, n: int) -> None:
         t2 = time.perf_counter()
         with torch.no_grad():
             lab = flood(torch.from_numpy(probs), params.marker_threshold, params.mask_threshold,
-                        params.min_marker_size, params.min_size)
+                        params.min_marker_size, params.min_size, min_score=params.min_score)
         t3 = time.perf_counter()
         lab = lab.numpy().astype(np.int64)
         t_net, t_sk, t_ts = t_net + t1 - t0, t_sk + t2 - t1, t_ts + t3 - t2

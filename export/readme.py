@@ -64,6 +64,7 @@ triageseg's watershed, with the parameters tuned for these weights on the valida
 | mask_threshold | {p['mask_threshold']} |
 | min_marker_size | {p['min_marker_size']} |
 | min_size | {p['min_size']} |
+| min_score | {p.get('min_score', 0.0)} |
 
 With `P0, P1, P2` the three channels:
 
@@ -73,7 +74,8 @@ With `P0, P1, P2` the three channels:
 3. each 8-connected foreground component with no seed is one object; with one seed it is
    that object; with several seeds it is flooded from its seeds over the elevation
    `round((1 - P1) * 255)` (skimage `watershed`, connectivity 2, mask = the component);
-4. objects smaller than `min_size` pixels are removed, labels renumbered 1..n.
+4. objects whose highest `P1` is below `min_score` are removed, and objects smaller than
+   `min_size` pixels; labels renumbered 1..n.
 
 In Python with triageseg installed: `from triageseg.postprocess.watershed import watershed,
 WatershedParams; labels = watershed(probs, WatershedParams.from_json("postprocess.json"))`.

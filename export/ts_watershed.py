@@ -9,7 +9,8 @@ InstanSeg puts its post-processing inside TorchScript. Ours is a priority-flood 
 3. flooding by levels: the elevation ``1 - P_interior`` is cut into ``levels`` bands; in each
    band, labels grow by 3x3 max-pool steps into unlabelled foreground pixels of that band or
    lower until nothing changes (a geodesic dilation per level, not a pixel-exact priority queue);
-4. foreground components without a seed get their own label; small seeds / objects dropped.
+4. foreground components without a seed get their own label; small seeds / objects and objects
+   whose highest interior probability is below ``min_score`` dropped.
 
 Steps 2 and 3 iterate about as often as an object (or a band of it) is wide, each step a full
 image max-pool.
@@ -55,9 +56,19 @@ def _drop_small(lab: torch.Tensor, min_count: int) -> torch.Tensor:
     return torch.where(small[flat].view(lab.shape), torch.zeros_like(lab), lab)
 
 
+def _drop_unsure(lab: torch.Tensor, interior: torch.Tensor, min_score: float) -> torch.Tensor:
+    if min_score <= 0.0:
+        return lab
+    ids, inverse = torch.unique(lab.flatten(), return_inverse=True)
+    peak = torch.zeros(ids.shape, dtype=interior.dtype, device=lab.device)
+    peak = peak.scatter_reduce(0, inverse, interior.flatten(), reduce="amax")
+    unsure = (peak < min_score) & (ids > 0)
+    return torch.where(unsure[inverse].view(lab.shape), torch.zeros_like(lab), lab)
+
+
 def seeded_flood(probs: torch.Tensor, marker_threshold: float = 0.4, mask_threshold: float = 0.5,
                  min_marker_size: int = 3, min_size: int = 10, levels: int = 16,
-                 max_iter: int = 512) -> torch.Tensor:
+                 max_iter: int = 512, min_score: float = 0.0) -> torch.Tensor:
     """3xHxW probabilities -> HxW labels (float ids, not consecutive; 0 = background)."""
     interior, boundary = probs[1], probs[2]
     fg = (interior + boundary) > mask_threshold
@@ -74,7 +85,7 @@ def seeded_flood(probs: torch.Tensor, marker_threshold: float = 0.4, mask_thresh
     if bool(rest.any()):
         extra = _components(rest, max_iter)
         lab = torch.where(rest, extra + float(probs.shape[1] * probs.shape[2]), lab)
-    return _drop_small(lab, min_size)
+    return _drop_small(_drop_unsure(lab, interior, min_score), min_size)
 
 
 def scripted():

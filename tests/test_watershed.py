@@ -251,7 +251,62 @@ def test_tune_watershed_bad_inputs(drawn):
 def test_params_file_is_plain_json(tmp_path):
     WatershedParams().to_json(tmp_path / "p.json")
     data = json.loads((tmp_path / "p.json").read_text())
-    assert data == {"marker_threshold": 0.4, "mask_threshold": 0.5, "min_marker_size": 3, "min_size": 10}
+    assert data == {"marker_threshold": 0.4, "mask_threshold": 0.5, "min_marker_size": 3, "min_size": 10,
+                    "min_score": 0.0}
+
+
+def test_a_params_file_without_min_score_loads_as_before(tmp_path):
+    """Bundles saved before ``min_score`` existed keep every object, as they did."""
+    path = tmp_path / POSTPROCESS_JSON
+    path.write_text('{"marker_threshold": 0.2, "mask_threshold": 0.4, "min_marker_size": 3, "min_size": 40}')
+    assert WatershedParams.from_json(path) == WatershedParams(marker_threshold=0.2, mask_threshold=0.4, min_size=40)
+    assert WatershedParams.from_json(path).min_score == 0.0
+
+
+def unsure_blobs() -> np.ndarray:
+    """Two 36-px objects: one whose interior reaches 0.97, one that peaks at 0.6 (foreground, marker-less at 0.4)."""
+    probs = np.zeros((3, 20, 30), np.float32)
+    probs[0] = 1
+    probs[:, 2:8, 2:8] = np.array([0.01, 0.97, 0.02])[:, None, None]
+    probs[:, 12:18, 20:26] = np.array([0.3, 0.6, 0.1])[:, None, None]
+    probs[1, 14, 22] = 0.62  # its peak, one pixel
+    probs[0, 14, 22] = 0.28
+    return probs
+
+
+def test_min_score_drops_objects_the_network_is_unsure_of():
+    probs = unsure_blobs()
+    both = watershed(probs, WatershedParams(min_size=1))
+    assert both.max() == 2
+    for min_score, kept in ((0.62, 2), (0.63, 1), (0.97, 1), (0.98, 0)):
+        out = watershed(probs, WatershedParams(min_size=1, min_score=min_score))
+        assert out.max() == kept, min_score
+        if kept == 1:  # the confident one stays whole, numbered 1; the unsure one's pixels are background
+            assert (out[2:8, 2:8] == 1).all() and not out[12:18, 20:26].any()
+    for bad in (1.0, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="min_score"):
+            WatershedParams(min_score=bad)
+
+
+def test_tune_watershed_chooses_min_score_against_unsure_false_objects(drawn):
+    """Maps with confident nuclei and faint false blobs: a score threshold is worth it, and found."""
+    rng = np.random.default_rng(3)
+    probs, gts = [], []
+    for lab in drawn[:2]:
+        p = ndi.gaussian_filter(one_hot(make_targets(lab, width=2)), (0, 1.0, 1.0))
+        free = np.argwhere(ndi.binary_dilation(lab > 0, iterations=6) == 0)
+        for cy, cx in free[rng.choice(len(free), 12, replace=False)]:  # faint blobs where no nucleus is
+            blob = np.exp(-(((np.arange(lab.shape[0])[:, None] - cy) ** 2 + (np.arange(lab.shape[1]) - cx) ** 2)
+                            / (2 * 3.0**2))).astype(np.float32)
+            p[1] += 1.5 * blob  # peaks at 0.6 after normalising
+        probs.append(p / p.sum(axis=0, keepdims=True))
+        gts.append(lab)
+    grid = {"marker_threshold": [0.4], "mask_threshold": [0.5], "min_size": [10], "min_score": [0.0, 0.5, 0.9]}
+    best, score = tune_watershed(probs, gts, grid=grid)
+    scores = {s: evaluate(gts, [watershed(p, WatershedParams(min_score=s)) for p in probs]).mean_f1
+              for s in grid["min_score"]}
+    assert best.min_score == max(scores, key=scores.get) == 0.9
+    assert score == pytest.approx(scores[0.9]) and scores[0.9] > scores[0.0] + 0.05
 
 
 # --------------------------------------------------------------------------- classical baseline
@@ -326,9 +381,9 @@ def test_each_component_decodes_as_it_would_alone():
     logits += 1.5 * ndi.gaussian_filter(rng.normal(0, 1, logits.shape).astype(np.float32), (0, 2.0, 2.0))
     smooth = np.exp(logits - logits.max(axis=0))
     smooth /= smooth.sum(axis=0)
-    params = WatershedParams()
     flooded = 0
-    for probs in (one_hot, smooth.astype(np.float32)):
+    for probs, params in ((one_hot, WatershedParams()), (smooth.astype(np.float32), WatershedParams()),
+                          (smooth.astype(np.float32), WatershedParams(min_score=0.996))):
         raw, comps = decode_components(probs, params)
         for k, sl in enumerate(ndi.find_objects(comps), start=1):
             y0, y1, x0, x1 = max(0, sl[0].start - 2), sl[0].stop + 2, max(0, sl[1].start - 2), sl[1].stop + 2
@@ -340,3 +395,14 @@ def test_each_component_decodes_as_it_would_alone():
             assert np.unique(a).size == np.unique(b).size == pairs.size, f"component {k} decodes differently alone"
             flooded += np.unique(a).size > 1
     assert flooded > 10  # many components hold several nuclei (the flooded case)
+
+
+def test_the_torchscript_flood_drops_unsure_objects_too():
+    import torch
+
+    from triageseg.export.ts_watershed import scripted
+
+    flood = scripted()
+    probs = torch.from_numpy(unsure_blobs())
+    counts = [torch.unique(flood(probs, 0.4, 0.5, 1, 1, 16, 512, s)).numel() - 1 for s in (0.0, 0.63, 0.98)]
+    assert counts == [2, 1, 0]
