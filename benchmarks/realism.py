@@ -18,11 +18,17 @@ stroma or cytoplasm, what a segmenter must call background): the hematoxylin sha
 H + E (each above its 1st percentile; lilac cytoplasm high, pink stroma low), and the std
 of its H in a fine band (image minus its 1-pixel blur: granules) and a mottle band (1- minus
 4-pixel blur), both relative to the nucleus contrast.
+
+All images, how the nuclei lie (``alignment``): the mean of cos(2 x angle difference) over
+pairs of elongated nuclei (long axis over 1.3x the short) within four median radii of each
+other; 0 when axes point anywhere, 1 when neighbours are parallel (tissue streams, glands).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from triageseg.datasets.synth.layout import alignment
 
 STAINED = ("he", "ihc", "brightfield")
 
@@ -71,6 +77,7 @@ def image_stats(image: np.ndarray, modality: str) -> dict[str, float]:
         "grad": float(np.hypot(*np.gradient(ndimage.gaussian_filter(gray, 1.0))).mean()),
         "texture": float(hp[fg].std() / contrast) if fg.any() else 0.0,
         "nuclei_frac": float(fg.mean()),
+        "alignment": alignment(labels),  # datasets.synth.layout.alignment
     }
     if labels.max() > 0:
         means = ndimage.mean(signal, labels, np.arange(1, int(labels.max()) + 1)) - bg_level

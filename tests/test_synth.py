@@ -221,3 +221,25 @@ def test_a_sample_shrunk_by_two_keeps_its_labels_on_the_nuclei(modality):
             pairs.append(np.array([cy, cx]) - want)
     assert len(pairs) >= 10
     assert np.abs(np.mean(pairs, axis=0)).max() < 0.05  # nearest neighbour: -0.25 in rows and columns
+
+
+def test_tissue_nuclei_follow_a_flow_and_cultured_ones_do_not():
+    """H&E and IHC nuclei lie along a smooth flow (real sections: neighbours agree); fluorescence nuclei point anywhere."""
+    import dataclasses
+
+    from triageseg.datasets.synth.layout import _place_nuclei, alignment
+    from triageseg.datasets.synth.styles import STYLES
+
+    def mean_alignment(style, seeds=range(6)):
+        return np.mean([alignment(_place_nuclei(np.random.default_rng(s), 320, style)[0]) for s in seeds])
+
+    he = STYLES["he"]
+    assert STYLES["fluorescence"].aligned == STYLES["brightfield"].aligned == (0.0, 0.0)
+    assert 0.0 < STYLES["he"].aligned[0] <= STYLES["he"].aligned[1] <= 1.0 and STYLES["ihc"].aligned == he.aligned
+    flowing = mean_alignment(dataclasses.replace(he, aligned=(1.0, 1.0)))
+    anywhere = mean_alignment(dataclasses.replace(he, aligned=(0.0, 0.0)))
+    assert flowing > 0.45 and abs(anywhere) < 0.12, (flowing, anywhere)
+    assert mean_alignment(STYLES["fluorescence"]) < 0.12
+    assert alignment(np.zeros((32, 32), np.uint32)) == 0.0
+    a, b = (_place_nuclei(np.random.default_rng(3), 128, he)[0] for _ in range(2))
+    assert np.array_equal(a, b)  # deterministic under a seed

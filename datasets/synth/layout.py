@@ -35,6 +35,7 @@ def _place_nuclei(
     target = coverage * h * w
     n_clusters = max(1, int(rng.poisson(1 + coverage * h * w / (400 * r_center**2) * 4)))
     cluster_xy = rng.uniform(0, size, (n_clusters, 2))
+    flow = _flow(rng, size, r_center, style.aligned) if style.aligned[1] > 0 else None
     k_harm = np.arange(2, 6)
     covered, next_id, attempts = 0.0, 1, 0
     intended: list[float] = []
@@ -51,6 +52,8 @@ def _place_nuclei(
             cy, cx = cluster_xy[rng.integers(n_clusters)] + rng.normal(0, style.cluster_spread * r, 2)
         else:
             cy, cx = rng.uniform(0, size, 2)
+        if flow is not None and rng.random() < flow[0]:  # along the flow where it is
+            theta = float(flow[1][min(max(int(cy), 0), h - 1), min(max(int(cx), 0), w - 1)]) + rng.normal(0.0, 0.15)
         half = int(np.ceil(a * (1 + np.abs(amp).sum()))) + 1
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, h)
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, w)
@@ -78,6 +81,42 @@ def _place_nuclei(
         next_id += 1
         covered += area * 0.9
     return _keep_connected(labels, nrad, np.array(intended, float), ndimage)
+
+
+def _flow(rng: np.random.Generator, size: int, r_center: float,
+          aligned: tuple[float, float]) -> tuple[float, np.ndarray]:
+    """(share of nuclei that follow it, orientation field in radians): a direction bending smoothly over the image.
+
+    The field bends by up to about a radian over 6-15 nucleus radii, as streams of stroma and the
+    palisades of glands curve in sections.
+    """
+    from triageseg.datasets.synth.textures import _smooth_noise
+
+    share = rng.uniform(*aligned)
+    bend = rng.uniform(0.3, 1.2) * _smooth_noise(rng, (size, size), rng.uniform(6.0, 15.0) * r_center)
+    return share, (rng.uniform(0.0, np.pi) + bend).astype(np.float32)
+
+
+def alignment(labels: np.ndarray) -> float:
+    """How parallel neighbouring nuclei lie: 0 when their long axes point anywhere, 1 when parallel.
+
+    The mean of cos(2 x angle difference) over the pairs of elongated nuclei (long axis over
+    1.3x the short) within four median radii of each other; 0.0 without such a pair. The
+    realism check measures it on real and synthetic images alike (``benchmarks/realism.py``).
+    """
+    from scipy.spatial import cKDTree
+    from skimage.measure import regionprops
+
+    props = [p for p in regionprops(np.asarray(labels, np.int32)) if p.area >= 20]
+    long = [p for p in props if p.axis_major_length > 1.3 * max(p.axis_minor_length, 1.0)]
+    if len(long) < 2:
+        return 0.0
+    radius = float(np.sqrt(np.median([p.area for p in props]) / np.pi))
+    pairs = cKDTree(np.array([p.centroid for p in long])).query_pairs(4 * radius, output_type="ndarray")
+    if len(pairs) == 0:
+        return 0.0
+    theta = np.array([p.orientation for p in long])
+    return float(np.mean(np.cos(2 * (theta[pairs[:, 0]] - theta[pairs[:, 1]]))))
 
 
 def _keep_connected(

@@ -24,6 +24,9 @@ class NucleusStyle:
     clustered: tuple[float, float]  # range of the fraction of nuclei placed around cluster centres
     cluster_spread: float  # spread of a cluster in nucleus radii
     max_overlap: float  # largest fraction of a candidate that may fall on earlier nuclei
+    # Range of the fraction of nuclei lying along the image's flow (tissue streams, palisades in
+    # glands): their long axis follows a smooth orientation field; the others point anywhere.
+    aligned: tuple[float, float] = (0.0, 0.0)
 
 
 STYLES = {
@@ -53,6 +56,7 @@ STYLES = {
         clustered=(0.4, 0.9),
         cluster_spread=1.4,
         max_overlap=0.3,
+        aligned=(0.5, 1.0),
     ),
     # IHC sections: crowded, often elongated epithelial nuclei (columnar glands) and
     # scattered stromal ones, a little larger than in the synthetic H&E.
@@ -64,6 +68,7 @@ STYLES = {
         clustered=(0.3, 0.9),
         cluster_spread=1.5,
         max_overlap=0.25,
+        aligned=(0.5, 1.0),
     ),
 }
 
