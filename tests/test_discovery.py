@@ -23,6 +23,21 @@ from triageseg.router.discovery import (
 IDX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """120 synthetic images of 256 px, seed 0: fluorescence, brightfield and H&E (72 / 24 / 24).
+
+    Large enough for the clustering to be a property of the features, not of the draw. Measured:
+    on the suite's 24-image, 96-px set (five brightfield and five H&E images), k-means at k=3 gave
+    ARI 0.43-1.0 over seeds 0-4, with the generator before the H&E flow as with it (seed 0 was 1.0
+    before, 0.43 after); on 120 images of 256 px 0.99-1.0 over seeds 0-4.
+    """
+    from triageseg.datasets.synth import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("discovery") / "data", n=120, size=256, seed=0,
+                        modalities=("fluorescence", "brightfield", "he"), weights=(0.6, 0.2, 0.2))
+
+
 def test_features_describe_colour_intensity_and_texture():
     rng = np.random.default_rng(0)
     dark = np.clip(rng.normal(0.05, 0.02, (80, 80, 1)), 0, 1).repeat(3, axis=2).astype(np.float32)
@@ -74,31 +89,30 @@ def test_guess_names_are_unique():
     assert guess_names(feats, np.array([0, 0, 1, 1])) == ["fluorescence-like", "cluster_1"]
 
 
-def test_discovery_recovers_synthetic_modalities(synth_data, tmp_path):
+def test_discovery_recovers_synthetic_modalities(collection, tmp_path):
     out, sheet = tmp_path / "proposal.csv", tmp_path / "sheet.png"
-    result = discover_modalities(synth_data, k=3, out=out, sheet=sheet)
-    # Measured: ARI 1.0 on this 24-image set (and on 120 and 200 images of 256 px).
-    assert result.ari is not None and result.ari >= 0.8
+    result = discover_modalities(collection, k=3, out=out, sheet=sheet)
+    assert result.ari is not None and result.ari >= 0.95
     assert sorted(result.names) == ["brightfield-like", "fluorescence-like", "he-like"]
     crosstab = result.crosstab()
-    assert crosstab["fluorescence-like"].get("fluorescence", 0) >= 12
+    assert crosstab["fluorescence-like"].get("fluorescence", 0) >= 70
     rows = list(csv.DictReader(out.open()))
-    assert [r["id"] for r in rows] == sorted(result.ids) and len(rows) == 24
+    assert [r["id"] for r in rows] == sorted(result.ids) and len(rows) == 120
     assert {r["modality"] for r in rows} == set(result.names)
     import imageio.v3 as iio
 
     png = iio.imread(sheet)
     n_cols = min(8, max(result.sizes().values()))
     assert png.shape == (3 * 96 + 4 * 4, n_cols * 96 + (n_cols + 1) * 4, 3) and png.dtype == np.uint8
-    # k chosen automatically. Measured: the silhouette picked 3 on the first renderers; with issue 19's
-    # (brightfield as hematoxylin-stained cells on glass, muted H&E) it picks 2 on this 24-image set,
-    # joining the two stained modalities. Asked for k=3 (above) it still separates them.
-    auto = discover_modalities(synth_data, write=False)
+    # k chosen automatically. Measured: the silhouette picks 3 on this collection (ARI 0.987: one
+    # brightfield image with the H&E). On the suite's 24-image set it picked 2 with issue 19's renderers,
+    # joining the two stained modalities; either is a fair reading of the features.
+    auto = discover_modalities(collection, write=False)
     assert auto.k in (2, 3) and auto.csv_path is None
     if auto.k == 2:  # the two stained modalities together, fluorescence apart
-        assert auto.crosstab()["fluorescence-like"].get("fluorescence", 0) >= 12
+        assert auto.crosstab()["fluorescence-like"].get("fluorescence", 0) >= 70
     else:
-        assert auto.ari >= 0.8
+        assert auto.ari >= 0.95
 
 
 def test_discovery_never_replaces_modalities_csv_unasked(synth_data, tmp_path):
@@ -150,18 +164,21 @@ def test_discovery_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cluster_cli(synth_data, tmp_path):
+def test_cluster_cli(synth_data, collection, tmp_path):
+    import re
+
     from click.testing import CliRunner
 
     import triageseg.cli.cluster_cmd  # noqa: F401  (registers the command)
     from triageseg.cli.groups import cli
 
     out, sheet = tmp_path / "p.csv", tmp_path / "p.png"
-    result = CliRunner().invoke(cli, ["data", "cluster", str(synth_data), "--k", "3", "--out", str(out),
+    result = CliRunner().invoke(cli, ["data", "cluster", str(collection), "--k", "3", "--out", str(out),
                                       "--sheet", str(sheet)])
     assert result.exit_code == 0, result.output
-    assert "adjusted Rand index vs modalities.csv: 1.000" in result.output
-    assert "24 images -> 3 clusters" in result.output and out.is_file() and sheet.is_file()
+    ari = re.search(r"adjusted Rand index vs modalities.csv: ([0-9.]+)", result.output)
+    assert ari and float(ari.group(1)) >= 0.95, result.output
+    assert "120 images -> 3 clusters" in result.output and out.is_file() and sheet.is_file()
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
     refused = CliRunner().invoke(cli, ["data", "cluster", str(data), "--out", str(data / "modalities.csv")])
