@@ -169,17 +169,17 @@ def segment_real(images: list[RealImage], bundle: Path | None, docs: Path | None
 
 def realism(images: list[RealImage], before: str | None, n: int) -> None:
     from old_generator import draw
-    from realism import compare, image_stats, mean_stats
+    from realism import compare, image_stats, median_stats
 
     mods = sorted({i.modality for i in images})
     new = draw(mods, n=n, size=256, seed=0, rev=None)
     old = draw(mods, n=n, size=256, seed=0, rev=before) if before else {}
-    print(f"\nrealism: real image vs mean of {n} synthetic 256x256 samples of its modality "
+    print(f"\nrealism: real image vs median of {n} synthetic 256x256 samples of its modality "
           f"(before = generator at {before}, after = this checkout)")
     for item in images:
         real = image_stats(_raw(item.path), item.modality)
-        after = mean_stats(list(new[item.modality]["images"]), item.modality)
-        prev = mean_stats(list(old[item.modality]["images"]), item.modality) if item.modality in old else None
+        after = median_stats(list(new[item.modality]["images"]), item.modality)
+        prev = median_stats(list(old[item.modality]["images"]), item.modality) if item.modality in old else None
         if prev is None and before:
             print(f"  {item.name}: the generator at {before} has no {item.modality} modality")
         print(f"  {item.name} ({item.modality}):")
