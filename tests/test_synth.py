@@ -243,3 +243,21 @@ def test_tissue_nuclei_follow_a_flow_and_cultured_ones_do_not():
     assert alignment(np.zeros((32, 32), np.uint32)) == 0.0
     a, b = (_place_nuclei(np.random.default_rng(3), 128, he)[0] for _ in range(2))
     assert np.array_equal(a, b)  # deterministic under a seed
+
+
+def test_fluorescence_nuclei_are_as_elongated_as_the_style_says():
+    """Cultured nuclei: long over short axis from 1 up to the style's 2.2 (and the boundary's roughness)."""
+    from skimage.measure import regionprops
+
+    from triageseg.datasets.synth.styles import STYLES
+
+    lo, hi = STYLES["fluorescence"].aspect
+    assert (lo, hi) == (1.0, 2.2)
+    ratios = np.array([p.axis_major_length / p.axis_minor_length
+                       for s in range(8)
+                       for p in regionprops(synth_sample("fluorescence", size=192, rng=np.random.default_rng(s))[1])
+                       if p.area >= 60 and p.bbox[0] > 0 and p.bbox[1] > 0 and p.bbox[2] < 192 and p.bbox[3] < 192])
+    assert len(ratios) > 100
+    assert ratios.min() >= 1.0 and ratios.max() < 1.35 * hi
+    assert 0.85 * hi < np.percentile(ratios, 90) < 1.05 * hi  # uniform in [1, 2.2]: 90th percentile ~2.1
+    assert np.mean(ratios > 1.7) > 0.3  # the old range stopped at 1.7
