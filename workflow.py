@@ -103,8 +103,13 @@ def train_bundle(
     progress: bool = True,
     log: Log = print,
     bundle_quality: bool = True,
+    train_diameter: float | None = None,
 ) -> dict[str, Any]:
     """Train router, one specialist per modality and (optionally) the generalist into one bundle.
+
+    ``train_diameter``: the nucleus diameter (px) every training image is resized to, and so the
+    size the segmenters work at (size triage brings each image to it); None: the median over the
+    training images.
 
     With ``bundle_quality`` (and a router), the quality estimate is then refitted as one model
     across the bundle's segmenters on the validation images routed as at inference
@@ -145,7 +150,7 @@ def train_bundle(
 
     # One nucleus size for the shared base and every specialist fine-tuned from it (size triage brings
     # each image to it): the median over all training images.
-    canonical = canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
+    canonical = train_diameter or canonical_diameter([ds.load(s)[1] for s in ds.select(split="train")])
     common = TrainConfig(
         modality=None,
         diameter=canonical,
@@ -423,8 +428,12 @@ DEMO_DIAMETERS = (8.0, 48.0)
 
 
 def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, device: str = "auto",
-             n: int = 130, size: int = 256, log: Log = print, progress: bool = True) -> dict[str, Any]:
-    """Synthetic data -> train the whole bundle -> segment the test split -> print the tables, write the report."""
+             n: int = 130, size: int = 256, log: Log = print, progress: bool = True,
+             train_diameter: float | None = None) -> dict[str, Any]:
+    """Synthetic data -> train the whole bundle -> segment the test split -> print the tables, write the report.
+
+    ``train_diameter``: as for :func:`train_bundle`.
+    """
     from triageseg.datasets.synth import make_dataset
 
     t_start = time.perf_counter()
@@ -434,7 +443,7 @@ def run_demo(out: str | os.PathLike, *, budget: float = 1.0, seed: int = 0, devi
     log(f"[data] generating {n} synthetic images of {size}x{size} in {data}")
     make_dataset(data, n=n, size=size, seed=seed, splits=DEMO_SPLITS, diameter_range=DEMO_DIAMETERS)
     summary = train_bundle(data, bundle_dir, budget=Budget(scale=budget), device=device, seed=seed,
-                           progress=progress, log=log)
+                           progress=progress, log=log, train_diameter=train_diameter)
     log("[evaluate] segmenting the held-out test split")
     scores = evaluate_bundle(bundle_dir, data, split="test", device=device, out_dir=out / "predictions",
                              progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from triageseg.cli.groups import cli
+from triageseg.cli.groups import cli, diameter_option
 
 
 @cli.command("demo")
@@ -17,8 +17,10 @@ from triageseg.cli.groups import cli
 @click.option("--size", type=int, default=256, show_default=True, help="Side of the synthetic images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--train-diameter", type=float, default=None, callback=diameter_option,
+              help="Nucleus diameter (px) the segmenters are trained at; default: the training images' median.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out_dir, budget, n_images, size, seed, device, quiet):
+def demo(out_dir, budget, n_images, size, seed, device, train_diameter, quiet):
     """Run the whole system end to end on synthetic data and print honest numbers.
 
     Generates a multi-modality dataset (fluorescence majority, like DSB 2018), trains
@@ -29,4 +31,4 @@ def demo(out_dir, budget, n_images, size, seed, device, quiet):
     from triageseg.workflow import run_demo
 
     run_demo(out_dir, budget=budget, seed=seed, device=device, n=n_images, size=size, log=click.echo,
-             progress=not quiet)
+             progress=not quiet, train_diameter=train_diameter)

@@ -89,3 +89,15 @@ def data() -> None:
 @cli.group(cls=ErrorHandlingGroup, context_settings=CONTEXT)
 def train() -> None:
     """Train the router, the specialists, the generalist, or all of them into a bundle."""
+
+
+def diameter_option(ctx, param, value: float | None) -> float | None:
+    """A nucleus diameter option checked before anything loads: a finite number of pixels in a sane range."""
+    from triageseg.router.size import check_diameter
+
+    if value is None:
+        return None
+    try:
+        return check_diameter(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None

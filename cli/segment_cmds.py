@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from triageseg.cli.groups import cli
+from triageseg.cli.groups import cli, diameter_option
 from triageseg.datasets.errors import DataError
 from triageseg.datasets.io import IMAGE_SUFFIXES
 from triageseg.ray_cluster import DEFAULT_CONNECT_TIMEOUT_S, is_uri
@@ -128,22 +128,10 @@ def _ray_options(func):
     return func
 
 
-def _diameter(ctx, param, value: float | None) -> float | None:
-    """--diameter checked before anything loads: a finite number of pixels in a sane range."""
-    from triageseg.router.size import check_diameter
-
-    if value is None:
-        return None
-    try:
-        return check_diameter(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
-
-
 def _size_options(func):
     for option in reversed(
         [
-            click.option("--diameter", type=float, default=None, callback=_diameter,
+            click.option("--diameter", type=float, default=None, callback=diameter_option,
                          help="Median nucleus diameter in pixels of every input (Cellpose's convention): skips the "
                               "size estimate; images are resized so their nuclei reach the segmenter's training size."),
             click.option("--use-pixel-size/--no-use-pixel-size", default=True, show_default=True,

@@ -117,3 +117,24 @@ def test_train_all_refuses_an_unknown_specialist_split(synth_data, tmp_path):
                                    "--specialist-split", "sqrt", "--quiet"])
     assert res.exit_code == 2 and "equal" in res.output and "images" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_train_diameter_sets_the_size_the_segmenters_work_at(synth_data, tmp_path):
+    """``train_diameter`` replaces the training images' median diameter: every image is resized to it."""
+    from triageseg.workflow import Budget, train_bundle
+
+    out = tmp_path / "b"
+    train_bundle(synth_data, out, budget=Budget(**TINY), device="cpu", progress=False, log=lambda _m: None,
+                 modalities=["fluorescence"], generalist=False, bundle_quality=False, train_diameter=31.5)
+    cfg = json.loads((B.segmenter_dir(out, "fluorescence") / "config.json").read_text())
+    assert cfg["diameter"] == 31.5  # the fixture's own training median: 17.3 px
+
+
+@pytest.mark.parametrize("command", [["train", "all"], ["demo"]])
+def test_train_diameter_option_refuses_nonsense(synth_data, tmp_path, command):
+    from triageseg.cli.main import cli
+
+    args = ["--data", str(synth_data)] if command[0] == "train" else []
+    res = CliRunner().invoke(cli, [*command, *args, "--out", str(tmp_path / "b"), "--train-diameter", "nan", "--quiet"])
+    assert res.exit_code == 2 and "--train-diameter" in res.output and "number of pixels" in res.output
+    assert not (tmp_path / "b").exists()
