@@ -11,6 +11,7 @@ from triageseg import bundle as B
 
 TINY = dict(scale=1.0, total_steps=24, steps_per_epoch=5, batch_size=2, crop_size=64, router_epochs=2,
             router_seconds=4.0, decoder_channels=(16, 16, 16, 16, 16))
+TRAIN_DIAMETER = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,9 @@ def trained(synth_data, tmp_path_factory):
     from triageseg.workflow import Budget, train_bundle
 
     out = tmp_path_factory.mktemp("wf") / "bundle"
-    summary = train_bundle(synth_data, out, budget=Budget(**TINY), device="cpu", progress=False, log=lambda _m: None)
+    # train_diameter: the fixture's own training median is 17.28 px; every segmenter must work at the given one.
+    summary = train_bundle(synth_data, out, budget=Budget(**TINY), device="cpu", progress=False, log=lambda _m: None,
+                           train_diameter=TRAIN_DIAMETER)
     return out, summary
 
 
@@ -44,6 +47,8 @@ def test_train_bundle_writes_every_model(trained):
     # both systems fine-tune from the base the same way
     assert cfg["train"]["freeze_bn"] and gen["freeze_bn"] and gen["init_from"].endswith("base")
     assert cfg["train"]["lr"] == gen["lr"] and cfg["train"]["warmup_epochs"] == gen["warmup_epochs"]
+    for name in manifest["segmenters"]:  # train_diameter replaces the training images' median (17.28 px)
+        assert json.loads((B.segmenter_dir(out, name) / "config.json").read_text())["diameter"] == TRAIN_DIAMETER
 
 
 def test_budget_split_equal_or_by_images():
@@ -117,17 +122,6 @@ def test_train_all_refuses_an_unknown_specialist_split(synth_data, tmp_path):
                                    "--specialist-split", "sqrt", "--quiet"])
     assert res.exit_code == 2 and "equal" in res.output and "images" in res.output
     assert not (tmp_path / "b").exists()
-
-
-def test_train_diameter_sets_the_size_the_segmenters_work_at(synth_data, tmp_path):
-    """``train_diameter`` replaces the training images' median diameter: every image is resized to it."""
-    from triageseg.workflow import Budget, train_bundle
-
-    out = tmp_path / "b"
-    train_bundle(synth_data, out, budget=Budget(**TINY), device="cpu", progress=False, log=lambda _m: None,
-                 modalities=["fluorescence"], generalist=False, bundle_quality=False, train_diameter=31.5)
-    cfg = json.loads((B.segmenter_dir(out, "fluorescence") / "config.json").read_text())
-    assert cfg["diameter"] == 31.5  # the fixture's own training median: 17.3 px
 
 
 @pytest.mark.parametrize("command", [["train", "all"], ["demo"]])
