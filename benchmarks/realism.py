@@ -9,9 +9,12 @@ segmentation cancels in the comparison.
 Stained images: optical density per stain as ``skimage.color.rgb2hed`` separates them
 (median and 95th percentile of H, E and DAB), the mean RGB. Fluorescence: the background
 level, the saturated fraction, the spread of per-nucleus mean intensity (95th / 5th
-percentile over nuclei, background subtracted). Both: gradient energy (mean gradient
-magnitude after a 1-pixel blur) and texture energy inside nuclei (std of the image minus
-its 2-pixel blur, relative to the nucleus-background contrast).
+percentile over nuclei, background subtracted), how the light falls towards the edge
+(``rim_core``: over nuclei of at least 60 px whose core is 0.02 above the background, the
+median of the mean signal within 1.5 px of the edge over that of the core, where the
+distance to the edge is at least 0.6 of its largest; both background subtracted). Both:
+gradient energy (mean gradient magnitude after a 1-pixel blur) and texture energy inside
+nuclei (std of the image minus its 2-pixel blur, relative to the nucleus-background contrast).
 
 Stained images, the tissue between the nuclei (non-white pixels over 3 px from a nucleus:
 stroma or cytoplasm, what a segmenter must call background): the hematoxylin share of its
@@ -97,8 +100,32 @@ def image_stats(image: np.ndarray, modality: str) -> dict[str, float]:
             stats[f"{name}_mean"] = float(image[..., i].mean())
     else:
         stats["background"] = float(np.median(gray[~fg])) if (~fg).any() else 0.0
+        rim_core = _rim_core(gray, labels)
+        if rim_core is not None:
+            stats["rim_core"] = rim_core
         stats["saturated"] = float(np.mean(gray >= 0.999))
     return stats
+
+
+def _rim_core(gray: np.ndarray, labels: np.ndarray) -> float | None:
+    """Median over nuclei of (signal near the edge) / (signal in the core), background subtracted."""
+    from scipy import ndimage
+
+    fg = labels > 0
+    bg = float(np.median(gray[~fg])) if (~fg).any() else 0.0
+    dist = ndimage.distance_transform_edt(fg)
+    ratios = []
+    for i, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is None:
+            continue
+        mask = labels[box] == i
+        if mask.sum() < 60:
+            continue
+        d, v = dist[box][mask], gray[box][mask] - bg
+        core = float(v[d >= 0.6 * d.max()].mean())
+        if core > 0.02:
+            ratios.append(float(v[d <= 1.5].mean()) / core)
+    return float(np.median(ratios)) if ratios else None
 
 
 def _elongations(labels: np.ndarray) -> np.ndarray:
