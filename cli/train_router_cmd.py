@@ -28,7 +28,8 @@ from triageseg.cli.groups import train
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--time-budget", "time_budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop training after this many seconds (the schedule still decays).")
+              help="Stop after the epoch that passes this many seconds (the learning rate follows the epochs; "
+                   "the best epoch so far is kept).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_router_cmd(
     data: Path, out: Path, epochs: int, batch_size: int, lr: float, image_size: int, model_name: str,

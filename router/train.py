@@ -184,6 +184,11 @@ def _holdout(train: list[Sample], rng: np.random.Generator) -> tuple[list[Sample
     return keep, val
 
 
+def lr_at(step: int, total_steps: int, warmup: int, lr: float) -> float:
+    """The router's learning rate at optimiser step ``step`` (0-based): linear warm-up, then cosine to zero."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
 def train_router(
     data_root: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -215,8 +220,10 @@ def train_router(
         lr: peak AdamW learning rate (linear warm-up over the first 5 %, cosine decay).
         seed: seeds sampling, augmentation and initialisation.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
-        time_budget_s: stop after the epoch that exhausts this many seconds of training;
-            the learning-rate schedule follows elapsed time so it still decays to zero.
+        time_budget_s: stop after the epoch that exhausts this many seconds of training (a safety
+            net for slow machines). The learning-rate schedule follows the steps, never the clock,
+            so a run the budget does not stop is the same on every machine (the best epoch so far
+            is kept when it does).
         progress: show progress bars.
         image_size: thumbnail side (a multiple of the ViT patch, 16).
         model_name: timm ViT architecture.
@@ -319,10 +326,7 @@ def train_router(
         t_epoch = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(steps_per_epoch):
-            progress_frac = step / total_steps
-            if time_budget_s:
-                progress_frac = max(progress_frac, (time.perf_counter() - t_train) / time_budget_s)
-            lr_now = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
+            lr_now = lr_at(step, total_steps, warmup, lr)
             for group in optimiser.param_groups:
                 group["lr"] = lr_now
             idx = torch.multinomial(sample_weight, batch_size, replacement=True, generator=gen)

@@ -414,6 +414,27 @@ def test_train_router_on_synthetic_data(synth_data, tmp_path):
     assert tuple(p.modality for p in preds) == result.test.predicted
 
 
+def test_router_schedule_follows_the_steps_and_the_budget_only_stops(synth_data, tmp_path):
+    """The learning rate never reads the clock: a budget that stops training leaves the epochs it ran as they were.
+
+    (It used to follow elapsed time as well, so the same seed gave another router on a slower or busier machine.)
+    """
+    from triageseg.router.train import lr_at
+
+    kw = dict(epochs=3, batch_size=16, image_size=32, seed=0, device="cpu", progress=False)
+    full = train_router(synth_data, tmp_path / "full", **kw)
+    stopped = train_router(synth_data, tmp_path / "stopped", time_budget_s=1e-6, **kw)
+    assert full.epochs_run == 3 and stopped.epochs_run == 1
+    per_epoch = full.history[0]["steps"]
+    total, warmup = 3 * per_epoch, max(1, round(0.05 * 3 * per_epoch))
+    assert [row["lr"] for row in full.history] == [round(lr_at(e * per_epoch - 1, total, warmup, 1e-3), 8)
+                                                   for e in (1, 2, 3)]
+    first = {k: v for k, v in full.history[0].items() if k != "seconds"}
+    assert {k: v for k, v in stopped.history[0].items() if k != "seconds"} == first
+    assert first["lr"] > 0  # a clock-driven schedule had annealed to 0 as soon as the budget ran out
+    assert lr_at(0, 10, 2, 1e-3) == pytest.approx(5e-4) and lr_at(10, 10, 2, 1e-3) == 0.0
+
+
 def test_train_router_needs_two_modalities(synth_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
