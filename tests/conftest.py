@@ -21,6 +21,18 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("TRIAGESEG_AUTO_BACKEND", "torch")
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (scripts, not a package) loaded by path as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _export_cache(tmp_path_factory):
     """Exported networks (segmenters.backends) go to a folder of this session, never to the user's cache."""

@@ -1,20 +1,14 @@
 """The statistics the accuracy benchmark prints (benchmarks/ is scripts, loaded by path)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_accuracy")
 
 
 def test_paired_difference_mean_and_standard_error(bench):

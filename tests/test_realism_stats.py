@@ -1,20 +1,13 @@
 """The realism check's shape and profile statistics (benchmarks/realism.py, loaded by path)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "realism.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def realism():
-    spec = importlib.util.spec_from_file_location("realism", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("realism")
 
 
 def _ellipses(aspects, semi=9.0, size=220):
