@@ -325,14 +325,9 @@ def test_labels_identical_on_synthetic_images(tiny_bundle, synth_data):
 
 
 def _bench():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
-    spec = importlib.util.spec_from_file_location("bench_inference", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_inference")
 
 
 def test_benchmark_counts_the_tiling_overhead():

@@ -66,13 +66,9 @@ RAY_ENV = {
 
 def _load_local_cluster():
     """benchmarks/local_cluster.py: the process helpers the benchmarks' clusters use too (stdlib only)."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "local_cluster.py"
-    spec = importlib.util.spec_from_file_location("local_cluster", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("local_cluster")
 
 
 _LOCAL_CLUSTER = _load_local_cluster()
